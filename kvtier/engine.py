@@ -1,0 +1,214 @@
+"""``kvtier.Engine``: the in-process Python API (same shape as ``sglang.Engine``).
+
+    with kvtier.Engine(model_path="builtin:tiny-qwen3") as llm:
+        out = llm.generate("Hello", {"temperature": 0, "max_new_tokens": 16})
+        print(out["text"], out["meta_info"]["cached_tokens"])
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from kvtier.models import resolve_model
+from kvtier.sampling_params import SamplingParams
+from kvtier.scheduler.request import Req, ReqOutput
+from kvtier.scheduler.scheduler import RequestError, Scheduler
+from kvtier.server_args import ServerArgs
+from kvtier.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[str] | None
+InputIds = list[int] | list[list[int]] | None
+
+
+class Engine:
+    def __init__(self, **kwargs: Any) -> None:
+        from kvtier.runner.model_runner import ModelRunner
+
+        self.server_args = args = ServerArgs.from_kwargs(**kwargs)
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        resolved = resolve_model(args.model_path)
+        self.tokenizer = None
+        if not args.skip_tokenizer_init:
+            tok_dir = args.tokenizer_path or resolved.tokenizer_dir
+            if tok_dir is None:
+                logger.warning(
+                    "no tokenizer is available offline for %s: only input_ids are accepted "
+                    "(pass --tokenizer-path to use text)",
+                    args.model_path,
+                )
+            else:
+                self.tokenizer = load_tokenizer(tok_dir)
+        self.runner = ModelRunner(args, resolved)
+        self.scheduler = Scheduler(args, self.runner, self.tokenizer)
+        self._closed = False
+
+    # ------------------------------------------------------------------ generation
+    def _make_reqs(
+        self,
+        prompt: Prompt,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None,
+        input_ids: InputIds,
+        stream: bool,
+    ) -> tuple[list[Req], bool]:
+        if (prompt is None) == (input_ids is None):
+            raise RequestError("give exactly one of prompt and input_ids")
+        if prompt is not None:
+            single = isinstance(prompt, str)
+            prompts = [prompt] if single else list(prompt)
+            if self.tokenizer is None:
+                raise RequestError("this engine has no tokenizer: pass input_ids instead of text")
+            if not all(isinstance(p, str) for p in prompts):
+                raise RequestError("prompt must be a string or a list of strings")
+            ids_list = [self.tokenizer.encode(p) for p in prompts]
+        else:
+            assert input_ids is not None
+            single = bool(input_ids) and isinstance(input_ids[0], int)
+            ids_list = [list(input_ids)] if single else [list(x) for x in input_ids]  # type: ignore[arg-type]
+            if not all(isinstance(t, int) for ids in ids_list for t in ids):
+                raise RequestError("input_ids must be a list of ints or a list of such lists")
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(ids_list):
+                raise RequestError(
+                    f"{len(sampling_params)} sampling_params for {len(ids_list)} prompts"
+                )
+            params = [SamplingParams.from_dict(p) for p in sampling_params]
+        else:
+            params = [SamplingParams.from_dict(sampling_params) for _ in ids_list]
+        reqs = [
+            Req(rid=uuid.uuid4().hex, input_ids=ids, sampling=sp, stream=stream)
+            for ids, sp in zip(ids_list, params)
+        ]
+        return reqs, single
+
+    def _submit(self, reqs: list[Req]) -> None:
+        added: list[Req] = []
+        try:
+            for req in reqs:
+                self.scheduler.add_request(req)
+                added.append(req)
+        except Exception:
+            for req in added:
+                self.scheduler.abort_request(req.rid)
+            self.scheduler.step()  # let the aborts flush out
+            raise
+
+    def generate(
+        self,
+        prompt: Prompt = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        input_ids: InputIds = None,
+        stream: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
+        """Generate for one prompt (a dict back) or a batch (a list back).
+
+        With ``stream=True`` returns an iterator of incremental outputs: each holds the new
+        ``text`` and ``output_ids`` since the previous one (and ``index`` for batches); the last
+        one of each request carries ``meta_info["finish_reason"]``.
+        """
+        self._check_open()
+        reqs, single = self._make_reqs(prompt, sampling_params, input_ids, stream)
+        self._submit(reqs)
+        if stream:
+            return self._stream(reqs, single)
+        results = {r.rid: _Result() for r in reqs}
+        start = time.perf_counter()
+        pending = set(results)
+        while pending:
+            for out in self.scheduler.step():
+                res = results.get(out.rid)
+                if res is None:
+                    continue
+                res.add(out)
+                if out.finished:
+                    pending.discard(out.rid)
+        dicts = [results[r.rid].to_dict(time.perf_counter() - start) for r in reqs]
+        return dicts[0] if single else dicts
+
+    def _stream(self, reqs: list[Req], single: bool) -> Iterator[dict[str, Any]]:
+        index = {r.rid: i for i, r in enumerate(reqs)}
+        start = time.perf_counter()
+        pending = set(index)
+        try:
+            while pending:
+                for out in self.scheduler.step():
+                    if out.rid not in index:
+                        continue
+                    if out.finished:
+                        pending.discard(out.rid)
+                    chunk = {
+                        "text": out.new_text,
+                        "output_ids": out.new_ids,
+                        "meta_info": {**out.meta_info, "e2e_latency": time.perf_counter() - start},
+                    }
+                    if not single:
+                        chunk["index"] = index[out.rid]
+                    yield chunk
+        finally:
+            # A consumer that stops early aborts what it no longer reads.
+            for rid in pending:
+                self.scheduler.abort_request(rid)
+            if pending:
+                self.scheduler.step()
+
+    # ------------------------------------------------------------------ control
+    def flush_cache(self, tier: str | None = None) -> bool:
+        """Drop cached prefixes; False (nothing done) while requests are in flight."""
+        self._check_open()
+        if tier not in (None, "all"):
+            raise ValueError(f"unknown cache tier {tier!r}; this engine has no hierarchical cache")
+        return self.scheduler.flush_cache()
+
+    def get_stats(self) -> dict[str, Any]:
+        return self.scheduler.stats()
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+    def get_server_info(self) -> dict[str, Any]:
+        import dataclasses
+
+        return {**dataclasses.asdict(self.server_args), **self.get_stats()}
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.abort_request(req.rid)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine was shut down")
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+class _Result:
+    def __init__(self) -> None:
+        self.text = ""
+        self.output_ids: list[int] = []
+        self.meta_info: dict[str, Any] = {}
+
+    def add(self, out: ReqOutput) -> None:
+        self.text += out.new_text
+        self.output_ids.extend(out.new_ids)
+        self.meta_info = out.meta_info
+
+    def to_dict(self, e2e: float) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "output_ids": self.output_ids,
+            "meta_info": {**self.meta_info, "e2e_latency": e2e},
+        }

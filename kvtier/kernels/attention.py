@@ -1,0 +1,621 @@
+"""Triton attention over the paged KV pool: extend (prefill with a cached prefix) and decode.
+
+Layout (see ``kvtier.cache.kv_pool``): ``k_buf`` / ``v_buf`` are one layer of the pool,
+``[num_slots, num_kv_heads, head_dim]``; token ``i`` of sequence ``b`` lives at slot
+``block_table[b, i // page_size] * page_size + i % page_size``. The new tokens' K/V are already in
+the pool when these kernels run, so a sequence's keys are always exactly ``0 .. seq_len - 1``.
+
+Semantics (same as ``TorchAttention``): query ``j`` of a sequence with prefix ``p`` sits at
+position ``p + j`` and attends to keys ``0 .. p + j``. GQA: query head ``h`` reads kv head
+``h // (num_q_heads // num_kv_heads)``.
+
+Both kernels accumulate in fp32 with an online softmax (in base 2: ``scale * log2(e)`` is folded
+into the scores so that ``exp2`` can be used). fp32 inputs use IEEE dots (the fp32 path exists for
+tests, where exactness matters more than speed); bf16/fp16 use the tensor cores.
+
+Decode is split-KV ("flash decoding"): stage 1 runs one program per (sequence, kv head, split),
+handling every query head of the kv head's group so that K/V is read once per group, and writes
+a partial output plus its log-sum-exp; stage 2 merges the splits. The split count is a launch
+argument and each sequence's split length is derived from its ``seq_len`` on the device, so a
+launch never needs a host sync and can be captured in a CUDA graph (grid and scratch depend only
+on the batch size and split count the caller gives).
+
+Pure-torch references (``extend_attention_ref`` / ``decode_attention_ref``) with the same
+arguments live at the end of this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+_LOG2E = 1.4426950408889634
+# Finite "minus infinity" for the running max: a row that has seen only masked scores keeps
+# m = -1e30, and exp2(-inf - m) = 0, exp2(m - m) = 1, so no NaN ever appears (with a true -inf
+# start, -inf - -inf = NaN for such rows).
+_NEG_BIG = -1.0e30
+
+
+# --------------------------------------------------------------------------------------------
+# Shared device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _page_slots(bt_row, n, pos, seq_len, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr):
+    """Pool slots (int64) of key positions ``pos = n + arange(BLOCK_N)`` of one sequence.
+
+    ``n`` is a multiple of BLOCK_N. When a page holds at least BLOCK_N tokens (both are powers of
+    two), the whole block lies in one page: one scalar page-id load and contiguous slots, which
+    keeps the K/V loads fully coalesced. Otherwise each key looks its page up (page gather).
+    Positions past ``seq_len`` (only when MASKED) map to the reserved page 0, a valid address.
+    """
+    if PAGE_SIZE >= BLOCK_N:
+        page = tl.load(bt_row + n // PAGE_SIZE).to(tl.int64)
+        slots = page * PAGE_SIZE + (pos % PAGE_SIZE)
+    else:
+        if MASKED:
+            page = tl.load(bt_row + pos // PAGE_SIZE, mask=pos < seq_len, other=0)
+        else:
+            page = tl.load(bt_row + pos // PAGE_SIZE)
+        slots = page.to(tl.int64) * PAGE_SIZE + (pos % PAGE_SIZE)
+    return slots
+
+
+@triton.jit
+def _decode_split_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
+    """Keys per split of one sequence: ceil(seq_len / num_splits) rounded up to BLOCK_N.
+
+    Stage 1 and stage 2 must agree on it. Never 0 (seq_len 0 gives BLOCK_N) so that stage 2 can
+    divide by it.
+    """
+    per_split = tl.cdiv(seq_len, num_splits)
+    return tl.maximum(tl.cdiv(per_split, BLOCK_N) * BLOCK_N, BLOCK_N)
+
+
+# --------------------------------------------------------------------------------------------
+# Extend
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _extend_inner(acc, l_i, m_i, q, K, V, bt_row, kv_head, start, end, q_pos, seq_len,
+                  qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
+                  HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online-softmax accumulation over key blocks [start, end) (start a multiple of BLOCK_N).
+
+    MASKED=False is the bulk of the work (keys every query row sees, all < seq_len): no masks
+    at all. MASKED=True covers the diagonal band: causal mask on the scores and bounds masks on
+    the loads (V must be zeroed past seq_len, since 0 * garbage can be NaN).
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n in range(start, end, BLOCK_N):
+        pos = n + offs_n
+        slots = _page_slots(bt_row, n, pos, seq_len, PAGE_SIZE, BLOCK_N, MASKED)
+        k_ptrs = K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
+        v_ptrs = V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :]
+        if MASKED:
+            kv_mask = (pos < seq_len)[:, None]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _extend_kernel(Q, K, V, O, BlockTable, SeqLens, ExtendLens, ExtendStarts, PrefixLens,
+                   qk_scale,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_ot, stride_oh, stride_bt,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Grid: (query blocks of the longest extend, q heads, sequences).
+
+    Query blocks are visited last-first: under a causal mask the last block of a sequence has
+    the most keys, so starting the heavy programs first evens out the tail of the launch.
+    Axis 0 varies fastest, so programs running together share (sequence, head) and their K/V
+    reads hit L2.
+    """
+    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    ext_len = tl.load(ExtendLens + seq)
+    m0 = m_block * BLOCK_M
+    if m0 >= ext_len:
+        return
+    seq_len = tl.load(SeqLens + seq)
+    prefix = tl.load(PrefixLens + seq)
+    q_start = tl.load(ExtendStarts + seq).to(tl.int64)
+    kv_head = head // GROUP
+    bt_row = BlockTable + seq.to(tl.int64) * stride_bt
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_mask = offs_m < ext_len
+    tok = q_start + offs_m  # int64: tokens * stride can pass 2**31 in long prefills
+    q = tl.load(Q + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None], other=0.0)
+    q_pos = prefix + offs_m
+
+    m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    # Keys below prefix + m0 are visible to every row of this block (and all < seq_len): the
+    # unmasked phase covers the whole key blocks among them. The band from there up to this
+    # block's last query is masked; key blocks past it are skipped (causal block skipping).
+    full_end = ((prefix + m0) // BLOCK_N) * BLOCK_N
+    band_end = tl.minimum(seq_len, prefix + m0 + BLOCK_M)
+    acc, l_i, m_i = _extend_inner(acc, l_i, m_i, q, K, V, bt_row, kv_head, 0, full_end, q_pos,
+                                  seq_len, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
+                                  HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC)
+    acc, l_i, m_i = _extend_inner(acc, l_i, m_i, q, K, V, bt_row, kv_head, full_end, band_end,
+                                  q_pos, seq_len, qk_scale, stride_kt, stride_kh, stride_vt,
+                                  stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PREC)
+
+    # Every valid row saw at least key 0, so l_i > 0 there; padded rows are not stored.
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(O + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=m_mask[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# Decode
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_stage1_kernel(Q, K, V, O, MidO, MidLse, BlockTable, SeqLens, qk_scale, num_splits,
+                          stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                          stride_ob, stride_oh, stride_mb, stride_mh, stride_ms,
+                          stride_lb, stride_lh, stride_bt,
+                          GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Grid: (sequences, kv heads, splits). One program = every q head of one kv head's group
+    (rows of a [BLOCK_H, HEAD_DIM] tile, padded to BLOCK_H >= 16 for the dot) over one split.
+
+    With a single split the normalised result goes straight to O and stage 2 is skipped;
+    otherwise the split's normalised partial output goes to MidO and its log2-sum-exp to MidLse.
+    An empty split (short sequence) writes nothing: stage 2 reads only non-empty splits.
+    """
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(SeqLens + seq)
+    split_len = _decode_split_len(seq_len, num_splits, BLOCK_N)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    if not SINGLE_SPLIT:
+        if start >= end:
+            return
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    h_mask = offs_h < GROUP
+    heads = kv_head * GROUP + offs_h
+    seq64 = seq.to(tl.int64)
+    q = tl.load(Q + seq64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None], other=0.0)
+    bt_row = BlockTable + seq64 * stride_bt
+
+    m_i = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    for n in range(start, end, BLOCK_N):
+        pos = n + offs_n
+        valid = pos < end
+        slots = _page_slots(bt_row, n, pos, end, PAGE_SIZE, BLOCK_N, True)
+        kv_mask = valid[:, None]
+        k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * qk_scale
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None],
+                     input_precision=DOT_PREC)
+        m_i = m_new
+
+    # l_i is 0 only for an empty sequence (single-split path): write zeros, not NaN.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if SINGLE_SPLIT:
+        tl.store(O + seq64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=h_mask[:, None])
+    else:
+        tl.store(MidO + seq64 * stride_mb + heads[:, None] * stride_mh + split * stride_ms
+                 + offs_d[None, :], out, mask=h_mask[:, None])
+        tl.store(MidLse + seq64 * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i),
+                 mask=h_mask)
+
+
+@triton.jit
+def _decode_stage2_kernel(O, MidO, MidLse, SeqLens, num_splits,
+                          stride_ob, stride_oh, stride_mb, stride_mh, stride_ms,
+                          stride_lb, stride_lh,
+                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid: (sequences, q heads). Merge the non-empty splits' partial outputs by their LSE."""
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    seq_len = tl.load(SeqLens + seq)
+    split_len = _decode_split_len(seq_len, num_splits, BLOCK_N)
+    # Splits past this count were empty in stage 1 and hold stale (or poisoned) scratch.
+    used = tl.cdiv(seq_len, split_len)
+
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < used
+    lse = tl.load(MidLse + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask,
+                  other=_NEG_BIG)
+    m = tl.max(lse, 0)
+    w = tl.where(s_mask, tl.exp2(lse - m), 0.0)
+    o = tl.load(MidO + seq * stride_mb + head * stride_mh + offs_s[:, None] * stride_ms
+                + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    denom = tl.sum(w, 0)
+    # denom is 0 only when the sequence is empty: write zeros, not NaN.
+    out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(O + seq * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+# In Triton's interpreter (TRITON_INTERPRET=1, the CPU test path) triton.jit returns a Python
+# function, not a JITFunction; small blocks keep the interpreter's per-program cost down.
+INTERPRETED: bool = not isinstance(_extend_kernel, JITFunction)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch options of one kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def _check_common(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
+                  page_size: int) -> tuple[int, int, int]:
+    """Validate shapes and layouts; return (num_q_heads, num_kv_heads, head_dim)."""
+    if q.dim() != 3 or k_buf.dim() != 3 or v_buf.shape != k_buf.shape:
+        raise ValueError(
+            f"expected q [T, Hq, D] and k/v [slots, Hkv, D]; got {tuple(q.shape)}, "
+            f"{tuple(k_buf.shape)}, {tuple(v_buf.shape)}"
+        )
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_buf.shape[1]
+    if k_buf.shape[2] != head_dim or out.shape != q.shape:
+        raise ValueError(f"head_dim / out shape mismatch: {tuple(k_buf.shape)}, {tuple(out.shape)}")
+    if num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    if not _is_pow2(head_dim) or head_dim < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16; got {head_dim}")
+    if not _is_pow2(page_size):
+        raise ValueError(f"page_size must be a power of two; got {page_size}")
+    for name, t in (("q", q), ("k_buf", k_buf), ("v_buf", v_buf), ("out", out)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    return num_q_heads, num_kv_heads, head_dim
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # tf32 would cost fp32 runs ~1e-3 relative error; fp32 only serves tests, so pay for ieee.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def default_extend_config(head_dim: int, dtype: torch.dtype, max_extend_len: int) -> KernelConfig:
+    """Tiles for the extend kernel.
+
+    Hopper bf16/fp16: 128x64 tiles with 8 warps and a 3-deep pipeline for head_dim <= 128 (the
+    usual flash-attention forward shape; keys come through pointer gathers, so BLOCK_N stays at
+    64 to bound registers and shared memory); smaller query tiles for short extends, where a
+    128-row tile would be mostly padding. fp32 halves the tiles (twice the bytes per element).
+    """
+    if INTERPRETED:
+        return KernelConfig(16, 16, 1, 1)
+    if dtype == torch.float32 or head_dim > 128:
+        return KernelConfig(64, 32, 4 if head_dim <= 64 else 8, 2)
+    if max_extend_len <= 64:
+        return KernelConfig(64, 64, 4, 3)
+    return KernelConfig(128, 64, 8 if head_dim > 64 else 4, 3)
+
+
+def default_decode_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
+    """Tiles for decode stage 1 (block_m unused: the head tile is the GQA group)."""
+    if INTERPRETED:
+        return KernelConfig(16, 16, 1, 1)
+    if dtype == torch.float32 or head_dim > 128:
+        return KernelConfig(16, 32, 4, 2)
+    return KernelConfig(16, 64, 4, 3)
+
+
+def extend_attention(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    out: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    extend_starts: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    scale: float,
+    max_extend_len: int,
+    *,
+    page_size: int,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its paged KV (prefix + new tokens).
+
+    Args:
+        q: [T, Hq, D], the new tokens of all sequences, concatenated.
+        k_buf, v_buf: [num_slots, Hkv, D], one layer of the pool (new tokens already stored).
+        out: [T, Hq, D], written in full for the rows the extends cover.
+        block_table: [B, P] int32 page ids; seq_lens / extend_lens / extend_starts /
+            prefix_lens: [B] int32 (seq_len = prefix_len + extend_len).
+        scale: softmax scale.
+        max_extend_len: upper bound of extend_lens (sizes the grid; a host-side int).
+        page_size: tokens per page (power of two).
+        config: tiles; default ``default_extend_config``.
+    Returns:
+        ``out``.
+    """
+    num_q_heads, num_kv_heads, head_dim = _check_common(q, k_buf, v_buf, out, page_size)
+    batch = seq_lens.shape[0]
+    if batch == 0 or max_extend_len <= 0:
+        return out
+    cfg = config or default_extend_config(head_dim, q.dtype, max_extend_len)
+    grid = (triton.cdiv(max_extend_len, cfg.block_m), num_q_heads, batch)
+    _extend_kernel[grid](
+        q, k_buf, v_buf, out, block_table, seq_lens, extend_lens, extend_starts, prefix_lens,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
+        v_buf.stride(0), v_buf.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
+        GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def decode_scratch(
+    max_batch: int, num_q_heads: int, max_splits: int, head_dim: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage-1 scratch for up to ``max_batch`` sequences and ``max_splits`` splits:
+    (partial outputs [max_batch, Hq, max_splits, D] fp32, log2-sum-exp [max_batch, Hq,
+    max_splits] fp32). Allocate once and reuse it (CUDA graphs need fixed addresses)."""
+    mid_o = torch.empty((max_batch, num_q_heads, max_splits, head_dim), dtype=torch.float32,
+                        device=device)  # fmt: skip
+    mid_lse = torch.empty((max_batch, num_q_heads, max_splits), dtype=torch.float32, device=device)
+    return mid_o, mid_lse
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    out: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_kv_splits: int,
+    *,
+    page_size: int,
+    mid_o: torch.Tensor | None = None,
+    mid_lse: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """One query per sequence over its paged KV ``0 .. seq_len - 1``, split-KV.
+
+    Args:
+        q: [B, Hq, D]; out: [B, Hq, D] (every element written; a row with seq_len 0 gets 0).
+        k_buf, v_buf: [num_slots, Hkv, D]; block_table: [B', P] int32 with B' >= B;
+            seq_lens: [B'] int32 (read on the device only).
+        scale: softmax scale.
+        num_kv_splits: splits per sequence (grid size; e.g. from ``choose_num_kv_splits``).
+            Each sequence cuts its own keys into that many pieces of a whole number of key
+            blocks, so short sequences may use fewer.
+        page_size: tokens per page (power of two).
+        mid_o, mid_lse: scratch from ``decode_scratch`` with at least B rows and
+            ``num_kv_splits`` splits; allocated here when omitted (not for CUDA graphs).
+        config: tiles; default ``default_decode_config``.
+    Returns:
+        ``out``.
+
+    No host syncs and no allocations when the scratch is given: safe to capture.
+    """
+    num_q_heads, num_kv_heads, head_dim = _check_common(q, k_buf, v_buf, out, page_size)
+    batch = q.shape[0]
+    if batch == 0:
+        return out
+    if num_kv_splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1; got {num_kv_splits}")
+    cfg = config or default_decode_config(head_dim, q.dtype)
+    group = num_q_heads // num_kv_heads
+    single = num_kv_splits == 1
+    if single:
+        # Stage 1 writes `out` directly; the scratch arguments are never touched.
+        mid_o = mid_o if mid_o is not None else out.new_empty((1, 1, 1, 1), dtype=torch.float32)
+        mid_lse = mid_lse if mid_lse is not None else out.new_empty((1, 1, 1), dtype=torch.float32)
+    elif mid_o is None or mid_lse is None:
+        mid_o, mid_lse = decode_scratch(batch, num_q_heads, num_kv_splits, head_dim, q.device)
+    elif (
+        mid_o.shape[0] < batch
+        or mid_o.shape[1] != num_q_heads
+        or mid_o.shape[2] < num_kv_splits
+        or mid_o.shape[3] != head_dim
+        or mid_lse.shape[0] < batch
+        or mid_lse.shape[2] < num_kv_splits
+        or mid_o.stride(-1) != 1
+        or mid_lse.stride(-1) != 1
+    ):
+        raise ValueError(
+            f"decode scratch {tuple(mid_o.shape)} / {tuple(mid_lse.shape)} too small for batch "
+            f"{batch}, {num_q_heads} heads, {num_kv_splits} splits, head_dim {head_dim}"
+        )
+    qk_scale = scale * _LOG2E
+    _decode_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
+        q, k_buf, v_buf, out, mid_o, mid_lse, block_table, seq_lens, qk_scale, num_kv_splits,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
+        v_buf.stride(0), v_buf.stride(1), out.stride(0), out.stride(1),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1), block_table.stride(0),
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SINGLE_SPLIT=single,
+        DOT_PREC=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if not single:
+        _decode_stage2_kernel[(batch, num_q_heads)](
+            out, mid_o, mid_lse, seq_lens, num_kv_splits,
+            out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+            mid_lse.stride(0), mid_lse.stride(1),
+            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_kv_splits),
+            BLOCK_N=cfg.block_n, num_warps=4 if head_dim >= 128 else 2, num_stages=1,
+        )  # fmt: skip
+    return out
+
+
+def choose_num_kv_splits(
+    batch_size: int,
+    num_kv_heads: int,
+    max_seq_len: int,
+    *,
+    num_sms: int = 132,
+    max_splits: int = 32,
+    min_split_len: int = 256,
+    programs_per_sm: int = 4,
+) -> int:
+    """Split count for decode: enough stage-1 programs to keep every SM busy with several
+    programs in flight (decode is bound by HBM bandwidth, which needs many loads outstanding),
+    but no split shorter than ``min_split_len`` keys (below that, the per-split fixed costs and
+    the merge stop paying) and never more than ``max_splits`` (the scratch's size)."""
+    programs = max(1, batch_size * num_kv_heads)
+    want = triton.cdiv(programs_per_sm * num_sms, programs)
+    by_len = max(1, triton.cdiv(max_seq_len, min_split_len))
+    return max(1, min(want, by_len, max_splits))
+
+
+# --------------------------------------------------------------------------------------------
+# Pure-torch references (same arguments; fp32 math; slow, for tests)
+# --------------------------------------------------------------------------------------------
+
+
+def _gather_kv(
+    k_buf: torch.Tensor, v_buf: torch.Tensor, bt_row: torch.Tensor, seq_len: int, page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.arange(seq_len, device=k_buf.device)
+    slots = bt_row.to(torch.int64)[pos // page_size] * page_size + pos % page_size
+    return k_buf[slots].float(), v_buf[slots].float()
+
+
+def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """q [n, Hq, D], k/v [L, Hkv, D] fp32, causal by position; returns [n, Hq, D] fp32."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,lhd->hnl", q.float(), k) * scale
+    visible = torch.arange(k.shape[0], device=q.device)[None, :] <= q_pos[:, None]
+    scores = scores.masked_fill(~visible[None], float("-inf"))
+    return torch.einsum("hnl,lhd->nhd", torch.softmax(scores, dim=-1), v)
+
+
+def extend_attention_ref(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    out: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    extend_starts: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    scale: float,
+    max_extend_len: int,
+    *,
+    page_size: int,
+) -> torch.Tensor:
+    """Reference for ``extend_attention`` (reads the length tensors on the host)."""
+    del max_extend_len  # only sizes the kernel's grid
+    for b in range(seq_lens.shape[0]):
+        seq_len, n = int(seq_lens[b]), int(extend_lens[b])
+        start, prefix = int(extend_starts[b]), int(prefix_lens[b])
+        if n == 0:
+            continue
+        k, v = _gather_kv(k_buf, v_buf, block_table[b], seq_len, page_size)
+        q_pos = torch.arange(prefix, prefix + n, device=q.device)
+        out[start : start + n] = _attend_ref(q[start : start + n], k, v, q_pos, scale).to(out.dtype)
+    return out
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    out: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_kv_splits: int = 1,
+    *,
+    page_size: int,
+) -> torch.Tensor:
+    """Reference for ``decode_attention`` (splits do not change the result; seq_len 0 -> 0)."""
+    del num_kv_splits
+    for b in range(q.shape[0]):
+        seq_len = int(seq_lens[b])
+        if seq_len == 0:
+            out[b] = 0
+            continue
+        k, v = _gather_kv(k_buf, v_buf, block_table[b], seq_len, page_size)
+        q_pos = torch.tensor([seq_len - 1], device=q.device)
+        out[b] = _attend_ref(q[b : b + 1], k, v, q_pos, scale)[0].to(out.dtype)
+    return out
+
+
+__all__ = [
+    "INTERPRETED",
+    "KernelConfig",
+    "choose_num_kv_splits",
+    "decode_attention",
+    "decode_attention_ref",
+    "decode_scratch",
+    "default_decode_config",
+    "default_extend_config",
+    "extend_attention",
+    "extend_attention_ref",
+]

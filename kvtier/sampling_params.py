@@ -1,0 +1,86 @@
+"""Per-request sampling and stopping parameters (SGLang's names and defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is invalid; the message names it."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no top-k filtering
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None  # per-request sampling seed: same seed, same tokens
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False  # keep the matched stop string in the output text
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self) -> None:
+        def number(name: str, kinds: tuple[type, ...]) -> Any:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, kinds):
+                raise SamplingParamsError(f"{name} must be a number; got {v!r}")
+            return v
+
+        if number("max_new_tokens", (int,)) < 0:
+            raise SamplingParamsError(f"max_new_tokens must be >= 0; got {self.max_new_tokens}")
+        if not 0.0 <= number("temperature", (int, float)) <= 100.0:
+            raise SamplingParamsError(f"temperature must be in [0, 100]; got {self.temperature}")
+        if not 0.0 < number("top_p", (int, float)) <= 1.0:
+            raise SamplingParamsError(f"top_p must be in (0, 1]; got {self.top_p}")
+        top_k = number("top_k", (int,))
+        if top_k == 0 or top_k < -1:
+            raise SamplingParamsError(f"top_k must be -1 (off) or >= 1; got {top_k}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise SamplingParamsError(f"stop must be a non-empty string or list of them; got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise SamplingParamsError(
+                f"stop_token_ids must be a list of token ids; got {self.stop_token_ids!r}"
+            )
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise SamplingParamsError(f"seed must be an integer; got {self.seed!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
+        """Build from a request's dict; an unknown key is an error naming it."""
+        if d is None:
+            return cls()
+        if isinstance(d, SamplingParams):
+            return d
+        if not isinstance(d, dict):
+            raise SamplingParamsError(f"sampling_params must be an object; got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SamplingParamsError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:  # pragma: no cover - a wrong type that reached the constructor
+            raise SamplingParamsError(str(e)) from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,100 @@
+"""A request as the scheduler tracks it: token cursors, pages, and what it reports."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvtier.cache.radix_cache import TreeNode
+from kvtier.sampling_params import SamplingParams
+
+
+@dataclass
+class FinishReason:
+    type: str  # "stop" | "length" | "abort"
+    matched: int | str | None = None
+    message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": self.type}
+        if self.matched is not None:
+            d["matched"] = self.matched
+        if self.message is not None:
+            d["message"] = self.message
+        return d
+
+
+@dataclass(eq=False)
+class Req:
+    """One generation request.
+
+    Cursors over ``tokens`` (the prompt followed by the generated tokens):
+      - ``[0, cached_len)`` lie in pages held by the prefix tree, locked through ``last_node``;
+      - ``[0, kv_len)`` have their KV in the pool, in ``pages`` (``cached_len <= kv_len``);
+      - ``[kv_len, len(tokens))`` still need a forward pass: more than one token means an
+        extend step (prefill, or a chunk of it), exactly one means a decode step.
+    A request owns ``pages[cached_len // page_size:]``; the ones before belong to the tree.
+    Retraction (out of pages) sets the cursors back to zero; the tokens are kept.
+    """
+
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    stream: bool = False
+    tokens: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+    kv_len: int = 0
+    cached_len: int = 0
+    pages: list[int] = field(default_factory=list)
+    last_node: TreeNode | None = None
+    row: int | None = None  # row in the request-to-page table while running
+    # Reported: prompt tokens whose KV came from a cache at first admission, by tier.
+    cached_tokens: int = 0
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
+    admitted: bool = False
+    finish: FinishReason | None = None
+    generator: torch.Generator | None = None
+    # Detokenized output so far and how much of it was already returned.
+    output_text: str = ""
+    sent_text_len: int = 0
+    sent_ids_len: int = 0
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    num_retractions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            self.tokens = list(self.input_ids)
+
+    @property
+    def pending(self) -> int:
+        """Tokens still to run through the model before the next sample."""
+        return len(self.tokens) - self.kv_len
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
+
+    def meta_info(self) -> dict[str, Any]:
+        return {
+            "id": self.rid,
+            "prompt_tokens": len(self.input_ids),
+            "completion_tokens": len(self.output_ids),
+            "cached_tokens": self.cached_tokens,
+            "cached_tokens_by_tier": dict(self.cached_tokens_by_tier),
+            "finish_reason": self.finish.to_dict() if self.finish else None,
+        }
+
+
+@dataclass
+class ReqOutput:
+    """What one step produced for one request: the new tokens and text since the last output."""
+
+    rid: str
+    new_ids: list[int]
+    new_text: str
+    finished: bool
+    meta_info: dict[str, Any]

@@ -1,0 +1,453 @@
+"""The engine loop: admission, batching, chunked prefill, decode, retraction, stopping.
+
+One ``step()`` runs one forward pass: an extend batch when a request has more than one token to
+run (new prompts, prompt chunks, re-admitted requests), otherwise a decode batch of every running
+request. The scheduler holds no model state; it owns the page allocator, the request-to-page
+table and the prefix cache, and asks the model runner to run a ForwardBatch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from kvtier.cache.kv_pool import PageAllocator, ReqToPageTable
+from kvtier.cache.radix_cache import IntegrityError, RadixCache
+from kvtier.runner.forward_batch import ForwardMode
+from kvtier.runner.model_runner import ModelRunner
+from kvtier.runner.sampler import sample
+from kvtier.scheduler.batch import ScheduleBatch
+from kvtier.scheduler.detokenizer import Detokenizer, find_stop_string, stop_prefix_overlap
+from kvtier.scheduler.request import FinishReason, Req, ReqOutput
+from kvtier.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+# Share of a running request's remaining max_new_tokens that admission keeps free for it, so
+# that new prompts do not take the pages running requests are about to decode into.
+NEW_TOKEN_RESERVE_RATIO = 0.3
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve; the message says why (HTTP 400)."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests wait than --max-queued-requests allows (HTTP 429)."""
+
+
+class Scheduler:
+    def __init__(self, args: ServerArgs, runner: ModelRunner, tokenizer: Any = None) -> None:
+        self.args = args
+        self.runner = runner
+        self.page_size = args.page_size
+        pool = runner.kv_pool
+        self.allocator = PageAllocator(pool.num_pages)
+        self.context_length = runner.context_length
+        max_pages = min((self.context_length + self.page_size - 1) // self.page_size, pool.num_pages)
+        self.table = ReqToPageTable(args.max_running_requests, max_pages + 1, pool.device)
+        self.cache = RadixCache(self.page_size, self.allocator)
+        self.use_cache = not args.disable_radix_cache
+        self.eos_ids = set(runner.eos_token_ids)
+        self.detok = Detokenizer(tokenizer)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.generator = torch.Generator(device=pool.device).manual_seed(args.random_seed)
+        self.counters: dict[str, int] = {
+            "requests_finished": 0,
+            "requests_aborted": 0,
+            "prompt_tokens": 0,
+            "generation_tokens": 0,
+            "cached_tokens": 0,
+            "retractions": 0,
+            "forward_steps": 0,
+        }
+        self.cached_tokens_by_tier: dict[str, int] = {}
+        self._outputs: list[ReqOutput] = []
+
+    # ------------------------------------------------------------------ requests in and out
+    def add_request(self, req: Req) -> None:
+        n = len(req.input_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if n >= self.context_length:
+            raise RequestError(
+                f"the prompt has {n} tokens; the context length is {self.context_length}"
+            )
+        capacity = self.allocator.capacity * self.page_size
+        if n + 1 > capacity:
+            raise RequestError(
+                f"the prompt has {n} tokens; the KV pool holds {capacity} (see --max-total-tokens)"
+            )
+        vocab = self.runner.vocab_size
+        bad = next((t for t in req.input_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary (size {vocab})")
+        if len(self.waiting) >= self.args.max_queued_requests:
+            raise QueueFullError(
+                f"{len(self.waiting)} requests are waiting (--max-queued-requests); retry later"
+            )
+        if req.sampling.seed is not None:
+            req.generator = torch.Generator(device=self.runner.device).manual_seed(req.sampling.seed)
+        if req.sampling.max_new_tokens == 0:
+            req.finish = FinishReason("length")
+            self._emit(req)
+            return
+        self.waiting.append(req)
+
+    def abort_request(self, rid: str) -> bool:
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                self._finish(req, FinishReason("abort", message="aborted"))
+                return True
+        for req in self.running:
+            if req.rid == rid:
+                self._finish(req, FinishReason("abort", message="aborted"))
+                self.running.remove(req)
+                return True
+        return False
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> list[ReqOutput]:
+        """Run one forward pass (if there is work) and return what it produced."""
+        batch = self._schedule_extend() or self._schedule_decode()
+        if batch is not None:
+            self._run(batch)
+        outputs, self._outputs = self._outputs, []
+        return outputs
+
+    # ------------------------------------------------------------------ scheduling
+    def _alloc(self, n: int) -> list[int] | None:
+        pages = self.allocator.alloc(n)
+        if pages is None and self.use_cache:
+            self.cache.evict(n - self.allocator.num_free)
+            pages = self.allocator.alloc(n)
+        return pages
+
+    def _pages_for(self, req: Req, num_new: int) -> int:
+        """Pages ``req`` must get so that tokens [0, kv_len + num_new) have slots."""
+        need = (req.kv_len + num_new + self.page_size - 1) // self.page_size
+        return max(0, need - len(req.pages))
+
+    def _grow(self, req: Req, num_new: int) -> bool:
+        n = self._pages_for(req, num_new)
+        if n == 0:
+            return True
+        pages = self._alloc(n)
+        if pages is None:
+            return False
+        assert req.row is not None
+        self.table.set_pages(req.row, len(req.pages), pages)
+        req.pages.extend(pages)
+        return True
+
+    def _reserved_pages(self) -> int:
+        tokens = 0
+        for r in self.running:
+            tokens += int((r.sampling.max_new_tokens - len(r.output_ids)) * NEW_TOKEN_RESERVE_RATIO)
+        return (tokens + self.page_size - 1) // self.page_size
+
+    def _available_pages(self) -> int:
+        free = self.allocator.num_free
+        return free + (self.cache.evictable_pages if self.use_cache else 0)
+
+    def _schedule_extend(self) -> ScheduleBatch | None:
+        chunk = self.args.chunk_size or 1 << 62
+        budget = self.args.max_prefill_tokens
+        reqs: list[Req] = []
+        num_new: list[int] = []
+        # Requests part-way through a chunked prefill continue first.
+        for req in list(self.running):
+            if req.pending <= 1 or budget <= 0 or req not in self.running:
+                continue
+            n = min(req.pending, chunk, budget)
+            self._grow_or_retract(req, n, reqs, num_new)
+            reqs.append(req)
+            num_new.append(n)
+            budget -= n
+        while self.waiting and budget > 0:
+            if len(self.running) >= self.args.max_running_requests:
+                break
+            req = self.waiting[0]
+            n = self._admit(req, min(chunk, budget))
+            if n == 0:
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            reqs.append(req)
+            num_new.append(n)
+            budget -= n
+        if not reqs:
+            return None
+        return ScheduleBatch(ForwardMode.EXTEND, reqs, num_new)
+
+    def _admit(self, req: Req, max_new: int) -> int:
+        """Give ``req`` its cached prefix and pages for its first step; return how many tokens
+        that step runs (0: not admitted, nothing changed)."""
+        # The last token is always run, so its logits exist to sample from.
+        if self.use_cache:
+            match = self.cache.match_prefix(req.tokens[: len(req.tokens) - 1])
+            self.cache.lock(match.last_device_node)
+        else:
+            match = None
+        prefix_pages = match.device_pages if match else []
+        prefix_len = len(prefix_pages) * self.page_size
+        n = min(len(req.tokens) - prefix_len, max_new)
+        need = (prefix_len + n + self.page_size - 1) // self.page_size - len(prefix_pages)
+        reserve = self._reserved_pages()
+        row = self.table.alloc_row()
+        pages = None
+        if row is not None and self._available_pages() >= need + reserve:
+            pages = self._alloc(need)
+        if pages is None:
+            if row is not None:
+                self.table.free_row(row)
+            if match:
+                self.cache.unlock(match.last_device_node)
+            return 0
+        req.row = row
+        req.pages = list(prefix_pages) + pages
+        self.table.set_pages(row, 0, req.pages)
+        req.kv_len = req.cached_len = prefix_len
+        req.last_node = match.last_device_node if match else None
+        if not req.admitted:
+            req.admitted = True
+            req.cached_tokens = prefix_len
+            if prefix_len:
+                req.cached_tokens_by_tier = {"device": prefix_len}
+            self.counters["prompt_tokens"] += len(req.input_ids)
+            self.counters["cached_tokens"] += prefix_len
+            for tier, t in req.cached_tokens_by_tier.items():
+                self.cached_tokens_by_tier[tier] = self.cached_tokens_by_tier.get(tier, 0) + t
+        return n
+
+    def _schedule_decode(self) -> ScheduleBatch | None:
+        reqs = [r for r in self.running if r.pending == 1]
+        if not reqs:
+            return None
+        scheduled: list[Req] = []
+        num_new: list[int] = []
+        # Oldest first; when pages run out, the newest running request goes back to waiting.
+        for req in reqs:
+            if req not in self.running:  # retracted while making room for an older one
+                continue
+            self._grow_or_retract(req, 1, scheduled, num_new)
+            scheduled.append(req)
+            num_new.append(1)
+        return ScheduleBatch(ForwardMode.DECODE, scheduled, num_new)
+
+    def _grow_or_retract(self, req: Req, n: int, scheduled: list[Req], num_new: list[int]) -> None:
+        """Give ``req`` pages for ``n`` more tokens, retracting the newest other running requests
+        (and dropping them from the step being built) until that succeeds."""
+        while not self._grow(req, n):
+            victim = next((r for r in reversed(self.running) if r is not req), None)
+            if victim is None:
+                raise RuntimeError(
+                    "out of KV pages with a single running request; "
+                    "raise --max-total-tokens or --mem-fraction-static"
+                )
+            self._retract(victim)
+            if victim in scheduled:
+                i = scheduled.index(victim)
+                del scheduled[i], num_new[i]
+
+    def _retract(self, req: Req) -> None:
+        """Send a running request back to the queue; its KV is cached in the tree if possible and
+        recomputed (or matched again) on re-admission."""
+        logger.debug("retracting %s at %d tokens", req.rid, len(req.tokens))
+        self._release(req)
+        self.running.remove(req)
+        req.num_retractions += 1
+        self.counters["retractions"] += 1
+        self.waiting.appendleft(req)
+
+    # ------------------------------------------------------------------ running a step
+    def _run(self, batch: ScheduleBatch) -> None:
+        fb = batch.to_forward_batch(self.runner.kv_pool, self.table, self.runner.attn_backend)
+        logits = self.runner.forward(fb)
+        sampled_reqs = [r for i, r in enumerate(batch.reqs) if batch.samples(i)]
+        next_ids: list[int] = []
+        if sampled_reqs:
+            ids = sample(
+                logits,
+                [r.sampling for r in sampled_reqs],
+                [r.generator for r in sampled_reqs],
+                self.generator,
+            )
+            next_ids = ids.tolist()
+        self.counters["forward_steps"] += 1
+        for req, n in zip(batch.reqs, batch.num_new):
+            req.kv_len += n
+        if batch.mode is ForwardMode.EXTEND and self.use_cache:
+            for req in batch.reqs:
+                self._cache_prefix(req)
+        for req, token in zip(sampled_reqs, next_ids):
+            self._append_token(req, token)
+
+    def _append_token(self, req: Req, token: int) -> None:
+        req.tokens.append(token)
+        req.output_ids.append(token)
+        self.counters["generation_tokens"] += 1
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        searched_from = len(req.output_text)
+        self.detok.update(req)
+        finish = self._check_stop(req, token, searched_from)
+        if finish is not None:
+            self.running.remove(req)
+            self._finish(req, finish)
+        elif req.stream:
+            self._emit(req)
+
+    def _check_stop(self, req: Req, token: int, searched_from: int) -> FinishReason | None:
+        sp = req.sampling
+        if token in sp.stop_token_ids:
+            return FinishReason("stop", matched=token)
+        if not sp.ignore_eos and token in self.eos_ids:
+            return FinishReason("stop", matched=token)
+        if sp.stop:
+            hit = find_stop_string(req, searched_from)
+            if hit is not None:
+                stop, pos = hit
+                if not sp.no_stop_trim:
+                    req.output_text = req.output_text[:pos]
+                return FinishReason("stop", matched=stop)
+        if len(req.output_ids) >= sp.max_new_tokens:
+            return FinishReason("length")
+        if len(req.tokens) >= self.context_length:
+            return FinishReason("length", message="reached the context length")
+        return None
+
+    # ------------------------------------------------------------------ pages and the tree
+    def _cache_prefix(self, req: Req) -> None:
+        """Hand the page-aligned part of ``req``'s computed KV to the tree (so that concurrent and
+        later requests share it) and move the request's lock down to it."""
+        ps = self.page_size
+        aligned = req.kv_len - req.kv_len % ps
+        if aligned <= req.cached_len:
+            return
+        res = self.cache.insert(req.tokens[:aligned], req.pages[: aligned // ps])
+        first = req.cached_len // ps
+        for i in range(first, aligned // ps):
+            if req.pages[i] != res.pages[i]:
+                # Another request put the same tokens in the tree first: use its page.
+                self.allocator.free([req.pages[i]])
+                req.pages[i] = res.pages[i]
+                assert req.row is not None
+                self.table.set_pages(req.row, i, [res.pages[i]])
+        self.cache.lock(res.last_node)
+        if req.last_node is not None:
+            self.cache.unlock(req.last_node)
+        req.last_node = res.last_node
+        req.cached_len = aligned
+
+    def _release(self, req: Req) -> None:
+        """Give back everything a request holds: its KV goes to the tree, its own pages that the
+        tree did not take are freed, its lock and table row are released."""
+        ps = self.page_size
+        if self.use_cache:
+            aligned = req.kv_len - req.kv_len % ps
+            if aligned > req.cached_len:
+                self._cache_prefix(req)
+            own = req.pages[req.cached_len // ps :]
+            if req.last_node is not None:
+                self.cache.unlock(req.last_node)
+        else:
+            own = req.pages
+        self.allocator.free(own)
+        if req.row is not None:
+            self.table.free_row(req.row)
+        req.pages = []
+        req.last_node = None
+        req.row = None
+        req.kv_len = req.cached_len = 0
+
+    def _finish(self, req: Req, reason: FinishReason) -> None:
+        req.finish = reason
+        if req.pages or req.row is not None:
+            self._release(req)
+        self.detok.update(req)
+        self.detok.forget(req.rid)
+        key = "requests_aborted" if reason.type == "abort" else "requests_finished"
+        self.counters[key] += 1
+        self._emit(req)
+
+    def _emit(self, req: Req) -> None:
+        text_end = len(req.output_text)
+        if not req.finished:
+            # Hold back a tail that may be the start of a stop string: if the string completes,
+            # it is trimmed from the output and must not have been sent.
+            text_end -= stop_prefix_overlap(req.output_text, req.sampling.stop)
+        new_ids = req.output_ids[req.sent_ids_len :]
+        new_text = req.output_text[req.sent_text_len : max(text_end, req.sent_text_len)]
+        req.sent_ids_len = len(req.output_ids)
+        req.sent_text_len = max(text_end, req.sent_text_len)
+        self._outputs.append(ReqOutput(req.rid, new_ids, new_text, req.finished, req.meta_info()))
+
+    # ------------------------------------------------------------------ maintenance
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix. Refused (False) while requests are queued or running."""
+        if self.has_work():
+            return False
+        self.cache.reset()
+        return True
+
+    def check_integrity(self) -> None:
+        """Every GPU page is free, in the tree, or owned by one running request; exactly once."""
+        tree_pages = self.cache.check_integrity()
+        owned: list[int] = []
+        for req in self.running:
+            owned.extend(req.pages[req.cached_len // self.page_size :])
+            if req.row is None:
+                raise IntegrityError(f"running request {req.rid} has no table row")
+            if self.use_cache and req.cached_len and req.last_node is None:
+                raise IntegrityError(f"request {req.rid} shares pages without a lock")
+        for req in self.waiting:
+            if req.pages or req.row is not None:
+                raise IntegrityError(f"waiting request {req.rid} holds pages")
+        free = self.allocator.free_pages()
+        everything = tree_pages + owned + free
+        expected = set(range(1, self.allocator.num_pages))
+        if len(everything) != len(set(everything)):
+            seen: set[int] = set()
+            dup = next(p for p in everything if p in seen or seen.add(p))  # type: ignore[func-returns-value]
+            raise IntegrityError(f"page {dup} is owned twice")
+        if set(everything) != expected:
+            missing = sorted(expected - set(everything))[:10]
+            raise IntegrityError(f"pages leaked (neither free, cached nor owned): {missing}")
+        rows_used = self.table.max_rows - self.table.num_free_rows
+        if rows_used != len(self.running):
+            raise IntegrityError(f"{rows_used} table rows in use for {len(self.running)} requests")
+        if not self.running and self.cache.protected_pages:
+            raise IntegrityError("tree pages locked with no request running")
+
+    def stats(self) -> dict[str, Any]:
+        pool = self.runner.kv_pool
+        return {
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting),
+            "page_size": self.page_size,
+            "device_total_pages": self.allocator.capacity,
+            "device_free_pages": self.allocator.num_free,
+            "device_cached_pages": self.cache.device_pages_in_tree,
+            "device_evictable_pages": self.cache.evictable_pages,
+            "device_total_tokens": self.allocator.capacity * self.page_size,
+            "device_used_tokens": (self.allocator.capacity - self.allocator.num_free)
+            * self.page_size,
+            "kv_bytes_per_token": pool.token_bytes,
+            "cached_tokens_by_tier": dict(self.cached_tokens_by_tier),
+            **self.counters,
+        }
+
+    def drain(self) -> Iterable[ReqOutput]:
+        """Step until every request finished; yields outputs as they come."""
+        while self.has_work():
+            yield from self.step()
