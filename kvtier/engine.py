@@ -1,8 +1,8 @@
 """``kvtier.Engine``: the in-process Python API (same shape as ``sglang.Engine``).
 
-    with kvtier.Engine(model_path="builtin:tiny-qwen3") as llm:
-        out = llm.generate("Hello", {"temperature": 0, "max_new_tokens": 16})
-        print(out["text"], out["meta_info"]["cached_tokens"])
+with kvtier.Engine(model_path="builtin:tiny-qwen3") as llm:
+    out = llm.generate("Hello", {"temperature": 0, "max_new_tokens": 16})
+    print(out["text"], out["meta_info"]["cached_tokens"])
 """
 
 from __future__ import annotations
@@ -160,11 +160,11 @@ class Engine:
 
     # ------------------------------------------------------------------ control
     def flush_cache(self, tier: str | None = None) -> bool:
-        """Drop cached prefixes; False (nothing done) while requests are in flight."""
+        """Drop cached prefixes: every tier (``tier`` None or "all"; False, nothing done, while
+        requests are in flight) or only the GPU copies of prefixes that have an L2 copy
+        (``tier="device"``), so that the next requests are served from L2."""
         self._check_open()
-        if tier not in (None, "all"):
-            raise ValueError(f"unknown cache tier {tier!r}; this engine has no hierarchical cache")
-        return self.scheduler.flush_cache()
+        return self.scheduler.flush_cache(tier)
 
     def get_stats(self) -> dict[str, Any]:
         return self.scheduler.stats()
@@ -183,6 +183,7 @@ class Engine:
         self._closed = True
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.abort_request(req.rid)
+        self.scheduler.close()
 
     def _check_open(self) -> None:
         if self._closed:

@@ -54,14 +54,18 @@ class SamplingParams:
         if top_k == 0 or top_k < -1:
             raise SamplingParamsError(f"top_k must be -1 (off) or >= 1; got {top_k}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise SamplingParamsError(f"stop must be a non-empty string or list of them; got {self.stop!r}")
+            raise SamplingParamsError(
+                f"stop must be a non-empty string or list of them; got {self.stop!r}"
+            )
         if not isinstance(self.stop_token_ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
         ):
             raise SamplingParamsError(
                 f"stop_token_ids must be a list of token ids; got {self.stop_token_ids!r}"
             )
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
             raise SamplingParamsError(f"seed must be an integer; got {self.seed!r}")
 
     @classmethod

@@ -38,7 +38,7 @@ def test_insert_match_split_page_size_1():
     assert m.device_len == 3
     # The match split the node at 3 tokens: [10,11,12] -> [13,14].
     assert m.last_device_node.key == (10, 11, 12)
-    assert list(m.last_device_node.children.values())[0].key == (13, 14)
+    assert next(iter(m.last_device_node.children.values())).key == (13, 14)
     # A second sequence branching off after 2 tokens.
     p2 = alloc.alloc(3)
     assert p2 == [6, 7, 8]

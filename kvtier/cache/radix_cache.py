@@ -15,8 +15,9 @@ L2 pages, and lose its GPU pages while keeping the L2 copy. The hooks it overrid
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvtier.cache.kv_pool import PageAllocator
 
@@ -331,6 +332,29 @@ class RadixCache:
             )
         return pages
 
+    # ------------------------------------------------------------------ tier hooks
+    # The GPU-only tree has no lower tier; the hierarchical cache overrides these.
+    def load_back(self, match: MatchResult) -> tuple[MatchResult, int]:
+        """Queue loading the lower-tier part of ``match``; returns the extended match and the
+        tokens it loads."""
+        return match, 0
+
+    def start_loads(self) -> Callable[[int], None] | None:
+        """Issue the loads queued for this step; returns the forward's per-layer wait."""
+        return None
+
+    def poll(self) -> None:
+        """Complete finished transfers."""
+
+    def flush_device(self) -> int:
+        raise ValueError("flush_cache(tier='device') needs --enable-hierarchical-cache")
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        """Release lower-tier memory."""
+
     # ------------------------------------------------------------------ traversal
     def _all_nodes(self) -> Iterator[TreeNode]:
         stack = [self.root]
@@ -376,11 +400,11 @@ class RadixCache:
     def _revive(self, node: TreeNode, pages: list[int]) -> None:
         raise IntegrityError(f"node without GPU pages in a GPU-only tree: {node}")
 
-    def _on_hit(self, node: TreeNode) -> None:  # noqa: B027 - hook
+    def _on_hit(self, node: TreeNode) -> None:
         """A request inserted tokens this node already held."""
 
-    def _on_new_node(self, node: TreeNode) -> None:  # noqa: B027 - hook
+    def _on_new_node(self, node: TreeNode) -> None:
         """A new node holding freshly computed GPU pages was added."""
 
-    def _on_split(self, upper: TreeNode, lower: TreeNode) -> None:  # noqa: B027 - hook
+    def _on_split(self, upper: TreeNode, lower: TreeNode) -> None:
         """``upper`` was split off the top of ``lower``."""

@@ -36,7 +36,9 @@ class ModelRunner:
         self.device = torch.device(args.device)
         self.model_config = config = resolved.config
         self.dtype = resolve_dtype(args.dtype, config, self.device)
-        self.model = load_model(resolved, args.load_format, self.dtype, self.device, args.random_seed)
+        self.model = load_model(
+            resolved, args.load_format, self.dtype, self.device, args.random_seed
+        )
         self.vocab_size = config.vocab_size
         self.eos_token_ids = list(config.eos_token_ids)
         self.context_length = args.context_length or config.max_position_embeddings

@@ -44,7 +44,9 @@ class ScheduleBatch:
             ids.extend(req.tokens[start : start + n])
             pos = torch.arange(start, start + n, dtype=torch.int64)
             first_page = start // ps
-            pages = torch.tensor(req.pages[first_page : (start + n - 1) // ps + 1], dtype=torch.int64)
+            pages = torch.tensor(
+                req.pages[first_page : (start + n - 1) // ps + 1], dtype=torch.int64
+            )
             locs.append(pages[pos // ps - first_page] * ps + pos % ps)
             positions.append(pos)
             seq_lens.append(start + n)

@@ -24,7 +24,7 @@ from kvtier.runner.sampler import sample
 from kvtier.scheduler.batch import ScheduleBatch
 from kvtier.scheduler.detokenizer import Detokenizer, find_stop_string, stop_prefix_overlap
 from kvtier.scheduler.request import FinishReason, Req, ReqOutput
-from kvtier.server_args import ServerArgs
+from kvtier.server_args import ServerArgs, ServerArgsError
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,11 @@ class Scheduler:
         pool = runner.kv_pool
         self.allocator = PageAllocator(pool.num_pages)
         self.context_length = runner.context_length
-        max_pages = min((self.context_length + self.page_size - 1) // self.page_size, pool.num_pages)
+        max_pages = min(
+            (self.context_length + self.page_size - 1) // self.page_size, pool.num_pages
+        )
         self.table = ReqToPageTable(args.max_running_requests, max_pages + 1, pool.device)
-        self.cache = RadixCache(self.page_size, self.allocator)
+        self.cache = self._build_cache()
         self.use_cache = not args.disable_radix_cache
         self.eos_ids = set(runner.eos_token_ids)
         self.detok = Detokenizer(tokenizer)
@@ -69,6 +71,41 @@ class Scheduler:
         }
         self.cached_tokens_by_tier: dict[str, int] = {}
         self._outputs: list[ReqOutput] = []
+
+    def _build_cache(self) -> RadixCache:
+        args, pool = self.args, self.runner.kv_pool
+        if not args.enable_hierarchical_cache:
+            return RadixCache(self.page_size, self.allocator)
+        if args.disable_radix_cache:
+            raise ServerArgsError(
+                "--enable-hierarchical-cache needs the radix cache; drop --disable-radix-cache"
+            )
+        from kvtier.cache.controller import CacheController
+        from kvtier.cache.hiradix_cache import HiRadixCache
+        from kvtier.tiers import TierSpec, create_tier, l2_num_pages
+
+        def spec(pages: int) -> TierSpec:
+            return TierSpec(
+                pages,
+                self.page_size,
+                pool.num_layers,
+                pool.num_kv_heads,
+                pool.head_dim,
+                pool.dtype,
+                args.hicache_mem_layout,
+            )
+
+        pages = l2_num_pages(args, self.allocator.capacity, spec(1).page_bytes)
+        tier = create_tier(args, spec(pages), pool.device)
+        logger.info("L2 tier: %s", tier.describe())
+        controller = CacheController(pool, tier, args.hicache_io_backend)
+        return HiRadixCache(
+            self.page_size,
+            self.allocator,
+            PageAllocator(pages + 1),
+            controller,
+            args.hicache_write_policy,
+        )
 
     # ------------------------------------------------------------------ requests in and out
     def add_request(self, req: Req) -> None:
@@ -93,7 +130,9 @@ class Scheduler:
                 f"{len(self.waiting)} requests are waiting (--max-queued-requests); retry later"
             )
         if req.sampling.seed is not None:
-            req.generator = torch.Generator(device=self.runner.device).manual_seed(req.sampling.seed)
+            req.generator = torch.Generator(device=self.runner.device).manual_seed(
+                req.sampling.seed
+            )
         if req.sampling.max_new_tokens == 0:
             req.finish = FinishReason("length")
             self._emit(req)
@@ -118,6 +157,7 @@ class Scheduler:
 
     def step(self) -> list[ReqOutput]:
         """Run one forward pass (if there is work) and return what it produced."""
+        self.cache.poll()
         batch = self._schedule_extend() or self._schedule_decode()
         if batch is not None:
             self._run(batch)
@@ -193,8 +233,11 @@ class Scheduler:
         """Give ``req`` its cached prefix and pages for its first step; return how many tokens
         that step runs (0: not admitted, nothing changed)."""
         # The last token is always run, so its logits exist to sample from.
+        loaded = 0
         if self.use_cache:
             match = self.cache.match_prefix(req.tokens[: len(req.tokens) - 1])
+            if match.host_pages:
+                match, loaded = self.cache.load_back(match)
             self.cache.lock(match.last_device_node)
         else:
             match = None
@@ -221,8 +264,8 @@ class Scheduler:
         if not req.admitted:
             req.admitted = True
             req.cached_tokens = prefix_len
-            if prefix_len:
-                req.cached_tokens_by_tier = {"device": prefix_len}
+            by_tier = {"device": prefix_len - loaded, self.l2_name: loaded}
+            req.cached_tokens_by_tier = {k: v for k, v in by_tier.items() if v}
             self.counters["prompt_tokens"] += len(req.input_ids)
             self.counters["cached_tokens"] += prefix_len
             for tier, t in req.cached_tokens_by_tier.items():
@@ -272,6 +315,7 @@ class Scheduler:
     # ------------------------------------------------------------------ running a step
     def _run(self, batch: ScheduleBatch) -> None:
         fb = batch.to_forward_batch(self.runner.kv_pool, self.table, self.runner.attn_backend)
+        fb.wait_layer = self.cache.start_loads()
         logits = self.runner.forward(fb)
         sampled_reqs = [r for i, r in enumerate(batch.reqs) if batch.samples(i)]
         next_ids: list[int] = []
@@ -393,12 +437,26 @@ class Scheduler:
         self._outputs.append(ReqOutput(req.rid, new_ids, new_text, req.finished, req.meta_info()))
 
     # ------------------------------------------------------------------ maintenance
-    def flush_cache(self) -> bool:
-        """Drop every cached prefix. Refused (False) while requests are queued or running."""
+    def flush_cache(self, tier: str | None = None) -> bool:
+        """``tier`` None or "all": drop every cached prefix, refused (False) while requests are
+        queued or running. "device": drop the GPU copy of every unlocked prefix that has an L2
+        copy, so that the next requests are served from L2."""
+        if tier == "device":
+            self.cache.flush_device()
+            return True
+        if tier not in (None, "all"):
+            raise ValueError(f"unknown cache tier {tier!r}; use 'device' or 'all'")
         if self.has_work():
             return False
         self.cache.reset()
         return True
+
+    @property
+    def l2_name(self) -> str:
+        return self.args.hicache_tier if self.args.enable_hierarchical_cache else "l2"
+
+    def close(self) -> None:
+        self.cache.close()
 
     def check_integrity(self) -> None:
         """Every GPU page is free, in the tree, or owned by one running request; exactly once."""
@@ -445,6 +503,7 @@ class Scheduler:
             "kv_bytes_per_token": pool.token_bytes,
             "cached_tokens_by_tier": dict(self.cached_tokens_by_tier),
             **self.counters,
+            **self.cache.stats(),
         }
 
     def drain(self) -> Iterable[ReqOutput]:

@@ -1,0 +1,47 @@
+"""L2 tiers: where the second level of the KV cache lives.
+
+``create_tier`` is the only entry point the rest of the engine uses; every tier satisfies
+``MemoryTier`` (see base.py), so nothing outside this package depends on which one runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvtier.server_args import ServerArgs
+from kvtier.tiers.base import MemoryTier, TierError, TierSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MemoryTier", "TierError", "TierSpec", "create_tier", "l2_num_pages"]
+
+
+def l2_num_pages(args: ServerArgs, device_pages: int, page_bytes: int) -> int:
+    """L2 capacity in pages: --hicache-size GB if given, else --hicache-ratio x the GPU pool."""
+    if args.hicache_size > 0:
+        pages = int(args.hicache_size * 1e9 // page_bytes) - 1
+        if pages < 1:
+            raise TierError(
+                f"--hicache-size {args.hicache_size} GB is less than one page of "
+                f"{page_bytes / 1e6:.2f} MB"
+            )
+    else:
+        pages = int(args.hicache_ratio * device_pages)
+    if pages < device_pages:
+        logger.warning(
+            "the L2 tier (%d pages) is smaller than the GPU pool (%d pages): with "
+            "write_through some prefixes will not get an L2 copy",
+            pages,
+            device_pages,
+        )
+    return pages
+
+
+def create_tier(args: ServerArgs, spec: TierSpec, device: torch.device) -> MemoryTier:
+    if args.hicache_tier == "dram":
+        from kvtier.tiers.dram import DramTier
+
+        return DramTier(spec, device)
+    raise TierError(f"--hicache-tier {args.hicache_tier} is not available in this build")
