@@ -125,8 +125,10 @@ class CacheController:
         t = _Transfer("load", len(host), callbacks)
         self.stats.load_ops += 1
         if not self.on_gpu:
+            # Synchronous copy; completion still goes through poll(), as on the GPU, so locks
+            # behave the same way on both.
             self._copy(self.tier.space, self.pool_space, host, dev, range(self.num_layers))
-            self._complete(t)
+            self._inflight.append(t)
             return None
         # Pages just allocated for the load may still be read by earlier work on the compute
         # stream (their previous owner): the load starts after it.
@@ -173,7 +175,7 @@ class CacheController:
             self._copy(
                 self.pool_space, self.tier.space, device_pages, host_pages, range(self.num_layers)
             )
-            self._complete(t)
+            self._inflight.append(t)
             return
         # The pages' KV was written by the compute stream.
         self.write_stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -47,6 +47,7 @@ class HiRadixCache(RadixCache):
         self.backups_skipped = 0  # L2 full of pinned or GPU-resident copies
         self.host_evicted_pages = 0
         self.device_evictions_to_host = 0
+        self.load_back_min_tokens = LOAD_BACK_MIN_TOKENS
 
     # ------------------------------------------------------------------ locks on L2 pages
     def _lock_host(self, node: TreeNode) -> None:
@@ -193,7 +194,7 @@ class HiRadixCache(RadixCache):
         if needed, never the matched GPU prefix), give them to the L2-only nodes, and queue the
         load for the next step. Returns the match extended over what will be loaded and the
         number of tokens loaded (0 when skipped: too short, or no GPU room)."""
-        if match.last_host_node is None or match.host_len < LOAD_BACK_MIN_TOKENS:
+        if match.last_host_node is None or match.host_len < self.load_back_min_tokens:
             return match, 0
         n = len(match.host_pages)
         self.lock(match.last_device_node)
@@ -271,6 +272,10 @@ class HiRadixCache(RadixCache):
             if pinned:
                 raise IntegrityError(f"L2 locks held with no transfer in flight: {pinned[0]}")
         return device_pages
+
+    @property
+    def transfers_idle(self) -> bool:
+        return self.controller.idle
 
     def close(self) -> None:
         self.controller.wait_all()

@@ -15,10 +15,12 @@ range of layers:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from kvtier.tiers.layout import Layout
+if TYPE_CHECKING:
+    from kvtier.tiers.layout import Layout
 
 try:
     import triton

@@ -484,7 +484,7 @@ class Scheduler:
         rows_used = self.table.max_rows - self.table.num_free_rows
         if rows_used != len(self.running):
             raise IntegrityError(f"{rows_used} table rows in use for {len(self.running)} requests")
-        if not self.running and self.cache.protected_pages:
+        if not self.running and self.cache.transfers_idle and self.cache.protected_pages:
             raise IntegrityError("tree pages locked with no request running")
 
     def stats(self) -> dict[str, Any]:
