@@ -70,7 +70,7 @@ class Engine:
             ids_list = [self.tokenizer.encode(p) for p in prompts]
         else:
             assert input_ids is not None
-            single = bool(input_ids) and isinstance(input_ids[0], int)
+            single = not input_ids or isinstance(input_ids[0], int)
             ids_list = [list(input_ids)] if single else [list(x) for x in input_ids]  # type: ignore[arg-type]
             if not all(isinstance(t, int) for ids in ids_list for t in ids):
                 raise RequestError("input_ids must be a list of ints or a list of such lists")

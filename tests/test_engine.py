@@ -1,0 +1,236 @@
+"""The Engine end to end on the built-in tiny model (CPU): prefix reuse, chunked prefill,
+retraction, stopping, sampling, streaming and bad input; greedy output never depends on how the
+KV was obtained."""
+
+import random
+
+import pytest
+
+import kvtier
+from kvtier.sampling_params import SamplingParamsError
+from kvtier.scheduler.scheduler import RequestError
+from kvtier.server_args import ServerArgsError
+
+GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+
+
+def make(**kw):
+    kw.setdefault("model_path", "builtin:tiny-qwen3")
+    kw.setdefault("log_level", "warning")
+    return kvtier.Engine(**kw)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with make() as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """No prefix reuse at all: every token recomputed."""
+    with make(disable_radix_cache=True) as e:
+        yield e
+
+
+def prompts(n, length, seed=0, vocab=1500):
+    rng = random.Random(seed)
+    return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
+
+
+def conversations(engine, n=4, turns=3, seed=0, concurrent=False, max_new=8):
+    """Multi-turn chats as token ids: each turn re-sends the whole history plus a new message."""
+    rng = random.Random(seed)
+    hist = prompts(n, 30, seed)
+    outs, metas = [], []
+    sp = {"temperature": 0, "max_new_tokens": max_new, "ignore_eos": True}
+    for _ in range(turns):
+        if concurrent:
+            res = engine.generate(input_ids=hist, sampling_params=sp)
+        else:
+            res = [engine.generate(input_ids=h, sampling_params=sp) for h in hist]
+        for i, r in enumerate(res):
+            outs.append(r["output_ids"])
+            metas.append(r["meta_info"])
+            hist[i] = hist[i] + r["output_ids"] + [rng.randrange(10, 1500) for _ in range(7)]
+        engine.check_integrity()
+    return outs, metas
+
+
+def test_generate_text_and_meta(engine):
+    out = engine.generate("The quick brown fox", {"temperature": 0, "max_new_tokens": 5})
+    assert set(out) == {"text", "output_ids", "meta_info"}
+    meta = out["meta_info"]
+    assert meta["completion_tokens"] == len(out["output_ids"]) <= 5
+    assert meta["prompt_tokens"] == len(engine.tokenizer.encode("The quick brown fox"))
+    assert meta["finish_reason"]["type"] in ("length", "stop")
+    assert out["text"] == engine.tokenizer.decode(out["output_ids"], skip_special_tokens=True)
+    engine.check_integrity()
+
+
+def test_the_model_is_not_degenerate(reference):
+    # Equality tests below mean something only if greedy outputs vary with the input.
+    outs = [
+        reference.generate(input_ids=p, sampling_params=GREEDY)["output_ids"]
+        for p in prompts(3, 20)
+    ]
+    assert len({tuple(o) for o in outs}) == 3
+    assert all(len(set(o)) > 2 for o in outs)
+
+
+def test_shared_prefix_is_reused_and_output_unchanged(engine, reference):
+    base = prompts(1, 40, seed=3)[0]
+    a, b = base + [11, 12, 13], base + [21, 22]
+    engine.flush_cache()
+    first = engine.generate(input_ids=a, sampling_params=GREEDY)
+    second = engine.generate(input_ids=b, sampling_params=GREEDY)
+    assert first["meta_info"]["cached_tokens"] == 0
+    assert second["meta_info"]["cached_tokens"] == 40
+    assert second["meta_info"]["cached_tokens_by_tier"] == {"device": 40}
+    assert (
+        second["output_ids"]
+        == reference.generate(input_ids=b, sampling_params=GREEDY)["output_ids"]
+    )
+    engine.check_integrity()
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_multi_turn_equals_recompute(page_size, reference):
+    want, _ = conversations(reference)
+    with make(page_size=page_size) as e:
+        got, metas = conversations(e)
+        assert got == want
+        assert sum(m["cached_tokens"] for m in metas) > 0
+        e.check_integrity()
+
+
+def test_concurrent_batch_equals_sequential(reference):
+    want, _ = conversations(reference)
+    with make(page_size=4) as e:
+        got, _ = conversations(e, concurrent=True)
+    assert got == want
+
+
+def test_chunked_prefill_equals_one_shot(reference):
+    ps = prompts(3, 50, seed=5)
+    want = [reference.generate(input_ids=p, sampling_params=GREEDY)["output_ids"] for p in ps]
+    with make(chunked_prefill_size=7, max_prefill_tokens=16, page_size=4) as e:
+        got = e.generate(input_ids=ps, sampling_params=GREEDY)
+        assert [g["output_ids"] for g in got] == want
+        assert e.get_stats()["forward_steps"] > 12  # the prompts really went in chunks
+        e.check_integrity()
+
+
+def test_retraction_under_page_pressure_keeps_outputs(reference):
+    ps = prompts(6, 30, seed=7)
+    sp = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+    want = [reference.generate(input_ids=p, sampling_params=sp)["output_ids"] for p in ps]
+    # 6 requests x 54 tokens do not fit in 160 slots: decode must retract and recompute.
+    with make(max_total_tokens=160, page_size=4) as e:
+        got = e.generate(input_ids=ps, sampling_params=sp)
+        assert [g["output_ids"] for g in got] == want
+        assert e.get_stats()["retractions"] > 0
+        e.check_integrity()
+        assert e.get_stats()["device_free_pages"] + e.get_stats()["device_cached_pages"] == 40
+
+
+def test_stop_conditions(engine):
+    p = prompts(1, 20, seed=9)[0]
+    full = engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"]
+    target = full[4]
+    out = engine.generate(input_ids=p, sampling_params={**GREEDY, "stop_token_ids": [target]})
+    assert out["output_ids"] == full[: full.index(target) + 1]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": target}
+    out = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 3})
+    assert out["output_ids"] == full[:3]
+    assert out["meta_info"]["finish_reason"] == {"type": "length"}
+
+
+def test_stop_string_is_trimmed_and_never_streamed(engine):
+    p = prompts(1, 20, seed=11)[0]
+    text = engine.generate(input_ids=p, sampling_params=GREEDY)["text"]
+    assert len(text) > 6
+    stop = text[3:6]
+    out = engine.generate(input_ids=p, sampling_params={**GREEDY, "stop": stop})
+    assert out["text"] == text[: text.index(stop)]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    chunks = list(
+        engine.generate(input_ids=p, sampling_params={**GREEDY, "stop": stop}, stream=True)
+    )
+    assert "".join(c["text"] for c in chunks) == out["text"]
+    engine.check_integrity()
+
+
+def test_streaming_yields_increments(engine):
+    p = prompts(1, 15, seed=13)[0]
+    full = engine.generate(input_ids=p, sampling_params=GREEDY)
+    chunks = list(engine.generate(input_ids=p, sampling_params=GREEDY, stream=True))
+    assert len(chunks) == GREEDY["max_new_tokens"]
+    assert [t for c in chunks for t in c["output_ids"]] == full["output_ids"]
+    assert "".join(c["text"] for c in chunks) == full["text"]
+    assert chunks[-1]["meta_info"]["finish_reason"] == {"type": "length"}
+    assert all(c["meta_info"]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_abandoned_stream_aborts_and_frees(engine):
+    p = prompts(1, 15, seed=15)[0]
+    it = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 50}, stream=True)
+    next(it)
+    it.close()
+    assert not engine.scheduler.has_work()
+    engine.check_integrity()
+
+
+def test_sampling_seed_is_reproducible(engine):
+    p = prompts(1, 15, seed=17)[0]
+    sp = {"temperature": 1.0, "top_p": 0.9, "top_k": 50, "max_new_tokens": 16, "seed": 1234}
+    a = engine.generate(input_ids=p, sampling_params=sp)["output_ids"]
+    b = engine.generate(input_ids=p, sampling_params=sp)["output_ids"]
+    c = engine.generate(input_ids=p, sampling_params={**sp, "seed": 99})["output_ids"]
+    assert a == b and a != c
+
+
+def test_bad_requests_raise_clear_errors(engine):
+    with pytest.raises(RequestError, match="the prompt is empty"):
+        engine.generate(input_ids=[], sampling_params=GREEDY)
+    with pytest.raises(RequestError, match=r"token id 999999 is outside the vocabulary"):
+        engine.generate(input_ids=[1, 999999], sampling_params=GREEDY)
+    with pytest.raises(SamplingParamsError, match=r"top_p must be in \(0, 1\]; got 0"):
+        engine.generate(input_ids=[5, 6], sampling_params={"top_p": 0})
+    with pytest.raises(SamplingParamsError, match="unknown sampling parameter\\(s\\): temprature"):
+        engine.generate(input_ids=[5, 6], sampling_params={"temprature": 0})
+    with pytest.raises(RequestError, match="give exactly one of prompt and input_ids"):
+        engine.generate()
+    with pytest.raises(
+        RequestError, match="the prompt has 40000 tokens; the context length is 32768"
+    ):
+        engine.generate(input_ids=[5] * 40000, sampling_params=GREEDY)
+    engine.check_integrity()
+    assert not engine.scheduler.has_work()
+
+
+def test_bad_engine_arguments_name_the_flag():
+    with pytest.raises(ServerArgsError, match="--page-size must be a power of two; got 3"):
+        make(page_size=3)
+    with pytest.raises(ServerArgsError, match=r"unknown engine argument\(s\): page_sise"):
+        make(page_sise=4)
+    with pytest.raises(
+        ServerArgsError, match=r"--mem-fraction-static must be in \(0, 1\); got 1\.5"
+    ):
+        make(mem_fraction_static=1.5)
+    with pytest.raises(ServerArgsError, match="--hicache-write-policy must be one of"):
+        make(enable_hierarchical_cache=True, hicache_write_policy="sometimes")
+
+
+def test_flush_refused_while_busy_then_clears(engine):
+    p = prompts(1, 20, seed=19)[0]
+    engine.generate(input_ids=p, sampling_params=GREEDY)
+    it = engine.generate(input_ids=p, sampling_params=GREEDY, stream=True)
+    next(it)
+    assert engine.flush_cache() is False
+    list(it)
+    assert engine.flush_cache() is True
+    stats = engine.get_stats()
+    assert stats["device_cached_pages"] == 0
+    assert stats["device_free_pages"] == stats["device_total_pages"]
+    engine.check_integrity()

@@ -1,0 +1,127 @@
+"""The hierarchical cache inside the engine: greedy output identical to recompute while prefixes
+come back from L2, under GPU and L2 pressure, for every write policy, layout and IO backend."""
+
+import random
+
+import pytest
+
+import kvtier
+from kvtier.tiers import TierError
+
+GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+
+
+def make(**kw):
+    kw.setdefault("model_path", "builtin:tiny-qwen3")
+    kw.setdefault("log_level", "warning")
+    return kvtier.Engine(**kw)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with make(disable_radix_cache=True) as e:
+        yield e
+
+
+def chats(engine, n=5, turns=3, seed=0, concurrent=False):
+    rng = random.Random(seed)
+    hist = [[rng.randrange(10, 1500) for _ in range(36)] for _ in range(n)]
+    outs, metas = [], []
+    for _ in range(turns):
+        if concurrent:
+            res = engine.generate(input_ids=hist, sampling_params=GREEDY)
+        else:
+            res = [engine.generate(input_ids=h, sampling_params=GREEDY) for h in hist]
+        for i, r in enumerate(res):
+            outs.append(r["output_ids"])
+            metas.append(r["meta_info"])
+            hist[i] = hist[i] + r["output_ids"] + [rng.randrange(10, 1500) for _ in range(9)]
+        engine.check_integrity()
+    return outs, metas
+
+
+def hicache(**kw):
+    kw.setdefault("enable_hierarchical_cache", True)
+    kw.setdefault("page_size", 4)
+    # The GPU pool holds about two conversations: the rest must come back from L2.
+    kw.setdefault("max_total_tokens", 128)
+    kw.setdefault("hicache_ratio", 4.0)
+    return make(**kw)
+
+
+@pytest.mark.parametrize("policy", ["write_through", "write_through_selective", "write_back"])
+def test_multi_turn_under_pressure_equals_recompute(policy, reference):
+    want, _ = chats(reference)
+    with hicache(hicache_write_policy=policy) as e:
+        got, metas = chats(e)
+        assert got == want
+        from_l2 = sum(m["cached_tokens_by_tier"].get("dram", 0) for m in metas)
+        assert from_l2 > 0, "no prefix came back from L2"
+        stats = e.get_stats()
+        assert stats["loaded_bytes"] > 0
+        assert stats["cached_tokens_by_tier"]["dram"] == from_l2
+        e.check_integrity()
+
+
+@pytest.mark.parametrize(
+    "layout,backend",
+    [("layer_first", "kernel"), ("page_first", "kernel"), ("page_first_direct", "direct")],
+)
+def test_layouts_and_backends_equal_recompute(layout, backend, reference):
+    want, _ = chats(reference, concurrent=True)
+    with hicache(hicache_mem_layout=layout, hicache_io_backend=backend) as e:
+        got, metas = chats(e, concurrent=True)
+        assert got == want
+        assert any(m["cached_tokens_by_tier"].get("dram") for m in metas)
+
+
+def test_small_l2_evicts_and_stays_correct(reference):
+    want, _ = chats(reference, n=6)
+    with hicache(hicache_ratio=1.0) as e:
+        got, _ = chats(e, n=6)
+        assert got == want
+        stats = e.get_stats()
+        assert stats["l2_evicted_pages"] > 0 or stats["l2_backups_skipped"] > 0
+        e.check_integrity()
+
+
+def test_flush_device_forces_tier_hits(reference):
+    rng = random.Random(5)
+    prompt = [rng.randrange(10, 1500) for _ in range(61)]
+    want = reference.generate(input_ids=prompt, sampling_params=GREEDY)["output_ids"]
+    with hicache(max_total_tokens=512) as e:
+        miss = e.generate(input_ids=prompt, sampling_params=GREEDY)
+        assert miss["meta_info"]["cached_tokens"] == 0
+        gpu_hit = e.generate(input_ids=prompt, sampling_params=GREEDY)
+        assert gpu_hit["meta_info"]["cached_tokens_by_tier"] == {"device": 60}
+        assert e.flush_cache(tier="device") is True
+        stats = e.get_stats()
+        assert stats["device_cached_pages"] == 0
+        tier_hit = e.generate(input_ids=prompt, sampling_params=GREEDY)
+        # 61 tokens: the first 60 (15 whole pages) come from L2, the last one is computed.
+        assert tier_hit["meta_info"]["cached_tokens_by_tier"] == {"dram": 60}
+        assert miss["output_ids"] == gpu_hit["output_ids"] == tier_hit["output_ids"] == want
+        e.check_integrity()
+
+
+def test_repeated_rounds_leak_nothing(reference):
+    with hicache() as e:
+        for round_ in range(3):
+            chats(e, n=4, turns=2, seed=round_)
+            e.flush_cache(tier="device")
+            e.check_integrity()
+        assert e.flush_cache() is True
+        stats = e.get_stats()
+        assert stats["device_free_pages"] == stats["device_total_pages"]
+        assert stats["l2_used_tokens"] == 0
+        e.check_integrity()
+
+
+def test_l2_too_large_is_refused_naming_the_flag():
+    with pytest.raises(TierError, match=r"--hicache-size asks for 100000\.00 GB of host memory"):
+        make(enable_hierarchical_cache=True, hicache_size=100000)
+
+
+def test_flush_device_needs_hierarchical_cache():
+    with make() as e, pytest.raises(ValueError, match="needs --enable-hierarchical-cache"):
+        e.flush_cache(tier="device")
