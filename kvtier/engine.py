@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from kvtier.models import resolve_model
+from kvtier.models import ResolvedModel, resolve_model
 from kvtier.sampling_params import SamplingParams
 from kvtier.scheduler.request import Req, ReqOutput
 from kvtier.scheduler.scheduler import RequestError, Scheduler
@@ -26,28 +26,43 @@ Prompt = str | list[str] | None
 InputIds = list[int] | list[list[int]] | None
 
 
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def build_tokenizer(args: ServerArgs, resolved: ResolvedModel) -> Any:
+    """The model's tokenizer, or None (ids only) when skipped or unavailable offline."""
+    if args.skip_tokenizer_init:
+        return None
+    tok_dir = args.tokenizer_path or resolved.tokenizer_dir
+    if tok_dir is None:
+        logger.warning(
+            "no tokenizer is available offline for %s: only input_ids are accepted "
+            "(pass --tokenizer-path to use text)",
+            args.model_path,
+        )
+        return None
+    return load_tokenizer(tok_dir)
+
+
+def build_scheduler(args: ServerArgs) -> Scheduler:
+    """Load the model and build the engine loop (used in-process and by the server's
+    scheduler process)."""
+    from kvtier.runner.model_runner import ModelRunner
+
+    resolved = resolve_model(args.model_path)
+    tokenizer = build_tokenizer(args, resolved)
+    return Scheduler(args, ModelRunner(args, resolved), tokenizer)
+
+
 class Engine:
     def __init__(self, **kwargs: Any) -> None:
-        from kvtier.runner.model_runner import ModelRunner
-
         self.server_args = args = ServerArgs.from_kwargs(**kwargs)
-        logging.basicConfig(
-            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
-        resolved = resolve_model(args.model_path)
-        self.tokenizer = None
-        if not args.skip_tokenizer_init:
-            tok_dir = args.tokenizer_path or resolved.tokenizer_dir
-            if tok_dir is None:
-                logger.warning(
-                    "no tokenizer is available offline for %s: only input_ids are accepted "
-                    "(pass --tokenizer-path to use text)",
-                    args.model_path,
-                )
-            else:
-                self.tokenizer = load_tokenizer(tok_dir)
-        self.runner = ModelRunner(args, resolved)
-        self.scheduler = Scheduler(args, self.runner, self.tokenizer)
+        setup_logging(args.log_level)
+        self.scheduler = build_scheduler(args)
+        self.tokenizer = self.scheduler.detok.tokenizer
         self._closed = False
 
     # ------------------------------------------------------------------ generation
