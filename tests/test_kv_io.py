@@ -33,13 +33,17 @@ def tier_space(name, num_pages, ps):
 
 
 def clone(space):
-    return KVSpace(space.k.clone(), space.v.clone(), space.layout)
+    # A clone of pinned memory is pageable: re-pin it, or GPU kernels cannot reach it.
+    def c(t):
+        return t.clone().pin_memory() if t.is_pinned() else t.clone()
+
+    return KVSpace(c(space.k), c(space.v), space.layout)
 
 
 def expected_rows(space, page, layer):
     lay = space.layout
     rows = []
-    for kv, buf in ((0, space.k), (1, space.v)):
+    for buf in (space.k, space.v):
         for t in range(lay.page_size):
             o = lay.offset(0, page, layer, t)
             rows.append(buf[o : o + lay.row].cpu())
@@ -75,7 +79,8 @@ def test_kernel_and_torch_paths_copy_exact_rows(layout, ps, direction):
         torch.cuda.synchronize()
     for s, d in zip(sp, dp):
         for layer in range(LAYERS):
-            want = expected_rows(src if layer in layers else dst, s if layer in layers else d, layer)
+            copied = layer in layers
+            want = expected_rows(src if copied else dst, s if copied else d, layer)
             assert torch.equal(expected_rows(dst_ref, d, layer), want)
             assert torch.equal(expected_rows(dst_kernel, d, layer), want)
     # Nothing else changed.

@@ -22,10 +22,17 @@ on the batch size and split count the caller gives).
 
 Pure-torch references (``extend_attention_ref`` / ``decode_attention_ref``) with the same
 arguments live at the end of this module.
+
+Measured on one H200 (bf16, 32 q / 4 kv heads, head_dim 128; benchmarks/bench_attention.py):
+decode at a 4K context reads KV at 0.76 / 2.3 / 3.2 / 3.9 / 4.3 TB/s for batch 1 / 8 / 32 / 64
+/ 128 (batch 1 is latency-bound: ~11 us a layer, two launches included); extend of 16K new
+tokens runs at ~440 TFLOP/s with no prefix (torch's flash SDPA on contiguous K/V: ~575-665)
+and ~465 after a 64K prefix.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,30 +44,32 @@ _LOG2E = 1.4426950408889634
 # Finite "minus infinity" for the running max: a row that has seen only masked scores keeps
 # m = -1e30, and exp2(-inf - m) = 0, exp2(m - m) = 1, so no NaN ever appears (with a true -inf
 # start, -inf - -inf = NaN for such rows).
-_NEG_BIG = -1.0e30
+_NEG_BIG = tl.constexpr(-1.0e30)
 
 
 # --------------------------------------------------------------------------------------------
-# Shared device helpers
+# Device code. Kept out of the formatter: one argument per line would triple the length of
+# these signatures and calls without making them any clearer.
 # --------------------------------------------------------------------------------------------
+# fmt: off
 
 
 @triton.jit
-def _page_slots(bt_row, n, pos, seq_len, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+def _page_slots(bt_row, n, pos, kv_len, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr):
     """Pool slots (int64) of key positions ``pos = n + arange(BLOCK_N)`` of one sequence.
 
     ``n`` is a multiple of BLOCK_N. When a page holds at least BLOCK_N tokens (both are powers of
     two), the whole block lies in one page: one scalar page-id load and contiguous slots, which
     keeps the K/V loads fully coalesced. Otherwise each key looks its page up (page gather).
-    Positions past ``seq_len`` (only when MASKED) map to the reserved page 0, a valid address.
+    Positions past ``kv_len`` (only when MASKED) map to the reserved page 0, a valid address.
     """
     if PAGE_SIZE >= BLOCK_N:
         page = tl.load(bt_row + n // PAGE_SIZE).to(tl.int64)
         slots = page * PAGE_SIZE + (pos % PAGE_SIZE)
     else:
         if MASKED:
-            page = tl.load(bt_row + pos // PAGE_SIZE, mask=pos < seq_len, other=0)
+            page = tl.load(bt_row + pos // PAGE_SIZE, mask=pos < kv_len, other=0)
         else:
             page = tl.load(bt_row + pos // PAGE_SIZE)
         slots = page.to(tl.int64) * PAGE_SIZE + (pos % PAGE_SIZE)
@@ -78,58 +87,81 @@ def _decode_split_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
     return tl.maximum(tl.cdiv(per_split, BLOCK_N) * BLOCK_N, BLOCK_N)
 
 
-# --------------------------------------------------------------------------------------------
-# Extend
-# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_block(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, q_pos, kv_len, qk_scale,
+                stride_kt, stride_kh, stride_vt, stride_vh,
+                HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over keys [n, n + BLOCK_N) (n a multiple of BLOCK_N).
+
+    MASKED=False is the bulk of the work (keys every query row sees, all < kv_len): no masks at
+    all. MASKED=True: causal mask (key pos <= q_pos of the row) on the scores, and bounds masks
+    (pos < kv_len) on the loads; V must be zeroed there, since 0 * garbage can be NaN.
+    """
+    offs_d = tl.arange(0, HEAD_DIM)
+    pos = n + tl.arange(0, BLOCK_N)
+    slots = _page_slots(bt_row, n, pos, kv_len, PAGE_SIZE, BLOCK_N, MASKED)
+    k_ptrs = K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
+    v_ptrs = V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :]
+    if MASKED:
+        kv_mask = (pos < kv_len)[:, None]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
+    if MASKED:
+        qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
+    # Scale inside the max and the exponent (qk_scale > 0, so max commutes with it): one FMA
+    # per score instead of a multiply and a subtract; the softmax ALU work is what competes
+    # with the tensor cores in a compute-bound prefill.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=DOT_PREC)
+    return acc, l_i, m_new
 
 
 @triton.jit
-def _extend_inner(acc, l_i, m_i, q, K, V, bt_row, kv_head, start, end, q_pos, seq_len,
-                  qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
-                  HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online-softmax accumulation over key blocks [start, end) (start a multiple of BLOCK_N).
+def _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, start, end, q_pos, kv_len, qk_scale,
+               stride_kt, stride_kh, stride_vt, stride_vh,
+               HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """Accumulate key blocks [start, end), start a multiple of BLOCK_N.
 
-    MASKED=False is the bulk of the work (keys every query row sees, all < seq_len): no masks
-    at all. MASKED=True covers the diagonal band: causal mask on the scores and bounds masks on
-    the loads (V must be zeroed past seq_len, since 0 * garbage can be NaN).
+    The compiled kernel needs a `for` loop (only scf.for is software-pipelined: num_stages, K/V
+    through cp.async). Triton's interpreter cannot take device scalars as `range` bounds under
+    NumPy 2.x (it calls int() on a 1-element array), so there the same body runs in a `while`.
     """
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for n in range(start, end, BLOCK_N):
-        pos = n + offs_n
-        slots = _page_slots(bt_row, n, pos, seq_len, PAGE_SIZE, BLOCK_N, MASKED)
-        k_ptrs = K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
-        v_ptrs = V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :]
-        if MASKED:
-            kv_mask = (pos < seq_len)[:, None]
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * qk_scale
-        if MASKED:
-            qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if MASKED:
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=DOT_PREC)
-        m_i = m_new
+    if INTERPRET:
+        n = start
+        while n < end:
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, q_pos,
+                                        kv_len, qk_scale, stride_kt, stride_kh, stride_vt,
+                                        stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, MASKED,
+                                        DOT_PREC)
+            n += BLOCK_N
+    else:
+        for n in range(start, end, BLOCK_N):
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, q_pos,
+                                        kv_len, qk_scale, stride_kt, stride_kh, stride_vt,
+                                        stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, MASKED,
+                                        DOT_PREC)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _extend_kernel(Q, K, V, O, BlockTable, SeqLens, ExtendLens, ExtendStarts, PrefixLens,
+def _extend_kernel(Q, K, V, Out, BlockTable, SeqLens, ExtendLens, ExtendStarts, PrefixLens,
                    qk_scale,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_ot, stride_oh, stride_bt,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                   INTERPRET: tl.constexpr):
     """Grid: (query blocks of the longest extend, q heads, sequences).
 
     Query blocks are visited last-first: under a causal mask the last block of a sequence has
@@ -154,7 +186,7 @@ def _extend_kernel(Q, K, V, O, BlockTable, SeqLens, ExtendLens, ExtendStarts, Pr
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     m_mask = offs_m < ext_len
-    tok = q_start + offs_m  # int64: tokens * stride can pass 2**31 in long prefills
+    tok = q_start + offs_m  # int64: token * stride can pass 2**31 in long prefills
     q = tl.load(Q + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=m_mask[:, None], other=0.0)
     q_pos = prefix + offs_m
@@ -168,36 +200,33 @@ def _extend_kernel(Q, K, V, O, BlockTable, SeqLens, ExtendLens, ExtendStarts, Pr
     # block's last query is masked; key blocks past it are skipped (causal block skipping).
     full_end = ((prefix + m0) // BLOCK_N) * BLOCK_N
     band_end = tl.minimum(seq_len, prefix + m0 + BLOCK_M)
-    acc, l_i, m_i = _extend_inner(acc, l_i, m_i, q, K, V, bt_row, kv_head, 0, full_end, q_pos,
-                                  seq_len, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
-                                  HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC)
-    acc, l_i, m_i = _extend_inner(acc, l_i, m_i, q, K, V, bt_row, kv_head, full_end, band_end,
-                                  q_pos, seq_len, qk_scale, stride_kt, stride_kh, stride_vt,
-                                  stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PREC)
+    acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, 0, full_end, q_pos,
+                               seq_len, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
+                               HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC, INTERPRET)
+    acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, full_end, band_end,
+                               q_pos, seq_len, qk_scale, stride_kt, stride_kh, stride_vt,
+                               stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PREC, INTERPRET)
 
     # Every valid row saw at least key 0, so l_i > 0 there; padded rows are not stored.
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(O + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-             acc.to(O.dtype.element_ty), mask=m_mask[:, None])
-
-
-# --------------------------------------------------------------------------------------------
-# Decode
-# --------------------------------------------------------------------------------------------
+    tl.store(Out + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             acc.to(Out.dtype.element_ty), mask=m_mask[:, None])
 
 
 @triton.jit
-def _decode_stage1_kernel(Q, K, V, O, MidO, MidLse, BlockTable, SeqLens, qk_scale, num_splits,
+def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_scale, num_splits,
                           stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                           stride_ob, stride_oh, stride_mb, stride_mh, stride_ms,
                           stride_lb, stride_lh, stride_bt,
                           GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                           PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                          SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+                          SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+                          INTERPRET: tl.constexpr):
     """Grid: (sequences, kv heads, splits). One program = every q head of one kv head's group
-    (rows of a [BLOCK_H, HEAD_DIM] tile, padded to BLOCK_H >= 16 for the dot) over one split.
+    (rows of a [BLOCK_H, HEAD_DIM] tile, padded to BLOCK_H >= 16 for the dot) over one split,
+    so each K/V tile is read once per group, not once per q head.
 
-    With a single split the normalised result goes straight to O and stage 2 is skipped;
+    With a single split the normalised result goes straight to Out and stage 2 is skipped;
     otherwise the split's normalised partial output goes to MidO and its log2-sum-exp to MidLse.
     An empty split (short sequence) writes nothing: stage 2 reads only non-empty splits.
     """
@@ -209,13 +238,13 @@ def _decode_stage1_kernel(Q, K, V, O, MidO, MidLse, BlockTable, SeqLens, qk_scal
     split_len = _decode_split_len(seq_len, num_splits, BLOCK_N)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
-    if not SINGLE_SPLIT:
+    # Nested, not `and`: SINGLE_SPLIT is a constexpr, so the branch vanishes at compile time.
+    if not SINGLE_SPLIT:  # noqa: SIM102
         if start >= end:
             return
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
     h_mask = offs_h < GROUP
     heads = kv_head * GROUP + offs_h
     seq64 = seq.to(tl.int64)
@@ -226,30 +255,22 @@ def _decode_stage1_kernel(Q, K, V, O, MidO, MidLse, BlockTable, SeqLens, qk_scal
     m_i = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-    for n in range(start, end, BLOCK_N):
-        pos = n + offs_n
-        valid = pos < end
-        slots = _page_slots(bt_row, n, pos, end, PAGE_SIZE, BLOCK_N, True)
-        kv_mask = valid[:, None]
-        k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * qk_scale
-        qk = tl.where(valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None],
-                     input_precision=DOT_PREC)
-        m_i = m_new
+    # Whole key blocks of the split need no masks; only the last, partial block does. There a
+    # decode query sits after every key, so the causal test pos <= end - 1 is the bounds mask.
+    full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
+    q_pos = tl.full([BLOCK_H], 0, dtype=tl.int32) + (end - 1)
+    acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, start, full_end, q_pos,
+                               end, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
+                               HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC, INTERPRET)
+    acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, full_end, end, q_pos,
+                               end, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
+                               HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PREC, INTERPRET)
 
     # l_i is 0 only for an empty sequence (single-split path): write zeros, not NaN.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     if SINGLE_SPLIT:
-        tl.store(O + seq64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=h_mask[:, None])
+        tl.store(Out + seq64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=h_mask[:, None])
     else:
         tl.store(MidO + seq64 * stride_mb + heads[:, None] * stride_mh + split * stride_ms
                  + offs_d[None, :], out, mask=h_mask[:, None])
@@ -258,7 +279,7 @@ def _decode_stage1_kernel(Q, K, V, O, MidO, MidLse, BlockTable, SeqLens, qk_scal
 
 
 @triton.jit
-def _decode_stage2_kernel(O, MidO, MidLse, SeqLens, num_splits,
+def _decode_stage2_kernel(Out, MidO, MidLse, SeqLens, num_splits,
                           stride_ob, stride_oh, stride_mb, stride_mh, stride_ms,
                           stride_lb, stride_lh,
                           HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -282,7 +303,10 @@ def _decode_stage2_kernel(O, MidO, MidLse, SeqLens, num_splits,
     denom = tl.sum(w, 0)
     # denom is 0 only when the sequence is empty: write zeros, not NaN.
     out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    tl.store(O + seq * stride_ob + head * stride_oh + offs_d, out.to(O.dtype.element_ty))
+    tl.store(Out + seq * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+
+
+# fmt: on
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,12 +328,26 @@ class KernelConfig:
     num_stages: int
 
 
+@functools.cache
+def _num_sms_cached(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    """Multiprocessors of ``device`` (132, an H200's count, off CUDA: it only shapes tiles)."""
+    if device.type != "cuda":
+        return 132
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _num_sms_cached(index)
+
+
 def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-def _check_common(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor,
-                  page_size: int) -> tuple[int, int, int]:
+def _check_common(
+    q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out: torch.Tensor, page_size: int
+) -> tuple[int, int, int]:
     """Validate shapes and layouts; return (num_q_heads, num_kv_heads, head_dim)."""
     if q.dim() != 3 or k_buf.dim() != 3 or v_buf.shape != k_buf.shape:
         raise ValueError(
@@ -322,8 +360,8 @@ def _check_common(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out
         raise ValueError(f"head_dim / out shape mismatch: {tuple(k_buf.shape)}, {tuple(out.shape)}")
     if num_q_heads % num_kv_heads != 0:
         raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
-    if not _is_pow2(head_dim) or head_dim < 16:
-        raise ValueError(f"head_dim must be a power of two >= 16; got {head_dim}")
+    if not _is_pow2(head_dim) or not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be a power of two in 16..256; got {head_dim}")
     if not _is_pow2(page_size):
         raise ValueError(f"page_size must be a power of two; got {page_size}")
     for name, t in (("q", q), ("k_buf", k_buf), ("v_buf", v_buf), ("out", out)):
@@ -332,18 +370,35 @@ def _check_common(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, out
     return num_q_heads, num_kv_heads, head_dim
 
 
+def _check_scale(scale: float) -> None:
+    # The kernels fold the scale into the running max, which needs it positive.
+    if not scale > 0:
+        raise ValueError(f"softmax scale must be > 0; got {scale}")
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # tf32 would cost fp32 runs ~1e-3 relative error; fp32 only serves tests, so pay for ieee.
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def default_extend_config(head_dim: int, dtype: torch.dtype, max_extend_len: int) -> KernelConfig:
+def default_extend_config(
+    head_dim: int,
+    dtype: torch.dtype,
+    max_extend_len: int,
+    *,
+    num_q_heads: int = 32,
+    batch_size: int = 1,
+    num_sms: int = 132,
+) -> KernelConfig:
     """Tiles for the extend kernel.
 
-    Hopper bf16/fp16: 128x64 tiles with 8 warps and a 3-deep pipeline for head_dim <= 128 (the
-    usual flash-attention forward shape; keys come through pointer gathers, so BLOCK_N stays at
-    64 to bound registers and shared memory); smaller query tiles for short extends, where a
-    128-row tile would be mostly padding. fp32 halves the tiles (twice the bytes per element).
+    Measured on an H200 (bf16, Qwen3-30B-A3B geometry, page 64; benchmarks/bench_attention.py
+    --sweep): for 16K new tokens, 256x64 tiles with 8 warps and a 3-deep pipeline ran fastest
+    (442 TFLOP/s with no prefix, 467 after a 64K prefix) ahead of 128x64 with 4 warps (427 /
+    433); for 2K new tokens the 256-row tiles leave too few programs to fill 132 SMs and
+    128x64 / 64x64 won. So: 256 rows only when that still gives ~8 programs per SM, else 128,
+    and 64 for short extends whose 128-row tiles would be mostly padding. fp32 (tests only) and
+    head_dim 256 take small tiles to fit registers and shared memory.
     """
     if INTERPRETED:
         return KernelConfig(16, 16, 1, 1)
@@ -351,11 +406,18 @@ def default_extend_config(head_dim: int, dtype: torch.dtype, max_extend_len: int
         return KernelConfig(64, 32, 4 if head_dim <= 64 else 8, 2)
     if max_extend_len <= 64:
         return KernelConfig(64, 64, 4, 3)
-    return KernelConfig(128, 64, 8 if head_dim > 64 else 4, 3)
+    if triton.cdiv(max_extend_len, 256) * num_q_heads * batch_size >= 8 * num_sms:
+        return KernelConfig(256, 64, 8, 3)
+    return KernelConfig(128, 64, 4, 3)
 
 
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
-    """Tiles for decode stage 1 (block_m unused: the head tile is the GQA group)."""
+    """Tiles for decode stage 1 (block_m unused: the head tile is the GQA group).
+
+    On an H200 (4K context, 32 q / 4 kv heads, bf16) 64-key blocks with 4 warps and 3 stages
+    were the best or within a few percent of it at batch 1, 32 and 128; 128-key blocks won
+    only at batch 1 with too few splits.
+    """
     if INTERPRETED:
         return KernelConfig(16, 16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
@@ -395,10 +457,14 @@ def extend_attention(
         ``out``.
     """
     num_q_heads, num_kv_heads, head_dim = _check_common(q, k_buf, v_buf, out, page_size)
+    _check_scale(scale)
     batch = seq_lens.shape[0]
     if batch == 0 or max_extend_len <= 0:
         return out
-    cfg = config or default_extend_config(head_dim, q.dtype, max_extend_len)
+    cfg = config or default_extend_config(
+        head_dim, q.dtype, max_extend_len, num_q_heads=num_q_heads, batch_size=batch,
+        num_sms=_num_sms(q.device),
+    )  # fmt: skip
     grid = (triton.cdiv(max_extend_len, cfg.block_m), num_q_heads, batch)
     _extend_kernel[grid](
         q, k_buf, v_buf, out, block_table, seq_lens, extend_lens, extend_starts, prefix_lens,
@@ -407,7 +473,7 @@ def extend_attention(
         v_buf.stride(0), v_buf.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        INTERPRET=INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
 
@@ -459,6 +525,7 @@ def decode_attention(
     No host syncs and no allocations when the scratch is given: safe to capture.
     """
     num_q_heads, num_kv_heads, head_dim = _check_common(q, k_buf, v_buf, out, page_size)
+    _check_scale(scale)
     batch = q.shape[0]
     if batch == 0:
         return out
@@ -468,9 +535,9 @@ def decode_attention(
     group = num_q_heads // num_kv_heads
     single = num_kv_splits == 1
     if single:
-        # Stage 1 writes `out` directly; the scratch arguments are never touched.
-        mid_o = mid_o if mid_o is not None else out.new_empty((1, 1, 1, 1), dtype=torch.float32)
-        mid_lse = mid_lse if mid_lse is not None else out.new_empty((1, 1, 1), dtype=torch.float32)
+        # Stage 1 writes `out` directly and never touches the scratch arguments: pass `out` in
+        # their place rather than allocate (nothing may be allocated under graph capture).
+        mid_o = mid_lse = None
     elif mid_o is None or mid_lse is None:
         mid_o, mid_lse = decode_scratch(batch, num_q_heads, num_kv_splits, head_dim, q.device)
     elif (
@@ -479,6 +546,7 @@ def decode_attention(
         or mid_o.shape[2] < num_kv_splits
         or mid_o.shape[3] != head_dim
         or mid_lse.shape[0] < batch
+        or mid_lse.shape[1] != num_q_heads
         or mid_lse.shape[2] < num_kv_splits
         or mid_o.stride(-1) != 1
         or mid_lse.stride(-1) != 1
@@ -487,18 +555,21 @@ def decode_attention(
             f"decode scratch {tuple(mid_o.shape)} / {tuple(mid_lse.shape)} too small for batch "
             f"{batch}, {num_q_heads} heads, {num_kv_splits} splits, head_dim {head_dim}"
         )
+    mo_strides = mid_o.stride()[:3] if mid_o is not None else (0, 0, 0)
+    ml_strides = mid_lse.stride()[:2] if mid_lse is not None else (0, 0)
     qk_scale = scale * _LOG2E
     _decode_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
-        q, k_buf, v_buf, out, mid_o, mid_lse, block_table, seq_lens, qk_scale, num_kv_splits,
+        q, k_buf, v_buf, out, out if mid_o is None else mid_o, out if mid_lse is None else mid_lse,
+        block_table, seq_lens, qk_scale, num_kv_splits,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
         v_buf.stride(0), v_buf.stride(1), out.stride(0), out.stride(1),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), block_table.stride(0),
+        *mo_strides, *ml_strides, block_table.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SINGLE_SPLIT=single,
-        DOT_PREC=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
-    if not single:
+    if mid_o is not None and mid_lse is not None:
         _decode_stage2_kernel[(batch, num_q_heads)](
             out, mid_o, mid_lse, seq_lens, num_kv_splits,
             out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
@@ -516,13 +587,21 @@ def choose_num_kv_splits(
     *,
     num_sms: int = 132,
     max_splits: int = 32,
-    min_split_len: int = 256,
-    programs_per_sm: int = 4,
+    min_split_len: int = 128,
+    programs_per_sm: int = 2,
 ) -> int:
-    """Split count for decode: enough stage-1 programs to keep every SM busy with several
-    programs in flight (decode is bound by HBM bandwidth, which needs many loads outstanding),
-    but no split shorter than ``min_split_len`` keys (below that, the per-split fixed costs and
-    the merge stop paying) and never more than ``max_splits`` (the scratch's size)."""
+    """Split count for decode.
+
+    Enough stage-1 programs for ``programs_per_sm`` per SM: a program streams its split
+    serially, so a GPU needs many of them in flight to keep HBM busy; but beyond that, more
+    splits only add merge work. Never splits shorter than ``min_split_len`` keys, nor more than
+    ``max_splits`` (the scratch's size).
+
+    Measured on an H200 (4K context, 4 kv heads, bf16; CUDA-graph replay): batch 1 ran in
+    10.9 us with 32 splits against 12.8 with 16 and 111 with 1; batch 32 in ~84 us with 2 to 5
+    splits against 126 with 1; batch 128 in 260 us with 1 split (97% of copy bandwidth)
+    against 308 with 2. This rule picks 32, 3 and 1.
+    """
     programs = max(1, batch_size * num_kv_heads)
     want = triton.cdiv(programs_per_sm * num_sms, programs)
     by_len = max(1, triton.cdiv(max_seq_len, min_split_len))
@@ -542,16 +621,23 @@ def _gather_kv(
     return k_buf[slots].float(), v_buf[slots].float()
 
 
-def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
-                scale: float) -> torch.Tensor:
-    """q [n, Hq, D], k/v [L, Hkv, D] fp32, causal by position; returns [n, Hq, D] fp32."""
+def _attend_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q [n, Hq, D], k/v [L, Hkv, D] fp32, causal by position; returns [n, Hq, D] fp32.
+
+    Queries go in chunks so that the score matrix stays small for long sequences."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("nhd,lhd->hnl", q.float(), k) * scale
-    visible = torch.arange(k.shape[0], device=q.device)[None, :] <= q_pos[:, None]
-    scores = scores.masked_fill(~visible[None], float("-inf"))
-    return torch.einsum("hnl,lhd->nhd", torch.softmax(scores, dim=-1), v)
+    key_pos = torch.arange(k.shape[0], device=q.device)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for i in range(0, q.shape[0], 256):
+        scores = torch.einsum("nhd,lhd->hnl", q[i : i + 256].float(), k) * scale
+        visible = key_pos[None, :] <= q_pos[i : i + 256, None]
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+        out[i : i + 256] = torch.einsum("hnl,lhd->nhd", torch.softmax(scores, dim=-1), v)
+    return out
 
 
 def extend_attention_ref(

@@ -10,11 +10,19 @@ range of layers:
 - ``direct``: copy-engine copies (``Tensor.copy_``, i.e. cudaMemcpyAsync), one per run of pages
   that are consecutive on both sides and contiguous in memory.
 - ``torch``: row gathers with index tensors; the reference, and the CPU path.
+
+A space may be *striped*: split over several allocations (X-Mem banks, peer GPUs), each holding
+an equal, contiguous range of pages in the same layout. Page ``p`` is then local page
+``p % segment_pages`` of segment ``p // segment_pages``. The kernel still runs one launch per
+call: it reads each page's segment from a small table of element offsets between the
+segments' base addresses (all of them live in one unified address space); ``direct`` splits runs
+at segment boundaries; ``torch`` groups the page pairs by segment.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,13 +40,97 @@ except ImportError:  # pragma: no cover - CPU installs without triton
 
 @dataclass
 class KVSpace:
+    """Flat K and V buffers whose rows sit at ``layout`` offsets.
+
+    Striped (``segments`` non-empty): ``layout`` describes one segment of ``segment_pages``
+    pages, ``segments[i]`` is segment i's (K, V) and ``k``/``v`` are segment 0's.
+    """
+
     k: torch.Tensor  # 1-D, holds K rows at layout offsets
     v: torch.Tensor  # 1-D, holds V rows at layout offsets
     layout: Layout
+    segments: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    segment_pages: int = 0
+    # Per device: the kernel's segment offset table and the alignment all its entries share.
+    _tables: dict[torch.device, tuple[torch.Tensor, int]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.segments:
+            if self.segment_pages < 1:
+                raise ValueError("a striped KVSpace needs segment_pages >= 1")
+            if self.segments[0][0] is not self.k or self.segments[0][1] is not self.v:
+                raise ValueError("a striped KVSpace's k and v must be segment 0's")
+            devices = {t.device for kv in self.segments for t in kv}
+            if len(devices) != 1:
+                raise ValueError(f"a striped KVSpace's segments must share a device; got {devices}")
+
+    @classmethod
+    def striped(
+        cls,
+        segments: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        layout: Layout,
+        segment_pages: int,
+    ) -> KVSpace:
+        """A space over ``segments`` (each one ``layout`` of ``segment_pages`` pages)."""
+        if not segments:
+            raise ValueError("a striped KVSpace needs at least one segment")
+        k, v = segments[0]
+        return cls(k, v, layout, tuple(segments), segment_pages)
 
     @property
     def device(self) -> torch.device:
         return self.k.device
+
+    @property
+    def is_striped(self) -> bool:
+        return bool(self.segments)
+
+    def locate(self, page: int) -> tuple[int, int]:
+        """(segment, local page) of ``page``."""
+        if not self.segments:
+            return 0, page
+        seg, local = divmod(page, self.segment_pages)
+        if not 0 <= seg < len(self.segments):
+            raise IndexError(
+                f"page {page} is outside the striped space "
+                f"({len(self.segments)} x {self.segment_pages} pages)"
+            )
+        return seg, local
+
+    def segment(self, i: int) -> KVSpace:
+        """Segment ``i`` as an ordinary (unstriped) space; the space itself when unstriped."""
+        if not self.segments:
+            if i != 0:
+                raise IndexError(f"an unstriped KVSpace has only segment 0; asked for {i}")
+            return self
+        k, v = self.segments[i]
+        return KVSpace(k, v, self.layout)
+
+    def offset_table(self, device: torch.device) -> tuple[torch.Tensor, int]:
+        """For the kernel: int64 [segments * 2] element offsets of each segment's K and V from
+        segment 0's, and the largest power of two (<= 16) dividing every one of them."""
+        cached = self._tables.get(device)
+        if cached is not None:
+            return cached
+        elem = self.k.element_size()
+        offsets: list[int] = []
+        for k, v in self.segments:
+            for t, base in ((k, self.k), (v, self.v)):
+                delta = t.data_ptr() - base.data_ptr()
+                if delta % elem:
+                    raise ValueError(
+                        "striped KVSpace segments must be aligned to the element size; "
+                        f"got a byte offset of {delta}"
+                    )
+                offsets.append(delta // elem)
+        align = 16
+        while align > 1 and any(o % align for o in offsets):
+            align //= 2
+        table = torch.tensor(offsets, dtype=torch.int64).to(device)
+        self._tables[device] = (table, align)
+        return table, align
 
 
 class _DevicePointer:
@@ -75,7 +167,33 @@ def _row_index(layout: Layout, pages: torch.Tensor, layers: range) -> torch.Tens
     return off.reshape(-1)
 
 
+def _segment_pairs(
+    src: KVSpace, dst: KVSpace, src_pages: list[int], dst_pages: list[int]
+) -> list[tuple[KVSpace, KVSpace, list[int], list[int]]]:
+    """Page pairs grouped by (source segment, destination segment), in local page ids."""
+    if not (src.is_striped or dst.is_striped):
+        return [(src, dst, src_pages, dst_pages)]
+    groups: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+    for s, d in zip(src_pages, dst_pages):
+        si, sl = src.locate(s)
+        di, dl = dst.locate(d)
+        ss, dd = groups.setdefault((si, di), ([], []))
+        ss.append(sl)
+        dd.append(dl)
+    return [(src.segment(si), dst.segment(di), ss, dd) for (si, di), (ss, dd) in groups.items()]
+
+
 def copy_pages_torch(
+    src: KVSpace, dst: KVSpace, src_pages: torch.Tensor, dst_pages: torch.Tensor, layers: range
+) -> None:
+    if src.is_striped or dst.is_striped:
+        for s, d, sp, dp in _segment_pairs(src, dst, src_pages.tolist(), dst_pages.tolist()):
+            _copy_rows_torch(s, d, torch.tensor(sp), torch.tensor(dp), layers)
+        return
+    _copy_rows_torch(src, dst, src_pages, dst_pages, layers)
+
+
+def _copy_rows_torch(
     src: KVSpace, dst: KVSpace, src_pages: torch.Tensor, dst_pages: torch.Tensor, layers: range
 ) -> None:
     si = _row_index(src.layout, src_pages, layers)
@@ -97,6 +215,10 @@ if triton is not None:
         dst_v,
         src_pages,
         dst_pages,
+        src_seg_offsets,
+        dst_seg_offsets,
+        src_seg_pages,
+        dst_seg_pages,
         layer_start,
         src_page_stride,
         src_layer_stride,
@@ -108,6 +230,10 @@ if triton is not None:
         ROW: tl.constexpr,
         ROW_BLOCK: tl.constexpr,
         TOKENS_PER_ITER: tl.constexpr,
+        SRC_STRIPED: tl.constexpr,
+        DST_STRIPED: tl.constexpr,
+        SRC_SEG_ALIGN: tl.constexpr,
+        DST_SEG_ALIGN: tl.constexpr,
     ):
         # One program: one page of one layer of K (axis 2 == 0) or V (== 1).
         i = tl.program_id(0)
@@ -115,8 +241,20 @@ if triton is not None:
         is_v = tl.program_id(2)
         sp = tl.load(src_pages + i).to(tl.int64)
         dp = tl.load(dst_pages + i).to(tl.int64)
-        s_base = sp * src_page_stride + layer.to(tl.int64) * src_layer_stride
-        d_base = dp * dst_page_stride + layer.to(tl.int64) * dst_layer_stride
+        s_base = layer.to(tl.int64) * src_layer_stride
+        d_base = layer.to(tl.int64) * dst_layer_stride
+        # A striped side: the page's segment is reached through its offset from segment 0; the
+        # alignment hint keeps the loads vectorised (the offset is read at run time).
+        if SRC_STRIPED:
+            seg = sp // src_seg_pages
+            sp = sp - seg * src_seg_pages
+            s_base += tl.multiple_of(tl.load(src_seg_offsets + seg * 2 + is_v), SRC_SEG_ALIGN)
+        if DST_STRIPED:
+            seg = dp // dst_seg_pages
+            dp = dp - seg * dst_seg_pages
+            d_base += tl.multiple_of(tl.load(dst_seg_offsets + seg * 2 + is_v), DST_SEG_ALIGN)
+        s_base += sp * src_page_stride
+        d_base += dp * dst_page_stride
         if is_v == 0:
             src = src_k
             dst = dst_k
@@ -134,6 +272,17 @@ if triton is not None:
             tl.store(dst + d_off, x, mask=mask)
 
 
+def _segment_args(
+    space: KVSpace, device: torch.device, unused: torch.Tensor
+) -> tuple[torch.Tensor, int, bool, int]:
+    """(offset table, pages per segment, striped, alignment) for one side of the kernel; an
+    unstriped side passes ``unused`` as its (never read) table."""
+    if not space.is_striped:
+        return unused, 1, False, 1
+    table, align = space.offset_table(device)
+    return table, space.segment_pages, True, align
+
+
 def copy_pages_kernel(
     src: KVSpace, dst: KVSpace, src_pages: torch.Tensor, dst_pages: torch.Tensor, layers: range
 ) -> None:
@@ -144,11 +293,18 @@ def copy_pages_kernel(
     n = int(src_pages.shape[0])
     if n == 0 or len(layers) == 0:
         return
-    gpu = dst.device if dst.device.type == "cuda" else src.device
+    # The kernel runs where the page ids are; a tier buffer on another device (a peer GPU) is
+    # then reached through its address.
+    if src_pages.device.type == "cuda":
+        gpu = src_pages.device
+    else:
+        gpu = dst.device if dst.device.type == "cuda" else src.device
     row = src.layout.row
     row_block = triton.next_power_of_2(row)
     # About 8K elements per iteration keeps registers in check and many loads in flight.
     tokens_per_iter = max(1, min(triton.next_power_of_2(src.layout.page_size), 8192 // row_block))
+    src_tab, src_seg_pages, src_striped, src_align = _segment_args(src, src_pages.device, src_pages)
+    dst_tab, dst_seg_pages, dst_striped, dst_align = _segment_args(dst, src_pages.device, src_pages)
     grid = (n, len(layers), 2)
     _copy_pages_kernel[grid](
         _kernel_arg(src.k, gpu),
@@ -157,6 +313,10 @@ def copy_pages_kernel(
         _kernel_arg(dst.v, gpu),
         src_pages,
         dst_pages,
+        src_tab,
+        dst_tab,
+        src_seg_pages,
+        dst_seg_pages,
         layers.start,
         src.layout.page_stride,
         src.layout.layer_stride,
@@ -168,6 +328,10 @@ def copy_pages_kernel(
         ROW=row,
         ROW_BLOCK=row_block,
         TOKENS_PER_ITER=tokens_per_iter,
+        SRC_STRIPED=src_striped,
+        DST_STRIPED=dst_striped,
+        SRC_SEG_ALIGN=src_align,
+        DST_SEG_ALIGN=dst_align,
         num_warps=4,
     )
 
@@ -184,6 +348,28 @@ def page_runs(src_pages: list[int], dst_pages: list[int]) -> list[tuple[int, int
     return runs
 
 
+def split_runs(
+    src: KVSpace, dst: KVSpace, runs: list[tuple[int, int, int]]
+) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Cut runs at the segment boundaries of either side: (src segment, dst segment, runs in
+    local page ids). Unstriped spaces pass through unchanged."""
+    if not (src.is_striped or dst.is_striped):
+        return [(0, 0, runs)]
+    groups: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for s0, d0, length in runs:
+        while length > 0:
+            si, sl = src.locate(s0)
+            di, dl = dst.locate(d0)
+            take = length
+            if src.is_striped:
+                take = min(take, src.segment_pages - sl)
+            if dst.is_striped:
+                take = min(take, dst.segment_pages - dl)
+            groups.setdefault((si, di), []).append((sl, dl, take))
+            s0, d0, length = s0 + take, d0 + take, length - take
+    return [(si, di, r) for (si, di), r in groups.items()]
+
+
 def copy_pages_direct(
     src: KVSpace, dst: KVSpace, runs: list[tuple[int, int, int]], layers: range
 ) -> None:
@@ -193,6 +379,14 @@ def copy_pages_direct(
         raise ValueError(
             f"--hicache-io-backend direct needs page-contiguous layouts; got {sl.name}/{dl.name}"
         )
+    for si, di, local_runs in split_runs(src, dst, runs):
+        _copy_runs_direct(src.segment(si), dst.segment(di), local_runs, layers)
+
+
+def _copy_runs_direct(
+    src: KVSpace, dst: KVSpace, runs: list[tuple[int, int, int]], layers: range
+) -> None:
+    sl, dl = src.layout, dst.layout
     page_elems = sl.page_size * sl.row
     for layer in layers:
         for s0, d0, length in runs:

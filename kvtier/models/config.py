@@ -192,7 +192,9 @@ class ModelConfig:
                 self.rope_scaling.rope_type == "llama3"
                 and self.rope_scaling.high_freq_factor <= self.rope_scaling.low_freq_factor
             ):
-                raise ModelConfigError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
+                raise ModelConfigError(
+                    "llama3 rope scaling needs high_freq_factor > low_freq_factor"
+                )
         if self.num_experts < 0:
             raise ModelConfigError(f"num_experts must be >= 0; got {self.num_experts}")
         if self.num_experts:
@@ -255,7 +257,9 @@ class ModelConfig:
 
     def _layer_params(self, active: bool) -> int:
         h = self.hidden_size
-        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 2 * self.head_dim
+        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        if self.architecture.startswith("Qwen3"):
+            attn += 2 * self.head_dim  # q_norm and k_norm weights
         total = 0
         for i in range(self.num_hidden_layers):
             if self.is_moe_layer(i):

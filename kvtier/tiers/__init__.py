@@ -11,11 +11,11 @@ import logging
 import torch
 
 from kvtier.server_args import ServerArgs
-from kvtier.tiers.base import MemoryTier, TierError, TierSpec
+from kvtier.tiers.base import MemoryTier, TierError, TierSpec, stripe_pages
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MemoryTier", "TierError", "TierSpec", "create_tier", "l2_num_pages"]
+__all__ = ["MemoryTier", "TierError", "TierSpec", "create_tier", "l2_num_pages", "stripe_pages"]
 
 
 def l2_num_pages(args: ServerArgs, device_pages: int, page_bytes: int) -> int:
@@ -40,8 +40,19 @@ def l2_num_pages(args: ServerArgs, device_pages: int, page_bytes: int) -> int:
 
 
 def create_tier(args: ServerArgs, spec: TierSpec, device: torch.device) -> MemoryTier:
+    """The L2 tier chosen by ``--hicache-tier`` (or its alias ``--hicache-use-xmem``), sized by
+    ``spec``, serving the compute ``device``. Each tier's module is imported only when chosen:
+    the X-Mem SDK initialises itself at import and must never load for the other tiers."""
     if args.hicache_tier == "dram":
         from kvtier.tiers.dram import DramTier
 
         return DramTier(spec, device)
+    if args.hicache_tier == "xmem":
+        from kvtier.tiers.xmem import XMemTier
+
+        return XMemTier(spec, device, banks=ServerArgs.parse_ids(args.hicache_xmem_banks))
+    if args.hicache_tier == "peer":
+        from kvtier.tiers.peer import PeerTier
+
+        return PeerTier(spec, device, ServerArgs.parse_ids(args.hicache_peer_devices))
     raise TierError(f"--hicache-tier {args.hicache_tier} is not available in this build")

@@ -47,15 +47,27 @@ class TierSpec:
     def total_bytes(self) -> int:
         return (self.num_pages + 1) * self.page_bytes
 
-    def make_layout(self) -> Layout:
+    def make_layout(self, num_pages: int | None = None) -> Layout:
+        """The layout of a buffer of ``num_pages`` pages (default: all, reserved page 0 too)."""
         return make_layout(
             self.layout,
-            self.num_pages + 1,
+            self.num_pages + 1 if num_pages is None else num_pages,
             self.page_size,
             self.num_layers,
             self.num_kv_heads,
             self.head_dim,
         )
+
+
+def stripe_pages(total_pages: int, num_targets: int) -> tuple[int, int]:
+    """Split ``total_pages`` L2 pages into contiguous, equal ranges over at most ``num_targets``
+    allocations: returns (pages per segment, segments). Segment i holds pages
+    [i * per_segment, (i + 1) * per_segment); the last may have a few unused pages. Equal
+    segments share one layout (identical strides), which keeps the kernel one launch."""
+    if total_pages < 1 or num_targets < 1:
+        raise ValueError(f"cannot stripe {total_pages} pages over {num_targets} allocations")
+    per_segment = -(-total_pages // num_targets)
+    return per_segment, -(-total_pages // per_segment)
 
 
 class MemoryTier(ABC):
@@ -81,6 +93,17 @@ class MemoryTier(ABC):
         """``buffer``: 1-D, ``2 * kv_stride`` elements (K then V)."""
         half = self.layout.kv_stride
         self._space = KVSpace(buffer[:half], buffer[half : 2 * half], self.layout)
+
+    def _set_segments(self, buffers: list[torch.Tensor], segment_pages: int) -> None:
+        """A buffer striped over several allocations: ``buffers[i]`` (1-D, ``2 * kv_stride``
+        elements of the segment layout, K then V) holds L2 pages
+        [i * segment_pages, (i + 1) * segment_pages). ``self.layout`` becomes that of one
+        segment."""
+        self.layout = self.spec.make_layout(segment_pages)
+        half = self.layout.kv_stride
+        self._space = KVSpace.striped(
+            [(b[:half], b[half : 2 * half]) for b in buffers], self.layout, segment_pages
+        )
 
     @property
     @abstractmethod

@@ -1,0 +1,267 @@
+"""Benchmark the Triton paged attention kernels (GPU only).
+
+Decode: batch 1/32/128 at a 4K context, Qwen3-30B-A3B geometry (32 q heads, 4 kv heads,
+head_dim 128), page 64 and page 1; reports the KV bandwidth achieved (bytes of K and V read per
+second) against a device-to-device copy measured in the same run, and TFLOP/s.
+Extend: 16K new tokens with no prefix and after a 64K prefix; reports TFLOP/s (causal FLOPs
+only), next to torch SDPA (flash) on contiguous K/V for the no-prefix case.
+
+Times are ``triton.testing.do_bench`` medians (it flushes L2 between runs, so decode reads come
+from HBM as they would across a model's layers).
+
+    python benchmarks/bench_attention.py                  # the default table
+    python benchmarks/bench_attention.py --sweep          # also time alternative tiles / splits
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=["decode", "extend", "all"], default="all")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
+    p.add_argument("--context", type=int, default=4096, help="decode: KV length per sequence")
+    p.add_argument("--page-sizes", type=int, nargs="+", default=[64, 1])
+    p.add_argument("--extend-tokens", type=int, default=16384)
+    p.add_argument("--prefix-lens", type=int, nargs="+", default=[0, 65536])
+    p.add_argument("--extend-page-size", type=int, default=64)
+    p.add_argument("--num-q-heads", type=int, default=32)
+    p.add_argument("--num-kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument(
+        "--num-kv-splits", type=int, default=None, help="decode splits (default: heuristic)"
+    )
+    p.add_argument("--sweep", action="store_true", help="also time alternative tiles and splits")
+    p.add_argument("--check", action="store_true", help="compare outputs with the torch refs")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    return p.parse_args(argv)
+
+
+def bench(fn: Callable[[], object], rep: int) -> float:
+    """Median milliseconds."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median"))
+
+
+def copy_bandwidth(rep: int) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (the HBM ceiling)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), rep)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def random_pool(num_tokens: int, page_size: int, hkv: int, d: int, dtype: torch.dtype, gen):
+    """K/V buffers with room for num_tokens (+ the reserved page 0) and a random page order."""
+    num_pages = (num_tokens + page_size - 1) // page_size + 1
+    k = torch.randn((num_pages * page_size, hkv, d), dtype=dtype, device="cuda", generator=gen)
+    v = torch.randn_like(k)
+    pages = torch.randperm(num_pages - 1, device="cuda", generator=gen).to(torch.int32) + 1
+    return k, v, pages
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def bench_graph(fns: list[Callable[[], object]], rep: int) -> float:
+    """Median milliseconds per call of ``fns`` run back to back, replayed as one CUDA graph:
+    no host launch overhead (as in the engine's decode), each call on its own buffers."""
+    import triton.testing
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:  # compile and warm up outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=rep, return_mode="median")
+    return float(ms) / len(fns)
+
+
+def decode_case(args: argparse.Namespace, bs: int, ps: int, bw_copy: float, gen) -> None:
+    """Time decode for one (batch, page size) as one layer of a model: a CUDA graph runs it over
+    enough layers' KV (separate buffers) that the reads come from HBM, not L2. Prints the
+    heuristic's split count with the default tiles (marked *) and, with --sweep, a row per tile
+    config with the time for each split count."""
+    from kvtier.kernels import attention as A
+
+    dtype, hq, hkv, d, ctx = (
+        DTYPES[args.dtype], args.num_q_heads, args.num_kv_heads, args.head_dim, args.context
+    )  # fmt: skip
+    elt = torch.empty((), dtype=dtype).element_size()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    kv_bytes = 2 * bs * ctx * hkv * d * elt
+    flops = 4 * bs * hq * ctx * d
+    # >= 256 MB of KV in all (over 4x the H200's 60 MB L2), at most 32 layers.
+    layers = max(1, min(32, -(-(256 << 20) // kv_bytes)))
+    pools = [random_pool(bs * ctx, ps, hkv, d, dtype, gen) for _ in range(layers)]
+    pages = pools[0][2]
+    ppseq = (ctx + ps - 1) // ps
+    table = pages[: bs * ppseq].view(bs, ppseq).contiguous()
+    seq_lens = torch.full((bs,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn((bs, hq, d), dtype=dtype, device="cuda", generator=gen)
+    out = torch.empty_like(q)
+    chosen = args.num_kv_splits or A.choose_num_kv_splits(bs, hkv, ctx, num_sms=sms)
+    base = A.default_decode_config(d, dtype)
+    splits_all = sorted({chosen, 1, 2, 4, 8, 16, 32}) if args.sweep else [chosen]
+    tiles = [base]
+    if args.sweep:
+        for bn, w, st in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2),
+                          (128, 4, 3), (64, 8, 3), (128, 8, 3)):  # fmt: skip
+            if A.KernelConfig(16, bn, w, st) not in tiles:
+                tiles.append(A.KernelConfig(16, bn, w, st))
+    mid_o, mid_lse = A.decode_scratch(bs, hq, max(splits_all), d, "cuda")
+
+    def run(cfg: A.KernelConfig, splits: int) -> float:
+        fns = []
+        for k, v, _ in pools:
+            fns.append(functools.partial(
+                A.decode_attention, q, k, v, out, table, seq_lens, 0.088, splits, page_size=ps,
+                mid_o=mid_o, mid_lse=mid_lse, config=cfg,
+            ))  # fmt: skip
+        return bench_graph(fns, args.rep)
+
+    ms = run(base, chosen)
+    bw = kv_bytes / (ms * 1e-3)
+    tag = f"{base.block_n}/{base.num_warps}w/{base.num_stages}s"
+    print(f"{bs:>5} {ps:>4} {chosen:>6} {tag:>14} {layers:>6} {ms * 1e3:>8.1f} {bw / 1e9:>7.0f} "
+          f"{100 * bw / bw_copy:>5.0f}% {flops / (ms * 1e-3) / 1e12:>7.2f}")  # fmt: skip
+    if args.check:
+        k, v, _ = pools[-1]
+        ref = A.decode_attention_ref(
+            q, k, v, torch.empty_like(q), table, seq_lens, 0.088, page_size=ps
+        )
+        err = rel_err(out, ref)
+        assert err < 2e-2, f"decode mismatch: rel err {err}"
+    if args.sweep:
+        print(f"      sweep, us per call for splits {splits_all}:")
+        for cfg in tiles:
+            times = [run(cfg, s) * 1e3 for s in splits_all]
+            tag = f"{cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s"
+            print(f"      {tag:>14} " + " ".join(f"{t:>7.1f}" for t in times))
+
+
+def run_decode(args: argparse.Namespace, bw_copy: float) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print(
+        f"\ndecode: ctx {args.context}, {args.num_q_heads} q / {args.num_kv_heads} kv heads, "
+        f"head_dim {args.head_dim}, {args.dtype}; CUDA-graph replay over `layers` KV buffers"
+    )
+    print(f"{'batch':>5} {'page':>4} {'splits':>6} {'tiles':>14} {'layers':>6} {'us':>8} "
+          f"{'GB/s':>7} {'%copy':>6} {'TFLOP/s':>7}")  # fmt: skip
+    for ps in args.page_sizes:
+        for bs in args.batch_sizes:
+            decode_case(args, bs, ps, bw_copy, gen)
+
+
+def extend_case(args: argparse.Namespace, prefix: int, gen) -> None:
+    """Time extend of --extend-tokens new tokens after ``prefix`` cached ones (one sequence)."""
+    import torch.nn.functional as F
+
+    from kvtier.kernels import attention as A
+
+    dtype, hq, hkv, d, n, ps = (
+        DTYPES[args.dtype], args.num_q_heads, args.num_kv_heads, args.head_dim,
+        args.extend_tokens, args.extend_page_size,
+    )  # fmt: skip
+    scale = d**-0.5
+    total = prefix + n
+    k, v, pages = random_pool(total, ps, hkv, d, dtype, gen)
+    table = pages.view(1, -1).contiguous()
+
+    def i32(x: int) -> torch.Tensor:
+        return torch.tensor([x], dtype=torch.int32, device="cuda")
+
+    seq_lens, ext, starts, pre = i32(total), i32(n), i32(0), i32(prefix)
+    q = torch.randn((n, hq, d), dtype=dtype, device="cuda", generator=gen)
+    out = torch.empty_like(q)
+    flops = 4 * hq * d * (n * prefix + n * (n + 1) / 2)
+    cfgs = [A.default_extend_config(d, dtype, n)]
+    if args.sweep:
+        tiles = (
+            (128, 64, 4, 2), (128, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+            (256, 64, 8, 2), (256, 64, 8, 3), (256, 64, 8, 4), (256, 32, 8, 3),
+        )  # fmt: skip
+        cfgs += [c for c in (A.KernelConfig(*t) for t in tiles) if c != cfgs[0]]
+    for cfg in cfgs:
+        fn = functools.partial(
+            A.extend_attention, q, k, v, out, table, seq_lens, ext, starts, pre, scale, n,
+            page_size=ps, config=cfg,
+        )  # fmt: skip
+        tag = f"{cfg.block_m}x{cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s"
+        try:
+            ms = bench(fn, args.rep)
+        except Exception as e:  # an over-sized tile must not stop the sweep
+            print(f"{prefix:>7} {tag:>18} failed: {type(e).__name__}: {e}"[:200])
+            continue
+        mark = "*" if cfg == cfgs[0] else " "
+        print(f"{prefix:>7} {tag:>17}{mark} {ms:>9.2f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
+    if args.check:
+        A.extend_attention(q, k, v, out, table, seq_lens, ext, starts, pre, scale, n, page_size=ps)
+        ref = A.extend_attention_ref(
+            q, k, v, torch.empty_like(q), table, seq_lens, ext, starts, pre, scale, n,
+            page_size=ps,
+        )  # fmt: skip
+        err = rel_err(out, ref)
+        assert err < 2e-2, f"extend mismatch: rel err {err}"
+        print(f"{prefix:>7} check: rel err {err:.1e}")
+    if prefix == 0:
+        # Baseline: torch SDPA (flash) over contiguous K/V, the same causal FLOPs.
+        slots = torch.arange(total, device="cuda")
+        phys = table[0, slots // ps].long() * ps + slots % ps
+        kc = k[phys].transpose(0, 1).unsqueeze(0).contiguous()
+        vc = v[phys].transpose(0, 1).unsqueeze(0).contiguous()
+        qc = q.transpose(0, 1).unsqueeze(0).contiguous()
+        fn = functools.partial(
+            F.scaled_dot_product_attention, qc, kc, vc, is_causal=True, scale=scale,
+            enable_gqa=True,
+        )  # fmt: skip
+        ms = bench(fn, args.rep)
+        print(f"{prefix:>7} {'torch SDPA':>18} {ms:>9.2f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
+
+
+def run_extend(args: argparse.Namespace) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    print(f"\nextend: {args.extend_tokens} new tokens, page {args.extend_page_size}, "
+          f"{args.num_q_heads} q / {args.num_kv_heads} kv heads, head_dim {args.head_dim}, "
+          f"{args.dtype}")  # fmt: skip
+    print(f"{'prefix':>7} {'tiles':>18} {'ms':>9} {'TFLOP/s':>8}")
+    for prefix in args.prefix_lens:
+        extend_case(args, prefix, gen)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    # Run from a checkout without installing: make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention.py needs a CUDA GPU (Triton kernels); none is available here.")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    bw_copy = copy_bandwidth(args.rep)
+    print(f"device-to-device copy: {bw_copy / 1e9:.0f} GB/s (read + write)")
+    if args.mode in ("decode", "all"):
+        run_decode(args, bw_copy)
+    if args.mode in ("extend", "all"):
+        run_extend(args)
+
+
+if __name__ == "__main__":
+    main()

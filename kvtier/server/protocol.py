@@ -1,0 +1,120 @@
+"""Request bodies of the HTTP API (pydantic). Unknown fields are refused, naming the field, so a
+misspelt parameter is never silently ignored.
+
+OpenAI parameters this engine does not implement are accepted only at their neutral values
+(``frequency_penalty=0``, ``logprobs=false``, ...) so that clients that always send them work."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _one_of(description: str) -> WrapValidator:
+    """Replace pydantic's one-error-per-union-member report by one sentence."""
+
+    def check(value: Any, handler: Any) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ValueError(f"must be {description}; got {shown}") from None
+
+    return WrapValidator(check)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[
+        str | list[TextPart] | None,
+        _one_of('a string or a list of {"type": "text", "text": ...} parts (text only)'),
+    ] = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class OpenAISamplingFields(_Strict):
+    """Fields shared by chat and text completions."""
+
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: Annotated[str | list[str] | None, _one_of("a string or a list of strings")] = None
+    seed: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # SGLang / vLLM extensions
+    top_k: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool = True
+    rid: str | None = None
+
+
+class ChatCompletionRequest(OpenAISamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class CompletionRequest(OpenAISamplingFields):
+    prompt: Annotated[
+        str | list[str] | list[int] | list[list[int]],
+        _one_of("a string, a list with one string, or a list of token ids"),
+    ]
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class GenerateRequest(_Strict):
+    """SGLang's native ``/generate``: one prompt or a batch, as text or token ids."""
+
+    text: Annotated[str | list[str] | None, _one_of("a string or a list of strings")] = None
+    input_ids: Annotated[
+        list[int] | list[list[int]] | None,
+        _one_of("a list of token ids or a list of such lists"),
+    ] = None
+    sampling_params: Annotated[
+        dict[str, Any] | list[dict[str, Any]] | None, _one_of("an object or a list of objects")
+    ] = None
+    stream: bool = False
+    rid: Annotated[str | list[str] | None, _one_of("a string or a list of strings")] = None
+    return_logprob: bool = False
+
+
+class FlushCacheRequest(_Strict):
+    tier: Literal["all", "device"] | None = Field(
+        default=None,
+        description="all (default): drop every cached prefix; device: drop only GPU copies "
+        "that have an L2 copy",
+    )

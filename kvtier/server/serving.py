@@ -1,0 +1,192 @@
+"""What every generation endpoint shares: tokenization, validation before anything reaches the
+scheduler, submission with per-request metrics, and aborting when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from kvtier.sampling_params import SamplingParams, SamplingParamsError
+from kvtier.scheduler.request import ReqOutput
+from kvtier.server import ipc
+from kvtier.server.engine_client import EngineClient, RequestFailed, RequestStream
+from kvtier.server.errors import STATUS_OF_FAILURE, APIError, ClientDisconnected
+from kvtier.server.metrics import Metrics, RequestTimer
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # as reported by the API (--served-model-name, else --model-path)
+    model_path: str
+    context_length: int
+    vocab_size: int
+
+
+@dataclass
+class Result:
+    """One request's accumulated output, in the shape of ``Engine.generate``."""
+
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    meta_info: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, out: ReqOutput, e2e: float) -> None:
+        self.text += out.new_text
+        self.output_ids.extend(out.new_ids)
+        self.meta_info = {**out.meta_info, "e2e_latency": e2e}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "output_ids": self.output_ids, "meta_info": self.meta_info}
+
+
+def api_error(err: RequestFailed) -> APIError:
+    return APIError(STATUS_OF_FAILURE.get(err.kind, 500), err.message)
+
+
+class Generation:
+    """A submitted group of requests: ``async for index, output, e2e_latency in gen``, with
+    metrics recorded on the way. ``close()`` aborts what has not finished."""
+
+    def __init__(self, stream: RequestStream, metrics: Metrics) -> None:
+        self.stream = stream
+        self.metrics = metrics
+        self.timers = [RequestTimer() for _ in stream.rids]
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> tuple[int, ReqOutput, float]:
+        try:
+            index, out = await self.stream.__anext__()
+        except RequestFailed as e:
+            raise api_error(e) from None
+        timer = self.timers[index]
+        self.metrics.observe(timer, out)
+        return index, out, timer.elapsed()
+
+    def close(self) -> None:
+        self.stream.close()
+
+    async def collect(self) -> list[Result]:
+        results = [Result() for _ in self.timers]
+        async for index, out, e2e in self:
+            results[index].add(out, e2e)
+        return results
+
+
+class Frontend:
+    def __init__(
+        self, client: EngineClient, tokenizer: Any, metrics: Metrics, model: ModelInfo
+    ) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.model = model
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------ inputs
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in (self.model.name, self.model.model_path):
+            raise APIError(
+                404,
+                f"the model '{name}' does not exist; this server serves '{self.model.name}'",
+                "model_not_found",
+            )
+
+    def _need_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise APIError(
+                400, "this server has no tokenizer (--skip-tokenizer-init): send token ids"
+            )
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._need_tokenizer().encode(text))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        tok = self._need_tokenizer()
+        if not messages:
+            raise APIError(400, "messages must not be empty")
+        if getattr(tok, "chat_template", None) is None:
+            raise APIError(400, "the model's tokenizer has no chat template: use /v1/completions")
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # the template itself may reject a conversation
+            raise APIError(400, f"the chat template rejected the messages: {e}") from e
+        # The template already wrote every special token.
+        return list(tok.encode(text, add_special_tokens=False))
+
+    def check_ids(self, ids: list[int], max_new_tokens: int | None, field_name: str) -> int:
+        """Validate a prompt and its token budget; return max_new_tokens (None: what is left of
+        the context)."""
+        n, ctx, vocab = len(ids), self.model.context_length, self.model.vocab_size
+        if n == 0:
+            raise APIError(400, "the prompt is empty")
+        if n >= ctx:
+            raise APIError(400, f"the prompt has {n} tokens; the context length is {ctx}")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary (size {vocab})")
+        if max_new_tokens is None:
+            return ctx - n
+        if max_new_tokens > ctx - n:
+            raise APIError(
+                400,
+                f"{field_name}={max_new_tokens} is too large: the prompt has {n} tokens and the "
+                f"context length is {ctx}, so at most {ctx - n} new tokens fit",
+            )
+        return max_new_tokens
+
+    @staticmethod
+    def sampling(params: dict[str, Any] | None) -> SamplingParams:
+        try:
+            return SamplingParams.from_dict(params)
+        except SamplingParamsError as e:
+            raise APIError(400, str(e)) from None
+
+    # ------------------------------------------------------------------ running
+    def submit(
+        self, items: list[tuple[list[int], SamplingParams]], rids: list[str] | None = None
+    ) -> Generation:
+        rids = rids or [uuid.uuid4().hex for _ in items]
+        # Every request streams from the scheduler, also when the HTTP response does not: the
+        # API process then sees when each token arrives (TTFT and inter-token metrics).
+        reqs = [
+            ipc.GenerateReq(rid, ids, sp.to_dict(), stream=True)
+            for rid, (ids, sp) in zip(rids, items)
+        ]
+        try:
+            return Generation(self.client.submit(reqs), self.metrics)
+        except RequestFailed as e:
+            raise api_error(e) from None
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # The body was read already: the next message is the disconnect (or the end of the response).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
+    """Await ``aw``; if the client disconnects first, cancel it and raise ClientDisconnected."""
+    task = asyncio.ensure_future(aw)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected

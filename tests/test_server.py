@@ -1,0 +1,651 @@
+"""The HTTP server end to end: real ``python -m kvtier.launch_server`` subprocesses on loopback
+with the built-in model on the CPU, driven by the official ``openai`` client and httpx.
+
+Two servers start together (their model loads overlap): ``server`` (context 512, 64 KiB body
+limit) for the API surface, bad input, disconnects and metrics; ``aux`` (API key, one running and
+one queued request, hierarchical cache with page 4 and a 256-token GPU pool) for authentication,
+queue-full, L2 hits after ``/flush_cache`` and SIGTERM. The last test kills ``server``'s scheduler
+process. Leaked pages are looked for through ``GET /debug/check_integrity``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from server_utils import ServerProcess
+
+from kvtier.server.middleware import GuardMiddleware, ServerState
+
+KEY = "sk-test-key"
+MODEL = "builtin:tiny-qwen3"
+GREEDY = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def launched():
+    servers = {
+        "server": ServerProcess("--context-length", "512", "--max-request-body-bytes", "65536"),
+        "aux": ServerProcess(
+            "--max-running-requests",
+            "1",
+            "--max-queued-requests",
+            "1",
+            "--enable-hierarchical-cache",
+            "--page-size",
+            "4",
+            "--max-total-tokens",
+            "256",
+            api_key=KEY,
+        ),
+    }
+    try:
+        yield servers
+    finally:
+        for s in servers.values():
+            s.close()
+
+
+@pytest.fixture(scope="module")
+def server(launched) -> ServerProcess:
+    return launched["server"].wait_ready()
+
+
+@pytest.fixture(scope="module")
+def aux(launched) -> ServerProcess:
+    return launched["aux"].wait_ready()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with server.http() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return server.openai()
+
+
+def ids(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 1500) for _ in range(n)]
+
+
+def sse_events(response: httpx.Response) -> list[Any]:
+    """The decoded ``data:`` payloads of an SSE response, ``[DONE]`` as a string."""
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def next_data(lines: Iterator[str]) -> str:
+    """The next ``data:`` line. Takes the caller's line iterator: closing an httpx line
+    iterator (as a discarded generator expression over it would) closes the connection."""
+    for line in lines:
+        if line.startswith("data: "):
+            return line
+    raise AssertionError("the stream ended")
+
+
+def stats(srv: ServerProcess) -> dict[str, Any]:
+    with srv.http() as c:
+        return c.get("/get_server_info").json()
+
+
+def wait_idle(srv: ServerProcess, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = stats(srv)
+        if s["num_running"] == s["num_waiting"] == s["num_in_flight"] == 0:
+            return s
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server not idle: {s}")
+        time.sleep(0.05)
+
+
+def assert_integrity(srv: ServerProcess) -> None:
+    with srv.http() as c:
+        r = c.get("/debug/check_integrity")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"ok": True}
+
+
+# ---------------------------------------------------------------------------- API surface
+def test_health_models_and_server_info(server, http):
+    assert http.get("/health").json() == {"status": "ok"}
+    models = server.openai().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    info = http.get("/get_server_info").json()
+    assert info["model_path"] == MODEL and info["context_length"] == 512
+    assert info["device_total_pages"] > 0 and info["api_key"] is None
+
+
+def test_chat_completion_stream_and_not(oai):
+    messages = [{"role": "user", "content": "Tell me about caches."}]
+    kw = {"model": MODEL, "messages": messages, "max_tokens": 8, "temperature": 0}
+    full = oai.chat.completions.create(**kw)
+    choice = full.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("length", "stop")
+    assert full.usage.completion_tokens <= 8
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    assert full.usage.prompt_tokens_details.cached_tokens >= 0
+
+    chunks = list(
+        oai.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == (
+        full.usage.completion_tokens
+    )
+    # the second identical request found the whole prompt but its last token in the cache
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == full.usage.prompt_tokens - 1
+
+    sampled = {**kw, "temperature": 1.0, "seed": 42, "max_completion_tokens": 6}
+    del sampled["max_tokens"]
+    a, b = (oai.chat.completions.create(**sampled) for _ in range(2))
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.completion_tokens <= 6
+
+
+def test_completions_all_prompt_forms_agree(oai, http):
+    prompt = "The hierarchical cache"
+    token_ids = http.post("/generate", json={"text": prompt, "sampling_params": GREEDY}).json()
+    want = token_ids["text"]
+    kw = {"model": MODEL, "max_tokens": 6, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    for p in (prompt, [prompt]):
+        out = oai.completions.create(prompt=p, **kw)
+        assert out.choices[0].text == want
+        assert out.choices[0].finish_reason == "length"
+        assert out.usage.completion_tokens == 6
+    streamed = list(oai.completions.create(prompt=prompt, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in streamed) == want
+    stop = want.strip()[1:3]
+    stopped = oai.completions.create(prompt=prompt, stop=[stop], **kw).choices[0]
+    assert stopped.text == want[: want.index(stop)] and stopped.finish_reason == "stop"
+    ids_prompt = ids(12, seed=1)
+    by_ids = oai.completions.create(prompt=ids_prompt, **kw)
+    native = http.post("/generate", json={"input_ids": ids_prompt, "sampling_params": GREEDY})
+    assert by_ids.choices[0].text == native.json()["text"]
+
+
+def test_generate_native_single_batch_and_stream(server, http):
+    p = ids(20, seed=2)
+    one = http.post("/generate", json={"input_ids": p, "sampling_params": GREEDY}).json()
+    assert set(one) == {"text", "output_ids", "meta_info"}
+    meta = one["meta_info"]
+    assert len(one["output_ids"]) == meta["completion_tokens"] == 6
+    assert meta["prompt_tokens"] == 20 and meta["finish_reason"] == {"type": "length"}
+    assert "cached_tokens_by_tier" in meta and meta["e2e_latency"] > 0
+
+    q = ids(15, seed=3)
+    batch = http.post("/generate", json={"input_ids": [p, q], "sampling_params": GREEDY}).json()
+    assert isinstance(batch, list) and batch[0]["output_ids"] == one["output_ids"]
+    assert batch[0]["meta_info"]["cached_tokens_by_tier"] == {"device": 19}
+
+    with http.stream(
+        "POST", "/generate", json={"input_ids": p, "sampling_params": GREEDY, "stream": True}
+    ) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    # SGLang's cumulative streaming: each event holds everything so far
+    assert [len(e["output_ids"]) for e in events[:-1]] == [1, 2, 3, 4, 5, 6]
+    assert events[-2]["output_ids"] == one["output_ids"] and events[-2]["text"] == one["text"]
+    assert events[-2]["meta_info"]["finish_reason"] == {"type": "length"}
+
+    with http.stream(
+        "POST",
+        "/generate",
+        json={"text": ["a b c", "d e"], "sampling_params": GREEDY, "stream": True},
+    ) as r:
+        events = sse_events(r)[:-1]
+    assert {e["index"] for e in events} == {0, 1}
+    assert_integrity(server)
+
+
+def test_32_concurrent_clients_match_requests_sent_alone(server):
+    oai = server.openai()
+    prompts = [f"Request number {i} asks about KV tiers" for i in range(8)]
+    kw = {"model": MODEL, "max_tokens": 8, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    alone = [oai.completions.create(prompt=p, **kw).choices[0].text for p in prompts]
+    assert len(set(alone)) > 1  # the comparison means something only if outputs differ
+
+    def one(i: int) -> str:
+        p = prompts[i % len(prompts)]
+        if i % 2:
+            return oai.completions.create(prompt=p, **kw).choices[0].text
+        return "".join(
+            c.choices[0].text for c in oai.completions.create(prompt=p, stream=True, **kw)
+        )
+
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(one, range(32)))
+    assert got == [alone[i % len(prompts)] for i in range(32)]
+    wait_idle(server)
+    assert_integrity(server)
+
+
+def test_multi_turn_chat_reports_cached_tokens(oai):
+    messages = [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "What is a radix tree? Explain in detail."},
+    ]
+    kw = {"model": MODEL, "max_tokens": 4, "temperature": 0}
+    first = oai.chat.completions.create(messages=messages, **kw)
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And a hierarchical cache?"},
+    ]
+    second = oai.chat.completions.create(messages=messages, **kw)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens - 1 > 0
+
+
+# ---------------------------------------------------------------------------- bad input
+CHAT = "/v1/chat/completions"
+MSG = [{"role": "user", "content": "hi"}]
+
+BAD_REQUESTS = [
+    # (name, method, path, body (str: raw bytes), status, message substring)
+    ("malformed json", "POST", CHAT, '{"messages": [', 400, "not valid JSON"),
+    ("body not an object", "POST", CHAT, "[1, 2]", 400, "must be a JSON object"),
+    ("messages missing", "POST", CHAT, {"max_tokens": 3}, 400, "messages: Field required"),
+    ("messages wrong type", "POST", CHAT, {"messages": "hi"}, 400, "messages: Input should be"),
+    (
+        "unknown field",
+        "POST",
+        CHAT,
+        {"messages": MSG, "temprature": 0},
+        400,
+        "unknown field 'temprature'",
+    ),
+    ("unknown model", "POST", CHAT, {"messages": MSG, "model": "gpt-9"}, 404, "'gpt-9' does not"),
+    ("empty messages", "POST", CHAT, {"messages": []}, 400, "messages must not be empty"),
+    ("empty prompt", "POST", "/v1/completions", {"prompt": ""}, 400, "the prompt is empty"),
+    (
+        "prompt over the context",
+        "POST",
+        "/v1/completions",
+        {"prompt": [7] * 600},
+        400,
+        "the prompt has 600 tokens; the context length is 512",
+    ),
+    (
+        "negative max_tokens",
+        "POST",
+        CHAT,
+        {"messages": MSG, "max_tokens": -5},
+        400,
+        "max_tokens must be at least 1; got -5",
+    ),
+    (
+        "huge max_tokens",
+        "POST",
+        CHAT,
+        {"messages": MSG, "max_tokens": 100000},
+        400,
+        "max_tokens=100000 is too large",
+    ),
+    (
+        "max_tokens not an integer",
+        "POST",
+        CHAT,
+        {"messages": MSG, "max_tokens": "lots"},
+        400,
+        "max_tokens: Input should be a valid integer",
+    ),
+    (
+        "negative temperature",
+        "POST",
+        CHAT,
+        {"messages": MSG, "temperature": -1},
+        400,
+        "temperature must be in [0, 100]; got -1",
+    ),
+    ("top_p zero", "POST", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p must be"),
+    ("n above one", "POST", CHAT, {"messages": MSG, "n": 3}, 400, "n must be 1"),
+    (
+        "stop of the wrong type",
+        "POST",
+        CHAT,
+        {"messages": MSG, "stop": 5},
+        400,
+        "stop: must be a string or a list of strings; got 5",
+    ),
+    (
+        "image content",
+        "POST",
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+        400,
+        "messages.0.content: must be a string or a list of",
+    ),
+    (
+        "unsupported penalty",
+        "POST",
+        CHAT,
+        {"messages": MSG, "frequency_penalty": 0.5},
+        400,
+        "frequency_penalty is not supported",
+    ),
+    (
+        "several prompts",
+        "POST",
+        "/v1/completions",
+        {"prompt": ["a", "b"]},
+        400,
+        "only one prompt per request",
+    ),
+    (
+        "token id outside the vocabulary",
+        "POST",
+        "/generate",
+        {"input_ids": [1, 999999]},
+        400,
+        "token id 999999 is outside the vocabulary",
+    ),
+    (
+        "text and input_ids",
+        "POST",
+        "/generate",
+        {"text": "a", "input_ids": [1]},
+        400,
+        "give exactly one of text and input_ids",
+    ),
+    (
+        "unknown sampling parameter",
+        "POST",
+        "/generate",
+        {"text": "a", "sampling_params": {"temprature": 0}},
+        400,
+        "unknown sampling parameter(s): temprature",
+    ),
+    (
+        "max_new_tokens over the context",
+        "POST",
+        "/generate",
+        {"text": "a", "sampling_params": {"max_new_tokens": 5000}},
+        400,
+        "max_new_tokens=5000 is too large",
+    ),
+    ("oversized body", "POST", "/v1/completions", {"prompt": "x" * 70000}, 413, "65536 bytes"),
+    ("unknown endpoint", "GET", "/v2/nothing", None, 404, "no such endpoint"),
+    ("wrong method", "GET", CHAT, None, 405, "method GET is not allowed"),
+    ("bad flush tier", "POST", "/flush_cache", {"tier": "l3"}, 400, "tier: Input should be"),
+    (
+        "device flush without L2",
+        "POST",
+        "/flush_cache",
+        {"tier": "device"},
+        400,
+        "needs --enable-hierarchical-cache",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "method,path,body,status,message",
+    [b[1:] for b in BAD_REQUESTS],
+    ids=[b[0] for b in BAD_REQUESTS],
+)
+def test_bad_input_gets_a_clear_4xx(http, method, path, body, status, message):
+    if isinstance(body, str):
+        r = http.request(method, path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = http.request(method, path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message in err["message"]
+    assert err["type"] and err["code"]
+
+
+def test_server_survives_bad_input(server, http, oai):
+    with pytest.raises(openai.BadRequestError, match="temperature must be in"):
+        oai.chat.completions.create(model=MODEL, messages=MSG, temperature=-3)
+    assert http.get("/health").status_code == 200
+    out = http.post("/generate", json={"text": "still alive", "sampling_params": GREEDY})
+    assert out.status_code == 200 and len(out.json()["output_ids"]) == 6
+    wait_idle(server)
+    assert_integrity(server)
+
+
+# ---------------------------------------------------------------------------- disconnects
+def test_client_disconnect_aborts_and_frees_pages(server, http):
+    before = stats(server)["requests_aborted"]
+    body = {
+        "input_ids": ids(30, seed=4),
+        "sampling_params": {**GREEDY, "max_new_tokens": 400},
+        "stream": True,
+    }
+    with http.stream("POST", "/generate", json=body) as r:
+        lines = r.iter_lines()
+        next_data(lines)
+        next_data(lines)
+        # leaving the block closes the connection mid-stream
+    # and a non-streaming request whose client gives up
+    with pytest.raises(httpx.ReadTimeout), server.http(timeout=1.0) as impatient:
+        impatient.post(
+            "/generate",
+            json={
+                "input_ids": ids(30, seed=5),
+                "sampling_params": {**GREEDY, "max_new_tokens": 400},
+            },
+        )
+    s = wait_idle(server)
+    assert s["requests_aborted"] == before + 2
+    assert s["device_free_pages"] + s["device_cached_pages"] == s["device_total_pages"]
+    assert_integrity(server)
+
+
+# ---------------------------------------------------------------------------- metrics
+def metric_values(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_metrics_parse_and_move(http):
+    before = metric_values(http.get("/metrics").text)
+    p = ids(24, seed=6)
+    http.post("/generate", json={"input_ids": p, "sampling_params": GREEDY})
+    http.post("/generate", json={"input_ids": p, "sampling_params": GREEDY})
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    after = metric_values(r.text)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("kvtier:requests_total", finish_reason="length") == 2
+    assert delta("kvtier:generation_tokens_total") == 12
+    assert delta("kvtier:prompt_tokens_total") == 48
+    assert delta("kvtier:cached_tokens_total", tier="device") == 23
+    assert delta("kvtier:time_to_first_token_seconds_count") == 2
+    assert delta("kvtier:inter_token_latency_seconds_count") == 10
+    assert delta("kvtier:e2e_request_latency_seconds_count") == 2
+    assert delta("kvtier:forward_steps_total") > 0
+    assert 0 < after[("kvtier:cache_hit_rate", ())] <= 1
+    assert after[("kvtier:gpu_pool_total_tokens", ())] > 0
+    assert ("kvtier:l2_total_tokens", ()) not in after  # no L2 on this server
+    assert after[("kvtier:http_errors_total", (("status", "400"),))] > 0
+
+
+# ---------------------------------------------------------------------------- aux server
+def test_api_key_required_except_health(aux):
+    with httpx.Client(base_url=aux.url, trust_env=False) as c:
+        assert c.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = c.get("/v1/models", headers=headers)
+            assert r.status_code == 401
+            assert "invalid or missing API key" in r.json()["error"]["message"]
+        r = c.post("/generate", json={"text": "x"}, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=aux.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    out = aux.openai().completions.create(model=MODEL, prompt="hello", max_tokens=3)
+    assert out.usage.completion_tokens <= 3
+
+
+def test_queue_full_is_429_then_recovers(aux):
+    long = {"sampling_params": {**GREEDY, "max_new_tokens": 300}}
+
+    async def scenario() -> httpx.Response:
+        async with aux.ahttp() as a, aux.ahttp() as b, aux.ahttp() as c:
+            body = {"input_ids": ids(10, 7), **long, "stream": True}
+            async with a.stream("POST", "/generate", json=body) as running:
+                lines = running.aiter_lines()
+                async for line in lines:
+                    if line.startswith("data: "):
+                        break  # one running request now (--max-running-requests 1)
+                queued = asyncio.create_task(
+                    b.post("/generate", json={"input_ids": ids(10, 8), **long})
+                )
+                while (await c.get("/get_server_info")).json()["num_waiting"] != 1:
+                    await asyncio.sleep(0.02)
+                r = await c.post(
+                    "/generate", json={"input_ids": ids(10, 9), "sampling_params": GREEDY}
+                )
+                queued.cancel()  # the client goes away: the queued request is aborted
+                await asyncio.gather(queued, return_exceptions=True)
+            return r
+
+    r = asyncio.run(scenario())
+    assert r.status_code == 429, r.text
+    assert "requests are waiting (--max-queued-requests)" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    wait_idle(aux)
+    assert_integrity(aux)
+    with aux.http() as c:
+        ok = c.post("/generate", json={"text": "again", "sampling_params": GREEDY})
+    assert ok.status_code == 200
+
+
+def test_flush_device_then_identical_request_hits_l2(aux):
+    p = {"input_ids": ids(40, seed=11), "sampling_params": GREEDY}
+    with aux.http() as c:
+        first = c.post("/generate", json=p).json()
+        r = c.post("/flush_cache", json={"tier": "device"})
+        assert r.status_code == 200 and r.json()["success"] is True
+        second = c.post("/generate", json=p).json()
+        assert second["output_ids"] == first["output_ids"]
+        assert second["meta_info"]["cached_tokens_by_tier"].get("dram", 0) > 0
+        metrics = metric_values(c.get("/metrics").text)
+        assert metrics[("kvtier:l2_total_tokens", ())] > 0
+        assert metrics[("kvtier:loaded_bytes_total", ())] > 0
+        assert metrics[("kvtier:cached_tokens_total", (("tier", "dram"),))] > 0
+    assert_integrity(aux)
+
+
+def test_flush_all_refused_while_busy(aux):
+    body = {
+        "input_ids": ids(12, seed=12),
+        "sampling_params": {**GREEDY, "max_new_tokens": 200},
+        "stream": True,
+    }
+    with aux.http() as c:
+        with c.stream("POST", "/generate", json=body) as r:
+            lines = r.iter_lines()
+            next_data(lines)
+            busy = c.post("/flush_cache")
+            assert busy.status_code == 400
+            assert "requests are running or waiting" in busy.json()["error"]["message"]
+        wait_idle(aux)
+        done = c.post("/flush_cache")
+        assert done.status_code == 200 and done.json()["success"] is True
+        s = c.get("/get_server_info").json()
+        assert s["device_free_pages"] == s["device_total_pages"] and s["l2_used_tokens"] == 0
+
+
+# ---------------------------------------------------------------------------- shutdown (last)
+def test_sigterm_aborts_in_flight_and_exits_0(aux):
+    events: list[Any] = []
+    first = threading.Event()
+
+    def stream() -> None:
+        body = {
+            "input_ids": ids(10, 10),
+            "sampling_params": {**GREEDY, "max_new_tokens": 400},
+            "stream": True,
+        }
+        with aux.http() as c, c.stream("POST", "/generate", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    first.set()
+
+    t = threading.Thread(target=stream, daemon=True)
+    t.start()
+    assert first.wait(30)
+    start = time.monotonic()
+    aux.proc.send_signal(signal.SIGTERM)
+    assert aux.proc.wait(15) == 0, aux.log()
+    assert time.monotonic() - start < 10
+    t.join(5)
+    assert not t.is_alive()
+    assert events[-1] == "[DONE]"
+    assert "shutting down" in json.loads(events[-2])["error"]["message"]
+    assert "Traceback" not in aux.log()
+
+
+def test_dead_scheduler_gives_503_not_hangs(server):
+    pid = stats(server)["scheduler_pid"]
+    os.kill(pid, signal.SIGKILL)
+    with server.http(timeout=10.0) as c:
+        deadline = time.monotonic() + 5
+        while c.get("/health").status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert "scheduler process exited" in c.get("/health").json()["error"]["message"]
+        r = c.post("/generate", json={"text": "anyone?", "sampling_params": GREEDY})
+        assert r.status_code == 503
+        assert "scheduler process exited" in r.json()["error"]["message"]
+        assert c.get("/metrics").status_code == 200  # request-level metrics are still served
+    assert server.terminate() == 0
+
+
+# ---------------------------------------------------------------------------- in-process
+def test_guard_middleware_draining_and_chunked_body():
+    """What the subprocess tests cannot time reliably: 503 once draining, and 413 for a body
+    without Content-Length that grows past the limit while it is read."""
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        return {"n": len(await request.body())}
+
+    state = ServerState()
+    app.add_middleware(GuardMiddleware, state=state, api_key=None, max_body_bytes=100)
+    with TestClient(app) as c:
+        assert c.post("/echo", content=b"x" * 50).json() == {"n": 50}
+        r = c.post("/echo", content=iter([b"x" * 60, b"x" * 60]))
+        assert r.status_code == 413 and "limit of 100 bytes" in r.json()["error"]["message"]
+        state.draining = True
+        r = c.post("/echo", content=b"x")
+        assert r.status_code == 503 and r.json()["error"]["message"] == (
+            "the server is shutting down"
+        )

@@ -1,0 +1,347 @@
+"""Triton paged attention (extend + split-KV decode) against the torch reference.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (slow: small shapes, fp32).
+On CUDA the same tests run, plus bf16 and larger (model-sized) shapes and a CUDA-graph replay.
+Data is random everywhere, the pool included (never zeros), page ids are random and
+non-contiguous, and every output is poisoned with NaN first, so an unwritten element fails.
+"""
+
+import os
+
+import torch
+
+# Must precede the first import of triton in this process (tests/conftest.py does the same for
+# runs that import triton elsewhere first).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+pytest.importorskip("triton")
+
+from kvtier.attention.torch_backend import TorchAttention
+from kvtier.attention.triton_backend import TritonAttention
+from kvtier.cache.kv_pool import KVPool
+from kvtier.kernels import attention as K
+from kvtier.runner.forward_batch import ForwardBatch, ForwardMode
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# fp32 everywhere; bf16 only where the tensor cores exist (the interpreter is fp32-exact anyway).
+DTYPES = [torch.float32, torch.bfloat16] if CUDA else [torch.float32]
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+LAYER = 1  # not 0, so that a wrong layer offset shows
+SCALE = 0.37  # not 1/sqrt(D), so that a scale the kernel recomputes itself shows
+
+
+def test_interpreter_mode_matches_device():
+    # If triton was imported before TRITON_INTERPRET was set, the CPU tests would fail obscurely.
+    assert K.INTERPRETED is not CUDA, "set TRITON_INTERPRET=1 before importing triton on CPU"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def make_batch(
+    mode: ForwardMode,
+    prefix_lens: list[int],
+    extend_lens: list[int],
+    *,
+    page_size: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    seed: int,
+    table_pad: int = 1,
+) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch over a random pool with random non-contiguous pages; returns (batch, q, k, v)
+    with k/v the new tokens' keys/values (not yet stored)."""
+    g = torch.Generator().manual_seed(seed)
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    pages_per_seq = [(s + page_size - 1) // page_size for s in seq_lens]
+    num_pages = 1 + sum(pages_per_seq) + 7  # spare pages: the pages used are not a prefix
+    pool = KVPool(num_pages, page_size, 2, num_kv_heads, head_dim, dtype, DEVICE)
+    # Garbage everywhere (other layers, unused slots, page 0): never zeros.
+    pool.k.copy_(torch.randn(pool.k.shape, generator=g))
+    pool.v.copy_(torch.randn(pool.v.shape, generator=g))
+    perm = (torch.randperm(num_pages - 1, generator=g) + 1).tolist()
+    width = max(pages_per_seq) + table_pad
+    table = torch.zeros((len(seq_lens), width), dtype=torch.int32)
+    locs, positions = [], []
+    used = 0
+    for b, (p, s, n) in enumerate(zip(prefix_lens, seq_lens, pages_per_seq)):
+        pages = perm[used : used + n]
+        used += n
+        table[b, :n] = torch.tensor(pages, dtype=torch.int32)
+        pos = torch.arange(p, s)
+        locs.append(table[b, pos // page_size].long() * page_size + pos % page_size)
+        positions.append(pos)
+    num_tokens = sum(extend_lens)
+    starts = [0]
+    for n in extend_lens[:-1]:
+        starts.append(starts[-1] + n)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    batch = ForwardBatch(
+        mode=mode,
+        input_ids=torch.zeros(num_tokens, dtype=torch.int64, device=DEVICE),
+        positions=torch.cat(positions).to(DEVICE),
+        out_cache_loc=torch.cat(locs).to(DEVICE),
+        seq_lens=i32(seq_lens),
+        block_table=table.to(DEVICE),
+        logits_indices=torch.zeros(0, dtype=torch.int64, device=DEVICE),
+        kv_pool=pool,
+        attn_backend=TorchAttention(),
+        seq_lens_cpu=seq_lens,
+    )
+    if mode is ForwardMode.EXTEND:
+        batch.extend_lens_cpu = list(extend_lens)
+        batch.prefix_lens_cpu = list(prefix_lens)
+        batch.extend_lens = i32(extend_lens)
+        batch.prefix_lens = i32(prefix_lens)
+        batch.extend_starts = i32(starts)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=g).to(device=DEVICE, dtype=dtype)
+
+    q = rand(num_tokens, num_q_heads, head_dim)
+    return (
+        batch,
+        q,
+        rand(num_tokens, num_kv_heads, head_dim),
+        rand(num_tokens, num_kv_heads, head_dim),
+    )
+
+
+def reference(batch: ForwardBatch, q: torch.Tensor) -> torch.Tensor:
+    """TorchAttention in fp32 over the (already written) pool."""
+    return TorchAttention().attend(q.float(), LAYER, batch, SCALE)
+
+
+def check_backend(batch: ForwardBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  backend: TritonAttention) -> None:  # fmt: skip
+    # The shared forward() stores the new K/V, then attends: the reference reads the same pool.
+    batch.attn_backend = backend
+    backend.prepare(batch)
+    first = backend.forward(q, k, v, LAYER, batch, SCALE)
+    ref = reference(batch, q)
+    out = torch.full_like(q, float("nan"))
+    backend.attend(q, LAYER, batch, SCALE, out=out)
+    assert not out.isnan().any(), "some output elements were not written"
+    assert rel_err(out, ref) < TOL[q.dtype], rel_err(out, ref)
+    assert torch.equal(out, first)
+
+
+# Several sequences: prefix 0 with extend 1, prefix 0 with a long extend, extend 1 after a
+# prefix, prefix and extend both crossing block and page boundaries.
+EXT_PREFIX = [0, 0, 19, 37, 5, 16]
+EXT_EXTEND = [1, 23, 1, 18, 40, 16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_extend_matches_torch(page_size: int, group: int, dtype: torch.dtype) -> None:
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, EXT_PREFIX, EXT_EXTEND, page_size=page_size,
+        num_q_heads=2 * group, num_kv_heads=2, head_dim=32, dtype=dtype, seed=page_size + group,
+    )  # fmt: skip
+    check_backend(batch, q, k, v, TritonAttention())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_kv_splits", [1, 3])
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("page_size", [1, 4, 16])
+def test_decode_matches_torch(
+    page_size: int, group: int, num_kv_splits: int, dtype: torch.dtype
+) -> None:
+    # Seq lens 1, page-aligned and not; some shorter than a split (empty splits).
+    seq_lens = [1, 7, 16, 33, 69]
+    batch, q, k, v = make_batch(
+        ForwardMode.DECODE, [s - 1 for s in seq_lens], [1] * len(seq_lens),
+        page_size=page_size, num_q_heads=2 * group, num_kv_heads=2, head_dim=32, dtype=dtype,
+        seed=10 * page_size + group,
+    )  # fmt: skip
+    backend = TritonAttention()
+    # Force the split count (the heuristic would pick 1 for such short sequences).
+    backend.num_kv_splits_for = lambda *args: num_kv_splits  # type: ignore[method-assign]
+    check_backend(batch, q, k, v, backend)
+    assert batch.attn_metadata.num_kv_splits == num_kv_splits
+
+
+def test_head_dim_64_and_ratio_8() -> None:
+    for mode, prefix, ext in (
+        (ForwardMode.EXTEND, [0, 21], [9, 12]),
+        (ForwardMode.DECODE, [20, 45], [1, 1]),
+    ):
+        batch, q, k, v = make_batch(
+            mode, prefix, ext, page_size=8, num_q_heads=8, num_kv_heads=1, head_dim=64,
+            dtype=torch.float32, seed=3,
+        )  # fmt: skip
+        check_backend(batch, q, k, v, TritonAttention(min_split_len=16))
+
+
+def test_decode_graph_style_scratch_and_empty_rows() -> None:
+    """Kernel level, as a CUDA-graph runner would call it: scratch and block table sized for a
+    larger max batch (scratch poisoned), more splits than short sequences can use, a padded row
+    with seq_len 0 (must come out as zeros, not NaN)."""
+    seq_lens = [0, 3, 50, 17]
+    page_size, hq, hkv, d, splits = 4, 4, 2, 32, 5
+    batch, q, _, _ = make_batch(
+        ForwardMode.DECODE, [max(s - 1, 0) for s in seq_lens], [1] * len(seq_lens),
+        page_size=page_size, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+        dtype=torch.float32, seed=5, table_pad=3,
+    )  # fmt: skip
+    seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    # Rows past the batch in the table and seq_lens (a captured max batch) are ignored.
+    table = torch.cat([batch.block_table, torch.zeros_like(batch.block_table[:2])])
+    seq_all = torch.cat([seq, torch.full((2,), 7, dtype=torch.int32, device=DEVICE)])
+    mid_o, mid_lse = K.decode_scratch(8, hq, 8, d, DEVICE)
+    mid_o.fill_(float("nan"))
+    mid_lse.fill_(float("nan"))
+    kb, vb = batch.kv_pool.k_buffer(LAYER), batch.kv_pool.v_buffer(LAYER)
+    out = torch.full_like(q, float("nan"))
+    K.decode_attention(
+        q, kb, vb, out, table, seq_all, SCALE, splits, page_size=page_size, mid_o=mid_o,
+        mid_lse=mid_lse,
+    )  # fmt: skip
+    ref = K.decode_attention_ref(
+        q, kb, vb, torch.empty_like(q), table, seq, SCALE, page_size=page_size
+    )
+    assert not out.isnan().any()
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert rel_err(out, ref) < 1e-4
+    # The single-split path writes zeros for the empty row too.
+    out.fill_(float("nan"))
+    K.decode_attention(q, kb, vb, out, table, seq_all, SCALE, 1, page_size=page_size)
+    assert not out.isnan().any() and rel_err(out, ref) < 1e-4
+
+
+def test_kernel_refs_agree_with_torch_backend() -> None:
+    """The module's own references (used by the benchmark) match TorchAttention."""
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, [3, 0], [5, 9], page_size=4, num_q_heads=4, num_kv_heads=2,
+        head_dim=16, dtype=torch.float32, seed=9,
+    )  # fmt: skip
+    batch.kv_pool.write(LAYER, batch.out_cache_loc, k, v)
+    kb, vb = batch.kv_pool.k_buffer(LAYER), batch.kv_pool.v_buffer(LAYER)
+    ref = K.extend_attention_ref(
+        q, kb, vb, torch.empty_like(q), batch.block_table, batch.seq_lens, batch.extend_lens,
+        batch.extend_starts, batch.prefix_lens, SCALE, 9, page_size=4,
+    )  # fmt: skip
+    assert rel_err(ref, reference(batch, q)) < 1e-5
+
+
+def test_choose_num_kv_splits() -> None:
+    f = K.choose_num_kv_splits
+    assert f(1, 4, 100) == 1  # too short to split
+    assert f(1, 4, 4096) == 32  # bounded by the split length and the scratch
+    assert f(1, 4, 4096, min_split_len=256) == 16
+    assert f(1, 4, 1 << 20, max_splits=8) == 8
+    assert f(128, 4, 4096) == 1  # the batch alone fills the machine
+    assert f(32, 4, 4096) == 3  # 384 programs: ~2 per SM of 132
+    assert f(32, 4, 4096, num_sms=264) == 5
+
+
+def test_graph_hooks_reserve_and_freeze() -> None:
+    backend = TritonAttention(max_kv_splits=8, min_split_len=16)
+    backend.init_cuda_graph_state(4, num_q_heads=4, num_kv_heads=2, head_dim=32,
+                                  max_context_len=256, device=DEVICE)  # fmt: skip
+    seq_lens = [40, 9, 1]
+    batch, q, k, v = make_batch(
+        ForwardMode.DECODE, [s - 1 for s in seq_lens], [1] * 3, page_size=4, num_q_heads=4,
+        num_kv_heads=2, head_dim=32, dtype=torch.float32, seed=11,
+    )  # fmt: skip
+    batch.kv_pool.write(LAYER, batch.out_cache_loc, k, v)
+    backend.prepare_graph(batch)
+    assert batch.attn_metadata.num_kv_splits == backend.graph_num_kv_splits(3) > 1
+    scratch = backend._mid_o.data_ptr()
+    out = torch.full_like(q, float("nan"))
+    backend.attend(q, LAYER, batch, SCALE, out=out)
+    assert backend._mid_o.data_ptr() == scratch  # no reallocation under "capture"
+    assert not out.isnan().any() and rel_err(out, reference(batch, q)) < 1e-4
+    with pytest.raises(RuntimeError, match="frozen"):
+        backend.decode_scratch_views(64, 4, 32, 8, DEVICE)
+
+
+# ------------------------------------------------------------------------------ CUDA only
+
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_model_sized_shapes_cuda(page_size: int, dtype: torch.dtype) -> None:
+    """Qwen3-30B-A3B geometry (32 q heads, 4 kv heads, head_dim 128), long and ragged."""
+    prefix = [0, 1000, 3001, 0, 257]
+    extend = [700, 1, 130, 129, 1024]
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, prefix, extend, page_size=page_size, num_q_heads=32,
+        num_kv_heads=4, head_dim=128, dtype=dtype, seed=page_size,
+    )  # fmt: skip
+    check_backend(batch, q, k, v, TritonAttention())
+    seq_lens = [1, 4097, 999, 64, 20000, 3]
+    batch, q, k, v = make_batch(
+        ForwardMode.DECODE, [s - 1 for s in seq_lens], [1] * len(seq_lens),
+        page_size=page_size, num_q_heads=32, num_kv_heads=4, head_dim=128, dtype=dtype,
+        seed=page_size + 1,
+    )  # fmt: skip
+    check_backend(batch, q, k, v, TritonAttention())
+
+
+@cuda_only
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_other_head_dims_cuda(head_dim: int) -> None:
+    for mode, prefix, ext in (
+        (ForwardMode.EXTEND, [0, 300], [333, 77]),
+        (ForwardMode.DECODE, [5000, 12], [1, 1]),
+    ):
+        batch, q, k, v = make_batch(
+            mode, prefix, ext, page_size=16, num_q_heads=16, num_kv_heads=2,
+            head_dim=head_dim, dtype=torch.bfloat16, seed=head_dim,
+        )  # fmt: skip
+        check_backend(batch, q, k, v, TritonAttention())
+
+
+@cuda_only
+def test_decode_cuda_graph_replay() -> None:
+    """Capture decode attend once; replay with new q, seq lens and pages in static buffers."""
+    hq, hkv, d, ps, bs = 32, 4, 128, 16, 8
+    backend = TritonAttention()
+    backend.init_cuda_graph_state(bs, hq, hkv, d, max_context_len=8192, device=DEVICE)
+    lens_a = [100, 5000, 1, 17, 8000, 64, 333, 2048]
+    lens_b = [8100, 3, 77, 4096, 1, 1000, 65, 5]
+    batch, q, k, v = make_batch(
+        ForwardMode.DECODE, [s - 1 for s in lens_a], [1] * bs, page_size=ps, num_q_heads=hq,
+        num_kv_heads=hkv, head_dim=d, dtype=torch.bfloat16, seed=21, table_pad=16,
+    )  # fmt: skip
+    batch.kv_pool.write(LAYER, batch.out_cache_loc, k, v)
+    backend.prepare_graph(batch)
+    out = torch.empty_like(q)
+    backend.attend(q, LAYER, batch, SCALE, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        backend.attend(q, LAYER, batch, SCALE, out=out)
+    for lens in (lens_a, lens_b):
+        # New pages for every row (the pool's random contents stand in for their KV).
+        g = torch.Generator().manual_seed(sum(lens))
+        perm = (torch.randperm(batch.kv_pool.num_pages - 1, generator=g) + 1).tolist()
+        table = torch.zeros(batch.block_table.shape, dtype=torch.int32)
+        used = 0
+        for b, n in enumerate(lens):
+            pages = (n + ps - 1) // ps
+            table[b, :pages] = torch.tensor(perm[used : used + pages], dtype=torch.int32)
+            used += pages
+        batch.block_table.copy_(table)
+        batch.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        batch.seq_lens_cpu = lens
+        q.copy_(torch.randn(q.shape, generator=g))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert not out.isnan().any()
+        assert rel_err(out, reference(batch, q)) < 1e-2
