@@ -15,12 +15,13 @@ step() {  # step NAME SECONDS CMD...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
-step tier_io "${T_TIER_IO:-50}" python3 benchmarks/bench_tier_io.py --tier all --gbytes 4 \
-  --repeats 3 --output-dir "$OUT/tier_io"
-step ttft "${T_TTFT:-160}" python3 benchmarks/kvcache_benchmark.py --ttft --backend all \
-  --lengths "${LENGTHS:-10K,80K}" --num-prompts 1 --hicache-size 20 --mem-fraction-static 0.85 \
-  --output-dir "$OUT/ttft"
-step tests "${T_TESTS:-90}" python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py \
+step tests "${T_TESTS:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_engine.py \
   tests/test_hicache_engine.py tests/test_kv_io.py
-step engine "${T_ENGINE:-70}" python3 benchmarks/bench_engine.py --prefill 4K,16K \
+step tier_io "${T_TIER_IO:-40}" python3 benchmarks/bench_tier_io.py --tier "${TIERS:-all}" \
+  --gbytes 4 --repeats 3 --io-backends kernel --output-dir "$OUT/tier_io"
+step ttft "${T_TTFT:-90}" python3 benchmarks/kvcache_benchmark.py --ttft --backend all \
+  --lengths "${LENGTHS:-80K}" --num-prompts 1 --hicache-size 20 --mem-fraction-static 0.85 \
+  --no-gpu-hit --no-plots --output-dir "$OUT/ttft"
+step engine "${T_ENGINE:-60}" python3 benchmarks/bench_engine.py --prefill 16K \
   --decode-batch 1,32 --output "$OUT/bench_engine.json"
+step profile "${T_PROFILE:-60}" python3 scripts/profile_step.py --tokens 32768

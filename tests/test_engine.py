@@ -17,6 +17,8 @@ GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
 def make(**kw):
     kw.setdefault("model_path", "builtin:tiny-qwen3")
     kw.setdefault("log_level", "warning")
+    # On a GPU the default pool takes most of its memory; tests build several engines at once.
+    kw.setdefault("max_total_tokens", 16384)
     return kvtier.Engine(**kw)
 
 
@@ -234,3 +236,21 @@ def test_flush_refused_while_busy_then_clears(engine):
     assert stats["device_cached_pages"] == 0
     assert stats["device_free_pages"] == stats["device_total_pages"]
     engine.check_integrity()
+
+
+def test_padded_graph_batches_equal_recompute(reference):
+    """The CUDA-graph runner's padding (rows past the batch size write to and read the reserved
+    page 0) changes no output. Without CUDA the padded static batches run eagerly."""
+    from kvtier.runner.cuda_graph import CudaGraphRunner
+
+    want, _ = conversations(reference, n=5)
+    with make(page_size=4) as e:
+        runner = e.scheduler.runner
+        if runner.graph_runner is None:
+            runner.graph_runner = CudaGraphRunner(
+                runner, max_bs=8, max_pages=runner.max_pages_per_req, capture=False
+            )
+        assert runner.graph_runner.batch_sizes[-1] == 8
+        got, _ = conversations(e, n=5, concurrent=True)
+        assert got == want
+        e.check_integrity()

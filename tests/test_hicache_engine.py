@@ -14,6 +14,8 @@ GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 def make(**kw):
     kw.setdefault("model_path", "builtin:tiny-qwen3")
     kw.setdefault("log_level", "warning")
+    # On a GPU the default pool takes most of its memory; tests build several engines at once.
+    kw.setdefault("max_total_tokens", 16384)
     return kvtier.Engine(**kw)
 
 

@@ -74,7 +74,9 @@ def test_kernel_and_torch_paths_copy_exact_rows(layout, ps, direction):
     copy_pages_torch(src, dst_ref, torch.tensor(sp), torch.tensor(dp), layers)
     dst_kernel = clone(dst)
     idx = {"dtype": torch.int32, "device": DEV}
-    copy_pages_kernel(src, dst_kernel, torch.tensor(sp, **idx), torch.tensor(dp, **idx), layers)
+    # Three programs for four pages: one of them walks two pages.
+    sp_t, dp_t = torch.tensor(sp, **idx), torch.tensor(dp, **idx)
+    copy_pages_kernel(src, dst_kernel, sp_t, dp_t, layers, max_programs=3)
     if DEV.type == "cuda":
         torch.cuda.synchronize()
     for s, d in zip(sp, dp):

@@ -558,6 +558,7 @@ def test_peer_sizing_checks_free_memory_on_each_peer(monkeypatch):
 def make(**kw):
     kw.setdefault("model_path", "builtin:tiny-qwen3")
     kw.setdefault("log_level", "warning")
+    kw.setdefault("max_total_tokens", 16384)
     return kvtier.Engine(**kw)
 
 

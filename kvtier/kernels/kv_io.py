@@ -21,6 +21,7 @@ at segment boundaries; ``torch`` groups the page pairs by segment.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -36,6 +37,11 @@ try:
 except ImportError:  # pragma: no cover - CPU installs without triton
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
+
+
+# Programs per (layer, K/V) of one copy launch. Enough loads in flight to fill PCIe or NVLink
+# (each program moves a page at a time), few enough to leave most multiprocessors to compute.
+COPY_PROGRAMS = int(os.environ.get("KVTIER_COPY_PROGRAMS", "64"))
 
 
 @dataclass
@@ -219,6 +225,7 @@ if triton is not None:
         dst_seg_offsets,
         src_seg_pages,
         dst_seg_pages,
+        num_pages,
         layer_start,
         src_page_stride,
         src_layer_stride,
@@ -235,26 +242,11 @@ if triton is not None:
         SRC_SEG_ALIGN: tl.constexpr,
         DST_SEG_ALIGN: tl.constexpr,
     ):
-        # One program: one page of one layer of K (axis 2 == 0) or V (== 1).
-        i = tl.program_id(0)
+        # A fixed number of programs per (layer, K/V) walks the page list with a stride: a load
+        # then occupies only part of the GPU, so the forward's kernels on the compute stream
+        # keep finding free multiprocessors while layers are still arriving.
         layer = layer_start + tl.program_id(1)
         is_v = tl.program_id(2)
-        sp = tl.load(src_pages + i).to(tl.int64)
-        dp = tl.load(dst_pages + i).to(tl.int64)
-        s_base = layer.to(tl.int64) * src_layer_stride
-        d_base = layer.to(tl.int64) * dst_layer_stride
-        # A striped side: the page's segment is reached through its offset from segment 0; the
-        # alignment hint keeps the loads vectorised (the offset is read at run time).
-        if SRC_STRIPED:
-            seg = sp // src_seg_pages
-            sp = sp - seg * src_seg_pages
-            s_base += tl.multiple_of(tl.load(src_seg_offsets + seg * 2 + is_v), SRC_SEG_ALIGN)
-        if DST_STRIPED:
-            seg = dp // dst_seg_pages
-            dp = dp - seg * dst_seg_pages
-            d_base += tl.multiple_of(tl.load(dst_seg_offsets + seg * 2 + is_v), DST_SEG_ALIGN)
-        s_base += sp * src_page_stride
-        d_base += dp * dst_page_stride
         if is_v == 0:
             src = src_k
             dst = dst_k
@@ -263,13 +255,33 @@ if triton is not None:
             dst = dst_v
         cols = tl.arange(0, ROW_BLOCK)
         toks = tl.arange(0, TOKENS_PER_ITER)
-        for t0 in range(0, PAGE_SIZE, TOKENS_PER_ITER):
-            t = t0 + toks
-            mask = (t[:, None] < PAGE_SIZE) & (cols[None, :] < ROW)
-            s_off = s_base + t[:, None].to(tl.int64) * src_token_stride + cols[None, :]
-            d_off = d_base + t[:, None].to(tl.int64) * dst_token_stride + cols[None, :]
-            x = tl.load(src + s_off, mask=mask)
-            tl.store(dst + d_off, x, mask=mask)
+        # A while loop: Triton's interpreter (CPU tests) cannot take program ids as range bounds.
+        i = tl.program_id(0)
+        while i < num_pages:
+            sp = tl.load(src_pages + i).to(tl.int64)
+            dp = tl.load(dst_pages + i).to(tl.int64)
+            s_base = layer.to(tl.int64) * src_layer_stride
+            d_base = layer.to(tl.int64) * dst_layer_stride
+            # A striped side: the page's segment is reached through its offset from segment 0;
+            # the alignment hint keeps the loads vectorised (the offset is read at run time).
+            if SRC_STRIPED:
+                seg = sp // src_seg_pages
+                sp = sp - seg * src_seg_pages
+                s_base += tl.multiple_of(tl.load(src_seg_offsets + seg * 2 + is_v), SRC_SEG_ALIGN)
+            if DST_STRIPED:
+                seg = dp // dst_seg_pages
+                dp = dp - seg * dst_seg_pages
+                d_base += tl.multiple_of(tl.load(dst_seg_offsets + seg * 2 + is_v), DST_SEG_ALIGN)
+            s_base += sp * src_page_stride
+            d_base += dp * dst_page_stride
+            for t0 in range(0, PAGE_SIZE, TOKENS_PER_ITER):
+                t = t0 + toks
+                mask = (t[:, None] < PAGE_SIZE) & (cols[None, :] < ROW)
+                s_off = s_base + t[:, None].to(tl.int64) * src_token_stride + cols[None, :]
+                d_off = d_base + t[:, None].to(tl.int64) * dst_token_stride + cols[None, :]
+                x = tl.load(src + s_off, mask=mask)
+                tl.store(dst + d_off, x, mask=mask)
+            i += tl.num_programs(0)
 
 
 def _segment_args(
@@ -284,10 +296,16 @@ def _segment_args(
 
 
 def copy_pages_kernel(
-    src: KVSpace, dst: KVSpace, src_pages: torch.Tensor, dst_pages: torch.Tensor, layers: range
+    src: KVSpace,
+    dst: KVSpace,
+    src_pages: torch.Tensor,
+    dst_pages: torch.Tensor,
+    layers: range,
+    max_programs: int | None = None,
 ) -> None:
     """One launch copying every (page pair, layer, K/V). Page id tensors must be on the GPU
-    running the kernel (or CPU under the Triton interpreter)."""
+    running the kernel (or CPU under the Triton interpreter). ``max_programs``: programs per
+    (layer, K/V), default ``COPY_PROGRAMS``."""
     if triton is None:
         raise RuntimeError("--hicache-io-backend kernel needs triton")
     n = int(src_pages.shape[0])
@@ -305,7 +323,7 @@ def copy_pages_kernel(
     tokens_per_iter = max(1, min(triton.next_power_of_2(src.layout.page_size), 8192 // row_block))
     src_tab, src_seg_pages, src_striped, src_align = _segment_args(src, src_pages.device, src_pages)
     dst_tab, dst_seg_pages, dst_striped, dst_align = _segment_args(dst, src_pages.device, src_pages)
-    grid = (n, len(layers), 2)
+    grid = (min(n, max_programs or COPY_PROGRAMS), len(layers), 2)
     _copy_pages_kernel[grid](
         _kernel_arg(src.k, gpu),
         _kernel_arg(src.v, gpu),
@@ -317,6 +335,7 @@ def copy_pages_kernel(
         dst_tab,
         src_seg_pages,
         dst_seg_pages,
+        n,
         layers.start,
         src.layout.page_stride,
         src.layout.layer_stride,

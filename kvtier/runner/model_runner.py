@@ -9,6 +9,7 @@ import torch
 from kvtier.attention.backend import AttentionBackend
 from kvtier.cache.kv_pool import KVPool
 from kvtier.models import ResolvedModel, load_model, resolve_dtype
+from kvtier.runner.cuda_graph import CudaGraphRunner
 from kvtier.runner.forward_batch import ForwardBatch
 from kvtier.server_args import ServerArgs, ServerArgsError
 
@@ -52,6 +53,18 @@ class ModelRunner:
             device=self.device,
         )
         self.attn_backend = make_attention_backend(args.attention_backend, self.device)
+        ps = args.page_size
+        # Columns of the request-to-page table: a request never outgrows the context or the pool.
+        self.max_pages_per_req = (
+            min((self.context_length + ps - 1) // ps, self.kv_pool.num_pages) + 1
+        )
+        self.graph_runner: CudaGraphRunner | None = None
+        if self.device.type == "cuda" and not args.disable_cuda_graph:
+            from kvtier.attention.triton_backend import TritonAttention
+
+            if isinstance(self.attn_backend, TritonAttention):
+                max_bs = min(args.cuda_graph_max_bs, args.max_running_requests)
+                self.graph_runner = CudaGraphRunner(self, max_bs, self.max_pages_per_req)
         logger.info(
             "KV pool: %d pages of %d tokens (%.2f GB), %d bytes per token",
             self.kv_pool.num_pages - 1,
@@ -93,5 +106,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits [len(batch.logits_indices), vocab]."""
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.run(batch)
         self.attn_backend.prepare(batch)
         return self.model(batch)

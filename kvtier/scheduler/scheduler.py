@@ -49,10 +49,9 @@ class Scheduler:
         pool = runner.kv_pool
         self.allocator = PageAllocator(pool.num_pages)
         self.context_length = runner.context_length
-        max_pages = min(
-            (self.context_length + self.page_size - 1) // self.page_size, pool.num_pages
+        self.table = ReqToPageTable(
+            args.max_running_requests, runner.max_pages_per_req, pool.device
         )
-        self.table = ReqToPageTable(args.max_running_requests, max_pages + 1, pool.device)
         self.cache = self._build_cache()
         self.use_cache = not args.disable_radix_cache
         self.eos_ids = set(runner.eos_token_ids)
