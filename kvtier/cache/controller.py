@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvtier import faults
 from kvtier.cache.kv_pool import KVPool
 from kvtier.kernels.kv_io import (
     KVSpace,
@@ -52,6 +53,16 @@ class TransferStats:
     backup_ops: int = 0
     load_seconds: float = 0.0
     backup_seconds: float = 0.0
+    failed_loads: int = 0
+    failed_backups: int = 0
+
+
+class LoadError(RuntimeError):
+    """Issuing a merged load failed; ``device_pages`` were to receive it and hold no data."""
+
+    def __init__(self, device_pages: list[int], cause: BaseException) -> None:
+        super().__init__(f"loading {len(device_pages)} pages from L2 failed: {cause}")
+        self.device_pages = device_pages
 
 
 class CacheController:
@@ -111,17 +122,35 @@ class CacheController:
 
     def start_loads(self) -> Callable[[int], None] | None:
         """Issue every queued load as one layer-by-layer operation; return the per-layer wait
-        for the forward (None when there is nothing to wait for)."""
+        for the forward (None when there is nothing to wait for).
+
+        If issuing fails, nothing of it is left running, the loads' callbacks have run (their
+        locks are released) and ``LoadError`` lists the GPU pages the loads were to fill: they
+        hold no valid data."""
         if not self._queued_loads:
             return None
+        queued, self._queued_loads = self._queued_loads, []
+        try:
+            faults.check("load")
+            return self._issue_loads(queued)
+        except Exception as e:
+            if self.on_gpu:
+                self.load_stream.synchronize()
+            self.stats.failed_loads += len(queued)
+            for _, _, cb in queued:
+                cb()
+            raise LoadError([p for _, d, _ in queued for p in d], e) from e
+
+    def _issue_loads(
+        self, queued: list[tuple[list[int], list[int], Callback]]
+    ) -> Callable[[int], None] | None:
         host: list[int] = []
         dev: list[int] = []
         callbacks: list[Callback] = []
-        for h, d, cb in self._queued_loads:
+        for h, d, cb in queued:
             host.extend(h)
             dev.extend(d)
             callbacks.append(cb)
-        self._queued_loads = []
         t = _Transfer("load", len(host), callbacks)
         self.stats.load_ops += 1
         if not self.on_gpu:
@@ -168,7 +197,20 @@ class CacheController:
 
     # ------------------------------------------------------------------ backups
     def backup(self, device_pages: list[int], host_pages: list[int], on_done: Callback) -> None:
-        """Copy ``device_pages`` (every layer) to ``host_pages`` on the write stream."""
+        """Copy ``device_pages`` (every layer) to ``host_pages`` on the write stream. If issuing
+        fails it raises with nothing left running and ``on_done`` not called."""
+        try:
+            faults.check("backup")
+            self._issue_backup(device_pages, host_pages, on_done)
+        except Exception:
+            if self.on_gpu:
+                self.write_stream.synchronize()
+            self.stats.failed_backups += 1
+            raise
+
+    def _issue_backup(
+        self, device_pages: list[int], host_pages: list[int], on_done: Callback
+    ) -> None:
         t = _Transfer("backup", len(device_pages), [on_done])
         self.stats.backup_ops += 1
         if not self.on_gpu:
@@ -213,9 +255,8 @@ class CacheController:
         return len(done)
 
     def wait_all(self) -> None:
-        """Block until every issued transfer has finished, then complete them."""
-        if self._queued_loads:
-            self.start_loads()
+        """Block until every issued transfer has finished, then complete them. (Queued loads
+        are not issued: they belong to the next step.)"""
         for t in self._inflight:
             if t.end is not None:
                 t.end.synchronize()
@@ -234,6 +275,8 @@ class CacheController:
             "backed_up_bytes": backed,
             "load_ops": s.load_ops,
             "backup_ops": s.backup_ops,
+            "failed_loads": s.failed_loads,
+            "failed_backups": s.failed_backups,
             "load_bandwidth_gbps": loaded / s.load_seconds / 1e9 if s.load_seconds else 0.0,
             "backup_bandwidth_gbps": backed / s.backup_seconds / 1e9 if s.backup_seconds else 0.0,
         }

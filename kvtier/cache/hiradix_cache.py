@@ -88,7 +88,16 @@ class HiRadixCache(RadixCache):
         node.host_pages = pages
         self.lock(node)
         self._lock_host(node)
-        self.controller.backup(node.device_pages, pages, self._release_transfer(node))
+        try:
+            self.controller.backup(node.device_pages, pages, self._release_transfer(node))
+        except Exception as e:
+            # The prefix simply keeps no L2 copy; nothing was left running.
+            logger.warning("backup of %d pages to L2 failed (%s); no L2 copy kept", len(pages), e)
+            node.host_pages = None
+            self.host_allocator.free(pages)
+            self.unlock(node)
+            self._unlock_host(node)
+            return False
         return True
 
     def _on_new_node(self, node: TreeNode) -> None:
@@ -230,6 +239,42 @@ class HiRadixCache(RadixCache):
 
     def poll(self) -> None:
         self.controller.poll()
+
+    def drop_nodes_holding(self, device_pages: set[int]) -> int:
+        """Remove every node holding one of ``device_pages``, with everything under it, from
+        both tiers (after a failed load those GPU pages hold no data, and the L2 copy is not
+        trusted). Pages, not node objects, identify them: a node may have been split since the
+        load was queued. No request may hold them. Returns how many nodes were removed."""
+        tops = [
+            n
+            for n in self._all_nodes()
+            if n is not self.root
+            and n.device_pages is not None
+            and not device_pages.isdisjoint(n.device_pages)
+        ]
+        removed = 0
+        for top in tops:
+            if top.parent is None or not self._attached(top):  # gone with an ancestor
+                continue
+            sub = self._subtree(top)
+            if any(n.lock_ref or n.host_lock_ref for n in sub):
+                raise IntegrityError(f"dropping a node still in use: {top}")
+            for n in sub:
+                if n.device_pages is not None:
+                    self.allocator.free(n.device_pages)
+                    self.evictable_pages -= len(n.device_pages)
+                    n.device_pages = None
+                if n.host_pages is not None:
+                    self.host_allocator.free(n.host_pages)
+                    n.host_pages = None
+            self._delete(top)
+            removed += len(sub)
+        return removed
+
+    def _attached(self, node: TreeNode) -> bool:
+        while node.parent is not None:
+            node = node.parent
+        return node is self.root
 
     def flush_device(self) -> int:
         """Drop the GPU copy of every unlocked node that has an L2 copy (after waiting for

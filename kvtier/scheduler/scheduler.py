@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kvtier.cache.controller import LoadError
 from kvtier.cache.kv_pool import PageAllocator, ReqToPageTable
 from kvtier.cache.radix_cache import IntegrityError, RadixCache
 from kvtier.runner.forward_batch import ForwardMode
@@ -67,6 +68,7 @@ class Scheduler:
             "cached_tokens": 0,
             "retractions": 0,
             "forward_steps": 0,
+            "load_failures_recovered": 0,
         }
         self.cached_tokens_by_tier: dict[str, int] = {}
         self._outputs: list[ReqOutput] = []
@@ -313,8 +315,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------ running a step
     def _run(self, batch: ScheduleBatch) -> None:
+        try:
+            wait_layer = self.cache.start_loads()
+        except LoadError as e:
+            self._recover_failed_load(e)
+            return
         fb = batch.to_forward_batch(self.runner.kv_pool, self.table, self.runner.attn_backend)
-        fb.wait_layer = self.cache.start_loads()
+        fb.wait_layer = wait_layer
         logits = self.runner.forward(fb)
         sampled_reqs = [r for i, r in enumerate(batch.reqs) if batch.samples(i)]
         next_ids: list[int] = []
@@ -334,6 +341,40 @@ class Scheduler:
                 self._cache_prefix(req)
         for req, token in zip(sampled_reqs, next_ids):
             self._append_token(req, token)
+
+    def _recover_failed_load(self, error: LoadError) -> None:
+        """A load from L2 failed before this step's forward: every running request that holds
+        one of the pages it was to fill goes back to the queue (its prefix will be recomputed),
+        the nodes holding them leave both tiers, and the step is skipped; the other requests
+        keep their state and run next step."""
+        bad = set(error.device_pages)
+        affected = [r for r in self.running if not bad.isdisjoint(r.pages)]
+        for req in affected:
+            self._unadmit(req)
+        self.cache.drop_nodes_holding(bad)  # type: ignore[attr-defined]
+        self.counters["load_failures_recovered"] += 1
+        logger.warning("%s; recomputing %d request(s)", error, len(affected))
+
+    def _unadmit(self, req: Req) -> None:
+        """Undo an admission whose cached prefix turned out unusable: release the request's
+        pages and lock without caching anything, and queue it to be admitted afresh."""
+        self.allocator.free(req.pages[req.cached_len // self.page_size :])
+        if req.last_node is not None:
+            self.cache.unlock(req.last_node)
+        if req.row is not None:
+            self.table.free_row(req.row)
+        req.pages, req.last_node, req.row = [], None, None
+        req.kv_len = req.cached_len = 0
+        if req.admitted and not req.output_ids:
+            # Its cache report is made again at re-admission.
+            self.counters["prompt_tokens"] -= len(req.input_ids)
+            self.counters["cached_tokens"] -= req.cached_tokens
+            for tier, t in req.cached_tokens_by_tier.items():
+                self.cached_tokens_by_tier[tier] -= t
+            req.admitted = False
+            req.cached_tokens, req.cached_tokens_by_tier = 0, {}
+        self.running.remove(req)
+        self.waiting.appendleft(req)
 
     def _append_token(self, req: Req, token: int) -> None:
         req.tokens.append(token)

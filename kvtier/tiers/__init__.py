@@ -10,6 +10,7 @@ import logging
 
 import torch
 
+from kvtier import faults
 from kvtier.server_args import ServerArgs
 from kvtier.tiers.base import MemoryTier, TierError, TierSpec, stripe_pages
 
@@ -43,6 +44,13 @@ def create_tier(args: ServerArgs, spec: TierSpec, device: torch.device) -> Memor
     """The L2 tier chosen by ``--hicache-tier`` (or its alias ``--hicache-use-xmem``), sized by
     ``spec``, serving the compute ``device``. Each tier's module is imported only when chosen:
     the X-Mem SDK initialises itself at import and must never load for the other tiers."""
+    try:
+        faults.check("tier_alloc")
+    except faults.FaultInjected as e:
+        raise TierError(
+            f"allocating the {args.hicache_tier} L2 tier failed ({e}); lower --hicache-size or "
+            "choose another --hicache-tier"
+        ) from e
     if args.hicache_tier == "dram":
         from kvtier.tiers.dram import DramTier
 
