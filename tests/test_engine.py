@@ -5,8 +5,8 @@ KV was obtained."""
 import random
 
 import pytest
+from engine_utils import make_engine
 
-import kvtier
 from kvtier.sampling_params import SamplingParamsError
 from kvtier.scheduler.scheduler import RequestError
 from kvtier.server_args import ServerArgsError
@@ -14,12 +14,7 @@ from kvtier.server_args import ServerArgsError
 GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
 
 
-def make(**kw):
-    kw.setdefault("model_path", "builtin:tiny-qwen3")
-    kw.setdefault("log_level", "warning")
-    # On a GPU the default pool takes most of its memory; tests build several engines at once.
-    kw.setdefault("max_total_tokens", 16384)
-    return kvtier.Engine(**kw)
+make = make_engine
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ fails, and that nothing leaks. Served tokens stay those of a recompute."""
 import random
 
 import pytest
+from engine_utils import make_engine
 
-import kvtier
 from kvtier import faults
 from kvtier.tiers import TierError
 from kvtier.tiers.dram import pinned_bytes
@@ -14,16 +14,13 @@ SP = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 
 
 def make(**kw):
-    kw.setdefault("model_path", "builtin:tiny-qwen3")
-    kw.setdefault("log_level", "error")
-    kw.setdefault("max_total_tokens", 16384)
-    return kvtier.Engine(**kw)
+    return make_engine(**{"log_level": "error", **kw})
 
 
 def hicache(**kw):
-    kw.setdefault("enable_hierarchical_cache", True)
-    kw.setdefault("page_size", 4)
-    return make(**kw)
+    return make_engine(
+        **{"log_level": "error", "enable_hierarchical_cache": True, "page_size": 4, **kw}
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -4,19 +4,14 @@ come back from L2, under GPU and L2 pressure, for every write policy, layout and
 import random
 
 import pytest
+from engine_utils import make_engine, make_hicache_engine
 
-import kvtier
 from kvtier.tiers import TierError
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 
 
-def make(**kw):
-    kw.setdefault("model_path", "builtin:tiny-qwen3")
-    kw.setdefault("log_level", "warning")
-    # On a GPU the default pool takes most of its memory; tests build several engines at once.
-    kw.setdefault("max_total_tokens", 16384)
-    return kvtier.Engine(**kw)
+make = make_engine
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +37,7 @@ def chats(engine, n=5, turns=3, seed=0, concurrent=False):
     return outs, metas
 
 
-def hicache(**kw):
-    kw.setdefault("enable_hierarchical_cache", True)
-    kw.setdefault("page_size", 4)
-    # The GPU pool holds about two conversations: the rest must come back from L2.
-    kw.setdefault("max_total_tokens", 128)
-    kw.setdefault("hicache_ratio", 4.0)
-    return make(**kw)
+hicache = make_hicache_engine
 
 
 @pytest.mark.parametrize("policy", ["write_through", "write_through_selective", "write_back"])

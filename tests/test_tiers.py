@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from engine_utils import make_engine, make_hicache_engine
 
 import kvtier
 from kvtier.kernels.kv_io import (
@@ -555,20 +556,10 @@ def test_peer_sizing_checks_free_memory_on_each_peer(monkeypatch):
 
 
 # ============================================================================ engine equality
-def make(**kw):
-    kw.setdefault("model_path", "builtin:tiny-qwen3")
-    kw.setdefault("log_level", "warning")
-    kw.setdefault("max_total_tokens", 16384)
-    return kvtier.Engine(**kw)
+make = make_engine
 
 
-def hicache(**kw):
-    kw.setdefault("enable_hierarchical_cache", True)
-    kw.setdefault("page_size", 4)
-    # The GPU pool holds about two conversations: the rest must come back from L2.
-    kw.setdefault("max_total_tokens", 128)
-    kw.setdefault("hicache_ratio", 4.0)
-    return make(**kw)
+hicache = make_hicache_engine
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from kvtier.models.layers import (
     DenseMLP,
     RMSNorm,
     RotaryEmbedding,
+    Router,
     compute_logits,
     load_hf_weights,
     stacked_router,
@@ -30,10 +31,16 @@ STACKED_PARAMS_MAPPING = [
 
 
 class LlamaDecoderLayer(nn.Module):
+    # Subclasses (Qwen3, Qwen3-MoE) change these two things and nothing else.
+    qk_norm = False
+
+    def make_mlp(self, config: ModelConfig, layer_id: int) -> nn.Module:
+        return DenseMLP(config.hidden_size, config.intermediate_size)
+
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(config, layer_id, qk_norm=False)
-        self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
+        self.self_attn = DecoderAttention(config, layer_id, qk_norm=self.qk_norm)
+        self.mlp = self.make_mlp(config, layer_id)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -45,11 +52,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+            self.layer_cls(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -64,10 +73,12 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    model_cls: type[LlamaModel] = LlamaModel
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = self.model_cls(config)
         # Tied models have no lm_head module at all: the embedding is the only copy.
         self.lm_head = (
             None
@@ -81,7 +92,10 @@ class LlamaForCausalLM(nn.Module):
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
         return compute_logits(hidden, self.model.norm, head.weight, batch.logits_indices)
 
+    def weight_router(self) -> Router:
+        """Where each HF tensor goes (q/k/v and gate/up are fused on the way in)."""
+        return stacked_router(STACKED_PARAMS_MAPPING, self.config.tie_word_embeddings)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors (q/k/v and gate/up are fused on the way in)."""
-        route = stacked_router(STACKED_PARAMS_MAPPING, self.config.tie_word_embeddings)
-        load_hf_weights(self, weights, route)
+        """Load HF-named tensors."""
+        load_hf_weights(self, weights, self.weight_router())

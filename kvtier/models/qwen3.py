@@ -1,87 +1,17 @@
-"""Qwen3 (dense): Llama-style decoder with a per-head RMSNorm on q and k before RoPE."""
+"""Qwen3 (dense): the Llama decoder with a per-head RMSNorm on q and k before RoPE."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-import torch
-from torch import nn
-
-from kvtier.models.config import ModelConfig
-from kvtier.models.layers import (
-    DecoderAttention,
-    DenseMLP,
-    RMSNorm,
-    RotaryEmbedding,
-    compute_logits,
-    load_hf_weights,
-    stacked_router,
-)
-from kvtier.runner.forward_batch import ForwardBatch
-
-# (our fused parameter, HF name fragment, shard id)
-STACKED_PARAMS_MAPPING = [
-    ("qkv_proj", "q_proj", 0),
-    ("qkv_proj", "k_proj", 1),
-    ("qkv_proj", "v_proj", 2),
-    ("gate_up_proj", "gate_proj", 0),
-    ("gate_up_proj", "up_proj", 1),
-]
+from kvtier.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
 
-class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
-        super().__init__()
-        self.self_attn = DecoderAttention(config, layer_id, qk_norm=True)
-        self.mlp = DenseMLP(config.hidden_size, config.intermediate_size)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+class Qwen3DecoderLayer(LlamaDecoderLayer):
+    qk_norm = True
 
 
-class Qwen3Model(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, i) for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Hidden states [T, hidden] after the last layer, before the final norm."""
-        rope = self.rotary_emb(batch.positions)
-        x = self.embed_tokens(batch.input_ids)
-        for layer in self.layers:
-            x = layer(x, rope, batch)
-        return x
+class Qwen3Model(LlamaModel):
+    layer_cls = Qwen3DecoderLayer
 
 
-class Qwen3ForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.model = Qwen3Model(config)
-        # Tied models have no lm_head module at all: the embedding is the only copy.
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        )
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Float32 logits [N, vocab] for rows ``batch.logits_indices``."""
-        hidden = self.model(batch)
-        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return compute_logits(hidden, self.model.norm, head.weight, batch.logits_indices)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors (q/k/v and gate/up are fused on the way in)."""
-        route = stacked_router(STACKED_PARAMS_MAPPING, self.config.tie_word_embeddings)
-        load_hf_weights(self, weights, route)
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    model_cls = Qwen3Model
