@@ -116,3 +116,53 @@ def test_l2_too_large_is_refused_naming_the_flag():
 def test_flush_device_needs_hierarchical_cache():
     with make() as e, pytest.raises(ValueError, match="needs --enable-hierarchical-cache"):
         e.flush_cache(tier="device")
+
+
+def test_decode_pressure_with_backups_in_flight_retracts_instead_of_crashing(reference):
+    """Retracted requests' KV goes to the tree and starts L2 backups that pin its pages; the
+    next allocation waits for them instead of declaring the pool exhausted."""
+    rng = random.Random(21)
+    ps = [[rng.randrange(10, 1500) for _ in range(30)] for _ in range(8)]
+    sp = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+    want = [reference.generate(input_ids=p, sampling_params=sp)["output_ids"] for p in ps]
+    with hicache(page_size=1, max_total_tokens=200, hicache_ratio=2.0) as e:
+        got = e.generate(input_ids=ps, sampling_params=sp)
+        assert [g["output_ids"] for g in got] == want
+        assert e.get_stats()["retractions"] > 0
+        e.check_integrity()
+
+
+def test_every_load_is_reported_as_an_l2_hit(reference):
+    """Room is checked before a load is queued, so no load is wasted on a request that is then
+    not admitted, and the tokens loaded equal the tokens reported as L2 hits."""
+    with hicache() as e:
+        _, metas = chats(e, n=6, concurrent=True)
+        stats = e.get_stats()
+        page_bytes = stats["kv_bytes_per_token"] * stats["page_size"]
+        loaded_tokens = stats["loaded_bytes"] // page_bytes * stats["page_size"]
+        reported = sum(m["cached_tokens_by_tier"].get("dram", 0) for m in metas)
+        assert loaded_tokens > 0
+        assert loaded_tokens == reported
+
+
+def test_request_larger_than_the_pool_is_aborted_not_fatal():
+    with hicache(max_total_tokens=64) as e:
+        out = e.generate(
+            input_ids=list(range(10, 50)),
+            sampling_params={"max_new_tokens": 100, "ignore_eos": True},
+        )
+        assert out["meta_info"]["finish_reason"] == {
+            "type": "abort",
+            "message": "out of KV memory: the request needs more than the 64 tokens of the "
+            "KV pool (see --max-total-tokens)",
+        }
+        # 40 prompt tokens + 24 generated fill the 64 slots; the 25th needs no KV slot.
+        assert out["meta_info"]["completion_tokens"] == 25
+        e.check_integrity()
+        # The engine keeps serving.
+        assert (
+            e.generate(input_ids=[5, 6, 7], sampling_params=GREEDY)["meta_info"][
+                "completion_tokens"
+            ]
+            == 8
+        )

@@ -322,6 +322,9 @@ class HiRadixCache(RadixCache):
     def transfers_idle(self) -> bool:
         return self.controller.idle
 
+    def wait_transfers(self) -> None:
+        self.controller.wait_all()
+
     def close(self) -> None:
         self.controller.wait_all()
         self.controller.tier.close()
@@ -331,6 +334,7 @@ class HiRadixCache(RadixCache):
         used = total - self.host_allocator.num_free
         return {
             "l2_tier": self.tier_name,
+            "l2_pinned_bytes": self.controller.tier.pinned_nbytes,
             "l2_total_tokens": total * self.page_size,
             "l2_used_tokens": used * self.page_size,
             "l2_backups_skipped": self.backups_skipped,

@@ -353,6 +353,9 @@ class RadixCache:
     def transfers_idle(self) -> bool:
         return True
 
+    def wait_transfers(self) -> None:
+        """Block until transfers in flight have landed and released their locks."""
+
     def stats(self) -> dict[str, Any]:
         return {}
 

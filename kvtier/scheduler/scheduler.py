@@ -171,6 +171,12 @@ class Scheduler:
         if pages is None and self.use_cache:
             self.cache.evict(n - self.allocator.num_free)
             pages = self.allocator.alloc(n)
+        if pages is None and self.use_cache and not self.cache.transfers_idle:
+            # Transfers in flight (backups above all) pin pages; once they land, those pages
+            # can be evicted.
+            self.cache.wait_transfers()
+            self.cache.evict(n - self.allocator.num_free)
+            pages = self.allocator.alloc(n)
         return pages
 
     def _pages_for(self, req: Req, num_new: int) -> int:
@@ -210,7 +216,8 @@ class Scheduler:
             if req.pending <= 1 or budget <= 0 or req not in self.running:
                 continue
             n = min(req.pending, chunk, budget)
-            self._grow_or_retract(req, n, reqs, num_new)
+            if not self._grow_or_retract(req, n, reqs, num_new):
+                continue
             reqs.append(req)
             num_new.append(n)
             budget -= n
@@ -233,27 +240,40 @@ class Scheduler:
     def _admit(self, req: Req, max_new: int) -> int:
         """Give ``req`` its cached prefix and pages for its first step; return how many tokens
         that step runs (0: not admitted, nothing changed)."""
-        # The last token is always run, so its logits exist to sample from.
+        ps = self.page_size
         loaded = 0
-        if self.use_cache:
-            match = self.cache.match_prefix(req.tokens[: len(req.tokens) - 1])
-            if match.host_pages:
-                match, loaded = self.cache.load_back(match)
-            self.cache.lock(match.last_device_node)
-        else:
-            match = None
-        prefix_pages = match.device_pages if match else []
-        prefix_len = len(prefix_pages) * self.page_size
-        n = min(len(req.tokens) - prefix_len, max_new)
-        need = (prefix_len + n + self.page_size - 1) // self.page_size - len(prefix_pages)
-        reserve = self._reserved_pages()
+        match = None
         row = self.table.alloc_row()
+        if row is None:
+            return 0
+        if self.use_cache:
+            # The last token is always run, so its logits exist to sample from.
+            match = self.cache.match_prefix(req.tokens[: len(req.tokens) - 1])
+            self.cache.lock(match.last_device_node)
+            # Room for the L2 continuation and the first step must exist before any load is
+            # queued: a load for a request that is then not admitted is wasted work.
+            cached = match.device_len + match.host_len
+            n = min(len(req.tokens) - cached, max_new)
+            need = len(match.host_pages) + (cached + n + ps - 1) // ps - cached // ps
+            if self._available_pages() < need + self._reserved_pages():
+                self.cache.unlock(match.last_device_node)
+                self.table.free_row(row)
+                return 0
+            if match.host_pages:
+                extended, loaded = self.cache.load_back(match)
+                self.cache.lock(extended.last_device_node)
+                self.cache.unlock(match.last_device_node)
+                match = extended
+        prefix_pages = match.device_pages if match else []
+        prefix_len = len(prefix_pages) * ps
+        n = min(len(req.tokens) - prefix_len, max_new)
+        need = (prefix_len + n + ps - 1) // ps - len(prefix_pages)
         pages = None
-        if row is not None and self._available_pages() >= need + reserve:
+        if self._available_pages() >= need + self._reserved_pages():
             pages = self._alloc(need)
         if pages is None:
-            if row is not None:
-                self.table.free_row(row)
+            # Only reached without an L2 load (the room was checked before queueing one).
+            self.table.free_row(row)
             if match:
                 self.cache.unlock(match.last_device_node)
             return 0
@@ -283,25 +303,37 @@ class Scheduler:
         for req in reqs:
             if req not in self.running:  # retracted while making room for an older one
                 continue
-            self._grow_or_retract(req, 1, scheduled, num_new)
+            if not self._grow_or_retract(req, 1, scheduled, num_new):
+                continue
             scheduled.append(req)
             num_new.append(1)
+        if not scheduled:
+            return None
         return ScheduleBatch(ForwardMode.DECODE, scheduled, num_new)
 
-    def _grow_or_retract(self, req: Req, n: int, scheduled: list[Req], num_new: list[int]) -> None:
+    def _grow_or_retract(self, req: Req, n: int, scheduled: list[Req], num_new: list[int]) -> bool:
         """Give ``req`` pages for ``n`` more tokens, retracting the newest other running requests
-        (and dropping them from the step being built) until that succeeds."""
+        (and dropping them from the step being built) until that succeeds. When ``req`` alone
+        does not fit in the pool, it is finished with an error instead (False)."""
         while not self._grow(req, n):
             victim = next((r for r in reversed(self.running) if r is not req), None)
             if victim is None:
-                raise RuntimeError(
-                    "out of KV pages with a single running request; "
-                    "raise --max-total-tokens or --mem-fraction-static"
+                self.running.remove(req)
+                capacity = self.allocator.capacity * self.page_size
+                self._finish(
+                    req,
+                    FinishReason(
+                        "abort",
+                        message=f"out of KV memory: the request needs more than the "
+                        f"{capacity} tokens of the KV pool (see --max-total-tokens)",
+                    ),
                 )
+                return False
             self._retract(victim)
             if victim in scheduled:
                 i = scheduled.index(victim)
                 del scheduled[i], num_new[i]
+        return True
 
     def _retract(self, req: Req) -> None:
         """Send a running request back to the queue; its KV is cached in the tree if possible and

@@ -110,6 +110,11 @@ class MemoryTier(ABC):
     def kernel_accessible(self) -> bool:
         """Whether GPU kernels can read and write the buffer through its addresses."""
 
+    @property
+    def pinned_nbytes(self) -> int:
+        """Host memory this tier holds page-locked (0 for memory that is not host memory)."""
+        return 0
+
     @abstractmethod
     def close(self) -> None:
         """Release the memory. Idempotent."""

@@ -92,6 +92,10 @@ class DramTier(MemoryTier):
     def kernel_accessible(self) -> bool:
         return self.pinned
 
+    @property
+    def pinned_nbytes(self) -> int:
+        return self._nbytes if self._registered_ptr else 0
+
     def close(self) -> None:
         global _pinned_bytes
         if self._mmap is None:
