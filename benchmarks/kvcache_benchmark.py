@@ -21,8 +21,9 @@ stand-in banks on device memory), ``peer`` (other GPUs' HBM); ``both`` = dram an
     python benchmarks/kvcache_benchmark.py --base-url http://127.0.0.1:30000   # a running server
 
 With CUDA the defaults are the seed's setup (Qwen3-30B-A3B-Instruct-2507 with dummy weights,
-page 64, layer_first, write_through, 60 GB of L2, --mem-fraction-static 0.5, prompts of 1K and
-10K..90K tokens); without it, ``builtin:tiny-qwen3`` and 256..2048-token prompts.
+page 64, layer_first, write_through, 60 GB of L2, prompts of 1K and 10K..90K tokens), with
+--mem-fraction-static 0.85 instead of the seed's 0.5: the weights load as bf16, twice the FP8
+size); without it, ``builtin:tiny-qwen3`` and 256..2048-token prompts.
 
 On one H200 the default TTFT run fits 6 prompts of 90K tokens in 60 GB and times each of them at
 ten lengths, a few minutes per backend; ``--num-prompts 2`` or fewer ``--lengths`` shorten it.
@@ -85,7 +86,9 @@ GPU_DEFAULTS: dict[str, Any] = {
     "load_format": "dummy",
     "page_size": 64,
     "hicache_size": 60.0,
-    "mem_fraction_static": 0.5,
+    # The seed's 0.5 assumes FP8 weights (~30 GB); kvtier loads them as bf16 (~61 GB), which at
+    # 0.5 of an H200 would leave ~9 GB of KV pool, too little for 90K-token prompts.
+    "mem_fraction_static": 0.85,
     "lengths": [1024] + [10240 * i for i in range(1, 10)],
     "num_prompts": None,  # as many of the longest prompts as the L2 holds
     "tp_num_prompts": 32,
