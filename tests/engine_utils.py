@@ -1,6 +1,8 @@
 """Engines for tests: the built-in tiny model with a pool sized explicitly (on a GPU the default
 pool takes most of its memory, and tests build several engines at once)."""
 
+import random
+
 import kvtier
 
 
@@ -19,3 +21,34 @@ def make_hicache_engine(**kw) -> kvtier.Engine:
     kw.setdefault("max_total_tokens", 128)
     kw.setdefault("hicache_ratio", 4.0)
     return make_engine(**kw)
+
+
+def chats(
+    engine: kvtier.Engine,
+    n: int = 4,
+    turns: int = 3,
+    seed: int = 0,
+    concurrent: bool = False,
+    first_len: int = 30,
+    extra_len: int = 7,
+    max_new: int = 8,
+) -> tuple[list[list[int]], list[dict]]:
+    """Multi-turn chats as token ids: each turn re-sends the whole history plus a new message.
+    Returns every turn's output ids and meta_info; checks integrity after each turn."""
+    rng = random.Random(seed)
+    hist = [[rng.randrange(10, 1500) for _ in range(first_len)] for _ in range(n)]
+    sp = {"temperature": 0, "max_new_tokens": max_new, "ignore_eos": True}
+    outs, metas = [], []
+    for _ in range(turns):
+        if concurrent:
+            res = engine.generate(input_ids=hist, sampling_params=sp)
+        else:
+            res = [engine.generate(input_ids=h, sampling_params=sp) for h in hist]
+        for i, r in enumerate(res):
+            outs.append(r["output_ids"])
+            metas.append(r["meta_info"])
+            hist[i] = (
+                hist[i] + r["output_ids"] + [rng.randrange(10, 1500) for _ in range(extra_len)]
+            )
+        engine.check_integrity()
+    return outs, metas

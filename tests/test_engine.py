@@ -5,7 +5,7 @@ KV was obtained."""
 import random
 
 import pytest
-from engine_utils import make_engine
+from engine_utils import chats, make_engine
 
 from kvtier.sampling_params import SamplingParamsError
 from kvtier.scheduler.scheduler import RequestError
@@ -36,22 +36,7 @@ def prompts(n, length, seed=0, vocab=1500):
 
 
 def conversations(engine, n=4, turns=3, seed=0, concurrent=False, max_new=8):
-    """Multi-turn chats as token ids: each turn re-sends the whole history plus a new message."""
-    rng = random.Random(seed)
-    hist = prompts(n, 30, seed)
-    outs, metas = [], []
-    sp = {"temperature": 0, "max_new_tokens": max_new, "ignore_eos": True}
-    for _ in range(turns):
-        if concurrent:
-            res = engine.generate(input_ids=hist, sampling_params=sp)
-        else:
-            res = [engine.generate(input_ids=h, sampling_params=sp) for h in hist]
-        for i, r in enumerate(res):
-            outs.append(r["output_ids"])
-            metas.append(r["meta_info"])
-            hist[i] = hist[i] + r["output_ids"] + [rng.randrange(10, 1500) for _ in range(7)]
-        engine.check_integrity()
-    return outs, metas
+    return chats(engine, n, turns, seed, concurrent, first_len=30, extra_len=7, max_new=max_new)
 
 
 def test_generate_text_and_meta(engine):

@@ -4,6 +4,7 @@ come back from L2, under GPU and L2 pressure, for every write policy, layout and
 import random
 
 import pytest
+from engine_utils import chats as run_chats
 from engine_utils import make_engine, make_hicache_engine
 
 from kvtier.tiers import TierError
@@ -21,20 +22,7 @@ def reference():
 
 
 def chats(engine, n=5, turns=3, seed=0, concurrent=False):
-    rng = random.Random(seed)
-    hist = [[rng.randrange(10, 1500) for _ in range(36)] for _ in range(n)]
-    outs, metas = [], []
-    for _ in range(turns):
-        if concurrent:
-            res = engine.generate(input_ids=hist, sampling_params=GREEDY)
-        else:
-            res = [engine.generate(input_ids=h, sampling_params=GREEDY) for h in hist]
-        for i, r in enumerate(res):
-            outs.append(r["output_ids"])
-            metas.append(r["meta_info"])
-            hist[i] = hist[i] + r["output_ids"] + [rng.randrange(10, 1500) for _ in range(9)]
-        engine.check_integrity()
-    return outs, metas
+    return run_chats(engine, n, turns, seed, concurrent, first_len=36, extra_len=9)
 
 
 hicache = make_hicache_engine
