@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - CPU installs without triton
 # Programs per (layer, K/V) of one copy launch. Enough loads in flight to fill PCIe or NVLink
 # (each program moves a page at a time), few enough to leave most multiprocessors to compute.
 COPY_PROGRAMS = int(os.environ.get("KVTIER_COPY_PROGRAMS", "64"))
+COPY_WARPS = int(os.environ.get("KVTIER_COPY_WARPS", "4"))
 
 
 @dataclass
@@ -302,10 +303,11 @@ def copy_pages_kernel(
     dst_pages: torch.Tensor,
     layers: range,
     max_programs: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """One launch copying every (page pair, layer, K/V). Page id tensors must be on the GPU
     running the kernel (or CPU under the Triton interpreter). ``max_programs``: programs per
-    (layer, K/V), default ``COPY_PROGRAMS``."""
+    (layer, K/V), default ``COPY_PROGRAMS``; ``num_warps`` per program, default ``COPY_WARPS``."""
     if triton is None:
         raise RuntimeError("--hicache-io-backend kernel needs triton")
     n = int(src_pages.shape[0])
@@ -351,7 +353,7 @@ def copy_pages_kernel(
         DST_STRIPED=dst_striped,
         SRC_SEG_ALIGN=src_align,
         DST_SEG_ALIGN=dst_align,
-        num_warps=4,
+        num_warps=num_warps or COPY_WARPS,
     )
 
 
