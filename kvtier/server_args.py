@@ -97,8 +97,11 @@ class ServerArgs:
     attention_backend: str = _opt(
         "auto", "auto: triton on cuda, torch on cpu", choices=ATTENTION_BACKENDS
     )
-    disable_cuda_graph: bool = _opt(False, "run decode without CUDA graphs")
+    disable_cuda_graph: bool = _opt(False, "run without CUDA graphs (decode and piecewise)")
     cuda_graph_max_bs: int = _opt(160, "largest decode batch captured in a CUDA graph")
+    piecewise_cuda_graph_max_tokens: int = _opt(
+        256, "largest extend step (new tokens) run through per-layer CUDA graphs; 0: none"
+    )
 
     # --- server ---
     host: str = _opt("127.0.0.1", "HTTP bind address")
@@ -181,6 +184,15 @@ class ServerArgs:
         positive("max_total_tokens", allow_none=True)
         positive("context_length", allow_none=True)
         positive("cuda_graph_max_bs")
+        if (
+            not isinstance(self.piecewise_cuda_graph_max_tokens, int)
+            or isinstance(self.piecewise_cuda_graph_max_tokens, bool)
+            or self.piecewise_cuda_graph_max_tokens < 0
+        ):
+            raise ServerArgsError(
+                "--piecewise-cuda-graph-max-tokens must be a non-negative integer; "
+                f"got {self.piecewise_cuda_graph_max_tokens!r}"
+            )
         positive("max_request_body_bytes")
         if self.page_size & (self.page_size - 1):
             raise ServerArgsError(f"--page-size must be a power of two; got {self.page_size}")

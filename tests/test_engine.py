@@ -236,3 +236,35 @@ def test_padded_graph_batches_equal_recompute(reference):
         got, _ = conversations(e, n=5, concurrent=True)
         assert got == want
         e.check_integrity()
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_piecewise_graph_batches_equal_recompute(reference, concurrent):
+    """Short extends (new turns after a prefix hit) through the per-layer graph runner: the
+    padding (empty sequence slots, padding tokens in their own sequence over page 0) changes no
+    output. Without CUDA the padded static batches run eagerly, layer by layer."""
+    from kvtier.runner.piecewise_graph import PiecewiseGraphRunner
+
+    want, _ = conversations(reference, n=3)
+    with make(page_size=4) as e:
+        runner = e.scheduler.runner
+        if runner.piecewise_runner is None:
+            runner.piecewise_runner = PiecewiseGraphRunner(
+                runner, max_tokens=48, max_bs=3, max_pages=runner.max_pages_per_req, capture=False
+            )
+            assert runner.piecewise_runner.token_sizes == [16, 32, 48]
+            assert runner.piecewise_runner.batch_sizes == [1, 2, 3]
+        pw = runner.piecewise_runner
+        calls = []
+        run = pw.run
+
+        def counted(batch):
+            calls.append((batch.num_tokens, batch.batch_size))
+            return run(batch)
+
+        pw.run = counted
+        got, _ = conversations(e, n=3, concurrent=concurrent)
+        assert got == want
+        # Every later turn's extend (7 new tokens + the last output) went through the runner.
+        assert len(calls) >= 2 if concurrent else len(calls) >= 6
+        e.check_integrity()

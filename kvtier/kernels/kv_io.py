@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvtier.kernels.copy_engine import batch_memcpy, batch_memcpy_available
+
 if TYPE_CHECKING:
     from kvtier.tiers.layout import Layout
 
@@ -394,35 +396,56 @@ def split_runs(
 def copy_pages_direct(
     src: KVSpace, dst: KVSpace, runs: list[tuple[int, int, int]], layers: range
 ) -> None:
-    """Copy-engine copies, one per run, layer and K/V (both layouts must be page-contiguous)."""
+    """Copy-engine copies of every run, layer and K/V (both layouts must be page-contiguous):
+    one cuMemcpyBatchAsync for the whole call where the driver has it, else one
+    cudaMemcpyAsync per span."""
     sl, dl = src.layout, dst.layout
     if not (sl.page_contiguous and dl.page_contiguous):
         raise ValueError(
             f"--hicache-io-backend direct needs page-contiguous layouts; got {sl.name}/{dl.name}"
         )
+    groups = []
     for si, di, local_runs in split_runs(src, dst, runs):
-        _copy_runs_direct(src.segment(si), dst.segment(di), local_runs, layers)
+        s, d = src.segment(si), dst.segment(di)
+        offsets = _span_offsets(s, d, local_runs, layers)
+        groups += [(s.k, d.k, *offsets), (s.v, d.v, *offsets)]
+    on_gpu = src.device.type == "cuda" or dst.device.type == "cuda"
+    if on_gpu and batch_memcpy_available():
+        dsts, srcs, sizes = [], [], []
+        for s_t, d_t, s_off, d_off, n in groups:
+            esize = s_t.element_size()
+            dsts.append(d_t.data_ptr() + d_off * esize)
+            srcs.append(s_t.data_ptr() + s_off * esize)
+            sizes.append(n * esize)
+        batch_memcpy(torch.cat(dsts), torch.cat(srcs), torch.cat(sizes))
+        return
+    for s_t, d_t, s_off, d_off, n in groups:
+        for a, b, m in zip(s_off.tolist(), d_off.tolist(), n.tolist()):
+            d_t[b : b + m].copy_(s_t[a : a + m], non_blocking=True)
 
 
-def _copy_runs_direct(
+def _span_offsets(
     src: KVSpace, dst: KVSpace, runs: list[tuple[int, int, int]], layers: range
-) -> None:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Element offsets (source, destination) and lengths of the contiguous spans that copy
+    ``runs`` for ``layers`` between two unstriped spaces (the same for K and V).
+
+    A run is one span only if consecutive pages are adjacent on both sides (page stride equal
+    to a page: true for layer_first and the pool); page_first_direct runs split page by page.
+    """
     sl, dl = src.layout, dst.layout
     page_elems = sl.page_size * sl.row
-    for layer in layers:
-        for s0, d0, length in runs:
-            so = s0 * sl.page_stride + layer * sl.layer_stride
-            do = d0 * dl.page_stride + layer * dl.layer_stride
-            # A run is contiguous only if consecutive pages are adjacent in memory (strides
-            # equal to a page): true for layer_first and the pool; page_first_direct runs are
-            # split page by page.
-            if sl.page_stride == page_elems and dl.page_stride == page_elems:
-                spans = [(so, do, length * page_elems)]
-            else:
-                spans = [
-                    (so + j * sl.page_stride, do + j * dl.page_stride, page_elems)
-                    for j in range(length)
-                ]
-            for a, b, m in spans:
-                dst.k[b : b + m].copy_(src.k[a : a + m], non_blocking=True)
-                dst.v[b : b + m].copy_(src.v[a : a + m], non_blocking=True)
+    r = torch.tensor(runs, dtype=torch.int64).view(-1, 3)
+    s0, d0, length = r[:, 0], r[:, 1], r[:, 2]
+    if not (sl.page_stride == page_elems and dl.page_stride == page_elems):
+        # One span per page: expand each run into its pages.
+        j = torch.repeat_interleave(length)
+        first = torch.cumsum(length, 0) - length
+        k = torch.arange(int(length.sum())) - torch.repeat_interleave(first, length)
+        s0, d0 = s0[j] + k, d0[j] + k
+        length = torch.ones_like(s0)
+    la = torch.tensor(list(layers), dtype=torch.int64)
+    s_off = (s0[None, :] * sl.page_stride + la[:, None] * sl.layer_stride).reshape(-1)
+    d_off = (d0[None, :] * dl.page_stride + la[:, None] * dl.layer_stride).reshape(-1)
+    n = (length * page_elems).repeat(len(la))
+    return s_off, d_off, n

@@ -88,9 +88,23 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits [N, vocab] for rows ``batch.logits_indices``."""
-        hidden = self.model(batch)
+        return self.logits(self.model(batch), batch.logits_indices)
+
+    # The pieces of forward, for runners that drive the decoder layers themselves (per-layer
+    # CUDA graphs): embed -> rope -> each of decoder_layers -> logits.
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.rotary_emb(positions)
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return compute_logits(hidden, self.model.norm, head.weight, batch.logits_indices)
+        return compute_logits(hidden, self.model.norm, head.weight, rows)
 
     def weight_router(self) -> Router:
         """Where each HF tensor goes (q/k/v and gate/up are fused on the way in)."""

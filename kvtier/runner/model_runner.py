@@ -9,8 +9,10 @@ import torch
 from kvtier.attention.backend import AttentionBackend
 from kvtier.cache.kv_pool import KVPool
 from kvtier.models import ResolvedModel, load_model, resolve_dtype
+from kvtier.models.layers import FusedExperts
 from kvtier.runner.cuda_graph import CudaGraphRunner
 from kvtier.runner.forward_batch import ForwardBatch
+from kvtier.runner.piecewise_graph import PiecewiseGraphRunner
 from kvtier.server_args import ServerArgs, ServerArgsError
 
 logger = logging.getLogger(__name__)
@@ -59,12 +61,17 @@ class ModelRunner:
             min((self.context_length + ps - 1) // ps, self.kv_pool.num_pages) + 1
         )
         self.graph_runner: CudaGraphRunner | None = None
-        if self.device.type == "cuda" and not args.disable_cuda_graph:
-            from kvtier.attention.triton_backend import TritonAttention
-
-            if isinstance(self.attn_backend, TritonAttention):
-                max_bs = min(args.cuda_graph_max_bs, args.max_running_requests)
-                self.graph_runner = CudaGraphRunner(self, max_bs, self.max_pages_per_req)
+        self.piecewise_runner: PiecewiseGraphRunner | None = None
+        if self.device.type == "cuda" and not args.disable_cuda_graph and self._graphs_possible():
+            max_bs = min(args.cuda_graph_max_bs, args.max_running_requests)
+            self.graph_runner = CudaGraphRunner(self, max_bs, self.max_pages_per_req)
+            if args.piecewise_cuda_graph_max_tokens > 0:
+                self.piecewise_runner = PiecewiseGraphRunner(
+                    self,
+                    args.piecewise_cuda_graph_max_tokens,
+                    args.max_running_requests,
+                    self.max_pages_per_req,
+                )
         logger.info(
             "KV pool: %d pages of %d tokens (%.2f GB), %d bytes per token",
             self.kv_pool.num_pages - 1,
@@ -72,6 +79,20 @@ class ModelRunner:
             self.kv_pool.num_slots * self.kv_pool.token_bytes / 1e9,
             self.kv_pool.token_bytes,
         )
+
+    def _graphs_possible(self) -> bool:
+        """CUDA graphs need the Triton attention backend (the torch one reads host lists) and no
+        host sync in the model: MoE experts run as grouped GEMMs only in bfloat16; other dtypes
+        take a per-expert loop that reads the expert counts on the host."""
+        from kvtier.attention.triton_backend import TritonAttention
+
+        if not isinstance(self.attn_backend, TritonAttention):
+            return False
+        has_moe = any(isinstance(m, FusedExperts) for m in self.model.modules())
+        if has_moe and self.dtype != torch.bfloat16:
+            logger.info("CUDA graphs off: MoE experts in %s run a host-synced loop", self.dtype)
+            return False
+        return True
 
     def _num_pages(self) -> int:
         cfg, ps = self.model_config, self.args.page_size
@@ -108,5 +129,7 @@ class ModelRunner:
         """Float32 logits [len(batch.logits_indices), vocab]."""
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
             return self.graph_runner.run(batch)
+        if self.piecewise_runner is not None and self.piecewise_runner.can_run(batch):
+            return self.piecewise_runner.run(batch)
         self.attn_backend.prepare(batch)
         return self.model(batch)
