@@ -300,9 +300,24 @@ if triton is not None:
 else:  # pragma: no cover
     INTERPRETED = False
 
+
 # Launch options of every kernel: no FMA contraction (torch runs each multiply and add as its own
 # rounded op) and libdevice without flush-to-zero (torch's CUDA kernels keep subnormals).
-_EXACT = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
+# (enable_reflect_ftz is newer than enable_fp_fusion; an older Triton rejects unknown launch
+# options, and its libdevice then flushes subnormals, which only matters for subnormal values.)
+def _exact_options() -> dict[str, bool]:
+    options = {"enable_fp_fusion": False}
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        if "enable_reflect_ftz" in CUDAOptions.__dataclass_fields__:
+            options["enable_reflect_ftz"] = False
+    except Exception:  # pragma: no cover - no NVIDIA backend
+        pass
+    return options
+
+
+_EXACT = _exact_options() if triton is not None else {}
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Widest row the single-pass kernels take in one block (the auto mode falls back to torch above).
 MAX_BLOCK = 32768
