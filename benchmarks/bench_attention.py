@@ -5,12 +5,17 @@ head_dim 128), page 64 and page 1; reports the KV bandwidth achieved (bytes of K
 second) against a device-to-device copy measured in the same run, and TFLOP/s.
 Extend: 16K new tokens with no prefix and after a 64K prefix; reports TFLOP/s (causal FLOPs
 only), next to torch SDPA (flash) on contiguous K/V for the no-prefix case.
+Short extend (a prompt served from the cache): 64 new tokens after a 32K and an 80K prefix,
+batch 1; the one-pass kernel (splits 1) against split-KV extend (the heuristic's count, marked
+*); reports us, the KV read rate (each key and value read once: the bytes of the sequence's K
+and V per second) and TFLOP/s.
 
 Times are ``triton.testing.do_bench`` medians (it flushes L2 between runs, so decode reads come
 from HBM as they would across a model's layers).
 
     python benchmarks/bench_attention.py                  # the default table
     python benchmarks/bench_attention.py --sweep          # also time alternative tiles / splits
+    python benchmarks/bench_attention.py --mode short-extend --sweep --check
 """
 
 from __future__ import annotations
@@ -28,13 +33,18 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mode", choices=["decode", "extend", "all"], default="all")
+    p.add_argument("--mode", choices=["decode", "extend", "short-extend", "all"], default="all")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
     p.add_argument("--context", type=int, default=4096, help="decode: KV length per sequence")
     p.add_argument("--page-sizes", type=int, nargs="+", default=[64, 1])
     p.add_argument("--extend-tokens", type=int, default=16384)
     p.add_argument("--prefix-lens", type=int, nargs="+", default=[0, 65536])
     p.add_argument("--extend-page-size", type=int, default=64)
+    p.add_argument("--short-extend-tokens", type=int, default=64)
+    p.add_argument("--short-prefix-lens", type=int, nargs="+", default=[32768, 81920])
+    p.add_argument(
+        "--extend-splits", type=int, default=None, help="short extend splits (default: heuristic)"
+    )
     p.add_argument("--num-q-heads", type=int, default=32)
     p.add_argument("--num-kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
@@ -248,6 +258,91 @@ def run_extend(args: argparse.Namespace) -> None:
         extend_case(args, prefix, gen)
 
 
+def short_extend_case(args: argparse.Namespace, prefix: int, gen) -> None:
+    """Time a --short-extend-tokens extend after ``prefix`` cached tokens (one sequence): the
+    one-pass kernel, then split-KV with the heuristic's split count and default tiles (*), and
+    with --sweep every tile config for each split count."""
+    from kvtier.kernels import attention as A
+
+    dtype, hq, hkv, d, n, ps = (
+        DTYPES[args.dtype], args.num_q_heads, args.num_kv_heads, args.head_dim,
+        args.short_extend_tokens, args.extend_page_size,
+    )  # fmt: skip
+    scale = d**-0.5
+    total = prefix + n
+    elt = torch.empty((), dtype=dtype).element_size()
+    kv_bytes = 2 * total * hkv * d * elt
+    flops = 4 * hq * d * (n * prefix + n * (n + 1) / 2)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    k, v, pages = random_pool(total, ps, hkv, d, dtype, gen)
+    table = pages.view(1, -1).contiguous()
+
+    def i32(x: int) -> torch.Tensor:
+        return torch.tensor([x], dtype=torch.int32, device="cuda")
+
+    seq_lens, ext, starts, pre = i32(total), i32(n), i32(0), i32(prefix)
+    q = torch.randn((n, hq, d), dtype=dtype, device="cuda", generator=gen)
+    out = torch.empty_like(q)
+    base = A.default_extend_split_config(d, dtype)
+    chosen = args.extend_splits or A.choose_extend_kv_splits(
+        1, hq, hkv, n, total, num_sms=sms, block_rows=base.block_m
+    )
+    splits_all = sorted({chosen, 2, 4, 8, 12, 16, 24, 32}) if args.sweep else [chosen]
+    splits_all = [s for s in splits_all if s > 1]
+    mid_o, mid_lse = A.extend_scratch(n, hq, max([*splits_all, 1]), d, "cuda")
+
+    def run(cfg: A.KernelConfig | None, splits: int) -> float:
+        fn = functools.partial(
+            A.extend_attention, q, k, v, out, table, seq_lens, ext, starts, pre, scale, n,
+            page_size=ps, config=cfg, num_kv_splits=splits, mid_o=mid_o, mid_lse=mid_lse,
+        )  # fmt: skip
+        return bench(fn, args.rep)
+
+    def row(tag: str, splits: int, ms: float, mark: str = " ") -> None:
+        sec = ms * 1e-3
+        print(f"{prefix:>7} {splits:>6} {tag:>18}{mark} {ms * 1e3:>9.1f} "
+              f"{kv_bytes / sec / 1e12:>7.2f} {flops / sec / 1e12:>8.1f}")  # fmt: skip
+
+    one = A.default_extend_config(d, dtype, n)
+    row(f"one-pass {one.block_m}x{one.block_n}/{one.num_warps}w", 1, run(None, 1))
+    cfgs = [base]
+    if args.sweep:
+        for t in ((128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3),
+                  (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3),
+                  (256, 64, 8, 3)):  # fmt: skip
+            if A.KernelConfig(*t) not in cfgs:
+                cfgs.append(A.KernelConfig(*t))
+    for cfg in cfgs:
+        tag = f"{cfg.block_m}r x{cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s"
+        for splits in splits_all:
+            try:
+                ms = run(cfg, splits)
+            except Exception as e:  # an over-sized tile must not stop the sweep
+                print(f"{prefix:>7} {splits:>6} {tag:>18} failed: {type(e).__name__}: {e}"[:200])
+                break
+            row(tag, splits, ms, "*" if cfg == base and splits == chosen else " ")
+    if args.check and chosen > 1:
+        A.extend_attention(q, k, v, out, table, seq_lens, ext, starts, pre, scale, n,
+                           page_size=ps, num_kv_splits=chosen)  # fmt: skip
+        ref = A.extend_attention_ref(
+            q, k, v, torch.empty_like(q), table, seq_lens, ext, starts, pre, scale, n,
+            page_size=ps,
+        )  # fmt: skip
+        err = rel_err(out, ref)
+        assert err < 2e-2, f"split extend mismatch: rel err {err}"
+        print(f"{prefix:>7} check: rel err {err:.1e}")
+
+
+def run_short_extend(args: argparse.Namespace) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    print(f"\nshort extend: {args.short_extend_tokens} new tokens after a cached prefix, batch 1, "
+          f"page {args.extend_page_size}, {args.num_q_heads} q / {args.num_kv_heads} kv heads, "
+          f"head_dim {args.head_dim}, {args.dtype}; r = tile rows (queries x q heads)")  # fmt: skip
+    print(f"{'prefix':>7} {'splits':>6} {'tiles':>18} {'us':>9} {'TB/s':>7} {'TFLOP/s':>8}")
+    for prefix in args.short_prefix_lens:
+        short_extend_case(args, prefix, gen)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Run from a checkout without installing: make the repository root importable.
@@ -261,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         run_decode(args, bw_copy)
     if args.mode in ("extend", "all"):
         run_extend(args)
+    if args.mode in ("short-extend", "all"):
+        run_short_extend(args)
 
 
 if __name__ == "__main__":

@@ -257,13 +257,207 @@ def test_graph_hooks_reserve_and_freeze() -> None:
     batch.kv_pool.write(LAYER, batch.out_cache_loc, k, v)
     backend.prepare_graph(batch)
     assert batch.attn_metadata.num_kv_splits == backend.graph_num_kv_splits(3) > 1
-    scratch = backend._mid_o.data_ptr()
+    scratch = backend._decode_scratch.mid_o.data_ptr()
     out = torch.full_like(q, float("nan"))
     backend.attend(q, LAYER, batch, SCALE, out=out)
-    assert backend._mid_o.data_ptr() == scratch  # no reallocation under "capture"
+    assert backend._decode_scratch.mid_o.data_ptr() == scratch  # no reallocation under "capture"
     assert not out.isnan().any() and rel_err(out, reference(batch, q)) < 1e-4
     with pytest.raises(RuntimeError, match="frozen"):
         backend.decode_scratch_views(64, 4, 32, 8, DEVICE)
+
+
+# ------------------------------------------------------------------------------ split-KV extend
+
+
+def extend_kernel_args(batch: ForwardBatch, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Store the new K/V; return the positional arguments of ``K.extend_attention`` up to
+    ``scale`` (q, k_buf, v_buf and the lengths; ``out`` is the caller's)."""
+    batch.kv_pool.write(LAYER, batch.out_cache_loc, k, v)
+    kb, vb = batch.kv_pool.k_buffer(LAYER), batch.kv_pool.v_buffer(LAYER)
+    return kb, vb, (
+        batch.block_table, batch.seq_lens, batch.extend_lens, batch.extend_starts,
+        batch.prefix_lens, SCALE,
+    )  # fmt: skip
+
+
+def poisoned_scratch(tokens: int, hq: int, splits: int, d: int):
+    mid_o, mid_lse = K.extend_scratch(tokens, hq, splits, d, DEVICE)
+    mid_o.fill_(float("nan"))
+    mid_lse.fill_(float("nan"))
+    return mid_o, mid_lse
+
+
+# Prefix 0 with extend 1 and with a long extend, extend 1 after a prefix, extends not a multiple
+# of any block, prefixes from shorter than a key block to several blocks past a page.
+SPLIT_PREFIX = [0, 0, 19, 70, 5, 33]
+SPLIT_EXTEND = [1, 23, 1, 18, 40, 16]
+
+
+@pytest.mark.parametrize(
+    ("page_size", "num_q_heads", "num_kv_heads", "splits", "seqs"),
+    [
+        (1, 2, 2, 3, 6),  # GQA 1, page gather
+        (16, 4, 2, 2, 6),  # GQA 2 over two kv heads
+        (16, 4, 1, 16, 6),  # more splits than most sequences have key blocks: empty splits
+        (64, 8, 1, 5, 6),  # GQA 8, a page wider than the key block
+        (4, 8, 1, 32, 4),  # GQA 8, gather, 32 splits (mostly empty)
+        (16, 6, 1, 3, 6),  # GQA 6: a group that is not a power of two (padded head rows)
+    ],
+)
+def test_extend_split_matches_ref(
+    page_size: int, num_q_heads: int, num_kv_heads: int, splits: int, seqs: int
+) -> None:
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, SPLIT_PREFIX[:seqs], SPLIT_EXTEND[:seqs], page_size=page_size,
+        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=32, dtype=torch.float32,
+        seed=100 + splits,
+    )  # fmt: skip
+    kb, vb, args = extend_kernel_args(batch, q, k, v)
+    max_ext = max(SPLIT_EXTEND[:seqs])
+    ref = K.extend_attention_ref(q, kb, vb, torch.empty_like(q), *args, max_ext,
+                                 page_size=page_size)  # fmt: skip
+    one_pass = torch.full_like(q, float("nan"))
+    K.extend_attention(q, kb, vb, one_pass, *args, max_ext, page_size=page_size)
+    mid_o, mid_lse = poisoned_scratch(q.shape[0], num_q_heads, splits, 32)
+    out = torch.full_like(q, float("nan"))
+    K.extend_attention(q, kb, vb, out, *args, max_ext, page_size=page_size,
+                       num_kv_splits=splits, mid_o=mid_o, mid_lse=mid_lse)  # fmt: skip
+    assert not out.isnan().any(), "unwritten output, or NaN from an empty split"
+    assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
+    assert rel_err(out, one_pass) < 1e-5, rel_err(out, one_pass)
+
+
+def test_extend_split_head_blocks_and_tiles() -> None:
+    """A GQA group wider than the tile (32 q heads on one kv head, 16-row tiles: two head blocks
+    per kv head), then the GPU's fp32 tiles (64 rows x 32 keys), with scratch allocated by the
+    call and a grid bound above the longest extend."""
+    prefix, extend = [40, 0, 7], [3, 9, 1]
+    for hq, hkv, d, cfg in (
+        (32, 1, 16, None),
+        (8, 2, 32, K.KernelConfig(64, 32, 4, 2)),
+    ):
+        batch, q, k, v = make_batch(
+            ForwardMode.EXTEND, prefix, extend, page_size=8, num_q_heads=hq, num_kv_heads=hkv,
+            head_dim=d, dtype=torch.float32, seed=hq,
+        )  # fmt: skip
+        kb, vb, args = extend_kernel_args(batch, q, k, v)
+        ref = K.extend_attention_ref(q, kb, vb, torch.empty_like(q), *args, 9, page_size=8)
+        out = torch.full_like(q, float("nan"))
+        K.extend_attention(q, kb, vb, out, *args, 20, page_size=8, num_kv_splits=3, config=cfg)
+        assert not out.isnan().any() and rel_err(out, ref) < 1e-5, rel_err(out, ref)
+
+
+def test_extend_split_graph_style_replay() -> None:
+    """As a CUDA-graph replay would run it: one fixed grid (batch rows, max extend, splits) and
+    fixed poisoned scratch, a padded row with no new tokens, block table and lengths rewritten
+    in place between launches (other prefixes, other extends up to the bound)."""
+    hq, hkv, d, ps, splits, max_ext = 4, 2, 32, 8, 6, 12
+    shapes = (([50, 0, 3, 0], [12, 5, 1, 0]), ([2, 90, 0, 0], [7, 12, 12, 0]))
+    mid_o, mid_lse = poisoned_scratch(40, hq, 8, d)
+    for prefix, extend in shapes:
+        batch, q, k, v = make_batch(
+            ForwardMode.EXTEND, prefix, extend, page_size=ps, num_q_heads=hq, num_kv_heads=hkv,
+            head_dim=d, dtype=torch.float32, seed=sum(prefix), table_pad=4,
+        )  # fmt: skip
+        kb, vb, args = extend_kernel_args(batch, q, k, v)
+        ref = K.extend_attention_ref(q, kb, vb, torch.empty_like(q), *args, max_ext,
+                                     page_size=ps)  # fmt: skip
+        out = torch.full_like(q, float("nan"))
+        K.extend_attention(q, kb, vb, out, *args, max_ext, page_size=ps, num_kv_splits=splits,
+                           mid_o=mid_o, mid_lse=mid_lse)  # fmt: skip
+        assert not out.isnan().any() and rel_err(out, ref) < 1e-5, rel_err(out, ref)
+
+
+def test_extend_split_argument_checks() -> None:
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, [5], [3], page_size=4, num_q_heads=4, num_kv_heads=2, head_dim=16,
+        dtype=torch.float32, seed=1,
+    )  # fmt: skip
+    kb, vb, args = extend_kernel_args(batch, q, k, v)
+    out = torch.empty_like(q)
+    with pytest.raises(ValueError, match="num_kv_splits"):
+        K.extend_attention(q, kb, vb, out, *args, 3, page_size=4, num_kv_splits=0)
+    mid_o, mid_lse = K.extend_scratch(3, 4, 2, 16, DEVICE)
+    with pytest.raises(ValueError, match="too small"):
+        K.extend_attention(q, kb, vb, out, *args, 3, page_size=4, num_kv_splits=3, mid_o=mid_o,
+                           mid_lse=mid_lse)  # fmt: skip
+
+
+def test_extend_split_tiles() -> None:
+    f = K.extend_split_tiles
+    assert f(8, 64, 128) == (16, 8)  # the whole group, 16 queries
+    assert f(8, 1, 128) == (2, 8)  # one query, padded to tl.dot's 16 rows
+    assert f(1, 64, 128) == (64, 1)  # no more queries than the extend needs
+    assert f(1, 1000, 128) == (128, 1)
+    assert f(6, 64, 128) == (16, 8)  # group padded to a power of two
+    assert f(32, 64, 16) == (1, 16)  # a group wider than the tile: head blocks
+    assert f(4, 64, 64) == (16, 4)
+    with pytest.raises(ValueError):
+        f(8, 64, 96)
+
+
+def test_choose_extend_kv_splits() -> None:
+    f = K.choose_extend_kv_splits
+    # Qwen3-30B-A3B (32 q / 4 kv heads), one sequence, 64 new tokens: 32 one-pass programs;
+    # split tiles of 16 queries x 8 heads give 4 x 4 = 16 programs a split, 132 // 16 = 8.
+    assert f(1, 32, 4, 64, 32768 + 64) == 8
+    assert f(1, 32, 4, 64, 81920 + 64) == 8
+    assert f(1, 32, 4, 64, 32768, programs_per_sm=2) == 16
+    assert f(1, 32, 4, 64, 2048) == 4  # 512 keys a split at least
+    assert f(1, 32, 4, 64, 2048, min_split_len=256) == 8
+    assert f(1, 32, 4, 64, 1000) == 1  # KV too short to split
+    assert f(1, 32, 4, 64, 64) == 1
+    assert f(1, 32, 4, 1, 32768) == 32  # one query: 4 programs a split; max_splits bounds it
+    assert f(1, 32, 4, 1, 32768, max_splits=8) == 8
+    assert f(2, 32, 4, 64, 32768) == 4  # 64 one-pass programs; 32 a split
+    # 96 one-pass programs; 48 a split fit twice: as many programs, each over half the keys.
+    assert f(3, 32, 4, 64, 32768) == 2
+    assert f(8, 32, 4, 64, 32768) == 1  # 256 one-pass programs fill 132 SMs
+    assert f(1, 32, 4, 8192, 81920) == 1  # a long extend fills the GPU by itself
+    assert f(1, 32, 4, 512, 32768) == 1  # 4 x 32 = 128 one-pass; 32 x 4 = 128 a split: 1 fits
+    assert f(1, 32, 4, 256, 32768) == 2  # 64 one-pass; 16 x 4 = 64 a split
+    assert f(1, 8, 8, 64, 32768) == 16  # MHA: 64-query tiles, 8 programs a split
+    assert f(1, 32, 4, 64, 32768, num_sms=264) == 16
+    assert f(1, 32, 4, 64, 32768, block_rows=64) == 4  # 8 x 4 = 32 programs a split
+    assert f(1, 32, 4, 64, 32768, block_rows=16) == 1  # 32 x 4 = 128 programs a split
+    assert f(0, 32, 4, 64, 32768) == f(1, 32, 4, 0, 32768) == 1
+
+
+def test_extend_backend_splits_and_graph_hooks() -> None:
+    """The backend picks split-KV for a short extend over a (relatively) long prefix, matches
+    the torch backend, and keeps frozen scratch in place for captured extends."""
+    backend = TritonAttention(min_extend_split_len=16)
+    prefix, extend = [90, 0], [5, 9]
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, prefix, extend, page_size=4, num_q_heads=8, num_kv_heads=2,
+        head_dim=32, dtype=torch.float32, seed=17,
+    )  # fmt: skip
+    # 16 one-pass programs; interpreter tiles of 4 queries x 4 heads: 2 x 3 x 2 = 12 programs a
+    # split, 132 // 12 = 11, but 95 keys // 16 = 5 at most.
+    assert backend.extend_splits_for(2, 9, 95, num_q_heads=8, num_kv_heads=2, head_dim=32,
+                                     dtype=torch.float32, device=DEVICE) == 5  # fmt: skip
+    check_backend(batch, q, k, v, backend)
+    assert batch.attn_metadata.extend_kv_splits == 5
+
+    # A captured shape: 14 tokens x 7 splits reserved and frozen; prepare_extend_graph fixes
+    # the grid (max extend 16) and the split count.
+    backend.reserve_extend_scratch(14, 7, num_q_heads=8, head_dim=32, device=DEVICE)
+    scratch = backend._extend_scratch.mid_o.data_ptr()
+    backend.prepare_extend_graph(batch, 16, 7)
+    out = torch.full_like(q, float("nan"))
+    backend.attend(q, LAYER, batch, SCALE, out=out)
+    assert backend._extend_scratch.mid_o.data_ptr() == scratch
+    assert not out.isnan().any() and rel_err(out, reference(batch, q)) < 1e-4
+    with pytest.raises(RuntimeError, match="frozen"):
+        backend.prepare_extend_graph(batch, 16, 8)
+        backend.attend(q, LAYER, batch, SCALE)
+    # An eager step that would want more splits than the frozen scratch holds takes fewer.
+    backend.min_extend_split_len = 8  # the heuristic now wants 11
+    backend.prepare(batch)
+    backend.attend(q, LAYER, batch, SCALE, out=out)
+    assert batch.attn_metadata.extend_kv_splits == 7
+    assert backend._extend_scratch.mid_o.data_ptr() == scratch
+    assert rel_err(out, reference(batch, q)) < 1e-4
 
 
 # ------------------------------------------------------------------------------ CUDA only
@@ -345,3 +539,86 @@ def test_decode_cuda_graph_replay() -> None:
         torch.cuda.synchronize()
         assert not out.isnan().any()
         assert rel_err(out, reference(batch, q)) < 1e-2
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_extend_split_model_sized_cuda(page_size: int, dtype: torch.dtype) -> None:
+    """Split-KV extend on the Qwen3-30B-A3B geometry: ragged prefixes (one long, one empty) and
+    extends (1, 64, not a block multiple), several split counts; then the backend, which must
+    pick split-KV for one short extend after a long prefix."""
+    prefix, extend = [20000, 0, 3001, 257], [64, 1, 130, 1]
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, prefix, extend, page_size=page_size, num_q_heads=32,
+        num_kv_heads=4, head_dim=128, dtype=dtype, seed=page_size + 7,
+    )  # fmt: skip
+    kb, vb, args = extend_kernel_args(batch, q, k, v)
+    ref = K.extend_attention_ref(q, kb, vb, torch.empty_like(q), *args, 130,
+                                 page_size=page_size)  # fmt: skip
+    for splits in (2, 8, 32):
+        out = torch.full_like(q, float("nan"))
+        K.extend_attention(q, kb, vb, out, *args, 130, page_size=page_size, num_kv_splits=splits)
+        assert not out.isnan().any() and rel_err(out, ref) < TOL[dtype], (splits, rel_err(out, ref))
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, [30000], [64], page_size=page_size, num_q_heads=32, num_kv_heads=4,
+        head_dim=128, dtype=dtype, seed=page_size + 8,
+    )  # fmt: skip
+    check_backend(batch, q, k, v, TritonAttention())
+    assert batch.attn_metadata.extend_kv_splits > 1
+
+
+@cuda_only
+def test_extend_split_cuda_graph_replay() -> None:
+    """Capture a split-KV extend attend once (shape: 2 sequences, 81 tokens, extends <= 64, the
+    split count fixed for a 16K context); replay with other prefixes, extends, pages."""
+    hq, hkv, d, ps, max_ext, max_ctx = 32, 4, 128, 64, 64, 16384
+    shape_a = ([9000, 300], [20, 61])
+    shape_b = ([5000, 0], [64, 17])
+    backend = TritonAttention()
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, *shape_a, page_size=ps, num_q_heads=hq, num_kv_heads=hkv,
+        head_dim=d, dtype=torch.bfloat16, seed=31, table_pad=8,
+    )  # fmt: skip
+    batch.kv_pool.write(LAYER, batch.out_cache_loc, k, v)
+    splits = backend.extend_splits_for(
+        2, max_ext, max_ctx, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
+        dtype=torch.bfloat16, device=DEVICE,
+    )  # fmt: skip
+    assert splits > 1
+    backend.reserve_extend_scratch(q.shape[0], splits, num_q_heads=hq, head_dim=d, device=DEVICE)
+    backend.prepare_extend_graph(batch, max_ext, splits)
+    out = torch.empty_like(q)
+    backend.attend(q, LAYER, batch, SCALE, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        backend.attend(q, LAYER, batch, SCALE, out=out)
+    kb, vb = batch.kv_pool.k_buffer(LAYER), batch.kv_pool.v_buffer(LAYER)
+    for prefix, extend in (shape_a, shape_b):
+        lens = [p + e for p, e in zip(prefix, extend)]
+        # New pages for every row (the pool's random contents stand in for their KV).
+        g = torch.Generator().manual_seed(sum(lens))
+        perm = (torch.randperm(batch.kv_pool.num_pages - 1, generator=g) + 1).tolist()
+        table = torch.zeros(batch.block_table.shape, dtype=torch.int32)
+        used = 0
+        for b, n in enumerate(lens):
+            pages = (n + ps - 1) // ps
+            table[b, :pages] = torch.tensor(perm[used : used + pages], dtype=torch.int32)
+            used += pages
+        i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+        batch.block_table.copy_(table)
+        batch.seq_lens.copy_(i32(lens))
+        batch.extend_lens.copy_(i32(extend))
+        batch.prefix_lens.copy_(i32(prefix))
+        batch.extend_starts.copy_(i32([0, extend[0]]))
+        q.copy_(torch.randn(q.shape, generator=g))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = K.extend_attention_ref(
+            q, kb, vb, torch.empty_like(q), batch.block_table, batch.seq_lens, batch.extend_lens,
+            batch.extend_starts, batch.prefix_lens, SCALE, max_ext, page_size=ps,
+        )  # fmt: skip
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < 1e-2

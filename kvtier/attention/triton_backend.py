@@ -1,12 +1,17 @@
 """Attention backend on the Triton kernels of ``kvtier.kernels.attention``.
 
-EXTEND batches go to the paged causal extend kernel; DECODE batches to split-KV decode. Decode
-keeps its stage-1 scratch in persistent buffers owned by the backend, so that a CUDA-graph
-runner can capture ``attend``: it calls ``init_cuda_graph_state`` once (which reserves the
-scratch for every batch size it will capture and freezes it), then ``prepare_graph`` instead of
-``prepare`` before capture and before each replay. Under capture ``attend`` never allocates
+EXTEND batches go to the paged causal extend kernel, split-KV when its one-pass grid would be
+too small for the GPU (a short extend after a long cached prefix; ``choose_extend_kv_splits``);
+DECODE batches to split-KV decode. Both keep their stage-1 scratch in persistent buffers owned
+by the backend (one for decode, one for extend), so that a CUDA-graph runner can capture
+``attend``. Decode: the runner calls ``init_cuda_graph_state`` once (which reserves the scratch
+for every batch size it will capture and freezes it), then ``prepare_graph`` instead of
+``prepare`` before capture and before each replay. Extend, for a captured shape (batch size,
+tokens, longest extend): ``extend_splits_for`` fixes the split count for the longest context a
+replay may see, ``reserve_extend_scratch`` reserves (and freezes) the scratch, and
+``prepare_extend_graph`` replaces ``prepare``. Under capture ``attend`` never allocates
 scratch, syncs, or reads the host lists; the runner keeps ``seq_lens`` / ``block_table`` /
-``q`` in static tensors and may pass a static ``out``.
+``q`` (and for extend the length tensors) in static tensors and may pass a static ``out``.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import torch
 from kvtier.attention.backend import AttentionBackend
 from kvtier.kernels.attention import (
     KernelConfig,
+    choose_extend_kv_splits,
     choose_num_kv_splits,
     decode_attention,
+    default_extend_split_config,
     extend_attention,
 )
 from kvtier.runner.forward_batch import ForwardBatch
@@ -33,6 +40,67 @@ class TritonAttentionMetadata:
     num_kv_splits: int = 1  # decode
     max_extend_len: int = 0  # extend: sizes the grid
     extend_starts: torch.Tensor | None = None  # extend: [B] int32, when the batch lacks them
+    max_seq_len: int = 0  # extend: longest KV, for the split heuristic
+    # Extend splits; None until the first ``attend`` picks them (the q head count is not known
+    # in ``prepare``), then kept for the step's other layers.
+    extend_kv_splits: int | None = None
+
+
+class _SplitScratch:
+    """Flat fp32 scratch for split-KV partial outputs, one per kernel family, grown on demand.
+
+    Capacity is counted in "split rows" (rows x splits: sequences for decode, tokens for
+    extend) for one (device, Hq, D) key, so that one allocation serves every shape. Frozen
+    while a captured CUDA graph may hold its address: then it is never replaced.
+    """
+
+    def __init__(self, name: str, reserve_hint: str) -> None:
+        self.name = name
+        self.reserve_hint = reserve_hint  # where to reserve more, for the frozen error
+        self.mid_o: torch.Tensor | None = None  # [rows * Hq * D] fp32
+        self.mid_lse: torch.Tensor | None = None  # [rows * Hq] fp32
+        self.key: tuple[torch.device, int, int] | None = None  # (device, Hq, D)
+        self.rows = 0
+        self.frozen = False
+
+    @staticmethod
+    def _key(num_q_heads: int, head_dim: int, device: torch.device) -> tuple:
+        if device.type == "cuda" and device.index is None:
+            # "cuda" and "cuda:0" must name the same scratch (the pool may say "cuda").
+            device = torch.device("cuda", torch.cuda.current_device())
+        return (device, num_q_heads, head_dim)
+
+    def fits(self, rows: int, num_q_heads: int, head_dim: int, device: torch.device) -> bool:
+        return self.key == self._key(num_q_heads, head_dim, device) and self.rows >= rows
+
+    def ensure(self, rows: int, num_q_heads: int, head_dim: int, device: torch.device) -> None:
+        key = self._key(num_q_heads, head_dim, device)
+        if self.key == key and self.rows >= rows:
+            return
+        if self.frozen:
+            raise RuntimeError(
+                f"{self.name} scratch is frozen for CUDA graphs at {self.rows} split rows "
+                f"(key {self.key}); this step needs {rows} for key {key}: reserve it in "
+                f"{self.reserve_hint}"
+            )
+        if self.key == key:
+            rows = max(rows, self.rows)
+        self.mid_o = torch.empty(rows * num_q_heads * head_dim, dtype=torch.float32, device=device)
+        self.mid_lse = torch.empty(rows * num_q_heads, dtype=torch.float32, device=device)
+        self.key = key
+        self.rows = rows
+
+    def views(
+        self, n: int, num_q_heads: int, head_dim: int, splits: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [n, Hq, S, D] and [n, Hq, S] (grown if needed and not frozen)."""
+        self.ensure(n * splits, num_q_heads, head_dim, device)
+        assert self.mid_o is not None and self.mid_lse is not None
+        m = n * num_q_heads * splits
+        return (
+            self.mid_o[: m * head_dim].view(n, num_q_heads, splits, head_dim),
+            self.mid_lse[:m].view(n, num_q_heads, splits),
+        )
 
 
 class TritonAttention(AttentionBackend):
@@ -43,6 +111,10 @@ class TritonAttention(AttentionBackend):
         min_split_len: fewest keys per decode split the heuristic will choose.
         num_sms: multiprocessors to fill (default: read off the device; 132 on CPU).
         extend_config / decode_config: tile overrides (default: the kernels' heuristics).
+        max_extend_splits: most extend splits per sequence; 1 disables split-KV extend.
+        min_extend_split_len: fewest keys per extend split the heuristic will choose.
+        extend_split_config: split-KV extend stage-1 tiles (block_m = tile rows; default
+            ``default_extend_split_config``).
     """
 
     def __init__(
@@ -53,23 +125,26 @@ class TritonAttention(AttentionBackend):
         num_sms: int | None = None,
         extend_config: KernelConfig | None = None,
         decode_config: KernelConfig | None = None,
+        max_extend_splits: int = 32,
+        min_extend_split_len: int = 512,
+        extend_split_config: KernelConfig | None = None,
     ) -> None:
         if max_kv_splits < 1:
             raise ValueError(f"max_kv_splits must be >= 1; got {max_kv_splits}")
+        if max_extend_splits < 1:
+            raise ValueError(f"max_extend_splits must be >= 1; got {max_extend_splits}")
         self.max_kv_splits = max_kv_splits
         self.min_split_len = min_split_len
         self._num_sms = num_sms
         self.extend_config = extend_config
         self.decode_config = decode_config
-        # Decode scratch, flat so one allocation serves every (batch, splits) shape: capacity is
-        # counted in "split rows" (batch * splits). Replaced only while not frozen, since a
-        # captured graph holds its address.
-        self._mid_o: torch.Tensor | None = None  # [rows * Hq * D] fp32
-        self._mid_lse: torch.Tensor | None = None  # [rows * Hq] fp32
-        self._scratch_key: tuple[torch.device, int, int] | None = None  # (device, Hq, D)
-        self._scratch_rows = 0
-        self._scratch_frozen = False
-        # CUDA-graph state: split count per captured batch size.
+        self.max_extend_splits = max_extend_splits
+        self.min_extend_split_len = min_extend_split_len
+        self.extend_split_config = extend_split_config
+        # Stage-1 scratch of split-KV decode (rows: sequences) and extend (rows: tokens).
+        self._decode_scratch = _SplitScratch("decode", "init_cuda_graph_state")
+        self._extend_scratch = _SplitScratch("extend", "reserve_extend_scratch")
+        # CUDA-graph state: decode split count per captured batch size.
         self._graph_splits: dict[int, int] = {}
 
     # ---------------------------------------------------------------- heuristics
@@ -95,6 +170,45 @@ class TritonAttention(AttentionBackend):
             min_split_len=self.min_split_len,
         )
 
+    def split_extend_config(self, head_dim: int, dtype: torch.dtype) -> KernelConfig:
+        """Stage-1 tiles of split-KV extend (the override, else the kernel's default)."""
+        return self.extend_split_config or default_extend_split_config(head_dim, dtype)
+
+    def extend_splits_for(
+        self,
+        batch_size: int,
+        max_extend_len: int,
+        max_context_len: int,
+        *,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> int:
+        """Extend split count (1: the one-pass kernel) for ``batch_size`` sequences of at most
+        ``max_extend_len`` new tokens and ``max_context_len`` keys (prefix + new tokens); see
+        ``choose_extend_kv_splits``.
+
+        A CUDA-graph runner capturing an extend shape calls it with the longest context a
+        replay may see and passes the result to ``reserve_extend_scratch`` and
+        ``prepare_extend_graph``: the kernels cut each sequence's keys into splits from its
+        device ``seq_len`` at replay, so a count fixed for the longest context is correct (if
+        not optimal) for any shorter one.
+        """
+        device = torch.device(device)
+        return choose_extend_kv_splits(
+            batch_size,
+            num_q_heads,
+            num_kv_heads,
+            max_extend_len,
+            max_context_len,
+            num_sms=self.num_sms(device),
+            block_rows=self.split_extend_config(head_dim, dtype).block_m,
+            max_splits=self.max_extend_splits,
+            min_split_len=self.min_extend_split_len,
+        )
+
     # ---------------------------------------------------------------- per step
 
     def prepare(self, batch: ForwardBatch) -> None:
@@ -118,6 +232,7 @@ class TritonAttention(AttentionBackend):
             is_decode=False,
             max_extend_len=max(batch.extend_lens_cpu, default=0),
             extend_starts=starts,
+            max_seq_len=max(batch.seq_lens_cpu, default=0),
         )
 
     # ---------------------------------------------------------------- CUDA graphs
@@ -141,9 +256,9 @@ class TritonAttention(AttentionBackend):
             for bs in range(1, max_batch_size + 1)
         }
         rows = max(bs * s for bs, s in self._graph_splits.items())
-        self._scratch_frozen = False
-        self._ensure_scratch(rows, num_q_heads, head_dim, device)
-        self._scratch_frozen = True
+        self._decode_scratch.frozen = False
+        self._decode_scratch.ensure(rows, num_q_heads, head_dim, device)
+        self._decode_scratch.frozen = True
 
     def graph_num_kv_splits(self, batch_size: int) -> int:
         """The split count captured for ``batch_size`` (after ``init_cuda_graph_state``)."""
@@ -162,41 +277,73 @@ class TritonAttention(AttentionBackend):
         splits = self.graph_num_kv_splits(int(batch.seq_lens.shape[0]))
         batch.attn_metadata = TritonAttentionMetadata(is_decode=True, num_kv_splits=splits)
 
-    # ---------------------------------------------------------------- scratch
-
-    def _ensure_scratch(
-        self, rows: int, num_q_heads: int, head_dim: int, device: torch.device
+    def reserve_extend_scratch(
+        self,
+        num_tokens: int,
+        num_kv_splits: int,
+        *,
+        num_q_heads: int,
+        head_dim: int,
+        device: torch.device | str,
+        freeze: bool = True,
     ) -> None:
-        if device.type == "cuda" and device.index is None:
-            # "cuda" and "cuda:0" must name the same scratch (the pool may say "cuda").
-            device = torch.device("cuda", torch.cuda.current_device())
-        key = (device, num_q_heads, head_dim)
-        if self._scratch_key == key and self._scratch_rows >= rows:
-            return
-        if self._scratch_frozen:
-            raise RuntimeError(
-                f"decode scratch is frozen for CUDA graphs at {self._scratch_rows} split rows "
-                f"(key {self._scratch_key}); this step needs {rows} for key {key}: reserve it in "
-                "init_cuda_graph_state"
-            )
-        if self._scratch_key == key:
-            rows = max(rows, self._scratch_rows)
-        self._mid_o = torch.empty(rows * num_q_heads * head_dim, dtype=torch.float32, device=device)
-        self._mid_lse = torch.empty(rows * num_q_heads, dtype=torch.float32, device=device)
-        self._scratch_key = key
-        self._scratch_rows = rows
+        """Reserve extend scratch for ``num_tokens`` new tokens (rows of q) x ``num_kv_splits``
+        splits; call it for every extend shape to be captured (or once with the largest
+        product) before capturing. ``freeze`` keeps the scratch's address fixed from then on;
+        an eager extend that would need more then runs with fewer splits instead."""
+        device = torch.device(device)
+        self._extend_scratch.frozen = False
+        self._extend_scratch.ensure(num_tokens * num_kv_splits, num_q_heads, head_dim, device)
+        self._extend_scratch.frozen = freeze
+
+    def prepare_extend_graph(
+        self, batch: ForwardBatch, max_extend_len: int, num_kv_splits: int
+    ) -> None:
+        """``prepare`` for capturing or replaying an extend batch: the grid bound
+        ``max_extend_len`` and the split count (``extend_splits_for``) are the ones fixed for
+        the captured shape; nothing is read from the host lists. The batch must carry
+        ``extend_lens`` / ``prefix_lens`` / ``extend_starts`` tensors."""
+        if batch.is_decode:
+            raise ValueError("prepare_extend_graph takes EXTEND batches; use prepare_graph")
+        if batch.extend_lens is None or batch.prefix_lens is None or batch.extend_starts is None:
+            raise ValueError("a captured EXTEND batch needs extend_lens, prefix_lens and starts")
+        if num_kv_splits < 1:
+            raise ValueError(f"num_kv_splits must be >= 1; got {num_kv_splits}")
+        batch.attn_metadata = TritonAttentionMetadata(
+            is_decode=False, max_extend_len=max_extend_len, extend_kv_splits=num_kv_splits
+        )
+
+    # ---------------------------------------------------------------- scratch
 
     def decode_scratch_views(
         self, batch_size: int, num_q_heads: int, head_dim: int, num_kv_splits: int,
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Views [B, Hq, S, D] and [B, Hq, S] of the persistent scratch (grown if needed)."""
-        self._ensure_scratch(batch_size * num_kv_splits, num_q_heads, head_dim, device)
-        assert self._mid_o is not None and self._mid_lse is not None
-        n = batch_size * num_q_heads * num_kv_splits
-        mid_o = self._mid_o[: n * head_dim].view(batch_size, num_q_heads, num_kv_splits, head_dim)
-        mid_lse = self._mid_lse[:n].view(batch_size, num_q_heads, num_kv_splits)
-        return mid_o, mid_lse
+        return self._decode_scratch.views(batch_size, num_q_heads, head_dim, num_kv_splits, device)
+
+    def extend_scratch_views(
+        self, num_tokens: int, num_q_heads: int, head_dim: int, num_kv_splits: int,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Views [T, Hq, S, D] and [T, Hq, S] of the persistent extend scratch (grown if
+        needed and not frozen)."""
+        return self._extend_scratch.views(num_tokens, num_q_heads, head_dim, num_kv_splits, device)
+
+    def _extend_splits_that_fit(
+        self, splits: int, num_tokens: int, num_q_heads: int, head_dim: int,
+        device: torch.device,
+    ) -> int:  # fmt: skip
+        """``splits``, unless the extend scratch is frozen (captured graphs hold its address,
+        so it is never reallocated) and too small: then the most splits it holds (>= 2), or
+        1 (the one-pass kernel, no scratch)."""
+        scratch = self._extend_scratch
+        if splits == 1 or not scratch.frozen:
+            return splits
+        fit = min(splits, scratch.rows // max(num_tokens, 1))
+        if fit >= 2 and scratch.fits(num_tokens * fit, num_q_heads, head_dim, device):
+            return fit
+        return 1
 
     # ---------------------------------------------------------------- attention
 
@@ -236,8 +383,27 @@ class TritonAttention(AttentionBackend):
         if batch.extend_lens is None or batch.prefix_lens is None:
             raise ValueError("an EXTEND batch needs extend_lens and prefix_lens tensors")
         starts = batch.extend_starts if batch.extend_starts is not None else meta.extend_starts
+        num_tokens, num_q_heads, head_dim = q.shape
+        splits = meta.extend_kv_splits
+        if splits is None:
+            splits = self.extend_splits_for(
+                int(batch.seq_lens.shape[0]), meta.max_extend_len, meta.max_seq_len,
+                num_q_heads=num_q_heads, num_kv_heads=k_buf.shape[1], head_dim=head_dim,
+                dtype=q.dtype, device=q.device,
+            )  # fmt: skip
+            splits = self._extend_splits_that_fit(
+                splits, num_tokens, num_q_heads, head_dim, q.device
+            )
+            meta.extend_kv_splits = splits
+        mid_o = mid_lse = None
+        config = self.extend_config
+        if splits > 1:
+            mid_o, mid_lse = self.extend_scratch_views(
+                num_tokens, num_q_heads, head_dim, splits, q.device
+            )
+            config = self.split_extend_config(head_dim, q.dtype)
         return extend_attention(
             q, k_buf, v_buf, out, batch.block_table, batch.seq_lens, batch.extend_lens, starts,
-            batch.prefix_lens, scale, meta.max_extend_len, page_size=page_size,
-            config=self.extend_config,
+            batch.prefix_lens, scale, meta.max_extend_len, page_size=page_size, config=config,
+            num_kv_splits=splits, mid_o=mid_o, mid_lse=mid_lse,
         )  # fmt: skip

@@ -20,6 +20,12 @@ argument and each sequence's split length is derived from its ``seq_len`` on the
 launch never needs a host sync and can be captured in a CUDA graph (grid and scratch depend only
 on the batch size and split count the caller gives).
 
+Extend has the same split-KV form for short extends after long prefixes (a prompt served from
+the cache), where the one-pass grid (query blocks x q heads x sequences) would leave most SMs
+idle while each program walks the whole prefix: stage 1 runs one program per (query block, GQA
+head block, split, sequence) over a tile of queries x q heads of one kv head (K/V read once per
+head block), stage 2 merges per query the splits it sees. ``choose_extend_kv_splits`` decides.
+
 Pure-torch references (``extend_attention_ref`` / ``decode_attention_ref``) with the same
 arguments live at the end of this module.
 
@@ -211,6 +217,159 @@ def _extend_kernel(Q, K, V, Out, BlockTable, SeqLens, ExtendLens, ExtendStarts, 
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(Out + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              acc.to(Out.dtype.element_ty), mask=m_mask[:, None])
+
+
+@triton.jit
+def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, ExtendLens,
+                                ExtendStarts, PrefixLens, qk_scale, num_splits, head_blocks,
+                                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                                stride_mt, stride_mh, stride_ms, stride_lt, stride_lh, stride_bt,
+                                GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                                BLOCKS_PER_GROUP: tl.constexpr, BLOCK_Q: tl.constexpr,
+                                HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                                BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                                INTERPRET: tl.constexpr):
+    """Grid: (query blocks of the longest extend, splits x head blocks, sequences).
+
+    One program = BLOCK_Q queries x BLOCK_G q heads of one kv head's group (a head block; a
+    group wider than BLOCK_G takes several) over one split of the sequence's keys. Tile row
+    r is query r // BLOCK_G, head r % BLOCK_G: the K/V tile, loaded once, serves all of them,
+    so the prefix is read once per head block rather than once per q head.
+
+    Splits are cut from the whole key range 0 .. seq_len - 1 exactly as in decode
+    (``_decode_split_len``, from the device seq_len), so the grid depends only on host ints.
+    A split writes, per valid row, its normalised partial output to MidO and its log2-sum-exp
+    to MidLse (rows indexed by token, as in q). Stage 2 reads split s for query j only when
+    s * split_len <= prefix + j: exactly the splits holding a key that query sees, each of
+    which this kernel ran and wrote with l > 0 for that row. A split past the block's last
+    query returns at once and writes nothing.
+    """
+    m_block = tl.program_id(0)
+    split = tl.program_id(1) // head_blocks
+    hblk = tl.program_id(1) % head_blocks
+    seq = tl.program_id(2)
+
+    ext_len = tl.load(ExtendLens + seq)
+    m0 = m_block * BLOCK_Q
+    if m0 >= ext_len:
+        return
+    seq_len = tl.load(SeqLens + seq)
+    prefix = tl.load(PrefixLens + seq)
+    split_len = _decode_split_len(seq_len, num_splits, BLOCK_N)
+    start = split * split_len
+    # Keys past the block's last query are masked for all its rows (causal block skipping).
+    band_end = tl.minimum(seq_len, prefix + m0 + BLOCK_Q)
+    if start >= band_end:
+        return
+    end = tl.minimum(start + split_len, band_end)
+    # [start, mid): whole key blocks below prefix + m0, which every row sees: no masks. mid is a
+    # multiple of BLOCK_N (if it is `end`, then end <= prefix + m0 < seq_len, so end is the
+    # split's aligned boundary). [mid, end): the causal band, masked; a last partial block
+    # only covers keys past every row's query or past seq_len, and never the next split's.
+    mid = tl.minimum(tl.maximum(((prefix + m0) // BLOCK_N) * BLOCK_N, start), end)
+
+    q_start = tl.load(ExtendStarts + seq).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_Q * BLOCK_G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_m = m0 + offs_r // BLOCK_G
+    # Head block hblk: kv head hblk // BLOCKS_PER_GROUP, group members g (padded past GROUP
+    # when GROUP is not a power of two: those rows are masked out).
+    kv_head = hblk // BLOCKS_PER_GROUP
+    g = (hblk % BLOCKS_PER_GROUP) * BLOCK_G + offs_r % BLOCK_G
+    heads = kv_head * GROUP + g
+    r_mask = (offs_m < ext_len) & (g < GROUP)
+    tok = q_start + offs_m  # int64: token * stride can pass 2**31
+    q = tl.load(Q + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=r_mask[:, None], other=0.0)
+    q_pos = prefix + offs_m
+    bt_row = BlockTable + seq.to(tl.int64) * stride_bt
+
+    m_i = tl.full([BLOCK_Q * BLOCK_G], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q * BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q * BLOCK_G, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, start, mid, q_pos,
+                               seq_len, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
+                               HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC, INTERPRET)
+    acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, mid, end, q_pos,
+                               seq_len, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
+                               HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PREC, INTERPRET)
+
+    # A row whose query precedes this split saw no key (l = 0): stage 2 never reads it, but
+    # keep its scratch finite all the same.
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), _NEG_BIG)
+    tl.store(MidO + tok[:, None] * stride_mt + heads[:, None] * stride_mh + split * stride_ms
+             + offs_d[None, :], out, mask=r_mask[:, None])
+    tl.store(MidLse + tok * stride_lt + heads * stride_lh + split, lse, mask=r_mask)
+
+
+@triton.jit
+def _merge_split(acc, l_i, m_i, MidO, MidLse, tok, head, s, used, m_mask,
+                 stride_mt, stride_mh, stride_ms, stride_lt, stride_lh, HEAD_DIM: tl.constexpr):
+    """Fold split ``s`` into the running (acc, l, m) of each row that reads it (s < used)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = m_mask & (s < used)
+    lse = tl.load(MidLse + tok * stride_lt + head * stride_lh + s, mask=valid, other=_NEG_BIG)
+    m_new = tl.maximum(m_i, lse)
+    alpha = tl.exp2(m_i - m_new)
+    w = tl.where(valid, tl.exp2(lse - m_new), 0.0)
+    o = tl.load(MidO + tok[:, None] * stride_mt + head * stride_mh + s * stride_ms
+                + offs_d[None, :], mask=valid[:, None], other=0.0)
+    return acc * alpha[:, None] + o * w[:, None], l_i * alpha + w, m_new
+
+
+@triton.jit
+def _extend_split_stage2_kernel(Out, MidO, MidLse, SeqLens, ExtendLens, ExtendStarts,
+                                PrefixLens, num_splits,
+                                stride_ot, stride_oh, stride_mt, stride_mh, stride_ms,
+                                stride_lt, stride_lh,
+                                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+    """Grid: (query blocks of the longest extend, q heads, sequences). Merge, per query, the
+    splits holding a key it sees (s * split_len <= its position; see stage 1) by their LSE,
+    online over s so that only one [BLOCK_M, HEAD_DIM] tile of partial outputs is live. The
+    loop stops at the block's last used split, so a split count fixed for a longer context
+    (a captured graph) costs nothing here for a shorter one."""
+    m_block = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    ext_len = tl.load(ExtendLens + seq)
+    m0 = m_block * BLOCK_M
+    if m0 >= ext_len:
+        return
+    seq_len = tl.load(SeqLens + seq)
+    prefix = tl.load(PrefixLens + seq)
+    q_start = tl.load(ExtendStarts + seq).to(tl.int64)
+    split_len = _decode_split_len(seq_len, num_splits, BLOCK_N)
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_mask = offs_m < ext_len
+    tok = q_start + offs_m
+    # <= num_splits, since split_len >= cdiv(seq_len, num_splits) and prefix + j < seq_len.
+    used = (prefix + offs_m) // split_len + 1
+    block_used = (prefix + tl.minimum(m0 + BLOCK_M, ext_len) - 1) // split_len + 1
+    m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # A device-scalar bound: `while` in the interpreter, as in _attn_loop.
+    if INTERPRET:
+        s = 0
+        while s < block_used:
+            acc, l_i, m_i = _merge_split(acc, l_i, m_i, MidO, MidLse, tok, head, s, used, m_mask,
+                                         stride_mt, stride_mh, stride_ms, stride_lt, stride_lh,
+                                         HEAD_DIM)
+            s += 1
+    else:
+        for s in range(0, block_used):
+            acc, l_i, m_i = _merge_split(acc, l_i, m_i, MidO, MidLse, tok, head, s, used, m_mask,
+                                         stride_mt, stride_mh, stride_ms, stride_lt, stride_lh,
+                                         HEAD_DIM)
+    # Every valid row read at least split 0 (its key 0), so l_i > 0 there.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(Out + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=m_mask[:, None])
 
 
 @triton.jit
@@ -411,6 +570,39 @@ def default_extend_config(
     return KernelConfig(128, 64, 4, 3)
 
 
+def default_extend_split_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
+    """Tiles for split-KV extend stage 1. Here ``block_m`` counts tile *rows*: queries x q heads
+    of one kv head's group (``extend_split_tiles`` turns it into the two factors).
+
+    128 rows (16 queries x 8 heads at GQA 8) x 64 keys x head_dim 128: the fp32 accumulator
+    is 64 KB, 64 registers a thread at 8 warps (two warpgroups of 64 rows), with Q and the
+    score tile about 200 registers in all; a 3-deep pipeline of bf16 K and V tiles takes 96 KB
+    of shared memory (plus 32 KB for Q), well inside Hopper's 228 KB. Not yet tuned on a GPU:
+    benchmarks/bench_attention.py --sweep times the alternatives. fp32 (tests only) and
+    head_dim 256 take 64 rows x 32 keys to fit registers and shared memory.
+    """
+    if INTERPRETED:
+        return KernelConfig(16, 16, 1, 1)
+    if dtype == torch.float32 or head_dim > 128:
+        return KernelConfig(64, 32, 4 if head_dim <= 64 else 8, 2)
+    return KernelConfig(128, 64, 8, 3)
+
+
+def extend_split_tiles(group: int, max_extend_len: int, block_rows: int) -> tuple[int, int]:
+    """(queries, q heads) of a split-extend tile of about ``block_rows`` rows.
+
+    Heads first: the whole GQA group (padded to a power of two) when it fits, so one K/V tile
+    load serves every q head of the kv head; then as many queries as fill the rows, but no more
+    than the longest extend needs, and at least 16 rows in all (tl.dot's minimum).
+    """
+    if not _is_pow2(block_rows) or block_rows < 16:
+        raise ValueError(f"block rows must be a power of two >= 16; got {block_rows}")
+    block_g = min(triton.next_power_of_2(max(group, 1)), block_rows)
+    block_q = min(block_rows // block_g, triton.next_power_of_2(max(max_extend_len, 1)))
+    block_q = max(block_q, triton.cdiv(16, block_g))
+    return block_q, block_g
+
+
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     """Tiles for decode stage 1 (block_m unused: the head tile is the GQA group).
 
@@ -440,6 +632,9 @@ def extend_attention(
     *,
     page_size: int,
     config: KernelConfig | None = None,
+    num_kv_splits: int = 1,
+    mid_o: torch.Tensor | None = None,
+    mid_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged KV (prefix + new tokens).
 
@@ -452,15 +647,36 @@ def extend_attention(
         scale: softmax scale.
         max_extend_len: upper bound of extend_lens (sizes the grid; a host-side int).
         page_size: tokens per page (power of two).
-        config: tiles; default ``default_extend_config``.
+        config: tiles of the kernel that runs: ``default_extend_config`` with one split,
+            ``default_extend_split_config`` (block_m = tile rows) with more.
+        num_kv_splits: 1 runs the one-pass kernel (one program per query block and q head).
+            More runs split-KV (e.g. from ``choose_extend_kv_splits``): each sequence cuts its
+            keys 0 .. seq_len - 1 into that many pieces of whole key blocks (computed on the
+            device from seq_lens, so short sequences may use fewer), one program per (query
+            block, GQA head block, split) writes partial results, and a second kernel merges
+            them. For short extends after long prefixes, where the one-pass grid is too small
+            to fill the GPU.
+        mid_o, mid_lse: split-KV scratch from ``extend_scratch`` with at least T rows and
+            ``num_kv_splits`` splits; allocated here when omitted (not for CUDA graphs).
     Returns:
         ``out``.
+
+    No host syncs, and no allocations when the scratch is given (or one split): the grid
+    depends only on T, the batch size, ``max_extend_len`` and ``num_kv_splits``, so a launch
+    can be captured and replayed with other lengths up to those bounds.
     """
     num_q_heads, num_kv_heads, head_dim = _check_common(q, k_buf, v_buf, out, page_size)
     _check_scale(scale)
+    if num_kv_splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1; got {num_kv_splits}")
     batch = seq_lens.shape[0]
     if batch == 0 or max_extend_len <= 0:
         return out
+    if num_kv_splits > 1:
+        return _extend_attention_split(
+            q, k_buf, v_buf, out, block_table, seq_lens, extend_lens, extend_starts,
+            prefix_lens, scale, max_extend_len, page_size, config, num_kv_splits, mid_o, mid_lse,
+        )  # fmt: skip
     cfg = config or default_extend_config(
         head_dim, q.dtype, max_extend_len, num_q_heads=num_q_heads, batch_size=batch,
         num_sms=_num_sms(q.device),
@@ -476,6 +692,93 @@ def extend_attention(
         INTERPRET=INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
+
+
+def _check_scratch(
+    mid_o: torch.Tensor, mid_lse: torch.Tensor, rows: int, num_q_heads: int, splits: int,
+    head_dim: int, what: str,
+) -> None:  # fmt: skip
+    if (
+        mid_o.shape[0] < rows
+        or mid_o.shape[1] != num_q_heads
+        or mid_o.shape[2] < splits
+        or mid_o.shape[3] != head_dim
+        or mid_lse.shape[0] < rows
+        or mid_lse.shape[1] != num_q_heads
+        or mid_lse.shape[2] < splits
+        or mid_o.stride(-1) != 1
+        or mid_lse.stride(-1) != 1
+        or mid_o.dtype != torch.float32
+        or mid_lse.dtype != torch.float32
+    ):
+        raise ValueError(
+            f"{what} scratch {tuple(mid_o.shape)} / {tuple(mid_lse.shape)} too small for {rows} "
+            f"rows, {num_q_heads} heads, {splits} splits, head_dim {head_dim} (fp32)"
+        )
+
+
+def _extend_attention_split(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    out: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    extend_starts: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    scale: float,
+    max_extend_len: int,
+    page_size: int,
+    config: KernelConfig | None,
+    num_kv_splits: int,
+    mid_o: torch.Tensor | None,
+    mid_lse: torch.Tensor | None,
+) -> torch.Tensor:
+    """Split-KV extend (see ``extend_attention``); arguments already validated."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_buf.shape[1]
+    batch = seq_lens.shape[0]
+    if mid_o is None or mid_lse is None:
+        mid_o, mid_lse = extend_scratch(num_tokens, num_q_heads, num_kv_splits, head_dim, q.device)
+    else:
+        _check_scratch(mid_o, mid_lse, num_tokens, num_q_heads, num_kv_splits, head_dim, "extend")
+    cfg = config or default_extend_split_config(head_dim, q.dtype)
+    group = num_q_heads // num_kv_heads
+    block_q, block_g = extend_split_tiles(group, max_extend_len, cfg.block_m)
+    blocks_per_group = triton.cdiv(group, block_g)
+    head_blocks = num_kv_heads * blocks_per_group
+    grid = (triton.cdiv(max_extend_len, block_q), num_kv_splits * head_blocks, batch)
+    _extend_split_stage1_kernel[grid](
+        q, k_buf, v_buf, mid_o, mid_lse, block_table, seq_lens, extend_lens, extend_starts,
+        prefix_lens, scale * _LOG2E, num_kv_splits, head_blocks,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
+        v_buf.stride(0), v_buf.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1), block_table.stride(0),
+        GROUP=group, BLOCK_G=block_g, BLOCKS_PER_GROUP=blocks_per_group, BLOCK_Q=block_q,
+        HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
+        DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+    # Stage 2 is a light, memory-bound pass: 16 queries x one head a program.
+    block_m2 = min(16, triton.next_power_of_2(max_extend_len))
+    _extend_split_stage2_kernel[(triton.cdiv(max_extend_len, block_m2), num_q_heads, batch)](
+        out, mid_o, mid_lse, seq_lens, extend_lens, extend_starts, prefix_lens, num_kv_splits,
+        out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_lse.stride(0), mid_lse.stride(1),
+        HEAD_DIM=head_dim, BLOCK_M=block_m2, BLOCK_N=cfg.block_n, INTERPRET=INTERPRETED,
+        num_warps=4 if head_dim >= 128 else 2, num_stages=1,
+    )  # fmt: skip
+    return out
+
+
+def extend_scratch(
+    max_tokens: int, num_q_heads: int, max_splits: int, head_dim: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV extend scratch for up to ``max_tokens`` new tokens (rows of q) and
+    ``max_splits`` splits: (partial outputs [max_tokens, Hq, max_splits, D] fp32, log2-sum-exp
+    [max_tokens, Hq, max_splits] fp32). Same layout as decode's, one row per token."""
+    return decode_scratch(max_tokens, num_q_heads, max_splits, head_dim, device)
 
 
 def decode_scratch(
@@ -540,21 +843,8 @@ def decode_attention(
         mid_o = mid_lse = None
     elif mid_o is None or mid_lse is None:
         mid_o, mid_lse = decode_scratch(batch, num_q_heads, num_kv_splits, head_dim, q.device)
-    elif (
-        mid_o.shape[0] < batch
-        or mid_o.shape[1] != num_q_heads
-        or mid_o.shape[2] < num_kv_splits
-        or mid_o.shape[3] != head_dim
-        or mid_lse.shape[0] < batch
-        or mid_lse.shape[1] != num_q_heads
-        or mid_lse.shape[2] < num_kv_splits
-        or mid_o.stride(-1) != 1
-        or mid_lse.stride(-1) != 1
-    ):
-        raise ValueError(
-            f"decode scratch {tuple(mid_o.shape)} / {tuple(mid_lse.shape)} too small for batch "
-            f"{batch}, {num_q_heads} heads, {num_kv_splits} splits, head_dim {head_dim}"
-        )
+    else:
+        _check_scratch(mid_o, mid_lse, batch, num_q_heads, num_kv_splits, head_dim, "decode")
     mo_strides = mid_o.stride()[:3] if mid_o is not None else (0, 0, 0)
     ml_strides = mid_lse.stride()[:2] if mid_lse is not None else (0, 0)
     qk_scale = scale * _LOG2E
@@ -606,6 +896,55 @@ def choose_num_kv_splits(
     want = triton.cdiv(programs_per_sm * num_sms, programs)
     by_len = max(1, triton.cdiv(max_seq_len, min_split_len))
     return max(1, min(want, by_len, max_splits))
+
+
+def choose_extend_kv_splits(
+    batch_size: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    max_extend_len: int,
+    max_seq_len: int,
+    *,
+    num_sms: int = 132,
+    block_rows: int = 128,
+    max_splits: int = 32,
+    min_split_len: int = 512,
+    programs_per_sm: int = 1,
+) -> int:
+    """Split count for extend: 1 (the one-pass kernel) unless its grid is too small.
+
+    The one-pass grid has batch x query blocks (of 128; an extend of <= 64 is one block of 64)
+    x q heads programs, each walking its sequence's whole KV. When that is at least ``num_sms``
+    the GPU is full: 1. Otherwise split-KV with tiles of ``block_rows`` rows
+    (``extend_split_tiles``) has P = batch x query blocks x GQA head blocks programs per split;
+    take as many splits as fit ``programs_per_sm`` waves' worth of programs without starting
+    another (floor: a second, mostly idle wave would nearly double the time), but no split
+    shorter than ``min_split_len`` keys and no more than ``max_splits`` (the scratch's size);
+    1 when that leaves fewer than 2. Both grids then run in one wave, and a split program walks
+    1/splits of the keys a one-pass program does (with a tile twice as tall at most, which
+    costs little more on tensor cores that a one-pass program of a short extend leaves mostly
+    idle), so any split count >= 2 shortens the critical path, even at an equal program count.
+
+    ``block_rows`` must be the split kernel's ``block_m`` (``default_extend_split_config``).
+    E.g. 32 q / 4 kv heads, 1 sequence extending 64 tokens after a 32K prefix on 132 SMs: 32
+    one-pass programs; split tiles of 16 queries x 8 heads, 4 x 4 = 16 programs a split: 8.
+    Not yet tuned on a GPU (benchmarks/bench_attention.py times it).
+    """
+    if batch_size <= 0 or max_extend_len <= 0 or max_seq_len <= 0:
+        return 1
+    one_pass = batch_size * triton.cdiv(max_extend_len, 128) * num_q_heads
+    if one_pass >= num_sms:
+        return 1
+    group = max(1, num_q_heads // max(1, num_kv_heads))
+    block_q, block_g = extend_split_tiles(group, max_extend_len, block_rows)
+    per_split = (
+        batch_size
+        * triton.cdiv(max_extend_len, block_q)
+        * num_kv_heads
+        * triton.cdiv(group, block_g)
+    )
+    splits = min(programs_per_sm * num_sms // per_split, max_seq_len // min_split_len, max_splits)
+    return splits if splits >= 2 else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,12 +1035,16 @@ def decode_attention_ref(
 __all__ = [
     "INTERPRETED",
     "KernelConfig",
+    "choose_extend_kv_splits",
     "choose_num_kv_splits",
     "decode_attention",
     "decode_attention_ref",
     "decode_scratch",
     "default_decode_config",
     "default_extend_config",
+    "default_extend_split_config",
     "extend_attention",
     "extend_attention_ref",
+    "extend_scratch",
+    "extend_split_tiles",
 ]
