@@ -82,7 +82,8 @@ def main() -> None:
     ap.add_argument("--model", default="Qwen/Qwen3-30B-A3B-Instruct-2507")
     ap.add_argument("--tokens", type=int, default=81920)
     ap.add_argument("--tier", default="dram")
-    ap.add_argument("--hicache-size", type=float, default=12)
+    ap.add_argument("--hicache-size", type=float, default=30)
+    ap.add_argument("--io-backend", default="kernel")
     ap.add_argument("--trace-dir", type=Path, default=Path("."))
     args = ap.parse_args()
     eng = kvtier.Engine(
@@ -93,6 +94,7 @@ def main() -> None:
         enable_hierarchical_cache=True,
         hicache_size=args.hicache_size,
         hicache_tier=args.tier,
+        hicache_io_backend=args.io_backend,
         log_level="warning",
     )
     sched = eng.scheduler
@@ -149,7 +151,7 @@ def main() -> None:
         t1 = time.perf_counter()
     print("profiled hit:", out["meta_info"]["cached_tokens_by_tier"], f"{1e3 * (t1 - t0):.1f} ms")
     args.trace_dir.mkdir(parents=True, exist_ok=True)
-    path = args.trace_dir / f"trace_{args.tier}.json"
+    path = args.trace_dir / f"trace_{args.tier}_{args.io_backend}.json"
     prof.export_chrome_trace(str(path))
     kernel_timeline(path, sched.runner.model_config.num_hidden_layers)
     # Same prompt, now a GPU hit: the forward alone.

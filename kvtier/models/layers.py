@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvtier.kernels import fused
 from kvtier.models.config import ModelConfig, RopeScaling
 from kvtier.runner.forward_batch import ForwardBatch
 
@@ -36,16 +37,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # One fused kernel on CUDA; the same ops, in the same order, elsewhere.
+        return fused.rms_norm(x, self.weight, self.eps)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for ``x = [gate | up]`` along the last dim."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return fused.silu_and_mul(x)
 
 
 # ---------------------------------------------------------------------------- rotary embedding
@@ -81,20 +79,12 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = rope_inv_freq(head_dim, theta, scaling)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, float32 [T, head_dim / 2], for positions [T]."""
+        """What each attention layer rotates by: (positions [T], inv_freq [head_dim / 2] float32
+        on the positions' device). cos / sin of ``positions * inv_freq`` are computed in float32
+        inside the fused q/k kernel (on the host path: by each layer)."""
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        return freqs.cos(), freqs.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [T, heads, head_dim] by cos/sin [T, head_dim / 2] (in float32)."""
-    dtype = x.dtype
-    x = x.float()
-    x1, x2 = x.chunk(2, dim=-1)
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(dtype)
+        return positions, self.inv_freq
 
 
 # ---------------------------------------------------------------------------- fused projections
@@ -137,14 +127,21 @@ class DecoderAttention(nn.Module):
         batch: ForwardBatch,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        positions, inv_freq = rope
+        use_norm = self.q_norm is not None and self.k_norm is not None
+        # Split, per-head RMSNorm of q and k (Qwen3), RoPE: one kernel on CUDA.
+        q, k, v = fused.qk_norm_rope(
+            self.qkv_proj(x),
+            self.q_norm.weight if self.q_norm is not None else None,
+            self.k_norm.weight if self.k_norm is not None else None,
+            positions,
+            inv_freq,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.q_norm.eps if self.q_norm is not None else 0.0,
+            use_norm,
+        )
         o = batch.attn_backend.forward(q, k, v, self.layer_id, batch, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
@@ -249,11 +246,10 @@ class SparseMoeBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return self.experts(x, ids, weights.to(x.dtype))
+        weights, ids = fused.moe_route(
+            self.gate(x), self.top_k, self.norm_topk_prob, out_dtype=x.dtype
+        )
+        return self.experts(x, ids, weights)
 
 
 # ---------------------------------------------------------------------------- LM head

@@ -14,7 +14,7 @@ Sequence slots B..Bg-1 get no tokens (extend length 0: their attention programs 
 The Tg - T padding tokens belong to one extra slot (index Bg) with no prefix, whose block table
 row is all page 0: they write their K/V to slot 0 of the reserved page 0 and attend over page 0,
 so every value they touch is finite and no real sequence reads what they write. Embedding, RoPE
-tables and the logits run eagerly (a handful of kernels).
+positions and the logits run eagerly (a handful of kernels).
 
 All graphs share one memory pool and one hidden-state buffer, updated in place by each layer's
 graph: they are replayed in capture order, one at a time.
@@ -77,9 +77,6 @@ class PiecewiseGraphRunner:
         dev = self.pool.device
         slots = self.max_bs + 1  # + the padding sequence
         self.hidden = torch.zeros(max_tokens, cfg.hidden_size, dtype=runner.dtype, device=dev)
-        half = cfg.head_dim // 2
-        self.cos = torch.ones(max_tokens, half, dtype=torch.float32, device=dev)
-        self.sin = torch.zeros(max_tokens, half, dtype=torch.float32, device=dev)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
         self.out_cache_loc = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
@@ -90,7 +87,9 @@ class PiecewiseGraphRunner:
         self.block_table = torch.zeros((slots, max_pages), dtype=torch.int32, device=dev)
         self.logits_indices = torch.zeros(1, dtype=torch.int64, device=dev)
         self.graphs: dict[tuple[int, int], list[torch.cuda.CUDAGraph]] = {}
+        self.splits: dict[tuple[int, int], int] = {}
         if capture:
+            self._reserve_attention_state(runner)
             self._capture_all()
 
     # ---------------------------------------------------------------- static batches
@@ -121,10 +120,11 @@ class PiecewiseGraphRunner:
             prefix_lens=self.prefix_lens[:slots],
             extend_starts=self.extend_starts[:slots],
         )
-        prepare_graph = getattr(self.backend, "prepare_extend_graph", None)
-        if prepare_graph is not None:
-            context = self.max_pages * self.pool.page_size
-            prepare_graph(fb, max_extend_len=tokens, max_context_len=context)
+        if self.capture_enabled:
+            # Grid and split count fixed for the bucket; lengths are read on the device.
+            self.backend.prepare_extend_graph(  # type: ignore[attr-defined]
+                fb, max_extend_len=tokens, num_kv_splits=self.splits[(tokens, bs)]
+            )
         else:
             self.backend.prepare(fb)
         return fb
@@ -158,8 +158,31 @@ class PiecewiseGraphRunner:
 
     # ---------------------------------------------------------------- capture
 
+    def _reserve_attention_state(self, runner: ModelRunner) -> None:
+        """Fix each bucket's split-KV count for the longest context a replay may see (a
+        short extend over a long prefix needs splits to fill the GPU; shorter contexts cut
+        their keys into shorter splits on the device) and reserve the scratch of the largest."""
+        cfg = runner.model_config
+        heads = {
+            "num_q_heads": cfg.num_attention_heads,
+            "num_kv_heads": cfg.num_key_value_heads,
+            "head_dim": cfg.head_dim,
+        }
+        context = self.max_pages * self.pool.page_size
+        for tokens in self.token_sizes:
+            for bs in self.batch_sizes:
+                self.splits[(tokens, bs)] = self.backend.extend_splits_for(  # type: ignore[attr-defined]
+                    bs, tokens, context, **heads, dtype=runner.dtype, device=self.pool.device
+                )
+        rows = max(t * s for (t, _), s in self.splits.items())
+        self.backend.reserve_extend_scratch(  # type: ignore[attr-defined]
+            rows, 1, num_q_heads=cfg.num_attention_heads, head_dim=cfg.head_dim,
+            device=self.pool.device,
+        )  # fmt: skip
+
     def _run_layer(self, layer: torch.nn.Module, tokens: int, fb: ForwardBatch) -> None:
-        rope = (self.cos[:tokens], self.sin[:tokens])
+        # RoPE input over the static positions: no kernel, so nothing of it is captured.
+        rope = self.model.rope(self.positions[:tokens])
         x = self.hidden[:tokens]
         x.copy_(layer(x, rope, fb))
 
@@ -188,10 +211,11 @@ class PiecewiseGraphRunner:
         torch.cuda.synchronize()
         logger.info(
             "captured per-layer CUDA graphs for extends of up to %d tokens in %s sequences "
-            "(token buckets %s)",
+            "(token buckets %s; attention splits %s)",
             self.max_tokens,
             self.batch_sizes,
             self.token_sizes,
+            sorted(set(self.splits.values())),
         )
 
     # ---------------------------------------------------------------- replay
@@ -210,9 +234,7 @@ class PiecewiseGraphRunner:
         tokens = self.token_sizes[bisect.bisect_left(self.token_sizes, t)]
         bs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, b)]
         self.hidden[:t].copy_(self.model.embed(batch.input_ids))
-        cos, sin = self.model.rope(batch.positions)
-        self.cos[:t].copy_(cos)
-        self.sin[:t].copy_(sin)
+        self.positions[:t].copy_(batch.positions)
         self._fill(batch, tokens, bs)
         if self.capture_enabled:
             for i, graph in enumerate(self.graphs[(tokens, bs)]):
