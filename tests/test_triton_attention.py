@@ -266,6 +266,49 @@ def test_graph_hooks_reserve_and_freeze() -> None:
         backend.decode_scratch_views(64, 4, 32, 8, DEVICE)
 
 
+@pytest.mark.parametrize(
+    ("seq_lens", "want_splits"), [([120, 97, 64], 2), ([120, 97, 64, 33, 80], 1)]
+)
+def test_eager_decode_past_graph_max_fits_frozen_scratch(
+    seq_lens: list[int], want_splits: int
+) -> None:
+    """Scratch frozen for CUDA graphs up to batch 1 (``--cuda-graph-max-bs 1``): an eager decode
+    of a larger batch over a long context, which would want more split rows than reserved, runs
+    with the most splits the scratch holds (down to 1) instead of raising or reallocating."""
+    backend = TritonAttention(max_kv_splits=8, min_split_len=16)
+    backend.init_cuda_graph_state(1, num_q_heads=4, num_kv_heads=2, head_dim=32,
+                                  max_context_len=128, device=DEVICE)  # fmt: skip
+    assert backend.graph_num_kv_splits(1) == 8 and backend._decode_scratch.rows == 8
+    scratch = (backend._decode_scratch.mid_o.data_ptr(), backend._decode_scratch.mid_lse.data_ptr())
+    bs = len(seq_lens)
+    batch, q, k, v = make_batch(
+        ForwardMode.DECODE, [s - 1 for s in seq_lens], [1] * bs, page_size=4, num_q_heads=4,
+        num_kv_heads=2, head_dim=32, dtype=torch.float32, seed=23,
+    )  # fmt: skip
+    batch.kv_pool.write(LAYER, batch.out_cache_loc, k, v)
+    batch.attn_backend = backend
+    backend.prepare(batch)
+    assert batch.attn_metadata.num_kv_splits == 8  # the heuristic wants bs x 8 > 8 rows
+    out = torch.full_like(q, float("nan"))
+    backend.attend(q, LAYER, batch, SCALE, out=out)
+    assert batch.attn_metadata.num_kv_splits == want_splits
+    assert scratch == (
+        backend._decode_scratch.mid_o.data_ptr(),
+        backend._decode_scratch.mid_lse.data_ptr(),
+    )
+    assert backend._decode_scratch.frozen and backend._decode_scratch.rows == 8
+    kb, vb = batch.kv_pool.k_buffer(LAYER), batch.kv_pool.v_buffer(LAYER)
+    ref = K.decode_attention_ref(
+        q, kb, vb, torch.empty_like(q), batch.block_table, batch.seq_lens, SCALE, page_size=4
+    )
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < 1e-4 and rel_err(out, reference(batch, q)) < 1e-4
+    # The step's other layers reuse the lowered count.
+    out2 = torch.full_like(q, float("nan"))
+    backend.attend(q, LAYER, batch, SCALE, out=out2)
+    assert torch.equal(out, out2) and batch.attn_metadata.num_kv_splits == want_splits
+
+
 # ------------------------------------------------------------------------------ split-KV extend
 
 

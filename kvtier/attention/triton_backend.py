@@ -38,6 +38,9 @@ class TritonAttentionMetadata:
 
     is_decode: bool
     num_kv_splits: int = 1  # decode
+    # Decode: the split count was fixed by ``prepare_graph`` (reserved for a captured batch
+    # size) and is used as is; otherwise ``attend`` may lower it to what frozen scratch holds.
+    graph: bool = False
     max_extend_len: int = 0  # extend: sizes the grid
     extend_starts: torch.Tensor | None = None  # extend: [B] int32, when the batch lacks them
     max_seq_len: int = 0  # extend: longest KV, for the split heuristic
@@ -249,7 +252,8 @@ class TritonAttention(AttentionBackend):
         """Fix the decode split count of every batch size 1..max_batch_size (chosen for the
         longest context a replay may see; shorter sequences cut their keys into shorter splits
         on the device) and reserve scratch for all of them, then freeze the scratch so that no
-        captured address is ever freed."""
+        captured address is ever freed. An eager decode that would need more split rows (a
+        batch larger than ``max_batch_size``) then runs with fewer splits instead."""
         device = torch.device(device)
         self._graph_splits = {
             bs: self.num_kv_splits_for(bs, num_kv_heads, max_context_len, device)
@@ -275,7 +279,9 @@ class TritonAttention(AttentionBackend):
         if not batch.is_decode:
             raise ValueError("CUDA graphs are captured for decode batches only")
         splits = self.graph_num_kv_splits(int(batch.seq_lens.shape[0]))
-        batch.attn_metadata = TritonAttentionMetadata(is_decode=True, num_kv_splits=splits)
+        batch.attn_metadata = TritonAttentionMetadata(
+            is_decode=True, num_kv_splits=splits, graph=True
+        )
 
     def reserve_extend_scratch(
         self,
@@ -330,20 +336,43 @@ class TritonAttention(AttentionBackend):
         needed and not frozen)."""
         return self._extend_scratch.views(num_tokens, num_q_heads, head_dim, num_kv_splits, device)
 
+    @staticmethod
+    def _splits_that_fit(
+        scratch: _SplitScratch, splits: int, rows: int, num_q_heads: int, head_dim: int,
+        device: torch.device,
+    ) -> int:  # fmt: skip
+        """``splits``, unless ``scratch`` is frozen (captured graphs hold its address, so it
+        is never reallocated) and too small for ``rows`` x ``splits``: then the most splits it
+        holds (>= 2), or 1 (the single-split kernel, no scratch)."""
+        if splits == 1 or not scratch.frozen:
+            return splits
+        if scratch.fits(rows * splits, num_q_heads, head_dim, device):
+            return splits
+        fit = min(splits, scratch.rows // max(rows, 1))
+        if fit >= 2 and scratch.fits(rows * fit, num_q_heads, head_dim, device):
+            return fit
+        return 1
+
     def _extend_splits_that_fit(
         self, splits: int, num_tokens: int, num_q_heads: int, head_dim: int,
         device: torch.device,
     ) -> int:  # fmt: skip
-        """``splits``, unless the extend scratch is frozen (captured graphs hold its address,
-        so it is never reallocated) and too small: then the most splits it holds (>= 2), or
-        1 (the one-pass kernel, no scratch)."""
-        scratch = self._extend_scratch
-        if splits == 1 or not scratch.frozen:
-            return splits
-        fit = min(splits, scratch.rows // max(num_tokens, 1))
-        if fit >= 2 and scratch.fits(num_tokens * fit, num_q_heads, head_dim, device):
-            return fit
-        return 1
+        """Extend splits that the (possibly frozen) extend scratch holds; see
+        ``_splits_that_fit``."""
+        return self._splits_that_fit(
+            self._extend_scratch, splits, num_tokens, num_q_heads, head_dim, device
+        )
+
+    def _decode_splits_that_fit(
+        self, splits: int, batch_size: int, num_q_heads: int, head_dim: int,
+        device: torch.device,
+    ) -> int:  # fmt: skip
+        """Decode splits that the (possibly frozen) decode scratch holds: an eager step larger
+        than the captured batch sizes (frozen by ``init_cuda_graph_state``) runs with fewer
+        splits instead of reallocating the scratch; see ``_splits_that_fit``."""
+        return self._splits_that_fit(
+            self._decode_scratch, splits, batch_size, num_q_heads, head_dim, device
+        )
 
     # ---------------------------------------------------------------- attention
 
@@ -370,6 +399,13 @@ class TritonAttention(AttentionBackend):
 
         if batch.is_decode:
             splits = meta.num_kv_splits
+            if not meta.graph:
+                # Eager: never reallocate frozen scratch; take fewer splits (kept in the
+                # metadata for the step's other layers).
+                splits = self._decode_splits_that_fit(
+                    splits, q.shape[0], q.shape[1], q.shape[2], q.device
+                )
+                meta.num_kv_splits = splits
             mid_o = mid_lse = None
             if splits > 1:
                 mid_o, mid_lse = self.decode_scratch_views(
