@@ -58,8 +58,8 @@ def main() -> None:
     bulk_dst = torch.empty_like(bulk_src, device="cuda")
     bulk = timed(lambda: bulk_dst.copy_(bulk_src, non_blocking=True), nbytes)
     print(f"{n} pages, {nbytes / 1e9:.2f} GB; bulk H2D {bulk:.1f} GB/s")
-    for warps in (2, 4, 8):
-        for progs in (32, 64, 96, 128, 192, 264):
+    for warps in (1, 2, 4):
+        for progs in (8, 16, 32, 64, 128):
 
             def load(progs: int = progs, warps: int = warps) -> None:
                 for layer in range(L):

@@ -20,6 +20,7 @@ import torch
 from kvtier import faults
 from kvtier.cache.kv_pool import KVPool
 from kvtier.kernels.kv_io import (
+    DirectPlan,
     KVSpace,
     copy_pages_direct,
     copy_pages_kernel,
@@ -167,11 +168,11 @@ class CacheController:
             t.start = torch.cuda.Event(enable_timing=True)
             t.start.record()
             if self.io_backend == "direct":
-                runs = page_runs(host, dev)
+                plan = DirectPlan(
+                    self.tier.space, self.pool_space, page_runs(host, dev), range(self.num_layers)
+                )
                 for layer in range(self.num_layers):
-                    copy_pages_direct(
-                        self.tier.space, self.pool_space, runs, range(layer, layer + 1)
-                    )
+                    plan.issue(layer)
                     ev = torch.cuda.Event()
                     ev.record()
                     events.append(ev)

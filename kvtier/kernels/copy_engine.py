@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 _SRC_ACCESS_ORDER_STREAM = 1
 # CUmemcpyFlags: let the copy overlap with kernels running at the same time.
 _FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
+# The driver refuses the legacy default stream (handle 0) for batches; the per-thread default
+# stream (CU_STREAM_PER_THREAD) is ordered with it, so work queued on torch's default stream
+# before or after the batch still sees the copies in order.
+_STREAM_PER_THREAD = 0x2
 
 
 class _MemLocation(ctypes.Structure):
@@ -87,7 +91,7 @@ def batch_memcpy(dsts: torch.Tensor, srcs: torch.Tensor, sizes: torch.Tensor) ->
     if not (dsts.dtype == srcs.dtype == sizes.dtype == torch.int64):
         raise TypeError("batch_memcpy takes int64 address and size tensors")
     dsts, srcs, sizes = dsts.contiguous(), srcs.contiguous(), sizes.contiguous()
-    stream = torch.cuda.current_stream().cuda_stream
+    stream = torch.cuda.current_stream().cuda_stream or _STREAM_PER_THREAD
     err = fn(
         dsts.data_ptr(), srcs.data_ptr(), sizes.data_ptr(), n, ctypes.byref(_ATTRS),
         ctypes.addressof(_ATTR_IDX), 1, stream,

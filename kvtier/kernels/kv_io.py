@@ -399,29 +399,57 @@ def copy_pages_direct(
     """Copy-engine copies of every run, layer and K/V (both layouts must be page-contiguous):
     one cuMemcpyBatchAsync for the whole call where the driver has it, else one
     cudaMemcpyAsync per span."""
-    sl, dl = src.layout, dst.layout
-    if not (sl.page_contiguous and dl.page_contiguous):
-        raise ValueError(
-            f"--hicache-io-backend direct needs page-contiguous layouts; got {sl.name}/{dl.name}"
-        )
-    groups = []
-    for si, di, local_runs in split_runs(src, dst, runs):
-        s, d = src.segment(si), dst.segment(di)
-        offsets = _span_offsets(s, d, local_runs, layers)
-        groups += [(s.k, d.k, *offsets), (s.v, d.v, *offsets)]
-    on_gpu = src.device.type == "cuda" or dst.device.type == "cuda"
-    if on_gpu and batch_memcpy_available():
-        dsts, srcs, sizes = [], [], []
-        for s_t, d_t, s_off, d_off, n in groups:
-            esize = s_t.element_size()
-            dsts.append(d_t.data_ptr() + d_off * esize)
-            srcs.append(s_t.data_ptr() + s_off * esize)
-            sizes.append(n * esize)
-        batch_memcpy(torch.cat(dsts), torch.cat(srcs), torch.cat(sizes))
-        return
-    for s_t, d_t, s_off, d_off, n in groups:
-        for a, b, m in zip(s_off.tolist(), d_off.tolist(), n.tolist()):
-            d_t[b : b + m].copy_(s_t[a : a + m], non_blocking=True)
+    plan = DirectPlan(src, dst, runs, layers)
+    for i in range(len(layers)):
+        plan.issue(i)
+
+
+class DirectPlan:
+    """The copy-engine spans of ``runs`` for each of ``layers``, computed once (vectorised)
+    so that a layer-by-layer load issues each layer with a single driver call."""
+
+    def __init__(
+        self, src: KVSpace, dst: KVSpace, runs: list[tuple[int, int, int]], layers: range
+    ) -> None:
+        sl, dl = src.layout, dst.layout
+        if not (sl.page_contiguous and dl.page_contiguous):
+            raise ValueError(
+                "--hicache-io-backend direct needs page-contiguous layouts; "
+                f"got {sl.name}/{dl.name}"
+            )
+        self.num_layers = len(layers)
+        on_gpu = src.device.type == "cuda" or dst.device.type == "cuda"
+        self.batched = on_gpu and batch_memcpy_available()
+        # Per (segment pair, K/V): tensors and [layers, spans] element offsets and lengths.
+        self.groups: list[
+            tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = []
+        for si, di, local_runs in split_runs(src, dst, runs):
+            s, d = src.segment(si), dst.segment(di)
+            s_off, d_off, n = _span_offsets(s, d, local_runs, layers)
+            shape = (self.num_layers, -1)
+            offs = (s_off.view(shape), d_off.view(shape), n.view(shape))
+            self.groups += [(s.k, d.k, *offs), (s.v, d.v, *offs)]
+        if self.batched:
+            # Byte addresses, all groups side by side: row i is layer i's whole batch.
+            dsts, srcs, sizes = [], [], []
+            for s_t, d_t, s_off, d_off, n in self.groups:
+                esize = s_t.element_size()
+                dsts.append(d_t.data_ptr() + d_off * esize)
+                srcs.append(s_t.data_ptr() + s_off * esize)
+                sizes.append(n * esize)
+            self.dsts = torch.cat(dsts, dim=1).contiguous()
+            self.srcs = torch.cat(srcs, dim=1).contiguous()
+            self.sizes = torch.cat(sizes, dim=1).contiguous()
+
+    def issue(self, i: int) -> None:
+        """Queue layer ``layers[i]``'s copies on the current stream."""
+        if self.batched:
+            batch_memcpy(self.dsts[i], self.srcs[i], self.sizes[i])
+            return
+        for s_t, d_t, s_off, d_off, n in self.groups:
+            for a, b, m in zip(s_off[i].tolist(), d_off[i].tolist(), n[i].tolist()):
+                d_t[b : b + m].copy_(s_t[a : a + m], non_blocking=True)
 
 
 def _span_offsets(

@@ -72,7 +72,11 @@ class PiecewiseGraphRunner:
         self.batch_sizes = [b for b in BATCH_BUCKETS if b < top] + [top]
         self.max_tokens = max_tokens
         self.max_bs = self.batch_sizes[-1]
-        self.max_pages = max_pages
+        # Wide enough for every real sequence and for the padding sequence, whose (up to
+        # max_tokens) tokens all map to page 0 through this table: a narrower row would let
+        # the attention kernel read past it.
+        ps = self.pool.page_size
+        self.max_pages = max(max_pages, (max_tokens + ps - 1) // ps)
         cfg = runner.model_config
         dev = self.pool.device
         slots = self.max_bs + 1  # + the padding sequence
@@ -84,7 +88,7 @@ class PiecewiseGraphRunner:
         self.extend_lens = torch.zeros(slots, dtype=torch.int32, device=dev)
         self.prefix_lens = torch.zeros(slots, dtype=torch.int32, device=dev)
         self.extend_starts = torch.zeros(slots, dtype=torch.int32, device=dev)
-        self.block_table = torch.zeros((slots, max_pages), dtype=torch.int32, device=dev)
+        self.block_table = torch.zeros((slots, self.max_pages), dtype=torch.int32, device=dev)
         self.logits_indices = torch.zeros(1, dtype=torch.int64, device=dev)
         self.graphs: dict[tuple[int, int], list[torch.cuda.CUDAGraph]] = {}
         self.splits: dict[tuple[int, int], int] = {}

@@ -123,8 +123,9 @@ class Scheduler:
                 f"the prompt has {n} tokens; the KV pool holds {capacity} (see --max-total-tokens)"
             )
         vocab = self.runner.vocab_size
-        bad = next((t for t in req.input_ids if not 0 <= t < vocab), None)
-        if bad is not None:
+        # min/max run in C; the loop that names the bad id runs only on the error path.
+        if min(req.input_ids) < 0 or max(req.input_ids) >= vocab:
+            bad = next(t for t in req.input_ids if not 0 <= t < vocab)
             raise RequestError(f"token id {bad} is outside the vocabulary (size {vocab})")
         if len(self.waiting) >= self.args.max_queued_requests:
             raise QueueFullError(
