@@ -41,10 +41,22 @@ except ImportError:  # pragma: no cover - CPU installs without triton
     tl = None  # type: ignore[assignment]
 
 
-# Programs per (layer, K/V) of one copy launch. Enough loads in flight to fill PCIe or NVLink
-# (each program moves a page at a time), few enough to leave most multiprocessors to compute.
-COPY_PROGRAMS = int(os.environ.get("KVTIER_COPY_PROGRAMS", "64"))
-COPY_WARPS = int(os.environ.get("KVTIER_COPY_WARPS", "4"))
+# Programs per (layer, K/V) of one copy launch, and warps per program: enough loads in flight
+# to fill the link, few enough to leave the multiprocessors to the forward running beside the
+# load. Measured on an H200 (docs/benchmarks.md): over PCIe (pinned host memory) 16 programs of
+# 2 warps move as much as 128 of 4 (51 GB/s) while slowing the concurrent forward far less;
+# NVLink (peer GPUs, X-Mem banks) needs more in flight. KVTIER_COPY_PROGRAMS / _WARPS override.
+HOST_COPY_SHAPE = (16, 2)
+DEVICE_COPY_SHAPE = (64, 4)
+_ENV_PROGRAMS = os.environ.get("KVTIER_COPY_PROGRAMS")
+_ENV_WARPS = os.environ.get("KVTIER_COPY_WARPS")
+
+
+def copy_shape(src: KVSpace, dst: KVSpace) -> tuple[int, int]:
+    """(programs per (layer, K/V), warps per program) of a kernel copy between two spaces."""
+    host = src.device.type == "cpu" or dst.device.type == "cpu"
+    programs, warps = HOST_COPY_SHAPE if host else DEVICE_COPY_SHAPE
+    return int(_ENV_PROGRAMS or programs), int(_ENV_WARPS or warps)
 
 
 @dataclass
@@ -309,7 +321,7 @@ def copy_pages_kernel(
 ) -> None:
     """One launch copying every (page pair, layer, K/V). Page id tensors must be on the GPU
     running the kernel (or CPU under the Triton interpreter). ``max_programs``: programs per
-    (layer, K/V), default ``COPY_PROGRAMS``; ``num_warps`` per program, default ``COPY_WARPS``."""
+    (layer, K/V) and ``num_warps`` per program default to ``copy_shape(src, dst)``."""
     if triton is None:
         raise RuntimeError("--hicache-io-backend kernel needs triton")
     n = int(src_pages.shape[0])
@@ -327,7 +339,8 @@ def copy_pages_kernel(
     tokens_per_iter = max(1, min(triton.next_power_of_2(src.layout.page_size), 8192 // row_block))
     src_tab, src_seg_pages, src_striped, src_align = _segment_args(src, src_pages.device, src_pages)
     dst_tab, dst_seg_pages, dst_striped, dst_align = _segment_args(dst, src_pages.device, src_pages)
-    grid = (min(n, max_programs or COPY_PROGRAMS), len(layers), 2)
+    default_programs, default_warps = copy_shape(src, dst)
+    grid = (min(n, max_programs or default_programs), len(layers), 2)
     _copy_pages_kernel[grid](
         _kernel_arg(src.k, gpu),
         _kernel_arg(src.v, gpu),
@@ -355,7 +368,7 @@ def copy_pages_kernel(
         DST_STRIPED=dst_striped,
         SRC_SEG_ALIGN=src_align,
         DST_SEG_ALIGN=dst_align,
-        num_warps=num_warps or COPY_WARPS,
+        num_warps=num_warps or default_warps,
     )
 
 
