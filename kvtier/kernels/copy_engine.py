@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -23,10 +24,6 @@ logger = logging.getLogger(__name__)
 _SRC_ACCESS_ORDER_STREAM = 1
 # CUmemcpyFlags: let the copy overlap with kernels running at the same time.
 _FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
-# The driver refuses the legacy default stream (handle 0) for batches; the per-thread default
-# stream (CU_STREAM_PER_THREAD) is ordered with it, so work queued on torch's default stream
-# before or after the batch still sees the copies in order.
-_STREAM_PER_THREAD = 0x2
 
 
 class _MemLocation(ctypes.Structure):
@@ -91,10 +88,38 @@ def batch_memcpy(dsts: torch.Tensor, srcs: torch.Tensor, sizes: torch.Tensor) ->
     if not (dsts.dtype == srcs.dtype == sizes.dtype == torch.int64):
         raise TypeError("batch_memcpy takes int64 address and size tensors")
     dsts, srcs, sizes = dsts.contiguous(), srcs.contiguous(), sizes.contiguous()
-    stream = torch.cuda.current_stream().cuda_stream or _STREAM_PER_THREAD
+    current = torch.cuda.current_stream()
+    if current.cuda_stream != 0:
+        _launch(fn, dsts, srcs, sizes, n, current.cuda_stream)
+        return
+    # The driver refuses the legacy default stream (handle 0) for batches: run the batch on a
+    # side stream ordered after everything queued so far and before everything queued next.
+    side = _side_stream(current.device)
+    side.wait_stream(current)
+    _launch(fn, dsts, srcs, sizes, n, side.cuda_stream)
+    current.wait_stream(side)
+
+
+def _launch(
+    fn: Callable[..., int],
+    dsts: torch.Tensor,
+    srcs: torch.Tensor,
+    sizes: torch.Tensor,
+    n: int,
+    stream: int,
+) -> None:
     err = fn(
         dsts.data_ptr(), srcs.data_ptr(), sizes.data_ptr(), n, ctypes.byref(_ATTRS),
         ctypes.addressof(_ATTR_IDX), 1, stream,
     )  # fmt: skip
     if err != 0:
         raise RuntimeError(f"cuMemcpyBatchAsync failed with CUresult {err} ({n} copies)")
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
