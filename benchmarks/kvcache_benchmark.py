@@ -1196,10 +1196,11 @@ def make_plots(cfg: Config, results: Results, stamp: str) -> str | None:
             rs = [r for r in rows if r["backend"] == b]
             x = [r["length"] / 1024 for r in rs]
             c = colors[i % len(colors)]
-            ax.plot(x, [r["tier_hit_ms"] for r in rs], "o-", color=c, label=f"{b}: tier hit")
-            ax.plot(x, [r["recompute_ms"] for r in rs], "s--", color=c, label=f"{b}: recompute")
+            name = rs[0].get("label", b)  # names a stand-in as such
+            ax.plot(x, [r["tier_hit_ms"] for r in rs], "o-", color=c, label=f"{name}: tier hit")
+            ax.plot(x, [r["recompute_ms"] for r in rs], "s--", color=c, label=f"{name}: recompute")
             if any(r["gpu_hit_ms"] for r in rs):
-                ax.plot(x, [r["gpu_hit_ms"] for r in rs], "^:", color=c, label=f"{b}: GPU hit")
+                ax.plot(x, [r["gpu_hit_ms"] for r in rs], "^:", color=c, label=f"{name}: GPU hit")
         ax.set_yscale("log")
         ax.set_xlabel("prompt length (K tokens)")
         ax.set_ylabel("TTFT (ms, log scale)")
@@ -1218,7 +1219,7 @@ def make_plots(cfg: Config, results: Results, stamp: str) -> str | None:
                 [r["speedup"] for r in rs],
                 "o-",
                 color=colors[i % len(colors)],
-                label=b,
+                label=rs[0].get("label", b) if rs else b,
             )
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xlabel("prompt length (K tokens)")
