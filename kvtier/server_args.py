@@ -104,6 +104,9 @@ class ServerArgs:
     )
 
     # --- server ---
+    skip_server_warmup: bool = _opt(
+        False, "serve without the start-up warm-up requests (first requests then compile kernels)"
+    )
     host: str = _opt("127.0.0.1", "HTTP bind address")
     port: int = _opt(30000, "HTTP port")
     api_key: str | None = _opt(

@@ -268,3 +268,19 @@ def test_piecewise_graph_batches_equal_recompute(reference, concurrent):
         # Every later turn's extend (7 new tokens + the last output) went through the runner.
         assert len(calls) >= 2 if concurrent else len(calls) >= 6
         e.check_integrity()
+
+
+def test_warm_up_leaves_no_trace(reference):
+    """The server's start-up warm-up (a prompt and a turn over its cached prefix) leaves the
+    cache empty, the counters at zero, nothing leaked, and later outputs unchanged."""
+    want, _ = conversations(reference, n=2)
+    with make(page_size=4, enable_hierarchical_cache=True) as e:
+        e.scheduler.warm_up()
+        stats = e.get_stats()
+        assert stats["device_cached_pages"] == 0
+        assert stats["device_free_pages"] == stats["device_total_pages"]
+        assert set(e.scheduler.counters.values()) == {0}
+        e.check_integrity()
+        got, metas = conversations(e, n=2)
+        assert got == want
+        assert metas[0]["cached_tokens"] == 0

@@ -22,6 +22,7 @@ from kvtier.cache.radix_cache import IntegrityError, RadixCache
 from kvtier.runner.forward_batch import ForwardMode
 from kvtier.runner.model_runner import ModelRunner
 from kvtier.runner.sampler import sample
+from kvtier.sampling_params import SamplingParams
 from kvtier.scheduler.batch import ScheduleBatch
 from kvtier.scheduler.detokenizer import Detokenizer, find_stop_string, stop_prefix_overlap
 from kvtier.scheduler.request import FinishReason, Req, ReqOutput
@@ -510,6 +511,25 @@ class Scheduler:
         self._outputs.append(ReqOutput(req.rid, new_ids, new_text, req.finished, req.meta_info()))
 
     # ------------------------------------------------------------------ maintenance
+    def warm_up(self) -> None:
+        """Run a short prompt, then a new turn that extends its cached prefix, each with a few
+        decode steps, so that the first real requests do not pay for kernel compilation (the
+        extend over a cached prefix compiled on its first use costs over a second on an H200),
+        then clear the cache and the counters: the server starts as if nothing had run."""
+        ps = self.page_size
+        vocab = self.runner.vocab_size
+        prompt = [1 + (7 * i) % (vocab - 1) for i in range(2 * ps + 3)]
+        sampling = SamplingParams.from_dict({"max_new_tokens": 4, "temperature": 0})
+        for i, ids in enumerate((prompt, prompt + prompt[:5])):
+            self.add_request(Req(rid=f"warm-up-{i}", input_ids=ids, sampling=sampling))
+            while self.has_work():
+                self.step()
+        self.cache.wait_transfers()
+        self.cache.poll()
+        self.flush_cache()
+        self.counters = dict.fromkeys(self.counters, 0)
+        self.cached_tokens_by_tier = {}
+
     def flush_cache(self, tier: str | None = None) -> bool:
         """``tier`` None or "all": drop every cached prefix, refused (False) while requests are
         queued or running. "device": drop the GPU copy of every unlocked prefix that has an L2

@@ -188,6 +188,8 @@ def run_scheduler_process(args: ServerArgs, endpoints: ipc.Endpoints, ready: Con
     push.bind(endpoints.outputs)
     try:
         scheduler = build_scheduler(args)
+        if not args.skip_server_warmup:
+            scheduler.warm_up()
     except BaseException as e:
         ready.send(("error", f"{type(e).__name__}: {e}"))
         raise SystemExit(1) from None
