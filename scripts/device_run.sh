@@ -1,27 +1,37 @@
 #!/usr/bin/env bash
 # One batched run on the lent H200 machine (see ../.library/device): correctness on CUDA, tier IO
-# bandwidth, the TTFT sweep and the recompute speed, each step bounded, logs under $OUT.
-# Usage there: bash scripts/device_run.sh   (with .whl carried; see shared/tools/device-wheels)
+# bandwidth, the TTFT sweep, the recompute speed and diagnostics, each step bounded, logs under
+# $OUT. Steps are chosen with STEPS (default: all, in this order). Usage there:
+#   STEPS="tests check tier_io ttft" bash scripts/device_run.sh   (with .whl carried)
+# T_<STEP> overrides a step's time limit in seconds.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-out}; mkdir -p "$OUT"
+STEPS=${STEPS:-"tests check tier_io ttft engine diag server"}
 step() {  # step NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return ;; esac
   echo "=== $name ($(date +%T))"
   timeout "$secs" "$@" >"$OUT/$name.log" 2>&1; echo "exit $?" >>"$OUT/$name.log"
-  tail -n 25 "$OUT/$name.log"
+  grep -v "it/s\]\|s/it\]" "$OUT/$name.log" | tail -n 25
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
-step tests "${T_TESTS:-100}" python3 -m pytest -q -p no:cacheprovider tests/test_engine.py \
-  tests/test_hicache_engine.py tests/test_kv_io.py
-step tier_io "${T_TIER_IO:-40}" python3 benchmarks/bench_tier_io.py --tier "${TIERS:-all}" \
-  --gbytes 4 --repeats 3 --io-backends kernel --output-dir "$OUT/tier_io"
-step ttft "${T_TTFT:-90}" python3 benchmarks/kvcache_benchmark.py --ttft --backend all \
-  --lengths "${LENGTHS:-80K}" --num-prompts 1 --hicache-size 20 --mem-fraction-static 0.85 \
-  --no-gpu-hit --no-plots --output-dir "$OUT/ttft"
-step engine "${T_ENGINE:-60}" python3 benchmarks/bench_engine.py --prefill 16K \
-  --decode-batch 1,32 --output "$OUT/bench_engine.json"
-step profile "${T_PROFILE:-60}" python3 scripts/profile_step.py --tokens 32768
+step tests "${T_TESTS:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_engine.py \
+  tests/test_hicache_engine.py tests/test_kv_io.py tests/test_triton_attention.py \
+  tests/test_fused_kernels.py tests/test_models.py tests/test_faults.py
+step check "${T_CHECK:-90}" python3 scripts/check_hicache_gpu.py
+step tier_io "${T_TIER_IO:-80}" python3 benchmarks/bench_tier_io.py --tier "${TIERS:-all}" \
+  --gbytes 4 --repeats 3 --io-backends kernel,direct --output-dir "$OUT/tier_io"
+step ttft "${T_TTFT:-300}" env KVTIER_XMEM_STANDIN=1 KVTIER_XMEM_STANDIN_DEVICES=1 \
+  python3 benchmarks/kvcache_benchmark.py --ttft --backend "${BACKENDS:-all}" \
+  --lengths "${LENGTHS:-1K,10K,20K,30K,40K,50K,60K,70K,80K,90K}" --num-prompts 1 \
+  --hicache-size 20 --mem-fraction-static 0.85 --no-gpu-hit \
+  --hicache-io-backend "${IO:-kernel}" --output-dir "$OUT/ttft"
+step engine "${T_ENGINE:-130}" python3 benchmarks/bench_engine.py --prefill 16K,80K \
+  --decode-batch 1,32,128 --output "$OUT/bench_engine.json"
+step diag "${T_DIAG:-110}" python3 scripts/diag_tier_hit.py --tokens 81920 --tier dram \
+  --io-backend "${IO:-kernel}" --trace-dir /tmp/trace
+step server "${T_SERVER:-150}" python3 scripts/server_check.py --log "$OUT/server_process.log"

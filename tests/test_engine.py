@@ -284,3 +284,19 @@ def test_warm_up_leaves_no_trace(reference):
         got, metas = conversations(e, n=2)
         assert got == want
         assert metas[0]["cached_tokens"] == 0
+
+
+def test_piecewise_block_table_covers_the_padding_sequence():
+    """The padding sequence of a bucket maps up to max_tokens tokens to page 0 through its
+    block-table row: the static table must be that wide even when the pool is not (a narrower
+    row made the GPU attention kernel read past it: an illegal address on the H200)."""
+    from kvtier.runner.piecewise_graph import PiecewiseGraphRunner
+
+    with make(page_size=4, max_total_tokens=160) as e:
+        runner = e.scheduler.runner
+        assert runner.max_pages_per_req < 64
+        pw = PiecewiseGraphRunner(
+            runner, max_tokens=256, max_bs=4, max_pages=runner.max_pages_per_req, capture=False
+        )
+        assert pw.block_table.shape == (5, 64)
+        assert pw.max_pages == 64
