@@ -7,7 +7,8 @@ layer of each (token bucket, batch bucket) is captured once as its own graph ove
 buffers; a step copies its inputs in and replays 48 graphs. One graph per layer, not one for the
 whole model, because a step that loads its prefix from a lower tier must wait for layer i's
 pages before running layer i: the host makes the stream wait on the load's event i between
-replays, so loading layer i + 1 still overlaps computing layer i.
+replays, so loading layer i + 1 still overlaps computing layer i. (Measured on an H200: the
+GPU-hit TTFT of an 80K-token prompt went from 113.9 ms eager to 35.5 ms.)
 
 Padding. A step of T tokens in B sequences runs in the smallest bucket (Tg >= T, Bg >= B).
 Sequence slots B..Bg-1 get no tokens (extend length 0: their attention programs exit at once).
