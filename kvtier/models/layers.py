@@ -193,6 +193,13 @@ class FusedExperts(nn.Module):
         float32 inside the GEMM even for bf16 activations. No host sync outside the loop path.
         """
         t, k = topk_ids.shape
+        # Opt-in (KVTIER_FUSED_MOE=1): two GEMV kernels for decode-sized T * k, bf16 on CUDA,
+        # unless a test pinned the path. Imported here so that this file's imports stay as they
+        # are; after the first call it is a dict lookup.
+        from kvtier.kernels import fused_moe
+
+        if self.use_grouped_mm is None and fused_moe.use_fused(x, t * k):
+            return fused_moe.fused_moe_small(x, self.w13, self.w2, topk_ids, topk_weights)
         flat_ids = topk_ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
         # Counts by scatter_add, not bincount: bincount on CUDA reads the max id on the host.

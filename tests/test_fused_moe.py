@@ -1,0 +1,188 @@
+"""The fused small-batch MoE kernels (kvtier/kernels/fused_moe.py) against FusedExperts' math.
+
+On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), on small
+shapes with small tiles so that every loop runs several steps and every tile has a masked tail
+(H = 40 and I = 24 are not powers of two). The CUDA tests use Qwen3-30B-A3B's layer shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.kernels import fused_moe
+from kvtier.kernels.fused_moe import fused_moe_ref, fused_moe_small
+from kvtier.models.layers import FusedExperts
+
+pytestmark = pytest.mark.skipif(fused_moe.triton is None, reason="needs Triton")
+
+NUM_EXPERTS = 8
+# Small tiles: 2-4 steps along H and I, partial last tiles.
+SMALL_TILES = {"block_n": 8, "block_k": 16, "block_h": 16, "block_i": 8}
+
+
+def _inputs(t, k, hidden, inter, dtype, seed, device="cpu", num_experts=NUM_EXPERTS, scale=0.2):
+    # Drawn on the target device: a full Qwen3-30B layer's weights are 1.2 GB in bf16.
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, s=1.0):
+        return (torch.randn(shape, generator=gen, device=device) * s).to(dtype)
+
+    x = randn(t, hidden)
+    w13 = randn(num_experts, 2 * inter, hidden, s=scale)
+    w2 = randn(num_experts, hidden, inter, s=scale)
+    # Distinct experts per token (what top-k gives); tokens share experts across the batch.
+    ids = torch.stack(
+        [torch.randperm(num_experts, generator=gen, device=device)[:k] for _ in range(t)]
+    )
+    weights = torch.softmax(torch.randn(t, k, generator=gen, device=device), dim=-1).to(dtype)
+    return x, w13, w2, ids, weights
+
+
+def _bf16_ulp(v: torch.Tensor) -> torch.Tensor:
+    """bf16 spacing at |v| (8 significant bits), floored at the smallest normal's."""
+    a = v.float().abs().clamp_min(2.0**-126)
+    return torch.exp2(torch.floor(torch.log2(a)) - 7)
+
+
+def test_reference_is_fused_experts_loop_path():
+    x, w13, w2, ids, weights = _inputs(5, 3, 40, 24, torch.bfloat16, seed=0)
+    experts = FusedExperts(NUM_EXPERTS, 40, 24).to(torch.bfloat16)
+    with torch.no_grad():
+        experts.w13.copy_(w13)
+        experts.w2.copy_(w2)
+        experts.use_grouped_mm = False
+        expected = experts(x, ids, weights)
+    assert torch.equal(fused_moe_ref(x, w13, w2, ids, weights), expected)
+
+
+@pytest.mark.parametrize(
+    ("t", "k", "hidden", "inter"), [(1, 2, 32, 16), (3, 4, 40, 24), (5, 3, 48, 16)]
+)
+def test_float32_matches_reference(t, k, hidden, inter):
+    x, w13, w2, ids, weights = _inputs(t, k, hidden, inter, torch.float32, seed=t)
+    out = fused_moe_small(x, w13, w2, ids, weights, **SMALL_TILES)
+    ref = fused_moe_ref(x, w13, w2, ids, weights)
+    assert out.shape == (t, hidden) and out.dtype == torch.float32
+    # Only the float32 summation order differs from the reference.
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("t", "k", "hidden", "inter"), [(1, 4, 40, 24), (5, 2, 32, 16)])
+def test_bf16_matches_reference_within_ulps(t, k, hidden, inter):
+    # The kernels round where the reference rounds (each GEMM's output, F.silu, the product,
+    # the combine once), and bf16 x bf16 products are exact in float32, so only the order of
+    # the float32 sums inside the dot products differs. That changes a rounded value only next
+    # to a rounding boundary, by 1 ulp; such a change in h (or SiLU's rounded output, which is
+    # multiplied and rounded again) can reach the output as 1-2 ulps. In practice the CPU
+    # results are bitwise equal (60 seeds checked while writing this); the bound allows 2.
+    x, w13, w2, ids, weights = _inputs(t, k, hidden, inter, torch.bfloat16, seed=10 + t)
+    out = fused_moe_small(x, w13, w2, ids, weights, **SMALL_TILES)
+    ref = fused_moe_ref(x, w13, w2, ids, weights)
+    assert out.dtype == torch.bfloat16
+    err_ulps = (out.float() - ref.float()).abs() / _bf16_ulp(ref)
+    assert err_ulps.max().item() <= 2.0
+    assert (err_ulps > 0).float().mean().item() <= 0.05
+
+
+def test_default_tiles_and_repeated_experts():
+    # Default (capped) tiles: one step per loop; tokens all routed to the same experts, and one
+    # token routed to one expert twice: every pair still reads its own weights.
+    x, w13, w2, _, weights = _inputs(3, 3, 40, 24, torch.float32, seed=7)
+    ids = torch.tensor([[5, 1, 5], [1, 5, 0], [7, 7, 7]])
+    out = fused_moe_small(x, w13, w2, ids, weights)
+    torch.testing.assert_close(out, fused_moe_ref(x, w13, w2, ids, weights), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_experts_default_path_unchanged_without_switch(monkeypatch):
+    # The switch off (the default): forward never calls the kernels, whatever the inputs.
+    monkeypatch.setattr(fused_moe, "ENABLED", False)
+    monkeypatch.setattr(fused_moe, "fused_moe_small", _fail)
+    x, w13, w2, ids, weights = _inputs(3, 2, 32, 16, torch.bfloat16, seed=3)
+    experts = FusedExperts(NUM_EXPERTS, 32, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        experts.w13.copy_(w13)
+        experts.w2.copy_(w2)
+        out = experts(x, ids, weights)
+    assert torch.equal(out, fused_moe_ref(x, w13, w2, ids, weights))
+    # Switched on, CPU tensors still take the torch path (the fused path is CUDA bf16 only).
+    monkeypatch.setattr(fused_moe, "ENABLED", True)
+    with torch.no_grad():
+        assert torch.equal(experts(x, ids, weights), out)
+
+
+def _fail(*args, **kwargs):
+    raise AssertionError("fused_moe_small called")
+
+
+def test_use_fused_conditions(monkeypatch):
+    monkeypatch.setattr(fused_moe, "ENABLED", True)
+    cpu = torch.zeros(1, 8, dtype=torch.bfloat16)
+    assert not fused_moe.use_fused(cpu, 8)
+    meta = torch.empty(1, 8, dtype=torch.bfloat16, device="meta")
+    assert not fused_moe.use_fused(meta, 8)
+    monkeypatch.setattr(fused_moe, "ENABLED", False)
+    assert not fused_moe.use_fused(cpu, 8)
+
+
+# ---------------------------------------------------------------------------- CUDA
+QWEN3_30B = {"num_experts": 128, "k": 8, "hidden": 2048, "inter": 768}
+
+
+def _qwen3_layer(t, seed):
+    s = QWEN3_30B
+    x, w13, w2, ids, weights = _inputs(
+        t, s["k"], s["hidden"], s["inter"], torch.bfloat16, seed, "cuda", s["num_experts"], 0.02
+    )
+    experts = FusedExperts(s["num_experts"], s["hidden"], s["inter"]).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        experts.w13.copy_(w13)
+        experts.w2.copy_(w2)
+    return experts, x, ids, weights
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("t", [1, 4, 16])
+def test_cuda_matches_grouped_path_on_qwen3_30b_layer(t):
+    experts, x, ids, weights = _qwen3_layer(t, seed=t)
+    with torch.no_grad():
+        experts.use_grouped_mm = True
+        grouped = experts(x, ids, weights).float()
+        out = fused_moe_small(x, experts.w13, experts.w2, ids, weights).float()
+        exact = fused_moe_ref(
+            x.float(), experts.w13.float(), experts.w2.float(), ids, weights.float()
+        )
+    # Both are bf16 renderings of the same float32 math with the same roundings; the fused
+    # path must be as close to the float32 result as the grouped one (up to the odd ulp).
+    scale = exact.abs().max().item()
+    err_fused = (out - exact).abs().max().item()
+    err_grouped = (grouped - exact).abs().max().item()
+    assert err_fused <= 1.25 * err_grouped + 2.0**-8 * scale
+    err_ulps = (out - grouped).abs() / _bf16_ulp(grouped)
+    assert (err_ulps > 2).float().mean().item() < 0.01
+    assert torch.equal(fused_moe_small(x, experts.w13, experts.w2, ids, weights).float(), out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_capture(monkeypatch):
+    experts, x, ids, weights = _qwen3_layer(4, seed=0)
+    s = QWEN3_30B
+    x2, _, _, ids2, weights2 = _inputs(
+        4, s["k"], s["hidden"], 1, torch.bfloat16, 1, "cuda", s["num_experts"]
+    )
+    monkeypatch.setattr(fused_moe, "ENABLED", True)
+    with torch.no_grad():
+        expected = fused_moe_small(x2, experts.w13, experts.w2, ids2, weights2)
+        experts(x, ids, weights)  # compiles the kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = experts(x, ids, weights)  # FusedExperts.forward -> the fused kernels
+        x.copy_(x2)
+        ids.copy_(ids2)
+        weights.copy_(weights2)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
