@@ -77,7 +77,7 @@ def routing(t: int, e: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor,
 def sweep_tiles() -> list[dict[str, int]]:
     out = []
     for bn, bk, bh, bi, w in itertools.product(
-        (4, 8, 16), (256, 512), (4, 8, 16), (128, 256), (4, 8)
+        (4, 8), (256, 512, 1024), (2, 4, 8), (256, 1024), (4, 8)
     ):
         out.append({"block_n": bn, "block_k": bk, "block_h": bh, "block_i": bi, "num_warps": w})
     return out

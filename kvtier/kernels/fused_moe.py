@@ -151,7 +151,8 @@ if triton is not None:
         row_off = rows.to(tl.int64)[:, None] * stride_wn
         dtype = OUT.dtype.element_ty
         out = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for j in range(TOPK):
+        # Unrolled: the k experts' loads are independent, so they can be in flight together.
+        for j in tl.static_range(TOPK):
             pair = tok * TOPK + j
             expert = tl.load(IDS + pair).to(tl.int64)
             weight = tl.load(TW + pair).to(tl.float32)
@@ -183,10 +184,10 @@ def fused_moe_small(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     *,
-    block_n: int = 8,
-    block_k: int = 256,
-    block_h: int = 8,
-    block_i: int = 256,
+    block_n: int = 4,
+    block_k: int = 512,
+    block_h: int = 4,
+    block_i: int = 1024,
     num_warps: int = 4,
 ) -> torch.Tensor:
     """``FusedExperts.forward(x, topk_ids, topk_weights)`` for small T * k: ``x`` [T, H],
@@ -195,6 +196,9 @@ def fused_moe_small(
 
     Tiles (powers of two, capped to the problem): ``block_n`` gate/up rows x ``block_k`` hidden
     columns per step of kernel 1, ``block_h`` output rows x ``block_i`` columns of kernel 2.
+    The defaults are a guess for Qwen3-30B-A3B decode (not yet tuned on a GPU): many small
+    programs (T * k * I / 4 and T * H / 4) with few sequential steps each (4 along H; one per
+    slot along I = 768), since at T = 1 the time is load latency more than bandwidth.
     On CPU tensors the kernels need Triton's interpreter (TRITON_INTERPRET=1).
     """
     if triton is None:
