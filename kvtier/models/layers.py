@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvtier.kernels import fused
+from kvtier.kernels import fused, fused_moe
 from kvtier.models.config import ModelConfig, RopeScaling
 from kvtier.runner.forward_batch import ForwardBatch
 
@@ -194,10 +194,7 @@ class FusedExperts(nn.Module):
         """
         t, k = topk_ids.shape
         # Opt-in (KVTIER_FUSED_MOE=1): two GEMV kernels for decode-sized T * k, bf16 on CUDA,
-        # unless a test pinned the path. Imported here so that this file's imports stay as they
-        # are; after the first call it is a dict lookup.
-        from kvtier.kernels import fused_moe
-
+        # unless a test pinned the path.
         if self.use_grouped_mm is None and fused_moe.use_fused(x, t * k):
             return fused_moe.fused_moe_small(x, self.w13, self.w2, topk_ids, topk_weights)
         flat_ids = topk_ids.reshape(-1)
