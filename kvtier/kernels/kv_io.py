@@ -422,8 +422,15 @@ class DirectPlan:
     so that a layer-by-layer load issues each layer with a single driver call."""
 
     def __init__(
-        self, src: KVSpace, dst: KVSpace, runs: list[tuple[int, int, int]], layers: range
+        self,
+        src: KVSpace,
+        dst: KVSpace,
+        runs: list[tuple[int, int, int]],
+        layers: range,
+        batched: bool | None = None,
     ) -> None:
+        """``batched``: issue through ``batch_memcpy`` (default: when a side is on a GPU and
+        the driver has it), else one copy per span."""
         sl, dl = src.layout, dst.layout
         if not (sl.page_contiguous and dl.page_contiguous):
             raise ValueError(
@@ -431,8 +438,10 @@ class DirectPlan:
                 f"got {sl.name}/{dl.name}"
             )
         self.num_layers = len(layers)
-        on_gpu = src.device.type == "cuda" or dst.device.type == "cuda"
-        self.batched = on_gpu and batch_memcpy_available()
+        if batched is None:
+            on_gpu = src.device.type == "cuda" or dst.device.type == "cuda"
+            batched = on_gpu and batch_memcpy_available()
+        self.batched = batched
         # Per (segment pair, K/V): tensors and [layers, spans] element offsets and lengths.
         self.groups: list[
             tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
