@@ -300,3 +300,37 @@ def test_piecewise_block_table_covers_the_padding_sequence():
         )
         assert pw.block_table.shape == (5, 64)
         assert pw.max_pages == 64
+
+
+def test_piecewise_graph_metadata_with_triton_split_kv_equals_recompute(reference, monkeypatch):
+    """The metadata the per-layer graphs capture (grid and split-KV count fixed per bucket for
+    the longest context, every length read from the static buffers, padding slots) run through
+    the Triton kernels, eagerly, under Triton's interpreter: greedy output equals recompute,
+    with the split-KV extend path taken."""
+    pytest.importorskip("triton")
+    from kvtier.kernels import attention
+    from kvtier.runner.piecewise_graph import PiecewiseGraphRunner
+
+    split_calls = []
+    split = attention._extend_attention_split
+
+    def counted(*a, **kw):
+        split_calls.append(kw.get("num_kv_splits", a[13] if len(a) > 13 else None))
+        return split(*a, **kw)
+
+    monkeypatch.setattr(attention, "_extend_attention_split", counted)
+    want, _ = conversations(reference, n=2, turns=2, max_new=4)
+    with make(page_size=4, attention_backend="triton") as e:
+        runner = e.scheduler.runner
+        backend = runner.attn_backend
+        # Tiny contexts: let the heuristic split keys into short splits.
+        backend.min_extend_split_len = 8
+        runner.piecewise_runner = PiecewiseGraphRunner(
+            runner, max_tokens=48, max_bs=2, max_pages=runner.max_pages_per_req,
+            capture=False, graph_metadata=True,
+        )  # fmt: skip
+        assert max(runner.piecewise_runner.splits.values()) > 1
+        got, _ = conversations(e, n=2, turns=2, max_new=4)
+        assert got == want
+        assert split_calls, "the split-KV extend path never ran"
+        e.check_integrity()

@@ -54,7 +54,10 @@ def token_buckets(max_tokens: int) -> list[int]:
 class PiecewiseGraphRunner:
     """EXTEND steps of at most ``max_tokens`` tokens in at most ``max_bs`` sequences through
     per-layer graphs. With ``capture=False`` the same padded static batches run eagerly, layer
-    by layer: that is how the padding is tested on machines without CUDA."""
+    by layer: that is how the padding is tested on machines without CUDA. ``graph_metadata``
+    (default: ``capture``) gives the attention backend the captured form of the metadata (grid
+    and split-KV count fixed per bucket, lengths read from the static buffers), which the
+    Triton backend can also run eagerly, under Triton's interpreter on a CPU."""
 
     def __init__(
         self,
@@ -63,11 +66,13 @@ class PiecewiseGraphRunner:
         max_bs: int,
         max_pages: int,
         capture: bool = True,
+        graph_metadata: bool | None = None,
     ) -> None:
         self.model = runner.model
         self.pool = runner.kv_pool
         self.backend = runner.attn_backend
         self.capture_enabled = capture
+        self.graph_metadata = capture if graph_metadata is None else graph_metadata
         self.token_sizes = token_buckets(max_tokens)
         top = min(max_bs, BATCH_BUCKETS[-1])
         self.batch_sizes = [b for b in BATCH_BUCKETS if b < top] + [top]
@@ -93,8 +98,9 @@ class PiecewiseGraphRunner:
         self.logits_indices = torch.zeros(1, dtype=torch.int64, device=dev)
         self.graphs: dict[tuple[int, int], list[torch.cuda.CUDAGraph]] = {}
         self.splits: dict[tuple[int, int], int] = {}
-        if capture:
+        if self.graph_metadata:
             self._reserve_attention_state(runner)
+        if capture:
             self._capture_all()
 
     # ---------------------------------------------------------------- static batches
@@ -125,7 +131,7 @@ class PiecewiseGraphRunner:
             prefix_lens=self.prefix_lens[:slots],
             extend_starts=self.extend_starts[:slots],
         )
-        if self.capture_enabled:
+        if self.graph_metadata:
             # Grid and split count fixed for the bucket; lengths are read on the device.
             self.backend.prepare_extend_graph(  # type: ignore[attr-defined]
                 fb, max_extend_len=tokens, num_kv_splits=self.splits[(tokens, bs)]
@@ -253,7 +259,7 @@ class PiecewiseGraphRunner:
                 batch.extend_lens_cpu + empty + pad,
                 batch.prefix_lens_cpu + empty + [0],
             )
-            fb = self._static_batch(tokens, bs, host)
+            fb = self._static_batch(tokens, bs, None if self.graph_metadata else host)
             for i, layer in enumerate(self.model.decoder_layers):
                 if batch.wait_layer is not None:
                     batch.wait_layer(i)
