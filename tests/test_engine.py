@@ -334,3 +334,22 @@ def test_piecewise_graph_metadata_with_triton_split_kv_equals_recompute(referenc
         assert got == want
         assert split_calls, "the split-KV extend path never ran"
         e.check_integrity()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"disable_radix_cache": True},
+        {"context_length": 20},  # too small: skipped
+        {"max_total_tokens": 24, "page_size": 4},  # a pool of 6 pages
+        {"enable_hierarchical_cache": True, "page_size": 16, "hicache_write_policy": "write_back"},
+    ],
+)
+def test_warm_up_fits_any_configuration(kw):
+    with make(**kw) as e:
+        e.scheduler.warm_up()
+        assert e.get_stats()["device_cached_pages"] == 0
+        assert set(e.scheduler.counters.values()) == {0}
+        e.check_integrity()
+        out = e.generate(input_ids=[11, 12, 13, 14], sampling_params=GREEDY)
+        assert len(out["output_ids"]) == GREEDY["max_new_tokens"]
