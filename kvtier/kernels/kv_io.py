@@ -412,9 +412,7 @@ def copy_pages_direct(
     """Copy-engine copies of every run, layer and K/V (both layouts must be page-contiguous):
     one cuMemcpyBatchAsync for the whole call where the driver has it, else one
     cudaMemcpyAsync per span."""
-    plan = DirectPlan(src, dst, runs, layers)
-    for i in range(len(layers)):
-        plan.issue(i)
+    DirectPlan(src, dst, runs, layers).issue_all()
 
 
 class DirectPlan:
@@ -463,6 +461,14 @@ class DirectPlan:
             self.dsts = torch.cat(dsts, dim=1).contiguous()
             self.srcs = torch.cat(srcs, dim=1).contiguous()
             self.sizes = torch.cat(sizes, dim=1).contiguous()
+
+    def issue_all(self) -> None:
+        """Queue every layer's copies on the current stream (one driver call when batched)."""
+        if self.batched:
+            batch_memcpy(self.dsts.view(-1), self.srcs.view(-1), self.sizes.view(-1))
+            return
+        for i in range(self.num_layers):
+            self.issue(i)
 
     def issue(self, i: int) -> None:
         """Queue layer ``layers[i]``'s copies on the current stream."""

@@ -185,6 +185,7 @@ class PiecewiseGraphRunner:
                 self.splits[(tokens, bs)] = self.backend.extend_splits_for(  # type: ignore[attr-defined]
                     bs, tokens, context, **heads, dtype=runner.dtype, device=self.pool.device
                 )
+        # Scratch is counted in (token x split) rows: the largest bucket's product covers all.
         rows = max(t * s for (t, _), s in self.splits.items())
         self.backend.reserve_extend_scratch(  # type: ignore[attr-defined]
             rows, 1, num_q_heads=cfg.num_attention_heads, head_dim=cfg.head_dim,

@@ -533,9 +533,7 @@ class Scheduler:
             self.add_request(Req(rid=f"warm-up-{i}", input_ids=ids, sampling=sampling))
             while self.has_work():
                 self.step()
-        self.cache.wait_transfers()
-        self.cache.poll()
-        self.flush_cache()
+        self.flush_cache()  # waits for the warm-up's backups, then empties both tiers
         self.counters = dict.fromkeys(self.counters, 0)
         self.cached_tokens_by_tier = {}
 
