@@ -233,19 +233,38 @@ def extend_case(args: argparse.Namespace, prefix: int, gen) -> None:
         err = rel_err(out, ref)
         assert err < 2e-2, f"extend mismatch: rel err {err}"
         print(f"{prefix:>7} check: rel err {err:.1e}")
-    if prefix == 0:
-        # Baseline: torch SDPA (flash) over contiguous K/V, the same causal FLOPs.
-        slots = torch.arange(total, device="cuda")
-        phys = table[0, slots // ps].long() * ps + slots % ps
-        kc = k[phys].transpose(0, 1).unsqueeze(0).contiguous()
-        vc = v[phys].transpose(0, 1).unsqueeze(0).contiguous()
-        qc = q.transpose(0, 1).unsqueeze(0).contiguous()
-        fn = functools.partial(
-            F.scaled_dot_product_attention, qc, kc, vc, is_causal=True, scale=scale,
-            enable_gqa=True,
-        )  # fmt: skip
-        ms = bench(fn, args.rep)
-        print(f"{prefix:>7} {'torch SDPA':>18} {ms:>9.2f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
+    # Baselines: torch SDPA over contiguous K/V (the same causal FLOPs; the queries are the
+    # last n positions, so a prefix needs the lower-right causal mask), each backend apart.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    slots = torch.arange(total, device="cuda")
+    phys = table[0, slots // ps].long() * ps + slots % ps
+    kc = k[phys].transpose(0, 1).unsqueeze(0).contiguous()
+    vc = v[phys].transpose(0, 1).unsqueeze(0).contiguous()
+    qc = q.transpose(0, 1).unsqueeze(0).contiguous()
+    mask = {"is_causal": True} if prefix == 0 else {"attn_mask": causal_lower_right(n, total)}
+    backends = (
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+    )
+    for backend in backends:
+        name = backend.name
+
+        def sdpa(backend: SDPBackend = backend) -> torch.Tensor:
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(
+                    qc, kc, vc, scale=scale, enable_gqa=True, **mask
+                )
+
+        try:
+            ms = bench(sdpa, args.rep)
+        except Exception as e:  # a backend that refuses the shape must not stop the table
+            print(f"{prefix:>7} SDPA {name} failed: {type(e).__name__}: {e}"[:200])
+            continue
+        tag = "sdpa " + name.split("_")[0].lower()
+        print(f"{prefix:>7} {tag:>18} {ms:>9.2f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
 
 
 def run_extend(args: argparse.Namespace) -> None:
