@@ -37,6 +37,7 @@ IO_BACKENDS = ("kernel", "direct")
 MEM_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 TIERS = ("dram", "xmem", "peer")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
+PREFILL_ATTENTION_BACKENDS = ("auto", "triton", "cudnn")
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,13 @@ class ServerArgs:
     # --- runner ---
     attention_backend: str = _opt(
         "auto", "auto: triton on cuda, torch on cpu", choices=ATTENTION_BACKENDS
+    )
+    prefill_attention_backend: str = _opt(
+        "auto",
+        "long prefill chunks (>= 1024 new tokens per sequence) with the triton backend: cudnn "
+        "(dense fused attention over gathered KV), triton (the paged kernel); auto: cudnn on "
+        "Hopper or newer in bf16/fp16",
+        choices=PREFILL_ATTENTION_BACKENDS,
     )
     disable_cuda_graph: bool = _opt(False, "run without CUDA graphs (decode and piecewise)")
     cuda_graph_max_bs: int = _opt(160, "largest decode batch captured in a CUDA graph")

@@ -37,10 +37,10 @@ step diag "${T_DIAG:-110}" python3 scripts/diag_tier_hit.py --tokens 81920 --tie
   --io-backend "${IO:-kernel}" --trace-dir /tmp/trace
 step server "${T_SERVER:-150}" python3 scripts/server_check.py --log "$OUT/server_process.log"
 step profile "${T_PROFILE:-240}" python3 scripts/profile_engine.py --prefill 16384 --batch 1 32 \
-  --steps 8
+  --steps 8 ${PROFILE_ARGS:-}
 step moe "${T_MOE:-90}" python3 benchmarks/bench_moe.py --check --sweep --tokens 1 4 16 32
 step attn "${T_ATTN:-150}" bash -c "python3 benchmarks/bench_attention.py --mode extend \
-  --extend-tokens 8192 --prefix-lens 0 8192 73728 --sweep --check --rep 50 && \
-  python3 benchmarks/bench_attention.py --mode short-extend --sweep --check --rep 50"
-step ktests "${T_KTESTS:-100}" python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_fused_kernels.py tests/test_fused_moe.py tests/test_faults.py
+  --extend-tokens 8192 --prefix-lens 0 8192 73728 ${ATTN_ARGS:---sweep} --check --rep 50 && \
+  python3 benchmarks/bench_attention.py --mode short-extend ${ATTN_ARGS:---sweep} --check --rep 50"
+step ktests "${T_KTESTS:-100}" python3 -m pytest -q -p no:cacheprovider \
+  ${KTESTS:-tests/test_fused_kernels.py tests/test_fused_moe.py tests/test_faults.py}

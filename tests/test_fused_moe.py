@@ -17,6 +17,8 @@ from kvtier.models.layers import FusedExperts
 pytestmark = pytest.mark.skipif(fused_moe.triton is None, reason="needs Triton")
 
 NUM_EXPERTS = 8
+# The kernels on the GPU where there is one, else in the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Small tiles: 2-4 steps along H and I, partial last tiles.
 SMALL_TILES = {"block_n": 8, "block_k": 16, "block_h": 16, "block_i": 8}
 
@@ -60,7 +62,7 @@ def test_reference_is_fused_experts_loop_path():
     ("t", "k", "hidden", "inter"), [(1, 2, 32, 16), (3, 4, 40, 24), (5, 3, 48, 16)]
 )
 def test_float32_matches_reference(t, k, hidden, inter):
-    x, w13, w2, ids, weights = _inputs(t, k, hidden, inter, torch.float32, seed=t)
+    x, w13, w2, ids, weights = _inputs(t, k, hidden, inter, torch.float32, seed=t, device=DEVICE)
     out = fused_moe_small(x, w13, w2, ids, weights, **SMALL_TILES)
     ref = fused_moe_ref(x, w13, w2, ids, weights)
     assert out.shape == (t, hidden) and out.dtype == torch.float32
@@ -76,7 +78,9 @@ def test_bf16_matches_reference_within_ulps(t, k, hidden, inter):
     # to a rounding boundary, by 1 ulp; such a change in h (or SiLU's rounded output, which is
     # multiplied and rounded again) can reach the output as 1-2 ulps. In practice the CPU
     # results are bitwise equal (60 seeds checked while writing this); the bound allows 2.
-    x, w13, w2, ids, weights = _inputs(t, k, hidden, inter, torch.bfloat16, seed=10 + t)
+    x, w13, w2, ids, weights = _inputs(
+        t, k, hidden, inter, torch.bfloat16, seed=10 + t, device=DEVICE
+    )
     out = fused_moe_small(x, w13, w2, ids, weights, **SMALL_TILES)
     ref = fused_moe_ref(x, w13, w2, ids, weights)
     assert out.dtype == torch.bfloat16
@@ -88,14 +92,24 @@ def test_bf16_matches_reference_within_ulps(t, k, hidden, inter):
 def test_default_tiles_and_repeated_experts():
     # Default (capped) tiles: one step per loop; tokens all routed to the same experts, and one
     # token routed to one expert twice: every pair still reads its own weights.
-    x, w13, w2, _, weights = _inputs(3, 3, 40, 24, torch.float32, seed=7)
-    ids = torch.tensor([[5, 1, 5], [1, 5, 0], [7, 7, 7]])
+    x, w13, w2, _, weights = _inputs(3, 3, 40, 24, torch.float32, seed=7, device=DEVICE)
+    ids = torch.tensor([[5, 1, 5], [1, 5, 0], [7, 7, 7]], device=DEVICE)
     out = fused_moe_small(x, w13, w2, ids, weights)
     torch.testing.assert_close(out, fused_moe_ref(x, w13, w2, ids, weights), rtol=1e-5, atol=1e-5)
 
 
-def test_fused_experts_default_path_unchanged_without_switch(monkeypatch):
-    # The switch off (the default): forward never calls the kernels, whatever the inputs.
+def test_default_tiles():
+    assert fused_moe.default_tiles(1) == {
+        "block_n": 4, "block_k": 512, "block_h": 4, "block_i": 1024, "num_warps": 4
+    }  # fmt: skip
+    assert fused_moe.default_tiles(4)["block_i"] == 256
+    assert fused_moe.default_tiles(16) == {
+        "block_n": 8, "block_k": 256, "block_h": 4, "block_i": 256, "num_warps": 4
+    }  # fmt: skip
+
+
+def test_fused_experts_path_unchanged_with_switch_off(monkeypatch):
+    # The switch off (KVTIER_FUSED_MOE=0): forward never calls the kernels, whatever the inputs.
     monkeypatch.setattr(fused_moe, "ENABLED", False)
     monkeypatch.setattr(fused_moe, "fused_moe_small", _fail)
     x, w13, w2, ids, weights = _inputs(3, 2, 32, 16, torch.bfloat16, seed=3)

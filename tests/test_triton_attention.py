@@ -7,6 +7,7 @@ non-contiguous, and every output is poisoned with NaN first, so an unwritten ele
 """
 
 import os
+import re
 
 import torch
 
@@ -503,6 +504,72 @@ def test_extend_backend_splits_and_graph_hooks() -> None:
     assert rel_err(out, reference(batch, q)) < 1e-4
 
 
+# ------------------------------------------------------------------------ dense prefill path
+
+# Every sequence long enough for the dense path's default threshold is too slow for the
+# interpreter, so the CPU tests lower the threshold; on CPU the dense calls run the float32
+# reference of attention_with_lse, on CUDA (bf16) cuDNN.
+DENSE_PREFIX = [0, 37, 130, 5]
+DENSE_EXTEND = [20, 64, 17, 33]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_dense_extend_matches_torch(page_size: int, group: int, dtype: torch.dtype) -> None:
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, DENSE_PREFIX, DENSE_EXTEND, page_size=page_size,
+        num_q_heads=2 * group, num_kv_heads=2, head_dim=64, dtype=dtype, seed=7 + page_size,
+    )  # fmt: skip
+    check_backend(batch, q, k, v, TritonAttention(dense_prefill=True, dense_min_extend=17))
+
+
+def test_dense_prefill_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dense path takes an EXTEND batch only when every sequence reaches the threshold."""
+    import kvtier.attention.triton_backend as TB
+
+    calls: list[list[int]] = []
+    real = TB.dense_extend_attention
+
+    def spy(*args, **kwargs):
+        calls.append(list(args[6]))  # extend_lens
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(TB, "dense_extend_attention", spy)
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, DENSE_PREFIX, DENSE_EXTEND, page_size=4, num_q_heads=4,
+        num_kv_heads=2, head_dim=32, dtype=torch.float32, seed=3,
+    )  # fmt: skip
+    check_backend(batch, q, k, v, TritonAttention(dense_prefill=True, dense_min_extend=18))
+    assert calls == [], "a sequence of 17 new tokens is below the threshold of 18"
+    check_backend(batch, q, k, v, TritonAttention(dense_prefill=True, dense_min_extend=17))
+    assert calls == [DENSE_EXTEND, DENSE_EXTEND]  # forward() and the checked attend()
+    calls.clear()
+    check_backend(batch, q, k, v, TritonAttention(dense_prefill=False, dense_min_extend=1))
+    assert calls == []
+    auto = TritonAttention(dense_min_extend=1)
+    # auto: cuDNN only, in bf16/fp16; never for fp32 (tests' dtype) nor on CPU.
+    assert auto.use_dense_prefill(q, batch) is False
+    with pytest.raises(ValueError, match="dense_min_extend must be >= 1; got 0"):
+        TritonAttention(dense_min_extend=0)
+
+
+def test_prefill_attention_backend_flag() -> None:
+    from kvtier.runner.model_runner import make_attention_backend
+    from kvtier.server_args import ServerArgs, ServerArgsError
+
+    assert make_attention_backend("triton", DEVICE, "cudnn").dense_prefill is True
+    assert make_attention_backend("triton", DEVICE, "triton").dense_prefill is False
+    assert make_attention_backend("triton", DEVICE, "auto").dense_prefill is None
+    with pytest.raises(
+        ServerArgsError,
+        match=re.escape(
+            "--prefill-attention-backend must be one of auto, triton, cudnn; got 'flash'"
+        ),
+    ):
+        ServerArgs(model_path="builtin:tiny-qwen3", prefill_attention_backend="flash")
+
+
 # ------------------------------------------------------------------------------ CUDA only
 
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -665,3 +732,18 @@ def test_extend_split_cuda_graph_replay() -> None:
         )  # fmt: skip
         assert not out.isnan().any()
         assert rel_err(out, ref) < 1e-2
+
+
+@cuda_only
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_dense_extend_model_sized_cuda(page_size: int) -> None:
+    """cuDNN over gathered KV, Qwen3-30B-A3B geometry: chunks after long prefixes."""
+    prefix = [0, 3001, 8192]
+    extend = [1500, 1024, 2048]
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, prefix, extend, page_size=page_size, num_q_heads=32,
+        num_kv_heads=4, head_dim=128, dtype=torch.bfloat16, seed=11,
+    )  # fmt: skip
+    backend = TritonAttention()
+    assert backend.use_dense_prefill(q, batch), "auto should pick cuDNN on this GPU"
+    check_backend(batch, q, k, v, backend)

@@ -29,6 +29,11 @@ from kvtier.kernels.attention import (
     default_extend_split_config,
     extend_attention,
 )
+from kvtier.kernels.dense_attention import (
+    DEFAULT_MIN_EXTEND,
+    cudnn_available,
+    dense_extend_attention,
+)
 from kvtier.runner.forward_batch import ForwardBatch
 
 
@@ -118,6 +123,11 @@ class TritonAttention(AttentionBackend):
         min_extend_split_len: fewest keys per extend split the heuristic will choose.
         extend_split_config: split-KV extend stage-1 tiles (block_m = tile rows; default
             ``default_extend_split_config``).
+        dense_prefill: EXTEND batches whose every sequence has >= ``dense_min_extend`` new
+            tokens go to ``dense_extend_attention`` (cuDNN over gathered KV) instead of the
+            paged kernel. None (auto): on a GPU where cuDNN attention runs, in bf16/fp16, never
+            under CUDA-graph capture. True forces it wherever the batch qualifies (on CPU the
+            dense calls run a float32 reference: tests only); False never.
     """
 
     def __init__(
@@ -131,6 +141,8 @@ class TritonAttention(AttentionBackend):
         max_extend_splits: int = 32,
         min_extend_split_len: int = 512,
         extend_split_config: KernelConfig | None = None,
+        dense_prefill: bool | None = None,
+        dense_min_extend: int = DEFAULT_MIN_EXTEND,
     ) -> None:
         if max_kv_splits < 1:
             raise ValueError(f"max_kv_splits must be >= 1; got {max_kv_splits}")
@@ -144,6 +156,11 @@ class TritonAttention(AttentionBackend):
         self.max_extend_splits = max_extend_splits
         self.min_extend_split_len = min_extend_split_len
         self.extend_split_config = extend_split_config
+        if dense_min_extend < 1:
+            raise ValueError(f"dense_min_extend must be >= 1; got {dense_min_extend}")
+        self.dense_prefill = dense_prefill
+        self.dense_min_extend = dense_min_extend
+        self._cudnn: dict[torch.device, bool] = {}
         # Stage-1 scratch of split-KV decode (rows: sequences) and extend (rows: tokens).
         self._decode_scratch = _SplitScratch("decode", "init_cuda_graph_state")
         self._extend_scratch = _SplitScratch("extend", "reserve_extend_scratch")
@@ -211,6 +228,20 @@ class TritonAttention(AttentionBackend):
             max_splits=self.max_extend_splits,
             min_split_len=self.min_extend_split_len,
         )
+
+    def use_dense_prefill(self, q: torch.Tensor, batch: ForwardBatch) -> bool:
+        """Whether this EXTEND batch's attention runs on ``dense_extend_attention``."""
+        if self.dense_prefill is False or batch.is_decode or not batch.extend_lens_cpu:
+            return False
+        if min(batch.extend_lens_cpu) < self.dense_min_extend:
+            return False
+        if self.dense_prefill:
+            return True
+        if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] > 128:
+            return False
+        if q.device not in self._cudnn:
+            self._cudnn[q.device] = cudnn_available(q.device)
+        return self._cudnn[q.device] and not torch.cuda.is_current_stream_capturing()
 
     # ---------------------------------------------------------------- per step
 
@@ -418,6 +449,11 @@ class TritonAttention(AttentionBackend):
 
         if batch.extend_lens is None or batch.prefix_lens is None:
             raise ValueError("an EXTEND batch needs extend_lens and prefix_lens tensors")
+        if self.use_dense_prefill(q, batch):
+            return dense_extend_attention(
+                q, k_buf, v_buf, out, batch.block_table, batch.prefix_lens_cpu,
+                batch.extend_lens_cpu, scale, page_size=page_size,
+            )  # fmt: skip
         starts = batch.extend_starts if batch.extend_starts is not None else meta.extend_starts
         num_tokens, num_q_heads, head_dim = q.shape
         splits = meta.extend_kv_splits

@@ -35,9 +35,13 @@ CUDA-graph safe: grids come from T, k and the weight shapes (host ints), nothing
 the outputs are ``torch.empty``. Expert and row offsets are int64 (a full layer's w13 is 400M
 elements, more for bigger models).
 
-Opt-in: ``FusedExperts.forward`` calls ``fused_moe_small`` only when ``KVTIER_FUSED_MOE=1`` was
-set at import (``ENABLED``), x is bf16 on CUDA and T * k <= ``MAX_PAIRS``; otherwise nothing
-changes. ``fused_moe_ref`` is FusedExperts' math in plain torch, for the tests.
+On by default: ``FusedExperts.forward`` calls ``fused_moe_small`` when x is bf16 on CUDA and
+T * k <= ``MAX_PAIRS``, unless ``KVTIER_FUSED_MOE=0`` was set at import (``ENABLED``). Measured on
+an H200 (Qwen3-30B-A3B layer, CUDA-graph replays, benchmarks/bench_moe.py, 2026-12-01): T = 1
+37.1 us against 86.8 us for the grouped path (the sort, two grouped GEMMs, un-sort and combine),
+T = 4 87.4 against 156.0, T = 16 250.5 against 339.5, T = 32 445.8 against 438.7 (even: every pair
+reads its expert, so past ~16 tokens the grouped GEMMs' one read per expert wins).
+``fused_moe_ref`` is FusedExperts' math in plain torch, for the tests.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ triton = fused.triton
 tl = fused.tl
 
 # Read once: FusedExperts.forward checks it on every call (may also be set at run time).
-ENABLED: bool = triton is not None and os.environ.get("KVTIER_FUSED_MOE", "0") == "1"
+ENABLED: bool = triton is not None and os.environ.get("KVTIER_FUSED_MOE", "1") != "0"
 # Largest T * k that takes the fused path. Each pair reads its expert's weights, so once T * k
 # is large the grouped GEMMs' one read per distinct expert wins; benchmarks/bench_moe.py times
 # both sides of this limit (T = 16 at k = 8 is 128 pairs).
@@ -177,6 +181,19 @@ def _block(n: int, cap: int) -> int:
     return min(triton.next_power_of_2(n), cap)
 
 
+def default_tiles(num_tokens: int) -> dict[str, int]:
+    """Tiles by token count, from the H200 sweep (bench_moe.py --sweep, graph replays): at
+    T = 1 many programs with one step each; from T = 4 a shorter I step in the down kernel
+    (256: more programs per token); from T = 16 wider gate/up row blocks over shorter H steps.
+    The runners-up were within ~2% at T = 1 and ~5-8% behind at T = 4 and 16."""
+    tiles = {"block_n": 4, "block_k": 512, "block_h": 4, "block_i": 1024, "num_warps": 4}
+    if num_tokens >= 4:
+        tiles["block_i"] = 256
+    if num_tokens >= 16:
+        tiles.update(block_n=8, block_k=256)
+    return tiles
+
+
 def fused_moe_small(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -184,21 +201,19 @@ def fused_moe_small(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
     *,
-    block_n: int = 4,
-    block_k: int = 512,
-    block_h: int = 4,
-    block_i: int = 1024,
-    num_warps: int = 4,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    block_h: int | None = None,
+    block_i: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """``FusedExperts.forward(x, topk_ids, topk_weights)`` for small T * k: ``x`` [T, H],
     ``w13`` [E, 2I, H] (gate rows, then up rows), ``w2`` [E, H, I], ``topk_ids`` /
     ``topk_weights`` [T, k]. Returns [T, H] in x's dtype.
 
     Tiles (powers of two, capped to the problem): ``block_n`` gate/up rows x ``block_k`` hidden
-    columns per step of kernel 1, ``block_h`` output rows x ``block_i`` columns of kernel 2.
-    The defaults are a guess for Qwen3-30B-A3B decode (not yet tuned on a GPU): many small
-    programs (T * k * I / 4 and T * H / 4) with few sequential steps each (4 along H; one per
-    slot along I = 768), since at T = 1 the time is load latency more than bandwidth.
+    columns per step of kernel 1, ``block_h`` output rows x ``block_i`` columns of kernel 2;
+    each one left None comes from ``default_tiles(T)``.
     On CPU tensors the kernels need Triton's interpreter (TRITON_INTERPRET=1).
     """
     if triton is None:
@@ -221,6 +236,12 @@ def fused_moe_small(
     ids = topk_ids.contiguous()
     weights = topk_weights.contiguous()
     h = torch.empty(t * k, inter, dtype=x.dtype, device=x.device)
+    tiles = default_tiles(t)
+    block_n = block_n or tiles["block_n"]
+    block_k = block_k or tiles["block_k"]
+    block_h = block_h or tiles["block_h"]
+    block_i = block_i or tiles["block_i"]
+    num_warps = num_warps or tiles["num_warps"]
     bn, bk = _block(inter, block_n), _block(hidden, block_k)
     _gate_up_kernel[(t * k, triton.cdiv(inter, bn))](
         # w13's up rows as a view: its pointer starts at row I of expert 0.
@@ -239,4 +260,11 @@ def fused_moe_small(
     return out
 
 
-__all__ = ["ENABLED", "MAX_PAIRS", "fused_moe_ref", "fused_moe_small", "use_fused"]
+__all__ = [
+    "ENABLED",
+    "MAX_PAIRS",
+    "default_tiles",
+    "fused_moe_ref",
+    "fused_moe_small",
+    "use_fused",
+]

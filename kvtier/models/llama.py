@@ -47,8 +47,9 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), rope, batch)
+        normed, x = self.post_attention_layernorm.add_forward(attn, x)
+        return x + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):

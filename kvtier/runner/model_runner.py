@@ -21,7 +21,11 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_TOKENS = 32768
 
 
-def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+def make_attention_backend(
+    name: str, device: torch.device, prefill: str = "auto"
+) -> AttentionBackend:
+    """The backend named by --attention-backend; ``prefill`` (--prefill-attention-backend) picks
+    the Triton backend's path for long prefill chunks."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
@@ -30,7 +34,8 @@ def make_attention_backend(name: str, device: torch.device) -> AttentionBackend:
         return TorchAttention()
     from kvtier.attention.triton_backend import TritonAttention
 
-    return TritonAttention()
+    dense = {"auto": None, "triton": False, "cudnn": True}[prefill]
+    return TritonAttention(dense_prefill=dense)
 
 
 class ModelRunner:
@@ -54,7 +59,9 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
-        self.attn_backend = make_attention_backend(args.attention_backend, self.device)
+        self.attn_backend = make_attention_backend(
+            args.attention_backend, self.device, args.prefill_attention_backend
+        )
         ps = args.page_size
         # Columns of the request-to-page table: a request never outgrows the context or the pool.
         self.max_pages_per_req = (
