@@ -513,15 +513,42 @@ DENSE_PREFIX = [0, 37, 130, 5]
 DENSE_EXTEND = [20, 64, 17, 33]
 
 
+@pytest.mark.parametrize("native_gqa", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_dense_extend_matches_torch(page_size: int, group: int, dtype: torch.dtype) -> None:
+def test_dense_extend_matches_torch(
+    page_size: int, group: int, dtype: torch.dtype, native_gqa: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from kvtier.kernels import dense_attention
+
+    # Both ways of handling grouped heads: as they are, or repeated / folded.
+    monkeypatch.setattr(dense_attention, "NATIVE_GQA", native_gqa)
     batch, q, k, v = make_batch(
         ForwardMode.EXTEND, DENSE_PREFIX, DENSE_EXTEND, page_size=page_size,
         num_q_heads=2 * group, num_kv_heads=2, head_dim=64, dtype=dtype, seed=7 + page_size,
     )  # fmt: skip
     check_backend(batch, q, k, v, TritonAttention(dense_prefill=True, dense_min_extend=17))
+
+
+@pytest.mark.parametrize("heads", [32, 5])
+def test_merge_two_kernel_matches_torch(heads: int) -> None:
+    from kvtier.kernels.dense_attention import merge_two
+
+    g = torch.Generator().manual_seed(heads)
+    n, d = 6, 32
+    o_a, o_b = (torch.randn(n, heads, d, generator=g).to(DEVICE) for _ in range(2))
+    # lse as [H, n] transposed (the strided views the dense path passes), far apart and close.
+    lse_a = (torch.randn(heads, n, generator=g) * 4).to(DEVICE).t()
+    lse_b = (torch.randn(heads, n, generator=g) * 4).to(DEVICE).t()
+    ref = merge_two(torch.empty(n, heads, d, device=DEVICE), o_a, lse_a, o_b, lse_b,
+                    use_triton=False)  # fmt: skip
+    w_a = torch.sigmoid(lse_a - lse_b)[..., None]  # the same weights, computed another way
+    torch.testing.assert_close(ref, o_a * w_a + o_b * (1 - w_a), rtol=1e-5, atol=1e-5)
+    out = torch.full((n, heads, d), float("nan"), device=DEVICE)
+    merge_two(out, o_a, lse_a, o_b, lse_b, use_triton=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_dense_prefill_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,13 +8,16 @@ read pages, so each sequence's keys and values are gathered into contiguous buff
 at 96 KiB of KV per token that copy is small next to the attention it feeds.
 
 A prefill chunk of ``n`` new tokens after ``p`` cached ones is two dense calls whose results are
-merged by their log-sum-exp (the same algebra as split-KV):
+merged by their log-sum-exp (the same algebra as split-KV), one Triton kernel:
 
-- **prefix**: the n queries against the p prefix keys, no mask. Under grouped-query attention
-  the G query heads of a KV head are folded into the query axis ([Hkv, n * G] queries), which is
-  exact without a mask and reads each KV head once;
 - **diagonal**: the n queries against the n new keys, causal (square, so top-left and
-  bottom-right alignment agree); K/V heads are repeated G times (a copy of n tokens only).
+  bottom-right alignment agree);
+- **prefix**: the n queries against the p prefix keys, no mask.
+
+Grouped-query heads go to cuDNN as they are when it takes them (``NATIVE_GQA``, found out on the
+first call); otherwise the K/V heads of the diagonal block are repeated (a copy of n tokens) and
+for the prefix block the G query heads of each KV head are folded into the query axis
+([Hkv, n * G] queries: exact without a mask, each KV head read once).
 
 ``attention_with_lse`` runs cuDNN on CUDA and a float32 reference elsewhere, so the gather, fold
 and merge logic is tested on CPU against ``extend_attention_ref``.
@@ -22,7 +25,13 @@ and merge logic is tested on CPU against ``extend_attention_ref``.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+from kvtier.kernels.fused import tl, triton
+
+logger = logging.getLogger(__name__)
 
 # The extend backends send an EXTEND batch here only when every sequence has at least this many
 # new tokens: below it the paged kernel wins (no gather, one launch for the batch).
@@ -41,23 +50,32 @@ def cudnn_available(device: torch.device) -> bool:
 def attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q`` [1, H, L, D] over ``k`` / ``v`` [1, H, S, D] (equal head counts),
-    top-left causal if ``causal``. Returns (out [1, H, L, D] in q's dtype, lse [H, L] float32,
-    the natural-log sum of exp(scale * q.k) of each row)."""
-    if q.is_cuda:
+    """Attention of ``q`` [1, Hq, L, D] over ``k`` / ``v`` [1, Hkv, S, D] (Hq a multiple of
+    Hkv: grouped-query heads), top-left causal if ``causal``. Returns (out [1, Hq, L, D] in q's
+    dtype, lse [Hq, L] float32: the natural log of each row's sum of exp(scale * q.k)).
+
+    cuDNN for bf16 / fp16 CUDA tensors; elsewhere a float32 reference (tests)."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale
         )
-        out, lse = res[0], res[1]
-        return out, lse.reshape(q.shape[1], q.shape[2]).float()
-    scores = torch.einsum("bhld,bhsd->bhls", q.float(), k.float()) * scale
+        return res[0], res[1].reshape(q.shape[1], q.shape[2]).float()
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhld,bhsd->bhls", q.float(), kf) * scale
     if causal:
         rows, cols = q.shape[2], k.shape[2]
         mask = torch.ones(rows, cols, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.einsum("bhls,bhsd->bhld", torch.exp(scores - lse[..., None]), v.float())
+    out = torch.einsum("bhls,bhsd->bhld", torch.exp(scores - lse[..., None]), vf)
     return out.to(q.dtype), lse[0]
+
+
+# Whether cuDNN takes fewer K/V heads than query heads as they are. None until the first call
+# finds out; False: K/V heads are repeated / query heads folded instead (see the module doc).
+NATIVE_GQA: bool | None = None
 
 
 def _sequence_slots(block_table_row: torch.Tensor, seq_len: int, page_size: int) -> torch.Tensor:
@@ -67,11 +85,119 @@ def _sequence_slots(block_table_row: torch.Tensor, seq_len: int, page_size: int)
     return (pages[:, None] * page_size + offs[None, :]).reshape(-1)[:seq_len]
 
 
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    """[S, H, D] -> a [1, H, S, D] view."""
+    return x.transpose(0, 1).unsqueeze(0)
+
+
 def _repeat_heads(x: torch.Tensor, group: int) -> torch.Tensor:
     """[n, Hkv, D] -> [1, Hkv * group, n, D], each KV head repeated for its query heads."""
     n, heads, dim = x.shape
     x = x.unsqueeze(2).expand(n, heads, group, dim).reshape(n, heads * group, dim)
-    return x.transpose(0, 1).unsqueeze(0)
+    return _bhsd(x)
+
+
+def _parts_native(
+    qs: torch.Tensor, k_seq: torch.Tensor, v_seq: torch.Tensor, prefix: int, scale: float
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(out [n, Hq, D], lse [n, Hq]) of the diagonal block and, after a prefix, of the prefix
+    block, with the K/V heads as they are."""
+    o_d, lse_d = attention_with_lse(
+        _bhsd(qs), _bhsd(k_seq[prefix:]), _bhsd(v_seq[prefix:]), causal=True, scale=scale
+    )
+    parts = [(o_d[0].transpose(0, 1), lse_d.t())]
+    if prefix:
+        o_p, lse_p = attention_with_lse(
+            _bhsd(qs), _bhsd(k_seq[:prefix]), _bhsd(v_seq[:prefix]), causal=False, scale=scale
+        )
+        parts.append((o_p[0].transpose(0, 1), lse_p.t()))
+    return parts
+
+
+def _parts_folded(
+    qs: torch.Tensor, k_seq: torch.Tensor, v_seq: torch.Tensor, prefix: int, scale: float
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``_parts_native`` with equal head counts in every call: K/V heads repeated for the
+    causal diagonal block (n tokens), query heads folded into the query axis for the prefix."""
+    n, num_q_heads, head_dim = qs.shape
+    num_kv_heads = k_seq.shape[1]
+    group = num_q_heads // num_kv_heads
+    o_d, lse_d = attention_with_lse(
+        _bhsd(qs), _repeat_heads(k_seq[prefix:], group), _repeat_heads(v_seq[prefix:], group),
+        causal=True, scale=scale,
+    )  # fmt: skip
+    parts = [(o_d[0].transpose(0, 1), lse_d.t())]
+    if prefix:
+        qf = qs.view(n, num_kv_heads, group, head_dim).permute(1, 0, 2, 3)
+        qf = qf.reshape(1, num_kv_heads, n * group, head_dim)
+        o_p, lse_p = attention_with_lse(
+            qf, _bhsd(k_seq[:prefix]), _bhsd(v_seq[:prefix]), causal=False, scale=scale
+        )
+        o_p = o_p[0].view(num_kv_heads, n, group, head_dim).permute(1, 0, 2, 3)
+        lse_p = lse_p.view(num_kv_heads, n, group).permute(1, 0, 2)
+        parts.append((o_p.reshape(n, num_q_heads, head_dim), lse_p.reshape(n, num_q_heads)))
+    return parts
+
+
+def merge_two(
+    out: torch.Tensor,
+    o_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    o_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    *,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
+    """``out`` [n, H, D] = the attention over the union of two disjoint key sets, from each
+    set's output [n, H, D] and lse [n, H]: each weighted by its share of the row's exp mass.
+    One Triton kernel on CUDA (any strides, last dim contiguous); float32 torch ops elsewhere.
+    ``use_triton`` forces the choice (the kernel on CPU tensors needs TRITON_INTERPRET=1)."""
+    if use_triton is None:
+        use_triton = out.is_cuda and triton is not None
+    if use_triton:
+        n, heads, dim = out.shape
+        for t in (out, o_a, o_b):
+            if t.stride(-1) != 1:
+                raise ValueError("merge_two needs the last dim contiguous")
+        _merge_two_kernel[(n,)](
+            out, o_a, lse_a, o_b, lse_b,
+            out.stride(0), out.stride(1), o_a.stride(0), o_a.stride(1),
+            lse_a.stride(0), lse_a.stride(1), o_b.stride(0), o_b.stride(1),
+            lse_b.stride(0), lse_b.stride(1), heads,
+            HEAD_DIM=dim, BLOCK_H=triton.next_power_of_2(heads), num_warps=4,
+        )  # fmt: skip
+        return out
+    m = torch.maximum(lse_a, lse_b)
+    w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = w_a + w_b
+    merged = o_a.float() * (w_a / total)[..., None] + o_b.float() * (w_b / total)[..., None]
+    out.copy_(merged)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _merge_two_kernel(Out, OA, LA, OB, LB,
+                          s_ot, s_oh, s_at, s_ah, s_lat, s_lah, s_bt, s_bh, s_lbt, s_lbh,
+                          heads, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+        # One program per token: all its heads, [BLOCK_H, HEAD_DIM] elements.
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, HEAD_DIM)
+        hm = h < heads
+        la = tl.load(LA + t * s_lat + h * s_lah, mask=hm, other=0.0)
+        lb = tl.load(LB + t * s_lbt + h * s_lbh, mask=hm, other=0.0)
+        m = tl.maximum(la, lb)
+        wa = tl.exp(la - m)
+        wb = tl.exp(lb - m)
+        total = wa + wb
+        mask = hm[:, None]
+        oa = tl.load(OA + t * s_at + h[:, None] * s_ah + d[None, :], mask=mask, other=0.0)
+        ob = tl.load(OB + t * s_bt + h[:, None] * s_bh + d[None, :], mask=mask, other=0.0)
+        o = oa.to(tl.float32) * (wa / total)[:, None] + ob.to(tl.float32) * (wb / total)[:, None]
+        tl.store(Out + t * s_ot + h[:, None] * s_oh + d[None, :], o.to(Out.dtype.element_ty),
+                 mask=mask)  # fmt: skip
 
 
 def dense_extend_attention(
@@ -92,11 +218,11 @@ def dense_extend_attention(
     ``q`` / ``out`` [T, Hq, D] hold the sequences' new tokens back to back, in the order of the
     host lists ``prefix_lens`` / ``extend_lens``. Same contract as ``extend_attention``.
     """
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    global NATIVE_GQA
+    num_q_heads = q.shape[1]
     num_kv_heads = k_buf.shape[1]
     if num_q_heads % num_kv_heads:
         raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
-    group = num_q_heads // num_kv_heads
     start = 0
     for b, (prefix, n) in enumerate(zip(prefix_lens, extend_lens, strict=True)):
         if n == 0:
@@ -104,35 +230,24 @@ def dense_extend_attention(
         qs = q[start : start + n]  # [n, Hq, D]
         slots = _sequence_slots(block_table[b], prefix + n, page_size)
         k_seq, v_seq = k_buf[slots], v_buf[slots]  # [S, Hkv, D] gathered copies
-
-        # Diagonal block: K/V heads repeated to Hq (a copy of the n new tokens only).
-        o_d, lse_d = attention_with_lse(
-            qs.transpose(0, 1).unsqueeze(0), _repeat_heads(k_seq[prefix:], group),
-            _repeat_heads(v_seq[prefix:], group), causal=True, scale=scale,
-        )  # fmt: skip
-        o_d = o_d[0].transpose(0, 1)  # [n, Hq, D]
-        if prefix == 0:
-            out[start : start + n] = o_d
-            start += n
-            continue
-
-        # Prefix block: the group's query heads folded into the query axis, no mask.
-        qf = qs.view(n, num_kv_heads, group, head_dim).permute(1, 0, 2, 3)
-        qf = qf.reshape(1, num_kv_heads, n * group, head_dim)
-        kp = k_seq[:prefix].transpose(0, 1).unsqueeze(0)  # [1, Hkv, p, D] view
-        vp = v_seq[:prefix].transpose(0, 1).unsqueeze(0)
-        o_p, lse_p = attention_with_lse(qf, kp, vp, causal=False, scale=scale)
-        o_p = o_p[0].view(num_kv_heads, n, group, head_dim).permute(1, 0, 2, 3)
-        o_p = o_p.reshape(n, num_q_heads, head_dim)
-        lse_p = lse_p.view(num_kv_heads, n, group).permute(1, 0, 2).reshape(n, num_q_heads)
-
-        # Merge: each part weighted by its share of the row's total exp mass.
-        lse_d = lse_d.transpose(0, 1)  # [n, Hq]
-        m = torch.maximum(lse_p, lse_d)
-        w_p, w_d = torch.exp(lse_p - m), torch.exp(lse_d - m)
-        total = w_p + w_d
-        merged = o_p.float() * (w_p / total)[..., None] + o_d.float() * (w_d / total)[..., None]
-        out[start : start + n] = merged.to(out.dtype)
+        if num_q_heads == num_kv_heads or NATIVE_GQA:
+            parts = _parts_native(qs, k_seq, v_seq, prefix, scale)
+        elif NATIVE_GQA is None:
+            try:
+                parts = _parts_native(qs, k_seq, v_seq, prefix, scale)
+                NATIVE_GQA = True
+            except RuntimeError as e:
+                logger.info("cuDNN attention without native GQA (%s): heads repeated", e)
+                NATIVE_GQA = False
+                parts = _parts_folded(qs, k_seq, v_seq, prefix, scale)
+        else:
+            parts = _parts_folded(qs, k_seq, v_seq, prefix, scale)
+        dst = out[start : start + n]
+        if len(parts) == 1:
+            dst.copy_(parts[0][0])
+        else:
+            (o_d, lse_d), (o_p, lse_p) = parts
+            merge_two(dst, o_p, lse_p, o_d, lse_d)
         start += n
     return out
 
@@ -142,4 +257,5 @@ __all__ = [
     "attention_with_lse",
     "cudnn_available",
     "dense_extend_attention",
+    "merge_two",
 ]
