@@ -150,9 +150,10 @@ def test_direct_batch_addresses_copy_exact_rows(layout, monkeypatch):
     spans = 3 if layout == "layer_first" else 5
     assert calls == [2 * spans] * LAYERS
     assert torch.equal(ref.k, out.k) and torch.equal(ref.v, out.v)
-    # A whole-call copy (a backup) goes out as one batch over every layer.
+    # A whole-call copy (a backup) goes out as one batch per layer as well (one batch over all
+    # layers was slower on the H200).
     calls.clear()
     out = clone(pool)
     kv_io.DirectPlan(tier, out, page_runs(sp, dp), range(LAYERS), batched=True).issue_all()
-    assert calls == [2 * spans * LAYERS]
+    assert calls == [2 * spans] * LAYERS
     assert torch.equal(ref.k, out.k) and torch.equal(ref.v, out.v)

@@ -410,8 +410,9 @@ def copy_pages_direct(
     src: KVSpace, dst: KVSpace, runs: list[tuple[int, int, int]], layers: range
 ) -> None:
     """Copy-engine copies of every run, layer and K/V (both layouts must be page-contiguous):
-    one cuMemcpyBatchAsync for the whole call where the driver has it, else one
-    cudaMemcpyAsync per span."""
+    one cuMemcpyBatchAsync per layer where the driver has it, else one cudaMemcpyAsync per
+    span. Per layer, not one batch for the call: on an H200 a 4 GB backup as one batch over
+    all 48 layers moved 44.1 GB/s (0.80 of the bulk copy), per-layer batches 53 GB/s (0.96)."""
     DirectPlan(src, dst, runs, layers).issue_all()
 
 
@@ -463,10 +464,8 @@ class DirectPlan:
             self.sizes = torch.cat(sizes, dim=1).contiguous()
 
     def issue_all(self) -> None:
-        """Queue every layer's copies on the current stream (one driver call when batched)."""
-        if self.batched:
-            batch_memcpy(self.dsts.view(-1), self.srcs.view(-1), self.sizes.view(-1))
-            return
+        """Queue every layer's copies on the current stream, layer by layer (one driver call
+        per layer when batched)."""
         for i in range(self.num_layers):
             self.issue(i)
 
