@@ -100,7 +100,7 @@ class ServerArgs:
     )
     prefill_attention_backend: str = _opt(
         "auto",
-        "long prefill chunks (>= 1024 new tokens per sequence) with the triton backend: cudnn "
+        "full 4096-token-aligned prefill chunks with the triton backend: cudnn "
         "(dense fused attention over gathered KV), triton (the paged kernel); auto: cudnn on "
         "Hopper or newer in bf16/fp16",
         choices=PREFILL_ATTENTION_BACKENDS,

@@ -506,11 +506,11 @@ def test_extend_backend_splits_and_graph_hooks() -> None:
 
 # ------------------------------------------------------------------------ dense prefill path
 
-# Every sequence long enough for the dense path's default threshold is too slow for the
-# interpreter, so the CPU tests lower the threshold; on CPU the dense calls run the float32
-# reference of attention_with_lse, on CUDA (bf16) cuDNN.
-DENSE_PREFIX = [0, 37, 130, 5]
-DENSE_EXTEND = [20, 64, 17, 33]
+# Sequences aligned to the dense path's default block are too slow for the interpreter, so the
+# CPU tests lower the block to 16; on CPU the dense calls run the float32 reference of
+# attention_with_lse, on CUDA (bf16) cuDNN. Pages of 4 and 1 token, so page runs still differ.
+DENSE_PREFIX = [0, 32, 128, 16]
+DENSE_EXTEND = [16, 64, 16, 48]
 
 
 @pytest.mark.parametrize("native_gqa", [True, False])
@@ -529,7 +529,7 @@ def test_dense_extend_matches_torch(
         ForwardMode.EXTEND, DENSE_PREFIX, DENSE_EXTEND, page_size=page_size,
         num_q_heads=2 * group, num_kv_heads=2, head_dim=64, dtype=dtype, seed=7 + page_size,
     )  # fmt: skip
-    check_backend(batch, q, k, v, TritonAttention(dense_prefill=True, dense_min_extend=17))
+    check_backend(batch, q, k, v, TritonAttention(dense_prefill=True, dense_block=16))
 
 
 @pytest.mark.parametrize("heads", [32, 5])
@@ -552,7 +552,8 @@ def test_merge_two_kernel_matches_torch(heads: int) -> None:
 
 
 def test_dense_prefill_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The dense path takes an EXTEND batch only when every sequence reaches the threshold."""
+    """The dense path takes an EXTEND batch only when every sequence's new tokens and prefix
+    are block-aligned (and it has new tokens)."""
     import kvtier.attention.triton_backend as TB
 
     calls: list[list[int]] = []
@@ -563,22 +564,31 @@ def test_dense_prefill_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(TB, "dense_extend_attention", spy)
-    batch, q, k, v = make_batch(
-        ForwardMode.EXTEND, DENSE_PREFIX, DENSE_EXTEND, page_size=4, num_q_heads=4,
-        num_kv_heads=2, head_dim=32, dtype=torch.float32, seed=3,
-    )  # fmt: skip
-    check_backend(batch, q, k, v, TritonAttention(dense_prefill=True, dense_min_extend=18))
-    assert calls == [], "a sequence of 17 new tokens is below the threshold of 18"
-    check_backend(batch, q, k, v, TritonAttention(dense_prefill=True, dense_min_extend=17))
+
+    def run(prefix: list[int], extend: list[int], backend: TritonAttention) -> None:
+        batch, q, k, v = make_batch(
+            ForwardMode.EXTEND, prefix, extend, page_size=4, num_q_heads=4, num_kv_heads=2,
+            head_dim=32, dtype=torch.float32, seed=3,
+        )  # fmt: skip
+        check_backend(batch, q, k, v, backend)
+
+    run(DENSE_PREFIX, DENSE_EXTEND, TritonAttention(dense_prefill=True, dense_block=32))
+    assert calls == [], "16 new tokens are not a multiple of the block of 32"
+    run([0, 8], [16, 16], TritonAttention(dense_prefill=True, dense_block=16))
+    assert calls == [], "a prefix of 8 is not a multiple of the block of 16"
+    run(DENSE_PREFIX, DENSE_EXTEND, TritonAttention(dense_prefill=True, dense_block=16))
     assert calls == [DENSE_EXTEND, DENSE_EXTEND]  # forward() and the checked attend()
     calls.clear()
-    check_backend(batch, q, k, v, TritonAttention(dense_prefill=False, dense_min_extend=1))
+    run(DENSE_PREFIX, DENSE_EXTEND, TritonAttention(dense_prefill=False, dense_block=16))
     assert calls == []
-    auto = TritonAttention(dense_min_extend=1)
+    batch, q, _, _ = make_batch(
+        ForwardMode.EXTEND, [0], [16], page_size=4, num_q_heads=4, num_kv_heads=2, head_dim=32,
+        dtype=torch.float32, seed=3,
+    )  # fmt: skip
     # auto: cuDNN only, in bf16/fp16; never for fp32 (tests' dtype) nor on CPU.
-    assert auto.use_dense_prefill(q, batch) is False
-    with pytest.raises(ValueError, match="dense_min_extend must be >= 1; got 0"):
-        TritonAttention(dense_min_extend=0)
+    assert TritonAttention(dense_block=16).use_dense_prefill(q, batch) is False
+    with pytest.raises(ValueError, match="dense_block must be >= 1; got 0"):
+        TritonAttention(dense_block=0)
 
 
 def test_prefill_attention_backend_flag() -> None:
@@ -764,9 +774,9 @@ def test_extend_split_cuda_graph_replay() -> None:
 @cuda_only
 @pytest.mark.parametrize("page_size", [1, 64])
 def test_dense_extend_model_sized_cuda(page_size: int) -> None:
-    """cuDNN over gathered KV, Qwen3-30B-A3B geometry: chunks after long prefixes."""
-    prefix = [0, 3001, 8192]
-    extend = [1500, 1024, 2048]
+    """cuDNN over gathered KV, Qwen3-30B-A3B geometry: aligned chunks after long prefixes."""
+    prefix = [0, 4096, 8192]
+    extend = [4096, 4096, 8192]
     batch, q, k, v = make_batch(
         ForwardMode.EXTEND, prefix, extend, page_size=page_size, num_q_heads=32,
         num_kv_heads=4, head_dim=128, dtype=torch.bfloat16, seed=11,

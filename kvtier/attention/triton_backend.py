@@ -30,7 +30,7 @@ from kvtier.kernels.attention import (
     extend_attention,
 )
 from kvtier.kernels.dense_attention import (
-    DEFAULT_MIN_EXTEND,
+    DENSE_BLOCK,
     cudnn_available,
     dense_extend_attention,
 )
@@ -123,11 +123,13 @@ class TritonAttention(AttentionBackend):
         min_extend_split_len: fewest keys per extend split the heuristic will choose.
         extend_split_config: split-KV extend stage-1 tiles (block_m = tile rows; default
             ``default_extend_split_config``).
-        dense_prefill: EXTEND batches whose every sequence has >= ``dense_min_extend`` new
-            tokens go to ``dense_extend_attention`` (cuDNN over gathered KV) instead of the
-            paged kernel. None (auto): on a GPU where cuDNN attention runs, in bf16/fp16, never
-            under CUDA-graph capture. True forces it wherever the batch qualifies (on CPU the
-            dense calls run a float32 reference: tests only); False never.
+        dense_prefill: EXTEND batches whose every sequence has a non-zero multiple of
+            ``dense_block`` new tokens after a prefix that is a multiple of it (every full chunk
+            of a long prompt; see ``DENSE_BLOCK``) go to ``dense_extend_attention`` (cuDNN over
+            gathered KV) instead of the paged kernel. None (auto): on a GPU where cuDNN
+            attention runs, in bf16/fp16, never under CUDA-graph capture. True forces it
+            wherever the batch qualifies (on CPU the dense calls run a float32 reference: tests
+            only); False never.
     """
 
     def __init__(
@@ -142,7 +144,7 @@ class TritonAttention(AttentionBackend):
         min_extend_split_len: int = 512,
         extend_split_config: KernelConfig | None = None,
         dense_prefill: bool | None = None,
-        dense_min_extend: int = DEFAULT_MIN_EXTEND,
+        dense_block: int = DENSE_BLOCK,
     ) -> None:
         if max_kv_splits < 1:
             raise ValueError(f"max_kv_splits must be >= 1; got {max_kv_splits}")
@@ -156,10 +158,10 @@ class TritonAttention(AttentionBackend):
         self.max_extend_splits = max_extend_splits
         self.min_extend_split_len = min_extend_split_len
         self.extend_split_config = extend_split_config
-        if dense_min_extend < 1:
-            raise ValueError(f"dense_min_extend must be >= 1; got {dense_min_extend}")
+        if dense_block < 1:
+            raise ValueError(f"dense_block must be >= 1; got {dense_block}")
         self.dense_prefill = dense_prefill
-        self.dense_min_extend = dense_min_extend
+        self.dense_block = dense_block
         self._cudnn: dict[torch.device, bool] = {}
         # Stage-1 scratch of split-KV decode (rows: sequences) and extend (rows: tokens).
         self._decode_scratch = _SplitScratch("decode", "init_cuda_graph_state")
@@ -233,8 +235,10 @@ class TritonAttention(AttentionBackend):
         """Whether this EXTEND batch's attention runs on ``dense_extend_attention``."""
         if self.dense_prefill is False or batch.is_decode or not batch.extend_lens_cpu:
             return False
-        if min(batch.extend_lens_cpu) < self.dense_min_extend:
-            return False
+        block = self.dense_block
+        for n, prefix in zip(batch.extend_lens_cpu, batch.prefix_lens_cpu, strict=True):
+            if n == 0 or n % block or prefix % block:
+                return False
         if self.dense_prefill:
             return True
         if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] > 128:

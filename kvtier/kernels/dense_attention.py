@@ -33,9 +33,14 @@ from kvtier.kernels.fused import tl, triton
 
 logger = logging.getLogger(__name__)
 
-# The extend backends send an EXTEND batch here only when every sequence has at least this many
-# new tokens: below it the paged kernel wins (no gather, one launch for the batch).
-DEFAULT_MIN_EXTEND = 1024
+# The extend backends send an EXTEND batch here only when every sequence's new-token count and
+# prefix are multiples of this block (new tokens > 0). Why: torch builds one cuDNN graph per
+# sequence-length pair, ~55-100 ms each on an H200 the first time a shape is seen, and keeps it;
+# arbitrary lengths would pay that on most long requests and grow the cache without bound.
+# Aligned shapes are few (prefixes of k blocks, chunks of 1 or 2 blocks at the default 8192-token
+# chunking) and the work that matters is there: every full chunk of a long prompt. Partial
+# chunks and unaligned extends take the paged Triton kernel.
+DENSE_BLOCK = 4096
 
 
 def cudnn_available(device: torch.device) -> bool:
@@ -253,7 +258,7 @@ def dense_extend_attention(
 
 
 __all__ = [
-    "DEFAULT_MIN_EXTEND",
+    "DENSE_BLOCK",
     "attention_with_lse",
     "cudnn_available",
     "dense_extend_attention",
