@@ -590,8 +590,12 @@ class PromptFactory:
 
 
 def expected_hit_tokens(length: int, page_size: int) -> int:
-    """Tokens a full hit serves from cache: whole pages of all but the last token (the last one
-    is always computed, so that its logits exist)."""
+    """Tokens a full hit serves from cache after one pass over the same prompt: all but the
+    last (always computed, so that its logits exist) when the prompt fills whole pages (the
+    last page lends its other tokens' KV), else the whole pages before the partial last one
+    (which the first pass never completed)."""
+    if length % page_size == 0:
+        return length - 1
     return (length - 1) // page_size * page_size
 
 
@@ -669,7 +673,7 @@ def plan_ttft(cfg: Config, info: TargetInfo) -> tuple[list[int], list[dict[str, 
     for n in cfg.lengths:
         why = None
         if expected_hit_tokens(n, page) == 0:
-            why = f"{n} tokens is less than one page ({page}) plus one token: nothing to cache"
+            why = f"{n} tokens is less than one page ({page}): nothing to cache"
         elif info.context_length and n + 1 > info.context_length:
             why = f"{n} tokens exceeds the context length ({info.context_length})"
         elif info.device_total_tokens and n + 2 * page > info.device_total_tokens:

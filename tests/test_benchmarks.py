@@ -41,9 +41,11 @@ def test_token_counts_parse_k_as_1024():
 
 
 def test_expected_hit_is_whole_pages_of_all_but_the_last_token():
-    assert kb.expected_hit_tokens(2048, 16) == 2032
+    assert kb.expected_hit_tokens(2048, 16) == 2047  # the last page lends 15 tokens
     assert kb.expected_hit_tokens(2049, 16) == 2048
-    assert kb.expected_hit_tokens(16, 16) == 0
+    assert kb.expected_hit_tokens(2050, 16) == 2048
+    assert kb.expected_hit_tokens(16, 16) == 15
+    assert kb.expected_hit_tokens(15, 16) == 0
 
 
 def test_prompts_never_share_a_first_token():
@@ -122,7 +124,7 @@ def test_hits_from_the_gpu_are_an_error_not_a_number(tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "verification failed" in err
-    assert "tier hit was served {'device': 240}" in err and "{'dram': 240} was intended" in err
+    assert "tier hit was served {'device': 255}" in err and "{'dram': 255} was intended" in err
     doc = json.loads(only_file(tmp_path, "kvcache_ttft_*.json").read_text())
     assert "device flush skipped" in doc["error"]
     assert doc["ttft_samples"][-1]["verified"] is False  # the failing request is on record
@@ -158,7 +160,7 @@ def test_throughput_hit_rates_are_tier_hits(tmp_path):
     rows = doc["throughput"]
     assert [r["target_hit_rate"] for r in rows] == [0.0, 0.5, 1.0]
     assert [r["hit_prompts"] for r in rows] == [0, 3, 6]
-    full = 112 / 128  # 7 whole pages of the first 127 tokens
+    full = 127 / 128  # all but the last token (8 whole pages; the last lends 15 tokens)
     for r in rows:
         assert r["hit_rate_device"] == 0
         assert r["hit_rate_l2"] == pytest.approx(r["target_hit_rate"] * full)

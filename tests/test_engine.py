@@ -76,6 +76,34 @@ def test_shared_prefix_is_reused_and_output_unchanged(engine, reference):
     engine.check_integrity()
 
 
+def test_prompt_cached_whole_computes_only_its_last_token(reference):
+    """The last page of a prompt sent again lends its first 3 tokens' KV (copied into the
+    request's own page): 39 of 40 tokens come from the cache, not 36."""
+    p = prompts(1, 40, seed=5)[0]
+    want = reference.generate(input_ids=p, sampling_params=GREEDY)["output_ids"]
+    with make(page_size=4) as e:
+        first = e.generate(input_ids=p, sampling_params=GREEDY)
+        again = e.generate(input_ids=p, sampling_params=GREEDY)
+        assert first["output_ids"] == again["output_ids"] == want
+        assert again["meta_info"]["cached_tokens_by_tier"] == {"device": 39}
+        assert e.get_stats()["tail_tokens_copied"] == 3
+        # Three at once (each copies the tail into its own page), and a prompt that leaves the
+        # cached path two tokens into the last page, then runs 20 new tokens in chunks of 8.
+        outs = e.generate(input_ids=[p, p, p], sampling_params=GREEDY)
+        assert [o["output_ids"] for o in outs] == [want] * 3
+        assert [o["meta_info"]["cached_tokens"] for o in outs] == [39] * 3
+        e.check_integrity()
+    branch = p[:38] + prompts(1, 20, seed=6)[0]
+    want = reference.generate(input_ids=branch, sampling_params=GREEDY)["output_ids"]
+    with make(page_size=4, chunked_prefill_size=8) as e:
+        e.generate(input_ids=p, sampling_params=GREEDY)
+        out = e.generate(input_ids=branch, sampling_params=GREEDY)
+        assert out["output_ids"] == want
+        assert out["meta_info"]["cached_tokens"] == 38
+        assert e.get_stats()["tail_tokens_copied"] == 2
+        e.check_integrity()
+
+
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_multi_turn_equals_recompute(page_size, reference):
     want, _ = conversations(reference)

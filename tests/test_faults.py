@@ -4,6 +4,7 @@ fails, and that nothing leaks. Served tokens stay those of a recompute."""
 import random
 
 import pytest
+import torch
 from engine_utils import make_engine
 
 from kvtier import faults
@@ -91,6 +92,35 @@ def test_failed_load_falls_back_to_recompute_and_drops_the_l2_copy(reference):
         again = e.generate(input_ids=p, sampling_params=SP)
         assert again["output_ids"] == want
         assert again["meta_info"]["cached_tokens_by_tier"] == {"dram": 60}
+        e.check_integrity()
+
+
+def test_failed_load_of_a_tail_page_only(reference):
+    """The prefix's first page on the GPU, its second only in L2: that second page is loaded
+    for its first 15 tokens alone (a tail, copied into the request's page). When the load
+    fails, the request holds no page of it, but still goes back to be recomputed."""
+    p = prompt(3, 32)
+    want = reference.generate(input_ids=p, sampling_params=SP)["output_ids"]
+    with hicache(page_size=16) as e:
+        e.generate(input_ids=p, sampling_params=SP)
+        e.flush_cache(tier="device")
+        e.generate(input_ids=p[:16] + [5] * 4, sampling_params=SP)  # page 1 back on the GPU
+        pool = e.scheduler.runner.kv_pool
+        for buf in (pool.k, pool.v):  # free pages poisoned, as above
+            free = torch.tensor(e.scheduler.allocator.free_pages()) * 16
+            slots = (free[:, None] + torch.arange(16)).reshape(-1)
+            buf[:, slots] = float("nan")
+        faults.arm("load")
+        out = e.generate(input_ids=p, sampling_params=SP)
+        assert faults.injected["load"] >= 1
+        assert out["output_ids"] == want
+        stats = e.get_stats()
+        assert stats["load_failures_recovered"] == 1
+        e.check_integrity()
+        # Served from the tail next time (the recompute cached the page again).
+        again = e.generate(input_ids=p, sampling_params=SP)
+        assert again["output_ids"] == want
+        assert again["meta_info"]["cached_tokens"] == 31
         e.check_integrity()
 
 

@@ -120,6 +120,23 @@ def test_decode_pressure_with_backups_in_flight_retracts_instead_of_crashing(ref
         e.check_integrity()
 
 
+def test_tail_page_from_l2(reference):
+    """A prompt cached whole, then only in L2: all pages are loaded, the last one lends 3 of
+    its 4 tokens, and 39 of 40 prompt tokens are reported from dram."""
+    p = [(7 * i) % 1400 + 10 for i in range(40)]
+    want = reference.generate(input_ids=p, sampling_params=GREEDY)["output_ids"]
+    with hicache() as e:
+        e.generate(input_ids=p, sampling_params=GREEDY)
+        e.flush_cache(tier="device")
+        out = e.generate(input_ids=p, sampling_params=GREEDY)
+        assert out["output_ids"] == want
+        assert out["meta_info"]["cached_tokens_by_tier"] == {"dram": 39}
+        stats = e.get_stats()
+        assert stats["tail_tokens_copied"] == 3 and stats["l2_tail_tokens_unused"] == 1
+        assert stats["loaded_bytes"] == 40 * stats["kv_bytes_per_token"]
+        e.check_integrity()
+
+
 def test_every_load_is_reported_as_an_l2_hit(reference):
     """Room is checked before a load is queued, so no load is wasted on a request that is then
     not admitted, and the tokens loaded equal the tokens reported as L2 hits."""
@@ -130,7 +147,8 @@ def test_every_load_is_reported_as_an_l2_hit(reference):
         loaded_tokens = stats["loaded_bytes"] // page_bytes * stats["page_size"]
         reported = sum(m["cached_tokens_by_tier"].get("dram", 0) for m in metas)
         assert loaded_tokens > 0
-        assert loaded_tokens == reported
+        # A tail page loaded from L2 serves only its first tokens; the rest are counted apart.
+        assert loaded_tokens == reported + stats["l2_tail_tokens_unused"]
 
 
 def test_request_larger_than_the_pool_is_aborted_not_fatal():

@@ -137,3 +137,47 @@ def test_integrity_detects_double_ownership():
     alloc.free([pages[0]])  # a bug: freed while the tree still holds it
     with pytest.raises(AssertionError):
         check(cache)
+
+
+def test_match_tail_finds_the_page_that_continues_a_match():
+    alloc = PageAllocator(32)
+    cache = RadixCache(4, alloc)
+    pages = alloc.alloc(3)
+    assert pages == [1, 2, 3]
+    cache.insert(list(range(10, 22)), pages)  # one node of 3 pages: 10..13 | 14..17 | 18..21
+    other = alloc.alloc(1)
+    assert other == [4]
+    cache.insert([10, 11, 12, 13, 30, 31, 32, 33], [1, *other])  # a branch after page 1
+    query = [10, 11, 12, 13, 14, 15, 16]  # page 1 whole, then 3 tokens of page 2
+    m = cache.match_prefix(query)
+    assert m.device_pages == [1]
+    tail = cache.match_tail(m, query)
+    assert tail is not None and tail.length == 3
+    # The 2-page continuation was split: the tail node holds page 2 alone.
+    assert tail.node.key == (14, 15, 16, 17) and tail.node.device_pages == [2]
+    assert tail.node.parent is m.last_device_node
+    assert next(iter(tail.node.children.values())).device_pages == [3]
+    # The other branch matches 2 tokens; the longest wins whichever order the children are in.
+    tail = cache.match_tail(m, [10, 11, 12, 13, 30, 31, 99])
+    assert tail is not None and tail.length == 2 and tail.node.device_pages == [4]
+    # Never a whole page (that is the full-page match's job), never zero tokens.
+    assert cache.match_tail(m, [10, 11, 12, 13, 14, 15, 16, 17, 18]).length == 3
+    assert cache.match_tail(m, [10, 11, 12, 13, 99]) is None
+    assert cache.match_tail(m, [10, 11, 12, 13]) is None
+    check(cache)
+
+
+def test_match_tail_skips_page_size_1_and_wide_fan_outs(monkeypatch):
+    import kvtier.cache.radix_cache as rc
+
+    alloc = PageAllocator(32)
+    cache = RadixCache(1, alloc)
+    cache.insert([5, 6], alloc.alloc(2))
+    assert cache.match_tail(cache.match_prefix([5]), [5, 6]) is None  # no partial pages
+    cache = RadixCache(2, PageAllocator(32))
+    for i in range(3):
+        cache.insert([1, 2, 3, 10 + i], cache.allocator.alloc(2))
+    m = cache.match_prefix([1, 2, 3])
+    assert cache.match_tail(m, [1, 2, 3]).length == 1
+    monkeypatch.setattr(rc, "MAX_TAIL_SCAN", 2)
+    assert cache.match_tail(m, [1, 2, 3]) is None

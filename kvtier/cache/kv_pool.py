@@ -111,6 +111,11 @@ class KVPool:
         self.k[layer].index_copy_(0, loc, k.to(self.dtype))
         self.v[layer].index_copy_(0, loc, v.to(self.dtype))
 
+    def copy_slots(self, layer: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the KV at slots ``src`` to slots ``dst`` ([N] int64 each) of ``layer``."""
+        self.k[layer].index_copy_(0, dst, self.k[layer].index_select(0, src))
+        self.v[layer].index_copy_(0, dst, self.v[layer].index_select(0, src))
+
 
 class ReqToPageTable:
     """Device table of each running request's pages: row r, column i = the page holding tokens

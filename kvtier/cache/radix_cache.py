@@ -95,6 +95,21 @@ class MatchResult:
 
 
 @dataclass
+class TailMatch:
+    """A cached page whose first ``length`` tokens (fewer than a page) continue a match: their
+    KV can be copied into a page of the request instead of recomputed. ``node`` holds exactly
+    that page, on the GPU or (hierarchical cache) only in L2."""
+
+    node: TreeNode
+    length: int
+
+
+# Children of the match's last node scanned for a tail page; a wider fan-out (many branches
+# after one shared prefix) is skipped rather than scanned on every admission.
+MAX_TAIL_SCAN = 64
+
+
+@dataclass
 class InsertResult:
     # The tree's GPU page for every page of the inserted key. Where it differs from the page the
     # caller passed, the caller's page is a duplicate that it must free.
@@ -203,6 +218,31 @@ class RadixCache:
             else:  # neither tier holds it (cannot happen by the invariants); stop here
                 break
         return MatchResult(device_pages, last_device, host_pages, last_host, self.page_size)
+
+    def match_tail(self, match: MatchResult, tokens: Sequence[int]) -> TailMatch | None:
+        """The child page of ``match``'s last node that continues it over the most tokens of
+        ``tokens`` after the match, at least one and fewer than a page; None if no child does
+        (or the node has more than ``MAX_TAIL_SCAN`` children). A child of several pages is
+        split so that the returned node holds just the first. Touches the node."""
+        ps = self.page_size
+        start = match.last_host_node if match.host_pages else match.last_device_node
+        pos = match.device_len + match.host_len
+        rest = tuple(tokens[pos : pos + ps - 1])
+        if start is None or not rest or len(start.children) > MAX_TAIL_SCAN:
+            return None
+        best, best_len = None, 0
+        for child in start.children.values():
+            n = 0
+            while n < len(rest) and child.key[n] == rest[n]:
+                n += 1
+            if n > best_len:
+                best, best_len = child, n
+        if best is None or (best.device_pages is None and best.host_pages is None):
+            return None
+        if len(best.key) > ps:
+            best = self._split(best, ps)
+        best.last_access = self._tick()
+        return TailMatch(best, best_len)
 
     def insert(self, tokens: Sequence[int], pages: list[int]) -> InsertResult:
         """Add ``tokens`` (a whole number of pages) with their GPU ``pages`` to the tree."""

@@ -33,7 +33,8 @@ class Req:
 
     Cursors over ``tokens`` (the prompt followed by the generated tokens):
       - ``[0, cached_len)`` lie in pages held by the prefix tree, locked through ``last_node``;
-      - ``[0, kv_len)`` have their KV in the pool, in ``pages`` (``cached_len <= kv_len``);
+      - ``[0, kv_len)`` have their KV in the pool, in ``pages`` (``cached_len <= kv_len``), or
+        (``tail_copy`` pending) get it from a tree page early in the next step;
       - ``[kv_len, len(tokens))`` still need a forward pass: more than one token means an
         extend step (prefill, or a chunk of it), exactly one means a decode step.
     A request owns ``pages[cached_len // page_size:]``; the ones before belong to the tree.
@@ -51,6 +52,10 @@ class Req:
     pages: list[int] = field(default_factory=list)
     last_node: TreeNode | None = None
     row: int | None = None  # row in the request-to-page table while running
+    # (tree page, own page, tokens): KV of the first tokens of a cached page that continues the
+    # prefix, to be copied into the request's first own page by its next step, layer by layer
+    # before attention (see Scheduler._admit). Only between admission and that step.
+    tail_copy: tuple[int, int, int] | None = None
     # Reported: prompt tokens whose KV came from a cache at first admission, by tier.
     cached_tokens: int = 0
     cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from kvtier.cache.controller import LoadError
 from kvtier.cache.kv_pool import PageAllocator, ReqToPageTable
-from kvtier.cache.radix_cache import IntegrityError, RadixCache
+from kvtier.cache.radix_cache import IntegrityError, MatchResult, RadixCache
 from kvtier.runner.forward_batch import ForwardMode
 from kvtier.runner.model_runner import ModelRunner
 from kvtier.runner.sampler import sample
@@ -70,6 +70,10 @@ class Scheduler:
             "retractions": 0,
             "forward_steps": 0,
             "load_failures_recovered": 0,
+            # Prefix tokens served by copying the head of a cached page (see _admit), and the
+            # slots of such pages that came from L2 but were not used.
+            "tail_tokens_copied": 0,
+            "l2_tail_tokens_unused": 0,
         }
         self.cached_tokens_by_tier: dict[str, int] = {}
         self._outputs: list[ReqOutput] = []
@@ -241,22 +245,46 @@ class Scheduler:
 
     def _admit(self, req: Req, max_new: int) -> int:
         """Give ``req`` its cached prefix and pages for its first step; return how many tokens
-        that step runs (0: not admitted, nothing changed)."""
+        that step runs (0: not admitted, nothing changed).
+
+        Past the whole cached pages, a cached page whose first tokens continue the prompt (a
+        "tail": e.g. the last page of a prompt sent again) lends those tokens' KV: its first
+        ``r`` slots are copied into the request's first own page during the next step, so only
+        the rest is computed (one token for a prompt cached whole) instead of up to a page.
+        A tail only in L2 is loaded with the rest of the L2 continuation."""
         ps = self.page_size
         loaded = 0
         match = None
+        tail = None
         row = self.table.alloc_row()
         if row is None:
             return 0
         if self.use_cache:
             # The last token is always run, so its logits exist to sample from.
-            match = self.cache.match_prefix(req.tokens[: len(req.tokens) - 1])
+            prompt = req.tokens[: len(req.tokens) - 1]
+            match = self.cache.match_prefix(prompt)
             self.cache.lock(match.last_device_node)
+            tail = self.cache.match_tail(match, prompt)
+            if tail is not None and tail.node.device_pages is not None and not match.host_pages:
+                self.cache.lock(tail.node)
+                self.cache.unlock(match.last_device_node)
+                match = MatchResult(
+                    match.device_pages + tail.node.device_pages, tail.node, [], None, ps
+                )
+            elif tail is not None and tail.node.device_pages is None:
+                assert tail.node.host_pages is not None
+                match = MatchResult(
+                    match.device_pages, match.last_device_node,
+                    match.host_pages + tail.node.host_pages, tail.node, ps,
+                )  # fmt: skip
+            else:
+                tail = None
             # Room for the L2 continuation and the first step must exist before any load is
             # queued: a load for a request that is then not admitted is wasted work.
-            cached = match.device_len + match.host_len
-            n = min(len(req.tokens) - cached, max_new)
-            need = len(match.host_pages) + (cached + n + ps - 1) // ps - cached // ps
+            full = match.device_len + match.host_len - (ps if tail else 0)
+            start = full + (tail.length if tail else 0)
+            n = min(len(req.tokens) - start, max_new)
+            need = len(match.host_pages) + (start + n + ps - 1) // ps - full // ps
             if self._available_pages() < need + self._reserved_pages():
                 self.cache.unlock(match.last_device_node)
                 self.table.free_row(row)
@@ -267,9 +295,16 @@ class Scheduler:
                 self.cache.unlock(match.last_device_node)
                 match = extended
         prefix_pages = match.device_pages if match else []
+        tail_page = None
+        if tail is not None and match is not None and match.last_device_node is tail.node:
+            tail_page = prefix_pages[-1]
+            prefix_pages = prefix_pages[:-1]
+        else:
+            tail = None  # its L2 load was skipped: the tokens are computed
         prefix_len = len(prefix_pages) * ps
-        n = min(len(req.tokens) - prefix_len, max_new)
-        need = (prefix_len + n + ps - 1) // ps - len(prefix_pages)
+        start = prefix_len + (tail.length if tail else 0)
+        n = min(len(req.tokens) - start, max_new)
+        need = (start + n + ps - 1) // ps - len(prefix_pages)
         pages = None
         if self._available_pages() >= need + self._reserved_pages():
             pages = self._alloc(need)
@@ -282,15 +317,24 @@ class Scheduler:
         req.row = row
         req.pages = list(prefix_pages) + pages
         self.table.set_pages(row, 0, req.pages)
-        req.kv_len = req.cached_len = prefix_len
+        req.cached_len = prefix_len
+        req.kv_len = start
         req.last_node = match.last_device_node if match else None
+        if tail is not None and tail_page is not None:
+            # The tail page stays locked (it is req.last_node) until the copy has run.
+            req.tail_copy = (tail_page, pages[0], tail.length)
+            self.counters["tail_tokens_copied"] += tail.length
+            if loaded:
+                # Its whole page was loaded from L2; the rest of it is not served.
+                loaded -= ps - tail.length
+                self.counters["l2_tail_tokens_unused"] += ps - tail.length
         if not req.admitted:
             req.admitted = True
-            req.cached_tokens = prefix_len
-            by_tier = {"device": prefix_len - loaded, self.l2_name: loaded}
+            req.cached_tokens = start
+            by_tier = {"device": start - loaded, self.l2_name: loaded}
             req.cached_tokens_by_tier = {k: v for k, v in by_tier.items() if v}
             self.counters["prompt_tokens"] += len(req.input_ids)
-            self.counters["cached_tokens"] += prefix_len
+            self.counters["cached_tokens"] += start
             for tier, t in req.cached_tokens_by_tier.items():
                 self.cached_tokens_by_tier[tier] = self.cached_tokens_by_tier.get(tier, 0) + t
         return n
@@ -355,7 +399,7 @@ class Scheduler:
             self._recover_failed_load(e)
             return
         fb = batch.to_forward_batch(self.runner.kv_pool, self.table, self.runner.attn_backend)
-        fb.wait_layer = wait_layer
+        fb.wait_layer = self._with_tail_copies(batch, wait_layer)
         logits = self.runner.forward(fb)
         sampled_reqs = [r for i, r in enumerate(batch.reqs) if batch.samples(i)]
         next_ids: list[int] = []
@@ -376,13 +420,42 @@ class Scheduler:
         for req, token in zip(sampled_reqs, next_ids):
             self._append_token(req, token)
 
+    def _with_tail_copies(
+        self, batch: ScheduleBatch, wait_layer: Callable[[int], None] | None
+    ) -> Callable[[int], None] | None:
+        """``wait_layer`` extended with the batch's pending tail copies (see ``_admit``): each
+        layer's slots are copied after that layer's load (if any) has landed and before its
+        attention reads them; every runner calls the hook per layer of an EXTEND step."""
+        copies = [r.tail_copy for r in batch.reqs if r.tail_copy is not None]
+        if not copies:
+            return wait_layer
+        for req in batch.reqs:
+            req.tail_copy = None
+        ps = self.page_size
+        src = [page * ps + j for page, _, n in copies for j in range(n)]
+        dst = [page * ps + j for _, page, n in copies for j in range(n)]
+        pool = self.runner.kv_pool
+        src_t = torch.tensor(src, dtype=torch.int64).to(pool.device, non_blocking=True)
+        dst_t = torch.tensor(dst, dtype=torch.int64).to(pool.device, non_blocking=True)
+
+        def hook(layer: int) -> None:
+            if wait_layer is not None:
+                wait_layer(layer)
+            pool.copy_slots(layer, src_t, dst_t)
+
+        return hook
+
     def _recover_failed_load(self, error: LoadError) -> None:
         """A load from L2 failed before this step's forward: every running request that holds
         one of the pages it was to fill goes back to the queue (its prefix will be recomputed),
         the nodes holding them leave both tiers, and the step is skipped; the other requests
         keep their state and run next step."""
         bad = set(error.device_pages)
-        affected = [r for r in self.running if not bad.isdisjoint(r.pages)]
+        affected = [
+            r
+            for r in self.running
+            if not bad.isdisjoint(r.pages) or (r.tail_copy is not None and r.tail_copy[0] in bad)
+        ]
         for req in affected:
             self._unadmit(req)
         self.cache.drop_nodes_holding(bad)  # type: ignore[attr-defined]
@@ -399,6 +472,7 @@ class Scheduler:
             self.table.free_row(req.row)
         req.pages, req.last_node, req.row = [], None, None
         req.kv_len = req.cached_len = 0
+        req.tail_copy = None
         if req.admitted and not req.output_ids:
             # Its cache report is made again at re-admission.
             self.counters["prompt_tokens"] -= len(req.input_ids)
@@ -487,6 +561,7 @@ class Scheduler:
         req.last_node = None
         req.row = None
         req.kv_len = req.cached_len = 0
+        req.tail_copy = None
 
     def _finish(self, req: Req, reason: FinishReason) -> None:
         req.finish = reason
