@@ -11,6 +11,14 @@ from kvtier.cache.kv_pool import KVPool, ReqToPageTable
 from kvtier.runner.forward_batch import ForwardBatch, ForwardMode
 from kvtier.scheduler.request import Req
 
+# Requests running at most this many tokens in a step get their positions and KV slots computed
+# with plain integers; longer extends with tensor ops.
+_PY_SLOTS_MAX = 64
+
+
+def _as_tensors(positions: list[int], locs: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(positions, dtype=torch.int64), torch.tensor(locs, dtype=torch.int64)
+
 
 @dataclass
 class ScheduleBatch:
@@ -33,8 +41,9 @@ class ScheduleBatch:
         ps = kv_pool.page_size
         device = kv_pool.device
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        locs: list[torch.Tensor] = []
+        positions: list[int] = []
+        locs: list[int] = []
+        long_parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions, slots)
         seq_lens: list[int] = []
         prefix_lens: list[int] = []
         logits_indices: list[int] = []
@@ -42,29 +51,61 @@ class ScheduleBatch:
         for i, (req, n) in enumerate(zip(self.reqs, self.num_new)):
             start = req.kv_len
             ids.extend(req.tokens[start : start + n])
-            pos = torch.arange(start, start + n, dtype=torch.int64)
-            first_page = start // ps
-            pages = torch.tensor(
-                req.pages[first_page : (start + n - 1) // ps + 1], dtype=torch.int64
-            )
-            locs.append(pages[pos // ps - first_page] * ps + pos % ps)
-            positions.append(pos)
+            if n <= _PY_SLOTS_MAX:
+                # Decode and short extends: plain integers (a decode step of 128 sequences
+                # would otherwise make ~5 small tensors per sequence on the host).
+                pages = req.pages
+                for p in range(start, start + n):
+                    positions.append(p)
+                    locs.append(pages[p // ps] * ps + p % ps)
+            else:
+                if positions:
+                    long_parts.append(_as_tensors(positions, locs))
+                    positions, locs = [], []
+                pos = torch.arange(start, start + n, dtype=torch.int64)
+                first_page = start // ps
+                pages_t = torch.tensor(
+                    req.pages[first_page : (start + n - 1) // ps + 1], dtype=torch.int64
+                )
+                long_parts.append((pos, pages_t[pos // ps - first_page] * ps + pos % ps))
             seq_lens.append(start + n)
             prefix_lens.append(start)
             offset += n
             if self.samples(i):
                 logits_indices.append(offset - 1)
+        if long_parts:
+            if positions:
+                long_parts.append(_as_tensors(positions, locs))
+            pos_t = torch.cat([p for p, _ in long_parts])
+            loc_t = torch.cat([loc for _, loc in long_parts])
+        else:
+            pos_t, loc_t = _as_tensors(positions, locs)
 
+        # One host-to-device copy for every per-step index (each copy from pageable memory
+        # costs the host tens of microseconds); the fields are views of it.
+        t, b, nl = len(ids), len(self.reqs), len(logits_indices)
+        host = torch.cat(
+            (
+                torch.tensor(ids, dtype=torch.int64),
+                pos_t,
+                loc_t,
+                torch.tensor(
+                    logits_indices + [r.row for r in self.reqs] + seq_lens, dtype=torch.int64
+                ),
+            )
+        )
+        dev = host.to(device)
+        o = 3 * t
+        rows = dev[o + nl : o + nl + b]
         max_pages = (max(seq_lens) + ps - 1) // ps
-        rows = torch.tensor([r.row for r in self.reqs], dtype=torch.int64, device=device)
         fb = ForwardBatch(
             mode=self.mode,
-            input_ids=torch.tensor(ids, dtype=torch.int64).to(device),
-            positions=torch.cat(positions).to(device),
-            out_cache_loc=torch.cat(locs).to(device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device),
+            input_ids=dev[:t],
+            positions=dev[t : 2 * t],
+            out_cache_loc=dev[2 * t : o],
+            seq_lens=dev[o + nl + b :].to(torch.int32),
             block_table=table.table[rows, :max_pages],
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64).to(device),
+            logits_indices=dev[o : o + nl],
             kv_pool=kv_pool,
             attn_backend=attn_backend,
             seq_lens_cpu=seq_lens,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from kvtier.scheduler.request import Req
@@ -23,6 +24,15 @@ class Detokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self._read_offset: dict[str, int] = {}
+        self._decode: Callable[[list[int], bool], str] = lambda ids, skip: tokenizer.decode(
+            ids, skip_special_tokens=skip
+        )
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+            # A fast tokenizer without space clean-up decodes exactly as its Rust backend does;
+            # calling the backend directly skips ~3/4 of the per-call cost, paid twice per
+            # request per decode step in the scheduler's loop.
+            self._decode = lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
 
     def update(self, req: Req) -> None:
         """Append the text of ``req``'s not yet decoded output ids to ``req.output_text``."""
@@ -34,8 +44,8 @@ class Detokenizer:
             return
         start = max(0, read - _CONTEXT_TOKENS)
         skip = req.sampling.skip_special_tokens
-        before = self.tokenizer.decode(ids[start:read], skip_special_tokens=skip)
-        full = self.tokenizer.decode(ids[start:], skip_special_tokens=skip)
+        before = self._decode(ids[start:read], skip)
+        full = self._decode(ids[start:], skip)
         if full.endswith("\ufffd") and not req.finished:
             return
         req.output_text += full[len(before) :]
