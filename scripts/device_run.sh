@@ -3,7 +3,7 @@
 # bandwidth, the TTFT sweep, the recompute speed and diagnostics, each step bounded, logs under
 # $OUT. Steps are chosen with STEPS (default: all, in this order). Usage there:
 #   STEPS="tests check tier_io ttft" bash scripts/device_run.sh   (with .whl carried)
-# T_<STEP> overrides a step's time limit in seconds.
+# T_<STEP> overrides a step's time limit in seconds; GPU_HIT=" " also times GPU hits in ttft.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
@@ -29,7 +29,7 @@ step tier_io "${T_TIER_IO:-80}" python3 benchmarks/bench_tier_io.py --tier "${TI
 step ttft "${T_TTFT:-300}" env KVTIER_XMEM_STANDIN=1 KVTIER_XMEM_STANDIN_DEVICES=1 \
   python3 benchmarks/kvcache_benchmark.py --ttft --backend "${BACKENDS:-all}" \
   --lengths "${LENGTHS:-1K,10K,20K,30K,40K,50K,60K,70K,80K,90K}" --num-prompts 1 \
-  --hicache-size 20 --mem-fraction-static 0.85 --no-gpu-hit \
+  --hicache-size 20 --mem-fraction-static 0.85 ${GPU_HIT:---no-gpu-hit} \
   --hicache-io-backend "${IO:-kernel}" --output-dir "$OUT/ttft"
 step engine "${T_ENGINE:-130}" python3 benchmarks/bench_engine.py --prefill 16K,80K \
   --decode-batch 1,32,128 --output "$OUT/bench_engine.json"
