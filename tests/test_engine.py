@@ -5,6 +5,7 @@ KV was obtained."""
 import random
 
 import pytest
+import torch
 from engine_utils import chats, make_engine
 
 from kvtier.sampling_params import SamplingParamsError
@@ -101,6 +102,42 @@ def test_prompt_cached_whole_computes_only_its_last_token(reference):
         assert out["output_ids"] == want
         assert out["meta_info"]["cached_tokens"] == 38
         assert e.get_stats()["tail_tokens_copied"] == 2
+        e.check_integrity()
+
+
+def test_tail_copy_of_a_skipped_admission_step_runs_before_a_decode_step(reference):
+    """If a request's admission step is skipped (a failed load of another request's prefix),
+    its last prompt token runs as a decode step: the tail copy must then cover every layer
+    before it (a decode CUDA graph waits only once), and the answer stays the recomputed one."""
+    from kvtier.runner.forward_batch import ForwardMode
+    from kvtier.sampling_params import SamplingParams
+    from kvtier.scheduler.batch import ScheduleBatch
+    from kvtier.scheduler.request import Req
+
+    p = prompts(1, 40, seed=7)[0]
+    want = reference.generate(input_ids=p, sampling_params=GREEDY)["output_ids"]
+    with make(page_size=4) as e:
+        e.generate(input_ids=p, sampling_params=GREEDY)
+        s = e.scheduler
+        req = Req(rid="t", input_ids=p, sampling=SamplingParams(**GREEDY))
+        s.add_request(req)
+        batch = s._schedule_extend()
+        assert batch is not None and batch.reqs == [req] and batch.num_new == [1]
+        src_page, dst_page, n = req.tail_copy
+        assert n == 3 and req.kv_len == 39
+        pool = s.runner.kv_pool
+        pool.k[:, dst_page * 4 : dst_page * 4 + 3] = float("nan")  # poison the own page
+        decode = ScheduleBatch(ForwardMode.DECODE, [req], [1])
+        # Copied for every layer when the step is prepared, not left to a per-layer hook.
+        assert s._with_tail_copies(decode, None) is None
+        assert req.tail_copy is None
+        assert torch.equal(
+            pool.k[:, dst_page * 4 : dst_page * 4 + 3], pool.k[:, src_page * 4 : src_page * 4 + 3]
+        )
+        s._run(decode)
+        while s.has_work():
+            s.step()
+        assert req.output_ids == want
         e.check_integrity()
 
 

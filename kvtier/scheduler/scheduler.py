@@ -437,6 +437,15 @@ class Scheduler:
         pool = self.runner.kv_pool
         src_t = torch.tensor(src, dtype=torch.int64).to(pool.device, non_blocking=True)
         dst_t = torch.tensor(dst, dtype=torch.int64).to(pool.device, non_blocking=True)
+        if batch.mode is ForwardMode.DECODE:
+            # A request whose admission step was skipped (a failed load of another request's
+            # prefix) runs its last prompt token as a decode step, and a decode CUDA graph
+            # waits only once, for the last layer: copy every layer now, after all loads.
+            if wait_layer is not None:
+                wait_layer(pool.num_layers - 1)
+            for layer in range(pool.num_layers):
+                pool.copy_slots(layer, src_t, dst_t)
+            return wait_layer
 
         def hook(layer: int) -> None:
             if wait_layer is not None:
