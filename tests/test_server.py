@@ -551,10 +551,15 @@ def test_flush_device_then_identical_request_hits_l2(aux):
         first = c.post("/generate", json=p).json()
         r = c.post("/flush_cache", json={"tier": "device"})
         assert r.status_code == 200 and r.json()["success"] is True
+        before = metric_values(c.get("/metrics").text)
         second = c.post("/generate", json=p).json()
         assert second["output_ids"] == first["output_ids"]
-        assert second["meta_info"]["cached_tokens_by_tier"].get("dram", 0) > 0
+        # 40 tokens fill 10 pages of 4: all but the last come from L2, 3 of them through the
+        # last page's head (a tail copy).
+        assert second["meta_info"]["cached_tokens_by_tier"] == {"dram": 39}
         metrics = metric_values(c.get("/metrics").text)
+        tail = ("kvtier:tail_tokens_copied_total", ())
+        assert metrics[tail] - before.get(tail, 0.0) == 3
         assert metrics[("kvtier:l2_total_tokens", ())] > 0
         assert metrics[("kvtier:loaded_bytes_total", ())] > 0
         assert metrics[("kvtier:cached_tokens_total", (("tier", "dram"),))] > 0

@@ -40,6 +40,10 @@ _COUNTERS = {
     "backed_up_bytes": ("backed_up_bytes", "bytes backed up from the GPU pool to L2"),
     "forward_steps": ("forward_steps", "forward passes run"),
     "retractions": ("retractions", "running requests sent back to the queue (out of pages)"),
+    "tail_tokens_copied": (
+        "tail_tokens_copied",
+        "prefix tokens served by copying the head of a cached page instead of recomputing them",
+    ),
 }
 
 
