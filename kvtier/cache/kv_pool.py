@@ -113,8 +113,9 @@ class KVPool:
 
     def copy_slots(self, layer: int, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy the KV at slots ``src`` to slots ``dst`` ([N] int64 each) of ``layer``."""
-        self.k[layer].index_copy_(0, dst, self.k[layer].index_select(0, src))
-        self.v[layer].index_copy_(0, dst, self.v[layer].index_select(0, src))
+        self.write(
+            layer, dst, self.k[layer].index_select(0, src), self.v[layer].index_select(0, src)
+        )
 
 
 class ReqToPageTable:

@@ -241,6 +241,8 @@ def dense_extend_attention(
             try:
                 parts = _parts_native(qs, k_seq, v_seq, prefix, scale)
                 NATIVE_GQA = True
+            except torch.OutOfMemoryError:
+                raise  # not a verdict on grouped heads
             except RuntimeError as e:
                 logger.info("cuDNN attention without native GQA (%s): heads repeated", e)
                 NATIVE_GQA = False

@@ -411,8 +411,9 @@ def copy_pages_direct(
 ) -> None:
     """Copy-engine copies of every run, layer and K/V (both layouts must be page-contiguous):
     one cuMemcpyBatchAsync per layer where the driver has it, else one cudaMemcpyAsync per
-    span. Per layer, not one batch for the call: on an H200 a 4 GB backup as one batch over
-    all 48 layers moved 44.1 GB/s (0.80 of the bulk copy), per-layer batches 53 GB/s (0.96)."""
+    span. Per layer, not one batch for the call: on an H200 (2026-12-01) a 4 GB backup as one
+    batch over all 48 layers moved 44.1 GB/s (0.80 of the bulk copy), per-layer batches
+    51.9 GB/s (0.948)."""
     DirectPlan(src, dst, runs, layers).issue_all()
 
 

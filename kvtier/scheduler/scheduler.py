@@ -320,7 +320,8 @@ class Scheduler:
         req.cached_len = prefix_len
         req.kv_len = start
         req.last_node = match.last_device_node if match else None
-        if tail is not None and tail_page is not None:
+        if tail is not None:
+            assert tail_page is not None
             # The tail page stays locked (it is req.last_node) until the copy has run.
             req.tail_copy = (tail_page, pages[0], tail.length)
             self.counters["tail_tokens_copied"] += tail.length
