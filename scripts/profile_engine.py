@@ -85,6 +85,19 @@ def profile_decode(engine: kvtier.Engine, batch: int, ctx: int, steps: int, rows
         sync()
     graphs = sched.runner.graph_runner is not None
     print(f"decode batch {batch} ctx {ctx} graphs={graphs}: {wall * 1e3:.2f} ms/step (no profiler)")
+    if graphs and torch.cuda.is_available():
+        # The device time of the step's graph alone, replayed back to back: what the step
+        # would take with no host work between graphs. wall - this = the host's share.
+        gr = sched.runner.graph_runner
+        g = gr.graphs[min(b for b in gr.batch_sizes if b >= batch)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            g.replay()
+        end.record()
+        sync()
+        replay = start.elapsed_time(end) / steps
+        print(f"  graph replay alone: {replay:.2f} ms/step; host {wall * 1e3 - replay:.2f} ms")
     print(kernel_table(prof, rows, steps))
     ka = prof.key_averages()
     print(ka.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
