@@ -274,6 +274,53 @@ def test_qk_norm_rope_inplace(use_norm):
     assert torch.equal(work[:, (hq + hkv) * d :], qkv[:, (hq + hkv) * d :])  # v untouched
 
 
+@pytest.mark.parametrize("qkv_dtype,cache_dtype", [
+    (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+])  # fmt: skip
+@pytest.mark.parametrize("use_norm", [True, False])
+def test_qk_norm_rope_store(qkv_dtype, cache_dtype, use_norm):
+    """The store variant returns the same q and leaves in the cache exactly what qk_norm_rope
+    followed by KVPool.write's index copies leaves; other slots keep their contents."""
+    hq, hkv, d, t, slots = 4, 2, 16, 5, 23
+    qkv = randn((t, (hq + 2 * hkv) * d), qkv_dtype, seed=21)
+    qw, kw = norm_weight(d, qkv_dtype, seed=3), norm_weight(d, qkv_dtype, seed=4)
+    positions, inv_freq = rope_inputs(t, d, seed=22)
+    args = (qkv, qw, kw, positions, inv_freq, hq, hkv, d, EPS, use_norm)
+    loc = torch.tensor([7, 2, 19, 3, 11], dtype=torch.int64, device=DEVICE)
+    k_cache = randn((slots, hkv, d), cache_dtype, seed=23)
+    v_cache = randn((slots, hkv, d), cache_dtype, seed=24)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    q_ref, k_ref, v_ref = FK.qk_norm_rope(*args, use_triton=True)
+    k_want.index_copy_(0, loc, k_ref.to(cache_dtype))
+    v_want.index_copy_(0, loc, v_ref.to(cache_dtype))
+    q = FK.qk_norm_rope_store(*args, k_cache, v_cache, loc, use_triton=True)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(k_cache, k_want)
+    assert torch.equal(v_cache, v_want)
+    # The reference path (what CPU runs) stores the same way.
+    k_cache2, v_cache2 = (
+        randn((slots, hkv, d), cache_dtype, seed=23),
+        randn((slots, hkv, d), cache_dtype, seed=24),
+    )
+    q2 = FK.qk_norm_rope_store(*args, k_cache2, v_cache2, loc, use_triton=False)
+    ref_q, ref_k, ref_v = FK.qk_norm_rope_ref(*args)
+    assert torch.equal(q2, ref_q)
+    assert torch.equal(k_cache2[loc], ref_k.to(cache_dtype))
+    assert torch.equal(v_cache2[loc], ref_v.to(cache_dtype))
+
+
+def test_qk_norm_rope_store_rejects_bad_cache():
+    hq, hkv, d, t = 4, 2, 16, 2
+    qkv = randn((t, (hq + 2 * hkv) * d), torch.float32, seed=1)
+    positions, inv_freq = rope_inputs(t, d, seed=2)
+    args = (qkv, None, None, positions, inv_freq, hq, hkv, d, EPS, False)
+    cache = torch.zeros(8, hkv + 1, d, device=DEVICE)  # one kv head too many
+    loc = torch.tensor([0, 1], device=DEVICE)
+    with pytest.raises(ValueError, match="qk_norm_rope_store: the Triton kernel does not support"):
+        FK.qk_norm_rope_store(*args, cache, cache.clone(), loc, use_triton=True)
+
+
 # ---------------------------------------------------------------------------- MoE routing
 @pytest.mark.parametrize("t,num_experts,top_k", [(1, 128, 8), (3, 60, 3), (17, 128, 8), (17, 7, 1)])
 @pytest.mark.parametrize("renormalize", [True, False])
@@ -397,12 +444,15 @@ _COMPILE_CHECK = textwrap.dedent(
                      stride_x=i32, stride_r=i32, stride_y=i32, stride_ro=i32, n_cols=i32,
                      n_f="fp32", inv_n="fp32", eps="fp32"),
                 dict(HAS_RESIDUAL=True, BLOCK=2048, INTERPRET=False)),
-            ptx(FK._qk_norm_rope_kernel,
+            *(ptx(FK._qk_norm_rope_kernel,
                 dict(QKV="*" + dt, QW="*" + dt, KW="*" + dt, POS="*i64", INV_FREQ="*fp32",
-                     QOUT="*" + dt, KOUT="*" + dt, stride_t=i32, stride_qt=i32, stride_qh=i32,
-                     stride_kt=i32, stride_kh=i32, d_f="fp32", inv_d="fp32", eps="fp32"),
+                     QOUT="*" + dt, KOUT="*" + dt, KCACHE="*" + dt, VCACHE="*" + dt,
+                     LOC="*i64", stride_t=i32, stride_qt=i32, stride_qh=i32,
+                     stride_kt=i32, stride_kh=i32, stride_kc=i32, stride_kch=i32,
+                     stride_vc=i32, stride_vch=i32, d_f="fp32", inv_d="fp32", eps="fp32"),
                 dict(NUM_Q=32, NUM_KV=4, HALF=64, BLOCK_H=16, BLOCK_HALF=64, USE_NORM=True,
-                     NORM_DTYPE=tdt, INTERPRET=False)),
+                     NORM_DTYPE=tdt, STORE_KV=store, KC_DTYPE=tdt, VC_DTYPE=tdt,
+                     INTERPRET=False)) for store in (False, True)),
             ptx(FK._moe_route_kernel,
                 dict(LOGITS="*" + dt, W_OUT="*" + dt, ID_OUT="*i64", stride_l=i32,
                      stride_w=i32, stride_id=i32, num_experts=i32),
@@ -418,6 +468,8 @@ _COMPILE_CHECK = textwrap.dedent(
             assert "rsqrt.approx.ftz" not in code
         # No FMA contraction: the RMSNorm kernel calls no libdevice function, so it has no fma.
         assert not re.search(r"\\bfma\\.", codes[0])
+        # The store variant writes k and v to the cache rows: more global stores.
+        assert codes[2].count("st.global") > codes[1].count("st.global")
     print("ok")
     """
 )

@@ -35,6 +35,17 @@ class AttentionBackend(ABC):
         batch.kv_pool.write(layer, batch.out_cache_loc, k, v)
         return self.attend(q, layer, batch, scale)
 
+    def kv_store_target(
+        self, layer: int, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Where the model may store the new tokens' K/V itself, from the kernel that makes k
+        (then it calls ``attend`` instead of ``forward``): (k buffer, v buffer, slots), or
+        None when ``forward`` must do it. None while a lower-tier load is pending: the store
+        then stays after the layer's wait, where ``forward`` puts it."""
+        if batch.wait_layer is not None:
+            return None
+        return batch.kv_pool.k_buffer(layer), batch.kv_pool.v_buffer(layer), batch.out_cache_loc
+
     @abstractmethod
     def attend(
         self, q: torch.Tensor, layer: int, batch: ForwardBatch, scale: float

@@ -197,15 +197,22 @@ if triton is not None:
 
     @triton.jit
     def _qk_norm_rope_kernel(
-        QKV, QW, KW, POS, INV_FREQ, QOUT, KOUT,
+        QKV, QW, KW, POS, INV_FREQ, QOUT, KOUT, KCACHE, VCACHE, LOC,
         stride_t, stride_qt, stride_qh, stride_kt, stride_kh,
+        stride_kc, stride_kch, stride_vc, stride_vch,
         d_f, inv_d, eps,
         NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-        USE_NORM: tl.constexpr, NORM_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+        USE_NORM: tl.constexpr, NORM_DTYPE: tl.constexpr, STORE_KV: tl.constexpr,
+        KC_DTYPE: tl.constexpr, VC_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
     ):  # fmt: skip
         """Program (token, block of heads): the heads are q heads 0..NUM_Q-1 then k heads; each
-        is read as its two rotary halves [BLOCK_H, BLOCK_HALF]."""
+        is read as its two rotary halves [BLOCK_H, BLOCK_HALF].
+
+        STORE_KV: k goes to the cache row ``LOC[t]`` of KCACHE instead of KOUT, and the same
+        program copies the matching v head to VCACHE (the KV write of the step, no extra
+        kernel); k is rounded to its own dtype first, then cast to the cache's, as the
+        separate write (``k.to(cache dtype)``) does."""
         t = tl.program_id(0).to(tl.int64)
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         j = tl.arange(0, BLOCK_HALF)
@@ -237,10 +244,25 @@ if triton is not None:
         q_mask = mask & is_q
         tl.store(q_dst, o1, mask=q_mask)
         tl.store(q_dst + HALF, o2, mask=q_mask)
-        k_dst = KOUT + t * stride_kt + (heads[:, None] - NUM_Q) * stride_kh + j[None, :]
         k_mask = mask & (heads >= NUM_Q)[:, None]
-        tl.store(k_dst, o1, mask=k_mask)
-        tl.store(k_dst + HALF, o2, mask=k_mask)
+        if STORE_KV:
+            # (Through float32 and _round: the interpreter's own casts to bf16 truncate.)
+            slot = tl.load(LOC + t).to(tl.int64)
+            kv_head = heads[:, None] - NUM_Q
+            k_dst = KCACHE + slot * stride_kc + kv_head * stride_kch + j[None, :]
+            tl.store(k_dst, _round(o1.to(tl.float32), KC_DTYPE, INTERPRET), mask=k_mask)
+            tl.store(k_dst + HALF, _round(o2.to(tl.float32), KC_DTYPE, INTERPRET), mask=k_mask)
+            # v head h sits NUM_KV heads after k head h in the qkv row.
+            v_src = src + NUM_KV * (2 * HALF)
+            v_dst = VCACHE + slot * stride_vc + kv_head * stride_vch + j[None, :]
+            v1 = tl.load(v_src, mask=k_mask, other=0.0)
+            v2 = tl.load(v_src + HALF, mask=k_mask, other=0.0)
+            tl.store(v_dst, _round(v1.to(tl.float32), VC_DTYPE, INTERPRET), mask=k_mask)
+            tl.store(v_dst + HALF, _round(v2.to(tl.float32), VC_DTYPE, INTERPRET), mask=k_mask)
+        else:
+            k_dst = KOUT + t * stride_kt + (heads[:, None] - NUM_Q) * stride_kh + j[None, :]
+            tl.store(k_dst, o1, mask=k_mask)
+            tl.store(k_dst + HALF, o2, mask=k_mask)
 
     @triton.jit
     def _moe_route_kernel(
@@ -438,6 +460,46 @@ def fused_add_rms_norm(
 
 
 # ---------------------------------------------------------------------------- q/k norm + RoPE
+def _qk_supported(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    use_norm: bool,
+) -> bool:
+    t = qkv.shape[0]
+    dtypes = [qkv.dtype] + ([q_weight.dtype, k_weight.dtype] if use_norm else [])
+    supported = (
+        qkv.dim() == 2
+        and qkv.shape[1] == (num_q_heads + 2 * num_kv_heads) * head_dim
+        and qkv.stride(1) == 1
+        and head_dim % 2 == 0
+        and positions.shape == (t,)
+        and inv_freq.shape == (head_dim // 2,)
+        and inv_freq.dtype == torch.float32
+        and inv_freq.device == qkv.device
+        and all(d in _FLOAT_DTYPES for d in dtypes)
+    )
+    if use_norm:
+        assert q_weight is not None and k_weight is not None
+        supported = supported and q_weight.shape == (head_dim,) and k_weight.shape == (head_dim,)
+    return supported
+
+
+def _qk_out_dtype(
+    qkv: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, use_norm: bool
+) -> torch.dtype:
+    """The dtype q / k come out in: the normed value's (weight * x.to(dtype)), else qkv's."""
+    if not use_norm:
+        return qkv.dtype
+    assert q_weight is not None and k_weight is not None
+    return torch.promote_types(torch.promote_types(q_weight.dtype, k_weight.dtype), qkv.dtype)
+
+
 def qk_norm_rope(
     qkv: torch.Tensor,
     q_weight: torch.Tensor | None,
@@ -464,31 +526,14 @@ def qk_norm_rope(
     """
     t = qkv.shape[0]
     q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
-    dtypes = [qkv.dtype] + ([q_weight.dtype, k_weight.dtype] if use_norm else [])
-    supported = (
-        qkv.dim() == 2
-        and qkv.shape[1] == q_size + 2 * kv_size
-        and qkv.stride(1) == 1
-        and head_dim % 2 == 0
-        and positions.shape == (t,)
-        and inv_freq.shape == (head_dim // 2,)
-        and inv_freq.dtype == torch.float32
-        and inv_freq.device == qkv.device
-        and all(d in _FLOAT_DTYPES for d in dtypes)
-    )
-    if use_norm:
-        supported = supported and q_weight.shape == (head_dim,) and k_weight.shape == (head_dim,)
+    supported = _qk_supported(qkv, q_weight, k_weight, positions, inv_freq, num_q_heads,
+                              num_kv_heads, head_dim, use_norm)  # fmt: skip
     if not _pick(use_triton, qkv.device, supported, "qk_norm_rope"):
         return qk_norm_rope_ref(
             qkv, q_weight, k_weight, positions, inv_freq,
             num_q_heads, num_kv_heads, head_dim, eps, use_norm,
         )  # fmt: skip
-    # The dtype q / k come out in: the normed value's (weight * x.to(dtype)), else qkv's.
-    out_dtype = qkv.dtype
-    if use_norm:
-        out_dtype = torch.promote_types(
-            torch.promote_types(q_weight.dtype, k_weight.dtype), out_dtype
-        )
+    out_dtype = _qk_out_dtype(qkv, q_weight, k_weight, use_norm)
     v = qkv[:, q_size + kv_size :].view(t, num_kv_heads, head_dim)
     if inplace and out_dtype == qkv.dtype:
         q = qkv[:, :q_size].view(t, num_q_heads, head_dim)
@@ -498,22 +543,114 @@ def qk_norm_rope(
         k = torch.empty(t, num_kv_heads, head_dim, dtype=out_dtype, device=qkv.device)
     if t == 0:
         return q, k, v
+    _qk_norm_rope_launch(
+        qkv, q_weight, k_weight, positions, inv_freq, q, k, None, num_q_heads, num_kv_heads,
+        head_dim, eps, use_norm, out_dtype,
+    )  # fmt: skip
+    return q, k, v
+
+
+def _qk_norm_rope_launch(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+    use_norm: bool,
+    out_dtype: torch.dtype,
+) -> None:
+    t = qkv.shape[0]
     half = head_dim // 2
     block_half = triton.next_power_of_2(half)
     heads = num_q_heads + num_kv_heads
     block_h = min(triton.next_power_of_2(heads), max(1, 1024 // block_half))
     qw = q_weight.contiguous() if use_norm else inv_freq  # unused pointers when not use_norm
     kw = k_weight.contiguous() if use_norm else inv_freq
+    if store is None:
+        assert k is not None
+        k_cache, v_cache, loc = q, q, positions  # unused pointers
+        k_strides = (k.stride(0), k.stride(1))
+    else:
+        k_cache, v_cache, loc = store
+        k, k_strides = q, (0, 0)  # unused pointer
     _qk_norm_rope_kernel[(t, triton.cdiv(heads, block_h))](
-        qkv, qw, kw, positions.contiguous(), inv_freq.contiguous(), q, k,
-        qkv.stride(0), q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        qkv, qw, kw, positions.contiguous(), inv_freq.contiguous(), q, k, k_cache, v_cache, loc,
+        qkv.stride(0), q.stride(0), q.stride(1), *k_strides,
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         float(head_dim), _inv(head_dim), float(eps),
         NUM_Q=num_q_heads, NUM_KV=num_kv_heads, HALF=half,
         BLOCK_H=block_h, BLOCK_HALF=block_half,
-        USE_NORM=bool(use_norm), NORM_DTYPE=_tl_dtype(out_dtype), INTERPRET=INTERPRETED,
-        num_warps=4 if block_h * block_half >= 512 else 1, **_EXACT,
+        USE_NORM=bool(use_norm), NORM_DTYPE=_tl_dtype(out_dtype), STORE_KV=store is not None,
+        KC_DTYPE=_tl_dtype(k_cache.dtype), VC_DTYPE=_tl_dtype(v_cache.dtype),
+        INTERPRET=INTERPRETED, num_warps=4 if block_h * block_half >= 512 else 1, **_EXACT,
     )  # fmt: skip
-    return q, k, v
+
+
+def qk_norm_rope_store(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+    use_norm: bool,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    loc: torch.Tensor,
+    *,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
+    """``qk_norm_rope`` that stores k and v in the KV cache instead of returning them: row t's
+    k and v go to slot ``loc[t]`` of ``k_cache`` / ``v_cache`` [slots, Hkv, D] (cast to the
+    cache's dtype, as ``KVPool.write`` does). Returns q [T, Hq, D].
+
+    On the kernel path this is the layer's only launch between the qkv GEMM and attention
+    (decode ran a separate index_copy for k and one for v, ~2 us each a layer on an H200).
+    Same values as ``qk_norm_rope`` followed by the two index copies; ``loc`` must hold distinct
+    slots (as a step's out_cache_loc does).
+    """
+    t = qkv.shape[0]
+    supported = (
+        k_cache.dim() == 3
+        and k_cache.shape[1:] == (num_kv_heads, head_dim)
+        and v_cache.shape == k_cache.shape
+        and k_cache.stride(2) == 1
+        and v_cache.stride(2) == 1
+        and k_cache.dtype in _FLOAT_DTYPES
+        and v_cache.dtype in _FLOAT_DTYPES
+        and k_cache.device == qkv.device
+        and v_cache.device == qkv.device
+        and loc.shape == (t,)
+        and loc.dtype == torch.int64
+    )
+    use = _qk_supported(qkv, q_weight, k_weight, positions, inv_freq, num_q_heads,
+                        num_kv_heads, head_dim, use_norm) and supported  # fmt: skip
+    if not _pick(use_triton, qkv.device, use, "qk_norm_rope_store"):
+        q, k, v = qk_norm_rope_ref(
+            qkv, q_weight, k_weight, positions, inv_freq,
+            num_q_heads, num_kv_heads, head_dim, eps, use_norm,
+        )  # fmt: skip
+        k_cache.index_copy_(0, loc, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, loc, v.to(v_cache.dtype))
+        return q
+    out_dtype = _qk_out_dtype(qkv, q_weight, k_weight, use_norm)
+    q = torch.empty(t, num_q_heads, head_dim, dtype=out_dtype, device=qkv.device)
+    if t:
+        _qk_norm_rope_launch(
+            qkv, q_weight, k_weight, positions, inv_freq, q, None, (k_cache, v_cache, loc),
+            num_q_heads, num_kv_heads, head_dim, eps, use_norm, out_dtype,
+        )  # fmt: skip
+    return q
 
 
 # ---------------------------------------------------------------------------- MoE routing

@@ -136,8 +136,7 @@ class DecoderAttention(nn.Module):
         t = x.shape[0]
         positions, inv_freq = rope
         use_norm = self.q_norm is not None and self.k_norm is not None
-        # Split, per-head RMSNorm of q and k (Qwen3), RoPE: one kernel on CUDA.
-        q, k, v = fused.qk_norm_rope(
+        args = (
             self.qkv_proj(x),
             self.q_norm.weight if self.q_norm is not None else None,
             self.k_norm.weight if self.k_norm is not None else None,
@@ -149,7 +148,16 @@ class DecoderAttention(nn.Module):
             self.q_norm.eps if self.q_norm is not None else 0.0,
             use_norm,
         )
-        o = batch.attn_backend.forward(q, k, v, self.layer_id, batch, self.scale)
+        backend = batch.attn_backend
+        target = backend.kv_store_target(self.layer_id, batch)
+        if target is not None:
+            # Split, per-head RMSNorm of q and k (Qwen3), RoPE and the KV-cache write: one
+            # kernel on CUDA.
+            q = fused.qk_norm_rope_store(*args, *target)
+            o = backend.attend(q, self.layer_id, batch, self.scale)
+        else:
+            q, k, v = fused.qk_norm_rope(*args)
+            o = backend.forward(q, k, v, self.layer_id, batch, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))
 
 
