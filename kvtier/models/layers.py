@@ -277,11 +277,20 @@ class SparseMoeBlock(nn.Module):
 
 # ---------------------------------------------------------------------------- LM head
 def compute_logits(
-    hidden: torch.Tensor, norm: RMSNorm, lm_head_weight: torch.Tensor, rows: torch.Tensor
+    hidden: torch.Tensor,
+    norm: RMSNorm,
+    lm_head_weight: torch.Tensor,
+    rows: torch.Tensor,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Float32 logits of the selected ``rows`` of the (pre-norm) final hidden states; the norm
-    and the vocab GEMM run only on those rows."""
-    return F.linear(norm(hidden[rows]), lm_head_weight).float()
+    """Float32 logits of the selected ``rows`` of the (pre-norm) final hidden states, given
+    whole or as the last layer's output plus its ``residual`` stream; the add, the norm and
+    the vocab GEMM run only on those rows."""
+    if residual is None:
+        normed = norm(hidden[rows])
+    else:
+        normed, _ = norm.add_forward(hidden[rows], residual[rows])
+    return F.linear(normed, lm_head_weight).float()
 
 
 # ---------------------------------------------------------------------------- weight loading

@@ -45,11 +45,23 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], batch: ForwardBatch
-    ) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), rope, batch)
-        normed, x = self.post_attention_layernorm.add_forward(attn, x)
-        return x + self.mlp(normed)
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it): the hidden state after
+        the layer is their sum, which the next layer's input norm adds in its own kernel (one
+        launch a layer fewer). The first layer gets the embeddings and ``residual`` None."""
+        if residual is None:
+            residual = x
+            normed = self.input_layernorm(x)
+        else:
+            normed, residual = self.input_layernorm.add_forward(x, residual)
+        attn = self.self_attn(normed, rope, batch)
+        normed, residual = self.post_attention_layernorm.add_forward(attn, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
@@ -64,13 +76,15 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Hidden states [T, hidden] after the last layer, before the final norm."""
+    def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The hidden states [T, hidden] after the last layer, before the final norm, as the
+        last layer's output and its residual stream (whose sum they are; None without layers).
+        """
         rope = self.rotary_emb(batch.positions)
-        x = self.embed_tokens(batch.input_ids)
+        x, residual = self.embed_tokens(batch.input_ids), None
         for layer in self.layers:
-            x = layer(x, rope, batch)
-        return x
+            x, residual = layer(x, residual, rope, batch)
+        return x, residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -89,7 +103,8 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits [N, vocab] for rows ``batch.logits_indices``."""
-        return self.logits(self.model(batch), batch.logits_indices)
+        hidden, residual = self.model(batch)
+        return self.logits(hidden, batch.logits_indices, residual)
 
     # The pieces of forward, for runners that drive the decoder layers themselves (per-layer
     # CUDA graphs): embed -> rope -> each of decoder_layers -> logits.
@@ -103,9 +118,13 @@ class LlamaForCausalLM(nn.Module):
     def decoder_layers(self) -> nn.ModuleList:
         return self.model.layers
 
-    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self, hidden: torch.Tensor, rows: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Float32 logits of ``rows`` of the final hidden states (``hidden + residual`` when a
+        residual is given: see ``LlamaModel.forward``)."""
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return compute_logits(hidden, self.model.norm, head.weight, rows)
+        return compute_logits(hidden, self.model.norm, head.weight, rows, residual)
 
     def weight_router(self) -> Router:
         """Where each HF tensor goes (q/k/v and gate/up are fused on the way in)."""

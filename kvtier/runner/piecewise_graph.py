@@ -17,8 +17,8 @@ row is all page 0: they write their K/V to slot 0 of the reserved page 0 and att
 so every value they touch is finite and no real sequence reads what they write. Embedding, RoPE
 positions and the logits run eagerly (a handful of kernels).
 
-All graphs share one memory pool and one hidden-state buffer, updated in place by each layer's
-graph: they are replayed in capture order, one at a time.
+All graphs share one memory pool and one hidden-state buffer (with its residual stream), updated
+in place by each layer's graph: they are replayed in capture order, one at a time.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ class PiecewiseGraphRunner:
         dev = self.pool.device
         slots = self.max_bs + 1  # + the padding sequence
         self.hidden = torch.zeros(max_tokens, cfg.hidden_size, dtype=runner.dtype, device=dev)
+        self.residual = torch.zeros_like(self.hidden)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
         self.out_cache_loc = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
@@ -192,11 +193,14 @@ class PiecewiseGraphRunner:
             device=self.pool.device,
         )  # fmt: skip
 
-    def _run_layer(self, layer: torch.nn.Module, tokens: int, fb: ForwardBatch) -> None:
+    def _run_layer(self, index: int, tokens: int, fb: ForwardBatch) -> None:
         # RoPE input over the static positions: no kernel, so nothing of it is captured.
         rope = self.model.rope(self.positions[:tokens])
-        x = self.hidden[:tokens]
-        x.copy_(layer(x, rope, fb))
+        x, residual = self.hidden[:tokens], self.residual[:tokens]
+        # A layer returns (MLP output, residual stream); the first takes the embeddings alone.
+        out, res = self.model.decoder_layers[index](x, residual if index else None, rope, fb)
+        x.copy_(out)
+        residual.copy_(res)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -209,15 +213,15 @@ class PiecewiseGraphRunner:
                 fb = self._static_batch(tokens, bs)
                 self._fill(None, tokens, bs)
                 graphs: list[torch.cuda.CUDAGraph] = []
-                for layer in layers:
+                for index in range(len(layers)):
                     stream.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(stream):
                         for _ in range(2):  # compiles kernels and settles allocations
-                            self._run_layer(layer, tokens, fb)
+                            self._run_layer(index, tokens, fb)
                     torch.cuda.current_stream().wait_stream(stream)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        self._run_layer(layer, tokens, fb)
+                        self._run_layer(index, tokens, fb)
                     graphs.append(graph)
                 self.graphs[(tokens, bs)] = graphs
         torch.cuda.synchronize()
@@ -261,8 +265,8 @@ class PiecewiseGraphRunner:
                 batch.prefix_lens_cpu + empty + [0],
             )
             fb = self._static_batch(tokens, bs, None if self.graph_metadata else host)
-            for i, layer in enumerate(self.model.decoder_layers):
+            for i in range(len(self.model.decoder_layers)):
                 if batch.wait_layer is not None:
                     batch.wait_layer(i)
-                self._run_layer(layer, tokens, fb)
-        return self.model.logits(self.hidden[:t], batch.logits_indices)
+                self._run_layer(i, tokens, fb)
+        return self.model.logits(self.hidden[:t], batch.logits_indices, self.residual[:t])
