@@ -132,11 +132,12 @@ def decode_case(args: argparse.Namespace, bs: int, ps: int, bw_copy: float, gen)
     out = torch.empty_like(q)
     chosen = args.num_kv_splits or A.choose_num_kv_splits(bs, hkv, ctx, num_sms=sms)
     base = A.default_decode_config(d, dtype)
-    splits_all = sorted({chosen, 1, 2, 4, 8, 16, 32}) if args.sweep else [chosen]
+    splits_all = sorted({chosen, 1, 2, 4, 8, 16, 32, 64, 128}) if args.sweep else [chosen]
     tiles = [base]
     if args.sweep:
-        for bn, w, st in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2),
-                          (128, 4, 3), (64, 8, 3), (128, 8, 3)):  # fmt: skip
+        for bn, w, st in ((16, 2, 1), (32, 2, 1), (32, 4, 1), (32, 4, 2), (64, 2, 1), (64, 4, 1),
+                          (64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3),
+                          (64, 8, 3), (128, 8, 3)):  # fmt: skip
             if A.KernelConfig(16, bn, w, st) not in tiles:
                 tiles.append(A.KernelConfig(16, bn, w, st))
     mid_o, mid_lse = A.decode_scratch(bs, hq, max(splits_all), d, "cuda")

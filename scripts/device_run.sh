@@ -10,7 +10,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"tests check tier_io ttft engine diag server"}
-# Also: profile (where prefill / decode time goes), moe, attn (kernel sweeps), ktests (kernels).
+# Also: profile (where prefill / decode time goes), moe, attn, dattn, gemv (kernel sweeps),
+# ktests (kernel tests).
 step() {  # step NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
   case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -42,5 +43,8 @@ step moe "${T_MOE:-90}" python3 benchmarks/bench_moe.py --check --sweep --tokens
 step attn "${T_ATTN:-150}" bash -c "python3 benchmarks/bench_attention.py --mode extend \
   --extend-tokens 8192 --prefix-lens 0 8192 73728 ${ATTN_ARGS:---sweep} --check --rep 50 && \
   python3 benchmarks/bench_attention.py --mode short-extend ${ATTN_ARGS:---sweep} --check --rep 50"
+step dattn "${T_DATTN:-120}" python3 benchmarks/bench_attention.py --mode decode \
+  --batch-sizes ${DBS:-1 32} --page-sizes 64 --sweep --check --rep 30
+step gemv "${T_GEMV:-200}" python3 benchmarks/bench_gemv.py --check ${GEMV_ARGS:---sweep}
 step ktests "${T_KTESTS:-100}" python3 -m pytest -q -p no:cacheprovider \
   ${KTESTS:-tests/test_fused_kernels.py tests/test_fused_moe.py tests/test_faults.py}

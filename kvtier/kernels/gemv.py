@@ -1,0 +1,503 @@
+"""Skinny GEMM ("GEMV") for decode: ``x @ weight.T`` for a few rows of ``x`` (T = 1..16) against
+an nn.Linear weight [N, K], as one Triton launch that streams the weight once at HBM rate.
+
+At decode batch 1 of Qwen3-30B-A3B on an H200 the dense projections run as cuBLAS GEMVs that
+reach ~1.8 of the ~4.3 TB/s: qkv_proj ([T, 2048] @ [5120, 2048]^T, 20 MB) 7.75 us, o_proj
+([T, 4096] @ [2048, 4096]^T) 7.2 us plus a 1.7 us split-K reduce kernel, the MoE router gate
+([T, 2048] @ [128, 2048]^T, 0.5 MB) 5 us. A GEMV's cost is the weight read, so the kernel is
+built around streaming it:
+
+- Grid (cdiv(N, BLOCK_N), splits). Program (i, s) owns output columns [i * BLOCK_N, +BLOCK_N)
+  of every row and the s-th of ``splits`` ranges of K (whole K steps each). Each K step loads
+  a [BLOCK_N, BLOCK_K] tile of weight (contiguous along K: 16-byte loads, marked evict-first as
+  it is read once) and x's rows at the same columns (a few KB that every program reads: L2 /
+  L1 hits). Weight rows past N and x rows past T are clamped to the last valid one rather than
+  masked (their results are never stored), so only a K tail needs a mask (EVEN_K otherwise).
+- Two ways to form the products, by a constexpr (``GemvConfig.use_dot``):
+  elementwise, for T <= 4 (``MAX_FMA_ROWS``; tensor cores would mostly multiply padding): one
+  float32 [BLOCK_N, BLOCK_K] accumulator per row of x, FMAs on CUDA cores, summed over K once
+  after the loop. x's row is loaded as a [BLOCK_N, BLOCK_K] tile of repeated addresses, so it
+  gets the weight tile's register layout (a [1, BLOCK_K] load gets another one, and Triton then
+  moves the weight tile through shared memory every step; seen in the sm_90 TTGIR). Triton
+  pipelines only loads that feed a tl.dot, so this loop prefetches the next weight tile by hand
+  (two tiles in flight per program); num_stages does not apply to it.
+  tl.dot, for any T: ``tl.dot(w_tile, x_tile^T)`` into [BLOCK_N, BLOCK_T] on tensor cores; the
+  weight is the MMA's M side (BLOCK_N >= 16) and the rows of x, padded to BLOCK_T >= 16, its N
+  side. Triton pipelines the tile loads (cp.async into shared memory, num_stages deep).
+- One split (``split_k == 1``): the program writes its output tile. Several: it writes a
+  float32 partial tile to a scratch buffer, then bumps its N block's arrival counter (after a
+  CTA barrier, with acq_rel semantics: its partial is visible before the count is); the program
+  that arrives last sums the ``splits`` partials in split order 0, 1, ... (so the result does
+  not depend on which program was last: deterministic, no float atomics), writes the output and
+  resets the counter to 0 for the next launch. One launch, no second reduce kernel.
+
+Split-K is for problems with too few N blocks to fill the GPU (the router: N = 128); where
+cdiv(N, BLOCK_N) already gives ~2 programs per SM it only adds the partial round trip.
+
+Scratch and CUDA graphs. The partials and counters live in a module-level cache keyed by
+(device, N, splits, rows), allocated once (counters zeroed) and reused by every later launch of
+that size; every launch leaves the counters at zero, so a graph can replay it any number of
+times. A graph bakes the buffers' addresses in, so they are never freed or replaced. Allocating
+inside a capture is refused: run the shape once before capturing (the usual warm-up does it) or
+call ``reserve_scratch``. Launches that share a scratch entry must not run concurrently (two
+streams, or two graphs replayed on two streams): they would mix their partials and counters.
+``split_k == 1`` needs no scratch at all.
+
+Numerics: float32 accumulation of exact products (bf16 / fp16 products are exact in float32;
+FMA contraction is on, which only makes float32 inputs' sums more exact), rounded once to x's
+dtype: a bf16 / fp16 result is the exact product rounded to nearest, up to the float32 sum's
+own error, so it equals ``gemv_ref`` (and cuBLAS) except where the two float32 sums straddle a
+rounding boundary (1 ulp). float32 inputs multiply in full float32 (``input_precision="ieee"``
+for tl.dot, never TF32). Bitwise the same run to run for a given config; another config (tiles,
+splits) adds in another order.
+
+``default_config`` is a starting point by rule, not a measured optimum: time it and its
+neighbours with ``benchmarks/bench_gemv.py --sweep`` on the target GPU and put the winners
+there. ``use_gemv`` is the switch for callers: CUDA, bf16 / fp16, 1 <= T <= ``MAX_ROWS``, unless
+``KVTIER_GEMV=0`` was set at import (``ENABLED``). On CPU tensors the kernel needs Triton's
+interpreter (TRITON_INTERPRET=1), as the tests use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from kvtier.kernels import fused
+
+triton = fused.triton
+tl = fused.tl
+
+# Read once; use_gemv checks it on every call (may also be set at run time).
+ENABLED: bool = triton is not None and os.environ.get("KVTIER_GEMV", "1") != "0"
+# Most rows of x that use_gemv sends to the kernel: past ~16 rows the weight is reused enough for
+# a tiled GEMM (cuBLAS) to win.
+MAX_ROWS = 16
+# Most rows the elementwise (CUDA-core) path takes: one accumulator tile per row.
+MAX_FMA_ROWS = 4
+# Programs a launch aims for when choosing splits: one per SM of an H200 (132 SMs); fewer leave
+# SMs idle while the weight streams through the others.
+_MIN_PROGRAMS = 132
+# ~2 programs per SM: the N blocking alone is then enough (no split-K needed).
+_TARGET_PROGRAMS = 264
+_MAX_SPLIT_K = 8
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division (triton.cdiv, also where Triton is not installed)."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of the GEMV kernel.
+
+    ``block_n`` output columns (weight rows) and ``block_k`` reduction columns per tile, both
+    powers of two (capped to the problem's size at launch); ``num_warps`` / ``num_stages`` as for
+    any Triton launch; ``split_k`` the number of K ranges (programs per N block, the partials
+    reduced in-kernel; capped so that no range is empty); ``use_dot`` forms the products with
+    ``tl.dot`` (tensor cores, needs ``block_n`` and ``block_k`` >= 16) instead of an
+    elementwise multiply and a sum over K.
+    """
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+    use_dot: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_k", "num_warps", "split_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"GemvConfig.{name} must be a power of two >= 1, got {v!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"GemvConfig.num_stages must be >= 1, got {self.num_stages!r}")
+        if self.use_dot and (self.block_n < 16 or self.block_k < 16):
+            raise ValueError(
+                f"GemvConfig.use_dot needs block_n and block_k >= 16 (tl.dot's smallest tile), "
+                f"got block_n={self.block_n}, block_k={self.block_k}"
+            )
+
+
+def default_config(t: int, n: int, k: int) -> GemvConfig:
+    """A config for ``x [t, k] @ weight [n, k].T`` by rule (not yet tuned on a GPU; see
+    ``benchmarks/bench_gemv.py --sweep``).
+
+    T <= 4: the elementwise path, 8 weight rows per program where that still gives ~2 programs
+    per SM, else 4; K steps of 512 up to T = 2 and 256 above (T's accumulators of block_n x
+    block_k float32 stay within 64 registers a thread at 4 warps). T > 4: tl.dot on 16-row tiles
+    (beyond the elementwise path's 4 rows; at 16 rows it would take 16 FMAs per weight element,
+    about all the CUDA cores can do at HBM rate).
+    Then K is split in two until the launch has ~one program per SM (at most 8 ranges of >= 128
+    columns): only the router (N = 128: 32 or 8 N blocks) gets there.
+    """
+    if t <= MAX_FMA_ROWS:
+        use_dot = False
+        block_n = 8 if _cdiv(n, 8) >= _TARGET_PROGRAMS else 4
+        block_k = 512 if t <= 2 else 256
+    else:
+        use_dot, block_n, block_k = True, 16, 256
+    programs = _cdiv(n, block_n)
+    split_k = 1
+    while (
+        programs * split_k < _MIN_PROGRAMS
+        and split_k < _MAX_SPLIT_K
+        and _cdiv(k, 2 * split_k) >= 128
+    ):
+        split_k *= 2
+    # One range's worth at most (a longer step would only be masked).
+    block_k = max(16, min(block_k, _next_pow2(_cdiv(k, split_k))))
+    return GemvConfig(block_n, block_k, num_warps=4, num_stages=3, split_k=split_k, use_dot=use_dot)
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a caller should take ``gemv`` for ``x @ weight.T``: CUDA, bf16 / fp16 (the same
+    for both), 1 <= T <= MAX_ROWS, x's columns and the 2-D weight contiguous, and the switch on.
+    Never on CPU."""
+    return (
+        ENABLED
+        and x.is_cuda
+        and x.dim() == 2
+        and weight.dim() == 2
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and weight.device == x.device
+        and 1 <= x.shape[0] <= MAX_ROWS
+        and x.shape[1] == weight.shape[1]
+        and (x.stride(1) == 1 or x.shape[1] == 1)
+        and weight.is_contiguous()
+    )
+
+
+# ---------------------------------------------------------------------------- torch reference
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` in float32, rounded once to x's dtype."""
+    return (x.float() @ weight.float().T).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- device code
+# fmt: off
+if triton is not None:
+    _round = fused._round
+
+    @triton.jit
+    def _load_k(ptrs, k0, k_end, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                EVICT: tl.constexpr):
+        """A tile whose columns are k0 + [0, BLOCK_K), zero past k_end (unmasked if EVEN_K)."""
+        if EVEN_K:
+            return tl.load(ptrs, eviction_policy=EVICT)
+        else:
+            mask = (k0 + tl.arange(0, BLOCK_K)) < k_end
+            return tl.load(ptrs, mask=mask[None, :], other=0.0, eviction_policy=EVICT)
+
+    @triton.jit
+    def _fma_sums(
+        X, W, w_rows, T, K, stride_xt, k_start, k_end,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        """[BLOCK_N, BLOCK_T] float32 dot products of weight rows and x rows over
+        [k_start, k_end), on CUDA cores: one [BLOCK_N, BLOCK_K] accumulator per x row (at most
+        4), reduced over K once after the loop."""
+        cols = k_start + tl.arange(0, BLOCK_K)
+        w_ptrs = W + w_rows[:, None] * K + cols[None, :]
+        # x's row as a [BLOCK_N, BLOCK_K] tile (every row the same addresses): loaded in the
+        # weight tile's own layout, so no tile is shuffled through shared memory each step (a
+        # [1, BLOCK_K] load gets another layout). A thread that holds several rows of the tile
+        # loads the same x chunk once per row: L1 hits, not HBM traffic.
+        x_ptrs = X + (w_rows * 0)[:, None] + cols[None, :]
+        x1 = tl.minimum(1, T - 1) * stride_xt  # rows past T re-read row T - 1 (never stored)
+        x2 = tl.minimum(2, T - 1) * stride_xt
+        x3 = tl.minimum(3, T - 1) * stride_xt
+        acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        # Triton pipelines only loads that feed a tl.dot, so this loop prefetches by hand: the
+        # next weight tile's load is issued before this one's FMAs, keeping two tiles in flight
+        # per program instead of one (HBM latency, not bandwidth, bounds one tile at a time).
+        # The last step's "next" tile is its own again (an in-bounds re-read, never used).
+        w_next = _load_k(w_ptrs, k_start, k_end, BLOCK_K, EVEN_K, "evict_first")
+        for k0 in range(k_start, k_end, BLOCK_K):
+            w = w_next.to(tl.float32)
+            w_ptrs += tl.where(k0 + BLOCK_K < k_end, BLOCK_K, 0)
+            w_next = _load_k(w_ptrs, k0 + BLOCK_K, k_end, BLOCK_K, EVEN_K, "evict_first")
+            acc0 += w * _load_k(x_ptrs, k0, k_end, BLOCK_K, EVEN_K, "").to(tl.float32)
+            if BLOCK_T > 1:
+                acc1 += w * _load_k(x_ptrs + x1, k0, k_end, BLOCK_K, EVEN_K, "").to(tl.float32)
+            if BLOCK_T > 2:
+                acc2 += w * _load_k(x_ptrs + x2, k0, k_end, BLOCK_K, EVEN_K, "").to(tl.float32)
+                acc3 += w * _load_k(x_ptrs + x3, k0, k_end, BLOCK_K, EVEN_K, "").to(tl.float32)
+            x_ptrs += BLOCK_K
+        toks = tl.arange(0, BLOCK_T)[None, :]
+        res = tl.where(toks == 0, tl.sum(acc0, axis=1)[:, None], 0.0)
+        if BLOCK_T > 1:
+            res = tl.where(toks == 1, tl.sum(acc1, axis=1)[:, None], res)
+        if BLOCK_T > 2:
+            res = tl.where(toks == 2, tl.sum(acc2, axis=1)[:, None], res)
+            res = tl.where(toks == 3, tl.sum(acc3, axis=1)[:, None], res)
+        return res
+
+    @triton.jit
+    def _dot_sums(
+        X, W, w_rows, T, K, stride_xt, k_start, k_end,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        """The same [BLOCK_N, BLOCK_T] sums on tensor cores: tl.dot(weight tile, x tile^T)
+        (the weight is the MMA's M side; BLOCK_T >= 16 rows of x, the clamped ones repeats)."""
+        cols = k_start + tl.arange(0, BLOCK_K)
+        x_rows = tl.minimum(tl.arange(0, BLOCK_T), T - 1).to(tl.int64)
+        w_ptrs = W + w_rows[:, None] * K + cols[None, :]
+        x_ptrs = X + x_rows[:, None] * stride_xt + cols[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            w = _load_k(w_ptrs, k0, k_end, BLOCK_K, EVEN_K, "evict_first")
+            xv = _load_k(x_ptrs, k0, k_end, BLOCK_K, EVEN_K, "")
+            if INTERPRET:
+                # The interpreter's dot multiplies bf16's raw bits: widen first (exact).
+                acc = tl.dot(w.to(tl.float32), tl.trans(xv.to(tl.float32)), acc,
+                             input_precision="ieee")
+            else:
+                acc = tl.dot(w, tl.trans(xv), acc, input_precision=DOT_PRECISION)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        return acc
+
+    @triton.jit
+    def _gemv_kernel(
+        X, W, OUT, PART, COUNT,
+        T, N, K, K_SPLIT, PART_ROWS, stride_xt, stride_ot,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns = weight rows
+        toks = tl.arange(0, BLOCK_T)
+        # Clamped, not masked: the tail's rows re-read the last valid row (never stored), so
+        # the loads need no row mask and stay unpredicated 16-byte loads.
+        w_rows = tl.minimum(rows, N - 1).to(tl.int64)
+        k_start = pid_k * K_SPLIT
+        k_end = tl.minimum(k_start + K_SPLIT, K)
+        if USE_DOT:
+            res = _dot_sums(X, W, w_rows, T, K, stride_xt, k_start, k_end, BLOCK_T, BLOCK_N,
+                            BLOCK_K, EVEN_K, DOT_PRECISION, INTERPRET)
+        else:
+            res = _fma_sums(X, W, w_rows, T, K, stride_xt, k_start, k_end, BLOCK_T, BLOCK_N,
+                            BLOCK_K, EVEN_K)
+        out_mask = (rows < N)[:, None] & (toks < T)[None, :]
+        out_ptrs = OUT + toks[None, :] * stride_ot + rows[:, None]
+        dtype = OUT.dtype.element_ty
+        if SPLIT_K == 1:
+            tl.store(out_ptrs, _round(res, dtype, INTERPRET), mask=out_mask)
+        else:
+            part_off = toks[None, :] * N + rows[:, None]
+            tl.store(PART + pid_k * PART_ROWS * N + part_off, res, mask=out_mask)
+            # Every thread's partial stores happen before the counter's release (the barrier),
+            # and the acq_rel increment is seen by the last arriver only after them.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(COUNT + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                # Last of this N block's SPLIT_K programs: every partial is written. Sum them in
+                # split order (deterministic whichever program got here), read through L2 (.cg:
+                # never a stale L1 line).
+                total = tl.load(PART + part_off, mask=out_mask, other=0.0, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT_K):
+                    total += tl.load(PART + s * PART_ROWS * N + part_off, mask=out_mask,
+                                     other=0.0, cache_modifier=".cg")
+                tl.store(out_ptrs, _round(total, dtype, INTERPRET), mask=out_mask)
+                # Ready for the next launch (all SPLIT_K programs have counted).
+                tl.atomic_xchg(COUNT + pid_n, 0, sem="relaxed", scope="gpu")
+# fmt: on
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """A config fitted to one problem: the block sizes and splits the launch uses."""
+
+    block_t: int
+    block_n: int
+    block_k: int
+    split_k: int
+    k_split: int  # columns per split, a multiple of block_k
+    num_warps: int
+    num_stages: int
+    use_dot: bool
+
+    def n_blocks(self, n: int) -> int:
+        return _cdiv(n, self.block_n)
+
+
+def _plan(t: int, n: int, k: int, config: GemvConfig) -> _Plan:
+    if not config.use_dot and t > MAX_FMA_ROWS:
+        raise ValueError(
+            f"gemv: the elementwise path (use_dot=False) takes at most {MAX_FMA_ROWS} rows of x, "
+            f"got T={t}; use a config with use_dot=True"
+        )
+    floor = 16 if config.use_dot else 1  # tl.dot's smallest tile side
+    block_t = max(floor, _next_pow2(t))
+    block_n = max(floor, min(config.block_n, _next_pow2(n)))
+    block_k = max(floor, min(config.block_k, _next_pow2(k)))
+    k_split = _cdiv(_cdiv(k, config.split_k), block_k) * block_k
+    split_k = _cdiv(k, k_split)  # no empty range
+    return _Plan(
+        block_t, block_n, block_k, split_k, k_split, config.num_warps, config.num_stages,
+        config.use_dot,
+    )  # fmt: skip
+
+
+def launch_grid(t: int, n: int, k: int, config: GemvConfig | None = None) -> tuple[int, int]:
+    """The grid ``gemv`` launches for ``x [t, k] @ weight [n, k].T``: (N blocks, K splits),
+    after ``config`` (default: ``default_config``) is fitted to the problem."""
+    plan = _plan(t, n, k, config or default_config(t, n, k))
+    return plan.n_blocks(n), plan.split_k
+
+
+# ---------------------------------------------------------------------------- scratch
+# (device, N, splits, rows) -> (float32 partials [splits, rows, N], int32 counters [N]). Never
+# freed: a captured CUDA graph holds the addresses. The counters are zero between launches.
+_SCRATCH: dict[tuple[torch.device, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _scratch_rows(t: int) -> int:
+    # Every T up to MAX_ROWS shares one entry (the decode graphs of all batch sizes).
+    return max(MAX_ROWS, _next_pow2(t))
+
+
+def _get_scratch(
+    device: torch.device, t: int, n: int, split_k: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    rows = _scratch_rows(t)
+    key = (device, n, split_k, rows)
+    entry = _SCRATCH.get(key)
+    if entry is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"gemv: no split-K scratch for N={n}, split_k={split_k}, T={t} on {device} "
+                "during CUDA graph capture; call reserve_scratch(...) (or run the shape once) "
+                "before capturing"
+            )
+        # One counter per weight row: enough for any block_n.
+        entry = (
+            torch.empty(split_k, rows, n, dtype=torch.float32, device=device),
+            torch.zeros(n, dtype=torch.int32, device=device),
+        )
+        _SCRATCH[key] = entry
+    return entry[0], entry[1], rows
+
+
+def reserve_scratch(
+    device: torch.device | str, t: int, n: int, k: int, config: GemvConfig | None = None
+) -> None:
+    """Allocate the split-K scratch that ``gemv`` of ``x [t, k] @ weight [n, k].T`` with
+    ``config`` (default: ``default_config``) will use, so that the call can be captured in a
+    CUDA graph. Nothing to do when the launch has one split; idempotent."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if t < 1 or n < 1 or k < 1:
+        return
+    plan = _plan(t, n, k, config or default_config(t, n, k))
+    if plan.split_k > 1:
+        _get_scratch(device, t, n, plan.split_k)
+
+
+# ---------------------------------------------------------------------------- entry point
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """``x @ weight.T`` for ``x`` [T, K] (rows may be strided; columns contiguous) and an
+    nn.Linear ``weight`` [N, K] (contiguous), accumulated in float32; returns [T, N] in x's dtype
+    (bf16, fp16 or fp32), written into ``out`` when given ([T, N], x's dtype, contiguous rows).
+
+    ``config`` defaults to ``default_config(T, N, K)``. With ``split_k > 1`` the call uses a
+    cached scratch buffer (see ``reserve_scratch`` for CUDA graph capture).
+    On CPU tensors the kernel needs Triton's interpreter (TRITON_INTERPRET=1).
+    """
+    if triton is None:
+        raise RuntimeError("gemv: Triton is not installed")
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"gemv: x must be [T, K] and weight [N, K], got {tuple(x.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    t, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"gemv: x has K={k} columns but weight [N, K] has {weight.shape[1]}")
+    if x.dtype not in _DTYPES or weight.dtype != x.dtype:
+        raise ValueError(
+            f"gemv: x and weight must share a dtype of bf16 / fp16 / fp32, got {x.dtype} and "
+            f"{weight.dtype}"
+        )
+    if weight.device != x.device:
+        raise ValueError(f"gemv: x on {x.device} but weight on {weight.device}")
+    if not weight.is_contiguous():
+        raise ValueError(
+            f"gemv: weight must be contiguous [N, K] (the nn.Linear layout), got strides "
+            f"{weight.stride()}"
+        )
+    if t > 0 and k > 1 and x.stride(1) != 1:
+        raise ValueError(f"gemv: x's columns must be contiguous (stride(1) == 1), got {x.stride()}")
+    if out is None:
+        out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (t, n) or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"gemv: out must be [{t}, {n}] {x.dtype} on {x.device}, got {tuple(out.shape)} "
+            f"{out.dtype} on {out.device}"
+        )
+    elif t > 0 and n > 1 and out.stride(1) != 1:
+        raise ValueError(f"gemv: out's columns must be contiguous, got strides {out.stride()}")
+    if t == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    if not x.is_cuda and not fused.INTERPRETED:
+        raise RuntimeError("gemv: CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)")
+    plan = _plan(t, n, k, config or default_config(t, n, k))
+    # A single row's stride is irrelevant: any value addresses only row 0.
+    stride_xt = x.stride(0) if t > 1 else k
+    if plan.split_k > 1:
+        part, count, part_rows = _get_scratch(x.device, t, n, plan.split_k)
+    else:
+        part, count, part_rows = out, out, 0  # unused by a one-split launch
+    _gemv_kernel[(plan.n_blocks(n), plan.split_k)](
+        x, weight, out, part, count,
+        t, n, k, plan.k_split, part_rows, stride_xt, out.stride(0) if t > 1 else n,
+        BLOCK_T=plan.block_t, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SPLIT_K=plan.split_k,
+        USE_DOT=plan.use_dot, EVEN_K=k % plan.block_k == 0,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        INTERPRET=fused.INTERPRETED, num_warps=plan.num_warps, num_stages=plan.num_stages,
+        # Explicit: Triton 3.9 warns that its default turns to no contraction in 3.10.
+        enable_fp_fusion=True,
+    )  # fmt: skip
+    return out
+
+
+__all__ = [
+    "ENABLED",
+    "MAX_FMA_ROWS",
+    "MAX_ROWS",
+    "GemvConfig",
+    "default_config",
+    "gemv",
+    "gemv_ref",
+    "launch_grid",
+    "reserve_scratch",
+    "use_gemv",
+]

@@ -1,0 +1,311 @@
+"""The skinny-GEMM kernel (kvtier/kernels/gemv.py) against the float32 / float64 product.
+
+On CPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET=1), on small
+shapes with small tiles so that every loop runs several K steps and the tiles have tails
+(N = 37, K = 80: neither a multiple of the tiles). Both product paths (elementwise and tl.dot),
+one split and several (the in-kernel "last program reduces"). The CUDA tests use Qwen3-30B-A3B's
+shapes and CUDA graph capture.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtier.kernels import gemv as gemv_mod
+from kvtier.kernels.gemv import GemvConfig, gemv, gemv_ref
+
+pytestmark = pytest.mark.skipif(gemv_mod.triton is None, reason="needs Triton")
+
+# The kernel on the GPU where there is one, else in the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Small tiles: several K steps, masked K tails, clamped N tails; both product paths.
+FMA = GemvConfig(block_n=8, block_k=32)
+DOT = GemvConfig(block_n=16, block_k=32, use_dot=True)
+SPLIT_FMA = GemvConfig(block_n=8, block_k=16, split_k=4)
+SPLIT_DOT = GemvConfig(block_n=16, block_k=16, split_k=2, use_dot=True)
+
+
+def _inputs(t, n, k, dtype, seed, device=DEVICE):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(t, k, generator=gen, device=device).to(dtype)
+    w = torch.randn(n, k, generator=gen, device=device).to(dtype)
+    return x, w
+
+
+def _exact(x, w):
+    """x @ w.T in float64 (the products of bf16 / fp16 / fp32 values are exact there, the sums
+    good to ~1e-16), and the sum of |x_i w_i|, which bounds a float32 sum's rounding error."""
+    x64, w64 = x.double(), w.double()
+    return x64 @ w64.T, x64.abs() @ w64.abs().T
+
+
+def _ulp(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of ``dtype`` at |v| (floored at its smallest normal's)."""
+    fi = torch.finfo(dtype)
+    a = v.double().abs().clamp_min(fi.tiny)
+    return fi.eps * torch.exp2(torch.floor(torch.log2(a)))
+
+
+# ---------------------------------------------------------------------------- numerics
+# (t, n, k, config): T = 1, 3, 4 on both paths, T = 5 on tl.dot (the elementwise path takes
+# T <= 4), one split and several.
+CASES = [
+    pytest.param(t, n, k, cfg, id=f"t{t}-{name}")
+    for t, n, k in [(1, 37, 80), (3, 37, 80), (4, 40, 96), (5, 40, 96)]
+    for name, cfg in [
+        ("fma", FMA),
+        ("dot", DOT),
+        ("fma-split", SPLIT_FMA),
+        ("dot-split", SPLIT_DOT),
+    ]
+    if cfg.use_dot or t <= gemv_mod.MAX_FMA_ROWS
+]
+
+
+@pytest.mark.parametrize(("t", "n", "k", "config"), CASES)
+def test_float32_matches_exact_product(t, n, k, config):
+    x, w = _inputs(t, n, k, torch.float32, seed=t)
+    out = gemv(x, w, config=config)
+    exact, abs_sum = _exact(x, w)
+    assert out.shape == (t, n) and out.dtype == torch.float32
+    # A float32 dot product of k terms is off by at most ~k * 2^-24 of the sum of |terms|:
+    # 1e-5 of it covers k <= 96 with room; TF32 (2^-11) or a dropped term would not pass.
+    err = (out.double() - exact).abs()
+    assert (err <= 1e-5 * abs_sum).all(), (err / abs_sum).max().item()
+    torch.testing.assert_close(out, gemv_ref(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(("t", "n", "k", "config"), [c for c in CASES if c.values[0] in (1, 5)])
+def test_half_precision_is_the_rounded_float32_product(t, n, k, config, dtype):
+    # Exact products, a float32 sum, one rounding to nearest: within half an ulp of the exact
+    # value, plus the float32 sum's own error (far below an ulp of the output).
+    x, w = _inputs(t, n, k, dtype, seed=10 + t)
+    out = gemv(x, w, config=config)
+    exact, abs_sum = _exact(x, w)
+    assert out.dtype == dtype
+    err = (out.double() - exact).abs()
+    assert (err <= 0.5 * _ulp(exact, dtype) + 1e-5 * abs_sum).all()
+    # So it is gemv_ref's value except where the two float32 sums straddle a rounding boundary.
+    ref = gemv_ref(x, w)
+    assert ((out.double() - ref.double()).abs() <= _ulp(ref, dtype)).all()
+    assert (out == ref).float().mean().item() >= 0.95
+
+
+def test_elementwise_path_takes_at_most_four_rows():
+    x, w = _inputs(5, 8, 32, torch.float32, seed=4)
+    with pytest.raises(ValueError, match="at most 4 rows"):
+        gemv(x, w, config=FMA)
+
+
+def test_default_config_small_problem():
+    x, w = _inputs(3, 37, 80, torch.bfloat16, seed=3)
+    out = gemv(x, w)
+    exact, abs_sum = _exact(x, w)
+    assert (
+        (out.double() - exact).abs() <= 0.5 * _ulp(exact, torch.bfloat16) + 1e-5 * abs_sum
+    ).all()
+
+
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("config", [FMA, DOT], ids=["fma", "dot"])
+def test_strided_x_rows(t, config):
+    # x as a column slice of a wider tensor: row stride 200, columns contiguous.
+    x_wide, w = _inputs(t, 37, 200, torch.float32, seed=20 + t)
+    w = w[:, :80].contiguous()
+    x = x_wide[:, 50:130]
+    assert x.stride() == (200, 1)
+    out = gemv(x, w, config=config)
+    assert torch.equal(out, gemv(x.contiguous(), w, config=config))
+    exact, abs_sum = _exact(x, w)
+    assert ((out.double() - exact).abs() <= 1e-5 * abs_sum).all()
+
+
+# ---------------------------------------------------------------------------- split-K
+# K = 80 in 16-column steps: each range is a whole number of steps (cdiv(80 / split, 16)), so
+# 4 splits become ranges of 32, 32, 16 and 8 splits five ranges of 16 (none empty).
+@pytest.mark.parametrize(("split_k", "ranges"), [(2, 2), (4, 3), (8, 5)])
+@pytest.mark.parametrize("use_dot", [False, True])
+def test_split_k_is_deterministic_and_matches_one_split(split_k, ranges, use_dot):
+    t, n, k = 3, 37, 80
+    x, w = _inputs(t, n, k, torch.float32, seed=30 + split_k)
+    config = GemvConfig(block_n=16, block_k=16, split_k=split_k, use_dot=use_dot)
+    one = gemv(x, w, config=GemvConfig(block_n=16, block_k=16, use_dot=use_dot))
+    first = gemv(x, w, config=config)
+    # Another order of the same float32 additions: equal to rounding.
+    torch.testing.assert_close(first, one, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(first, torch.zeros_like(first))
+    # Bitwise the same run to run (the partials are summed in split order).
+    assert torch.equal(gemv(x, w, config=config), first)
+    assert gemv_mod.launch_grid(t, n, k, config) == (3, ranges)
+    # Every N block's counter is back at zero for the next launch (CUDA graph replays).
+    _, counters, _ = gemv_mod._get_scratch(x.device, t, n, ranges)
+    assert int(counters.abs().sum()) == 0
+
+
+def test_split_k_scratch_is_allocated_once_and_shared_by_small_t():
+    n, k = 40, 64
+    config = GemvConfig(block_n=8, block_k=16, split_k=2)
+    gemv_mod.reserve_scratch(DEVICE, 2, n, k, config)
+    key = (torch.device(DEVICE), n, 2, gemv_mod.MAX_ROWS)
+    if DEVICE == "cuda":
+        key = (torch.device("cuda", torch.cuda.current_device()), n, 2, gemv_mod.MAX_ROWS)
+    part, counters = gemv_mod._SCRATCH[key]
+    assert part.shape == (2, gemv_mod.MAX_ROWS, n) and counters.shape == (n,)
+    for t in (1, 2, 4):
+        x, w = _inputs(t, n, k, torch.float32, seed=40 + t)
+        out = gemv(x, w, config=config)
+        torch.testing.assert_close(out, gemv_ref(x, w), rtol=1e-5, atol=1e-5)
+    # The same buffers served every T <= MAX_ROWS (a captured graph keeps their addresses).
+    assert gemv_mod._SCRATCH[key][0].data_ptr() == part.data_ptr()
+    assert gemv_mod._SCRATCH[key][1].data_ptr() == counters.data_ptr()
+    # One split needs no scratch: reserving it adds nothing.
+    before = len(gemv_mod._SCRATCH)
+    gemv_mod.reserve_scratch(DEVICE, 1, 4099, k, GemvConfig(block_n=8, block_k=16))
+    assert len(gemv_mod._SCRATCH) == before
+
+
+# ---------------------------------------------------------------------------- API
+def test_out_argument_with_row_stride():
+    x, w = _inputs(3, 37, 80, torch.float32, seed=50)
+    buf = torch.full((3, 50), -7.0, device=DEVICE)
+    out = buf[:, 5:42]
+    result = gemv(x, w, out=out, config=FMA)
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.equal(out, gemv(x, w, config=FMA))
+    # Nothing outside the view written.
+    assert (buf[:, :5] == -7.0).all() and (buf[:, 42:] == -7.0).all()
+
+
+def test_empty_problems():
+    w = torch.randn(6, 8, device=DEVICE)
+    out = gemv(torch.empty(0, 8, device=DEVICE), w)
+    assert out.shape == (0, 6)
+    given = torch.empty(0, 6, device=DEVICE)
+    assert gemv(torch.empty(0, 8, device=DEVICE), w, out=given) is given
+    # K = 0: the empty sum.
+    assert torch.equal(
+        gemv(torch.empty(2, 0, device=DEVICE), torch.empty(6, 0, device=DEVICE)),
+        torch.zeros(2, 6, device=DEVICE),
+    )
+
+
+def test_errors_name_the_problem():
+    x, w = _inputs(2, 8, 32, torch.float32, seed=60)
+    with pytest.raises(ValueError, match="K=32"):
+        gemv(x, torch.randn(8, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="weight must be contiguous"):
+        gemv(x, torch.randn(32, 8, device=DEVICE).T)
+    with pytest.raises(ValueError, match="stride"):
+        gemv(torch.randn(32, 2, device=DEVICE).T, w)
+    with pytest.raises(ValueError, match="dtype"):
+        gemv(x, w.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="out must be"):
+        gemv(x, w, out=torch.empty(2, 9, device=DEVICE))
+    with pytest.raises(ValueError, match=r"\[T, K\]"):
+        gemv(x[0], w)
+    with pytest.raises(ValueError, match="block_n"):
+        GemvConfig(block_n=3, block_k=32)
+    with pytest.raises(ValueError, match="use_dot"):
+        GemvConfig(block_n=8, block_k=32, use_dot=True)
+    with pytest.raises(ValueError, match="num_stages"):
+        GemvConfig(block_n=8, block_k=32, num_stages=0)
+
+
+def test_gemv_ref():
+    x, w = _inputs(2, 5, 7, torch.bfloat16, seed=70, device="cpu")
+    assert torch.equal(gemv_ref(x, w), (x.float() @ w.float().T).to(torch.bfloat16))
+
+
+def test_use_gemv_conditions(monkeypatch):
+    monkeypatch.setattr(gemv_mod, "ENABLED", True)
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    w = torch.zeros(4, 8, dtype=torch.bfloat16)
+    assert not gemv_mod.use_gemv(x, w)  # CPU: never
+    meta_x = torch.empty(1, 8, dtype=torch.bfloat16, device="meta")
+    meta_w = torch.empty(4, 8, dtype=torch.bfloat16, device="meta")
+    assert not gemv_mod.use_gemv(meta_x, meta_w)
+
+
+def test_default_config_shapes():
+    # Qwen3-30B-A3B at decode: the big projections fill the GPU by N blocks alone; the router
+    # (N = 128) is split along K to get ~one program per SM.
+    for n, k in [(5120, 2048), (2048, 4096), (151936, 2048)]:
+        cfg = gemv_mod.default_config(1, n, k)
+        assert cfg.split_k == 1 and not cfg.use_dot
+        blocks, splits = gemv_mod.launch_grid(1, n, k, cfg)
+        assert splits == 1 and blocks >= 264
+    cfg = gemv_mod.default_config(1, 128, 2048)
+    blocks, splits = gemv_mod.launch_grid(1, 128, 2048, cfg)
+    assert splits > 1 and blocks * splits >= 132
+    assert gemv_mod.default_config(16, 5120, 2048).use_dot
+    # Tiny problems: tiles capped to the problem, still valid.
+    assert gemv_mod.launch_grid(1, 1, 1) == (1, 1)
+
+
+# ---------------------------------------------------------------------------- CUDA
+QWEN3_30B = {"qkv": (5120, 2048), "o": (2048, 4096), "router": (128, 2048)}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("shape", sorted(QWEN3_30B))
+@pytest.mark.parametrize("t", [1, 4, 16])
+def test_cuda_qwen3_shapes(shape, t):
+    n, k = QWEN3_30B[shape]
+    gen = torch.Generator(device="cuda").manual_seed(t)
+    x = torch.randn(t, k, generator=gen, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
+    assert gemv_mod.use_gemv(x, w) == gemv_mod.ENABLED
+    out = gemv(x, w)
+    exact, abs_sum = _exact(x, w)
+    err = (out.double() - exact).abs()
+    assert (err <= 0.5 * _ulp(exact, torch.bfloat16) + 1e-5 * abs_sum).all()
+    assert torch.equal(gemv(x, w), out)
+    # cuBLAS also rounds a float32 sum once: the same value but where the sums straddle a
+    # rounding boundary.
+    lin = torch.nn.functional.linear(x, w)
+    assert ((out.double() - lin.double()).abs() <= _ulp(exact, torch.bfloat16)).all()
+    assert (out != lin).float().mean().item() <= 0.01
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    "config", [None, GemvConfig(block_n=16, block_k=256, split_k=4, use_dot=True)]
+)
+def test_cuda_graph_capture_with_split_k(config):
+    t, (n, k) = 4, QWEN3_30B["router"]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(t, k, generator=gen, device="cuda").to(torch.bfloat16)
+    x2 = torch.randn(t, k, generator=gen, device="cuda").to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
+    assert gemv_mod.launch_grid(t, n, k, config)[1] > 1  # split-K: the scratch is needed
+    gemv_mod.reserve_scratch(x.device, t, n, k, config)
+    expected = gemv(x2, w, config=config)  # also compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = gemv(x, w, config=config)
+    x.copy_(x2)
+    for _ in range(3):  # the counters are reset by every replay
+        captured.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, expected)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_capture_without_scratch_is_refused():
+    # A size nothing else used: no scratch yet, and none may be allocated inside the capture.
+    t, n, k = 2, 136, 2048
+    config = GemvConfig(block_n=8, block_k=256, split_k=8)
+    x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="reserve_scratch"), torch.cuda.graph(graph):
+        gemv(x, w, config=config)
