@@ -53,7 +53,13 @@ SHAPES: dict[str, tuple[int, int]] = {
     "o": (2048, 4096),
     "router": (128, 2048),
     "lm_head": (151936, 2048),
+    # Qwen3-8B: qkv, o, gate_up, down.
+    "qkv_8b": (6144, 4096),
+    "o_8b": (4096, 4096),
+    "gate_up_8b": (24576, 4096),
+    "down_8b": (4096, 12288),
 }
+DEFAULT_SHAPES = ["qkv", "o", "router", "lm_head"]
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 NUM_SMS = 132  # H200; the pruning only needs a rough count
 
@@ -61,7 +67,7 @@ NUM_SMS = 132  # H200; the pruning only needs a rough count
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="rows of x")
-    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=DEFAULT_SHAPES)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--calls", type=int, default=20, help="calls per graph (at least)")
     p.add_argument("--min-mb", type=float, default=200.0, help="weight copies' total, MB")

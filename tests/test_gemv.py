@@ -229,19 +229,31 @@ def test_use_gemv_conditions(monkeypatch):
 
 
 def test_default_config_shapes():
-    # Qwen3-30B-A3B at decode: the big projections fill the GPU by N blocks alone; the router
-    # (N = 128) is split along K to get ~one program per SM.
-    for n, k in [(5120, 2048), (2048, 4096), (151936, 2048)]:
-        cfg = gemv_mod.default_config(1, n, k)
-        assert cfg.split_k == 1 and not cfg.use_dot
-        blocks, splits = gemv_mod.launch_grid(1, n, k, cfg)
-        assert splits == 1 and blocks >= 264
+    # The H200 sweep's winners for Qwen3-30B-A3B (docs/benchmarks.md).
+    C = gemv_mod.GemvConfig
+    assert gemv_mod.default_config(1, 5120, 2048) == C(4, 256, 4, 3)  # qkv
+    assert gemv_mod.default_config(1, 151936, 2048) == C(4, 256, 4, 3)  # lm_head
+    assert gemv_mod.default_config(1, 2048, 4096) == C(4, 1024, 8, 3)  # o_proj
+    assert gemv_mod.default_config(2, 2048, 4096) == C(4, 1024, 4, 3)
+    assert gemv_mod.default_config(4, 2048, 4096) == C(4, 512, 4, 3)
+    assert gemv_mod.default_config(16, 2048, 4096) == C(64, 256, 4, 3, split_k=4, use_dot=True)
+    # The router (N = 128): split along K to ~one program per SM.
     cfg = gemv_mod.default_config(1, 128, 2048)
+    assert cfg == C(4, 256, 4, 3, split_k=8)
     blocks, splits = gemv_mod.launch_grid(1, 128, 2048, cfg)
-    assert splits > 1 and blocks * splits >= 132
-    assert gemv_mod.default_config(16, 5120, 2048).use_dot
+    assert (blocks, splits) == (32, 8)
+    assert gemv_mod.default_config(16, 128, 2048) == C(16, 256, 4, 3, split_k=8, use_dot=True)
     # Tiny problems: tiles capped to the problem, still valid.
     assert gemv_mod.launch_grid(1, 1, 1) == (1, 1)
+
+
+def test_prefer_gemv_follows_the_sweep():
+    assert gemv_mod.prefer_gemv(1, 5120, 2048)  # one row: always
+    assert not gemv_mod.prefer_gemv(2, 5120, 2048)  # qkv at 2+ rows: cuBLAS
+    assert gemv_mod.prefer_gemv(16, 2048, 4096)  # K >= 4096: up to 16 rows
+    assert gemv_mod.prefer_gemv(16, 128, 2048)  # the router
+    assert not gemv_mod.prefer_gemv(17, 128, 2048)  # past MAX_ROWS
+    assert not gemv_mod.prefer_gemv(0, 128, 2048)
 
 
 # ---------------------------------------------------------------------------- CUDA
@@ -258,7 +270,7 @@ def test_cuda_qwen3_shapes(shape, t):
     gen = torch.Generator(device="cuda").manual_seed(t)
     x = torch.randn(t, k, generator=gen, device="cuda").to(torch.bfloat16)
     w = (torch.randn(n, k, generator=gen, device="cuda") * 0.02).to(torch.bfloat16)
-    assert gemv_mod.use_gemv(x, w) == gemv_mod.ENABLED
+    assert gemv_mod.use_gemv(x, w) == (gemv_mod.ENABLED and gemv_mod.prefer_gemv(t, n, k))
     out = gemv(x, w)
     exact, abs_sum = _exact(x, w)
     err = (out.double() - exact).abs()

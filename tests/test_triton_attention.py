@@ -237,8 +237,10 @@ def test_kernel_refs_agree_with_torch_backend() -> None:
 
 def test_choose_num_kv_splits() -> None:
     f = K.choose_num_kv_splits
-    assert f(1, 4, 100) == 1  # too short to split
-    assert f(1, 4, 4096) == 32  # bounded by the split length and the scratch
+    assert f(1, 4, 64) == 1  # too short to split
+    assert f(1, 4, 100) == 2  # splits of >= 64 keys
+    assert f(1, 4, 4096) == 64  # bounded by the split length and the scratch
+    assert f(1, 4, 1 << 20) == 64  # by the scratch: 66 would give ~2 programs per SM
     assert f(1, 4, 4096, min_split_len=256) == 16
     assert f(1, 4, 1 << 20, max_splits=8) == 8
     assert f(128, 4, 4096) == 1  # the batch alone fills the machine

@@ -134,9 +134,9 @@ class TritonAttention(AttentionBackend):
 
     def __init__(
         self,
-        max_kv_splits: int = 32,
+        max_kv_splits: int = 64,
         *,
-        min_split_len: int = 128,
+        min_split_len: int = 64,
         num_sms: int | None = None,
         extend_config: KernelConfig | None = None,
         decode_config: KernelConfig | None = None,

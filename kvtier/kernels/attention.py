@@ -876,8 +876,8 @@ def choose_num_kv_splits(
     max_seq_len: int,
     *,
     num_sms: int = 132,
-    max_splits: int = 32,
-    min_split_len: int = 128,
+    max_splits: int = 64,
+    min_split_len: int = 64,
     programs_per_sm: int = 2,
 ) -> int:
     """Split count for decode.
@@ -888,9 +888,9 @@ def choose_num_kv_splits(
     ``max_splits`` (the scratch's size).
 
     Measured on an H200 (4K context, 4 kv heads, bf16; CUDA-graph replay): batch 1 ran in
-    10.9 us with 32 splits against 12.8 with 16 and 111 with 1; batch 32 in ~84 us with 2 to 5
-    splits against 126 with 1; batch 128 in 260 us with 1 split (97% of copy bandwidth)
-    against 308 with 2. This rule picks 32, 3 and 1.
+    10.1 us with 64 splits against 11.0 with 32, 12.9 with 16 and 108 with 1 (and 10.7 with
+    128); batch 32 in ~84 us with 2 to 5 splits against 126 with 1; batch 128 in 260 us with
+    1 split (97% of copy bandwidth) against 308 with 2. This rule picks 64, 3 and 1.
     """
     programs = max(1, batch_size * num_kv_heads)
     want = triton.cdiv(programs_per_sm * num_sms, programs)

@@ -51,10 +51,11 @@ rounding boundary (1 ulp). float32 inputs multiply in full float32 (``input_prec
 for tl.dot, never TF32). Bitwise the same run to run for a given config; another config (tiles,
 splits) adds in another order.
 
-``default_config`` is a starting point by rule, not a measured optimum: time it and its
-neighbours with ``benchmarks/bench_gemv.py --sweep`` on the target GPU and put the winners
-there. ``use_gemv`` is the switch for callers: CUDA, bf16 / fp16, 1 <= T <= ``MAX_ROWS``, unless
-``KVTIER_GEMV=0`` was set at import (``ENABLED``). On CPU tensors the kernel needs Triton's
+``default_config`` and ``prefer_gemv`` hold the winners of an H200 sweep of the Qwen3-30B-A3B
+shapes (``benchmarks/bench_gemv.py --sweep``); other GPUs and shapes may want others.
+``use_gemv`` is the switch for callers: CUDA, bf16 / fp16, 1 <= T <= ``MAX_ROWS``, a shape where
+``prefer_gemv`` says the kernel beat cuBLAS, unless ``KVTIER_GEMV=0`` was set at import
+(``ENABLED``). On CPU tensors the kernel needs Triton's
 interpreter (TRITON_INTERPRET=1), as the tests use.
 """
 
@@ -83,6 +84,9 @@ _MIN_PROGRAMS = 132
 # ~2 programs per SM: the N blocking alone is then enough (no split-K needed).
 _TARGET_PROGRAMS = 264
 _MAX_SPLIT_K = 8
+# Shape classes of default_config / prefer_gemv.
+_SMALL_N = 512
+_LONG_K = 4096
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -129,23 +133,27 @@ class GemvConfig:
 
 
 def default_config(t: int, n: int, k: int) -> GemvConfig:
-    """A config for ``x [t, k] @ weight [n, k].T`` by rule (not yet tuned on a GPU; see
-    ``benchmarks/bench_gemv.py --sweep``).
+    """A config for ``x [t, k] @ weight [n, k].T``, from the H200 sweep of the Qwen3-30B-A3B
+    shapes (``benchmarks/bench_gemv.py --sweep``, docs/benchmarks.md):
 
-    T <= 4: the elementwise path, 8 weight rows per program where that still gives ~2 programs
-    per SM, else 4; K steps of 512 up to T = 2 and 256 above (T's accumulators of block_n x
-    block_k float32 stay within 64 registers a thread at 4 warps). T > 4: tl.dot on 16-row tiles
-    (beyond the elementwise path's 4 rows; at 16 rows it would take 16 FMAs per weight element,
-    about all the CUDA cores can do at HBM rate).
-    Then K is split in two until the launch has ~one program per SM (at most 8 ranges of >= 128
-    columns): only the router (N = 128: 32 or 8 N blocks) gets there.
+    - small N (the router, N = 128): 4 rows a program and K split until ~one program per SM
+      (x8); K steps of 256; tl.dot above 4 rows.
+    - one row: 4 weight rows a program; K steps of 1024 with 8 warps for K >= 4096 (o_proj),
+      256 with 4 below (qkv, lm_head).
+    - 2..16 rows with K >= 4096 (where cuBLAS splits K and adds a reduce kernel): the
+      elementwise path with K steps of 1024 (2 rows) or 512 (3-4 rows); tl.dot on 64-row tiles
+      with K split in 4 above.
+    Other shapes (``prefer_gemv`` says no to them) get the small-N rule's tiles.
     """
-    if t <= MAX_FMA_ROWS:
-        use_dot = False
-        block_n = 8 if _cdiv(n, 8) >= _TARGET_PROGRAMS else 4
-        block_k = 512 if t <= 2 else 256
-    else:
-        use_dot, block_n, block_k = True, 16, 256
+    if n > _SMALL_N and t == 1:
+        wide = k >= _LONG_K
+        return GemvConfig(4, 1024 if wide else 256, num_warps=8 if wide else 4, num_stages=3)
+    if n > _SMALL_N and k >= _LONG_K:
+        if t <= MAX_FMA_ROWS:
+            return GemvConfig(4, 1024 if t <= 2 else 512, num_warps=4, num_stages=3)
+        return GemvConfig(64, 256, num_warps=4, num_stages=3, split_k=4, use_dot=True)
+    use_dot = t > MAX_FMA_ROWS
+    block_n, block_k = (16, 256) if use_dot else (4, 256)
     programs = _cdiv(n, block_n)
     split_k = 1
     while (
@@ -159,10 +167,18 @@ def default_config(t: int, n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n, block_k, num_warps=4, num_stages=3, split_k=split_k, use_dot=use_dot)
 
 
+def prefer_gemv(t: int, n: int, k: int) -> bool:
+    """Whether ``gemv`` beat cuBLAS for this shape in the H200 sweep: any T <= 16 for a small N
+    (router: 2.95 vs 5.38 us at T = 1), T = 1 for any shape (o_proj 6.3 vs 9.6 us, qkv 7.0 vs
+    7.7, lm_head 137 vs 144), T <= 16 for K >= 4096 (o_proj 6.9-8.1 vs 9.5-9.7 us). Elsewhere
+    (e.g. qkv at T = 2..16) cuBLAS was as fast or faster."""
+    return 1 <= t <= MAX_ROWS and (n <= _SMALL_N or t == 1 or k >= _LONG_K)
+
+
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a caller should take ``gemv`` for ``x @ weight.T``: CUDA, bf16 / fp16 (the same
-    for both), 1 <= T <= MAX_ROWS, x's columns and the 2-D weight contiguous, and the switch on.
-    Never on CPU."""
+    for both), 1 <= T <= MAX_ROWS, x's columns and the 2-D weight contiguous, ``prefer_gemv``,
+    and the switch on. Never on CPU."""
     return (
         ENABLED
         and x.is_cuda
@@ -175,6 +191,7 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.shape[1] == weight.shape[1]
         and (x.stride(1) == 1 or x.shape[1] == 1)
         and weight.is_contiguous()
+        and prefer_gemv(x.shape[0], weight.shape[0], weight.shape[1])
     )
 
 

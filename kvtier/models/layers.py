@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvtier.kernels import fused, fused_moe
+from kvtier.kernels import fused, fused_moe, gemv
 from kvtier.models.config import ModelConfig, RopeScaling
 from kvtier.runner.forward_batch import ForwardBatch
 
@@ -94,13 +94,31 @@ class RotaryEmbedding(nn.Module):
         return positions, self.inv_freq
 
 
-# ---------------------------------------------------------------------------- fused projections
-class MergedLinear(nn.Linear):
+# ---------------------------------------------------------------------------- projections
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T``: the Triton skinny GEMM for the few-row shapes where it beat cuBLAS on
+    an H200 (decode; see ``gemv.prefer_gemv``), cuBLAS / torch otherwise."""
+    if gemv.use_gemv(x, weight):
+        return gemv.gemv(x, weight)
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """A bias-free projection through ``linear``."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
+class MergedLinear(Linear):
     """Several bias-free projections of the same input as one GEMM; checkpoints store them
     apart, so each keeps a shard id (its index in ``output_sizes``) for the loader."""
 
     def __init__(self, in_features: int, output_sizes: Sequence[int]) -> None:
-        super().__init__(in_features, sum(output_sizes), bias=False)
+        super().__init__(in_features, sum(output_sizes))
         self.output_sizes = tuple(output_sizes)
 
     def shard_index(self, param: str, shard: int) -> tuple[slice, ...]:
@@ -123,7 +141,7 @@ class DecoderAttention(nn.Module):
         self.scale = config.head_dim**-0.5
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.qkv_proj = MergedLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size])
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, config.hidden_size)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
 
@@ -168,7 +186,7 @@ class DenseMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size])
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -263,7 +281,7 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = Linear(config.hidden_size, config.num_experts)
         self.experts = FusedExperts(
             config.num_experts, config.hidden_size, config.moe_intermediate_size
         )
@@ -290,7 +308,7 @@ def compute_logits(
         normed = norm(hidden[rows])
     else:
         normed, _ = norm.add_forward(hidden[rows], residual[rows])
-    return F.linear(normed, lm_head_weight).float()
+    return linear(normed, lm_head_weight).float()
 
 
 # ---------------------------------------------------------------------------- weight loading

@@ -11,6 +11,7 @@ from kvtier.models.config import ModelConfig
 from kvtier.models.layers import (
     DecoderAttention,
     DenseMLP,
+    Linear,
     RMSNorm,
     RotaryEmbedding,
     Router,
@@ -96,9 +97,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = self.model_cls(config)
         # Tied models have no lm_head module at all: the embedding is the only copy.
         self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         )
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
