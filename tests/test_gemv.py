@@ -111,15 +111,19 @@ def test_default_config_small_problem():
 @pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize("config", [FMA, DOT], ids=["fma", "dot"])
 def test_strided_x_rows(t, config):
-    # x as a column slice of a wider tensor: row stride 200, columns contiguous.
-    x_wide, w = _inputs(t, 37, 200, torch.float32, seed=20 + t)
+    # x as a column slice of a wider tensor: row stride 200, columns contiguous. bf16, whose
+    # products are exact in float32: with float32 inputs the compiler may contract a multiply
+    # and add into an FMA in one specialisation (x's stride) and not the other (seen on an
+    # H200), which moves the last bit.
+    x_wide, w = _inputs(t, 37, 200, torch.bfloat16, seed=20 + t)
     w = w[:, :80].contiguous()
     x = x_wide[:, 50:130]
     assert x.stride() == (200, 1)
     out = gemv(x, w, config=config)
     assert torch.equal(out, gemv(x.contiguous(), w, config=config))
     exact, abs_sum = _exact(x, w)
-    assert ((out.double() - exact).abs() <= 1e-5 * abs_sum).all()
+    bound = 0.5 * _ulp(exact, torch.bfloat16) + 1e-5 * abs_sum
+    assert ((out.double() - exact).abs() <= bound).all()
 
 
 # ---------------------------------------------------------------------------- split-K
@@ -253,6 +257,9 @@ def test_prefer_gemv_follows_the_sweep():
     assert gemv_mod.prefer_gemv(16, 2048, 4096)  # K >= 4096: up to 16 rows
     assert gemv_mod.prefer_gemv(16, 128, 2048)  # the router
     assert not gemv_mod.prefer_gemv(17, 128, 2048)  # past MAX_ROWS
+    assert not gemv_mod.prefer_gemv(1, 24576, 4096)  # Qwen3-8B gate_up: cuBLAS at copy rate
+    assert gemv_mod.prefer_gemv(2, 4096, 12288)  # Qwen3-8B down at 2 rows
+    assert not gemv_mod.prefer_gemv(4, 4096, 4096)  # Qwen3-8B o_proj at 4 rows
     assert not gemv_mod.prefer_gemv(0, 128, 2048)
 
 
@@ -276,11 +283,12 @@ def test_cuda_qwen3_shapes(shape, t):
     err = (out.double() - exact).abs()
     assert (err <= 0.5 * _ulp(exact, torch.bfloat16) + 1e-5 * abs_sum).all()
     assert torch.equal(gemv(x, w), out)
-    # cuBLAS also rounds a float32 sum once: the same value but where the sums straddle a
-    # rounding boundary.
+    # cuBLAS also rounds a float32 sum: mostly the same value, and never closer to the exact
+    # product (on an H200 its split-K o_proj at 4 and 16 rows was more than 1 ulp from ours in
+    # places, while ours stayed within half an ulp plus the float32 sum's error).
     lin = torch.nn.functional.linear(x, w)
-    assert ((out.double() - lin.double()).abs() <= _ulp(exact, torch.bfloat16)).all()
     assert (out != lin).float().mean().item() <= 0.01
+    assert err.max() <= (lin.double() - exact).abs().max()
 
 
 @pytest.mark.gpu

@@ -168,11 +168,26 @@ def default_config(t: int, n: int, k: int) -> GemvConfig:
 
 
 def prefer_gemv(t: int, n: int, k: int) -> bool:
-    """Whether ``gemv`` beat cuBLAS for this shape in the H200 sweep: any T <= 16 for a small N
-    (router: 2.95 vs 5.38 us at T = 1), T = 1 for any shape (o_proj 6.3 vs 9.6 us, qkv 7.0 vs
-    7.7, lm_head 137 vs 144), T <= 16 for K >= 4096 (o_proj 6.9-8.1 vs 9.5-9.7 us). Elsewhere
-    (e.g. qkv at T = 2..16) cuBLAS was as fast or faster."""
-    return 1 <= t <= MAX_ROWS and (n <= _SMALL_N or t == 1 or k >= _LONG_K)
+    """Whether ``gemv`` beat cuBLAS for this shape on an H200 (bench_gemv.py, the Qwen3-30B-A3B
+    and Qwen3-8B projections, docs/benchmarks.md):
+
+    - small N (the router, N = 128): any T <= 16 (2.95 vs 5.38 us at T = 1);
+    - T = 1: all but a wide weight over K >= 4096 (Qwen3-8B gate_up, 24576 x 4096: cuBLAS
+      already at the copy rate; 50.5 vs 48.2 us); o_proj 6.3 vs 9.6 us, qkv 7.0 vs 7.7,
+      lm_head 137 vs 144, Qwen3-8B o / down 11.1 / 26.7 vs 13.6 / 30.7;
+    - K >= 4096 at T = 2 with N <= 4096 (o_proj 6.9 vs 9.5 us, Qwen3-8B o / down 1.13 /
+      1.11x), and at T = 3..16 with N <= 2048 (o_proj 8.0-8.1 vs 9.5-9.7 us; Qwen3-8B's
+      4096-row o_proj lost, 0.93x).
+    Elsewhere (e.g. qkv at T >= 2) cuBLAS was as fast or faster."""
+    if not 1 <= t <= MAX_ROWS:
+        return False
+    if n <= _SMALL_N:
+        return True
+    if t == 1:
+        return not (k >= _LONG_K and n >= 16384)
+    if k < _LONG_K:
+        return False
+    return n <= (4096 if t == 2 else 2048)
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
