@@ -72,6 +72,10 @@ class Engine:
         self.server_args = args = ServerArgs.from_kwargs(**kwargs)
         setup_logging(args.log_level)
         self.scheduler = build_scheduler(args)
+        # As the server does: compile and build the GPU kernels' shapes before the first request
+        # (on CPU nothing is compiled, and tests build many engines).
+        if self.scheduler.runner.device.type == "cuda" and not args.skip_server_warmup:
+            self.scheduler.warm_up()
         self.tokenizer = self.scheduler.detok.tokenizer
         self._closed = False
 

@@ -113,7 +113,9 @@ class ServerArgs:
 
     # --- server ---
     skip_server_warmup: bool = _opt(
-        False, "serve without the start-up warm-up requests (first requests then compile kernels)"
+        False,
+        "start without the warm-up (short and, on CUDA, long prompts; prefill attention shapes): "
+        "first requests then compile kernels. Also read by the in-process Engine on CUDA",
     )
     host: str = _opt("127.0.0.1", "HTTP bind address")
     port: int = _opt(30000, "HTTP port")

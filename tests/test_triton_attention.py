@@ -593,6 +593,32 @@ def test_dense_prefill_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
         TritonAttention(dense_block=0)
 
 
+def test_prebuild_dense_runs_each_chunk_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm-up's prebuild runs the dense calls of a full chunk after every chunk-multiple
+    prefix that fits, on the shapes the real path makes (a gathered [S, Hkv, D] sequence)."""
+    from kvtier.kernels import dense_attention as DA
+
+    seen: list[tuple[int, int, int]] = []
+    real = DA._parts
+
+    def spy(qs, k_seq, v_seq, prefix, scale):
+        assert k_seq.is_contiguous() and k_seq.shape[1:] == (2, 32)
+        seen.append((qs.shape[0], k_seq.shape[0], prefix))
+        return real(qs, k_seq, v_seq, prefix, scale)
+
+    monkeypatch.setattr(DA, "_parts", spy)
+    backend = TritonAttention(dense_prefill=True, dense_block=16)
+    args = (4, 2, 32, torch.float32, torch.device(DEVICE))
+    assert backend.prebuild_dense(*args, chunk=32, max_len=100) == 3
+    assert seen == [(32, 32, 0), (32, 64, 32), (32, 96, 64)]
+    seen.clear()
+    assert backend.prebuild_dense(*args, chunk=24, max_len=100) == 0  # not block-aligned
+    assert TritonAttention(dense_prefill=False).prebuild_dense(*args, 32, 100) == 0
+    # auto: only where cuDNN would run (never float32, never on CPU).
+    assert TritonAttention(dense_block=16).prebuild_dense(*args, 32, 100) == 0
+    assert seen == []
+
+
 def test_prefill_attention_backend_flag() -> None:
     from kvtier.runner.model_runner import make_attention_backend
     from kvtier.server_args import ServerArgs, ServerArgsError

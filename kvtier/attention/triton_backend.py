@@ -34,6 +34,9 @@ from kvtier.kernels.dense_attention import (
     cudnn_available,
     dense_extend_attention,
 )
+from kvtier.kernels.dense_attention import (
+    prebuild as prebuild_dense,
+)
 from kvtier.runner.forward_batch import ForwardBatch
 
 
@@ -246,6 +249,29 @@ class TritonAttention(AttentionBackend):
         if q.device not in self._cudnn:
             self._cudnn[q.device] = cudnn_available(q.device)
         return self._cudnn[q.device] and not torch.cuda.is_current_stream_capturing()
+
+    def prebuild_dense(
+        self,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        chunk: int,
+        max_len: int,
+    ) -> int:
+        """Build now the cuDNN graphs that full ``chunk``-token prefill chunks will take on the
+        dense path, for every prefix up to ``max_len`` (see ``dense_attention.prebuild``).
+        Only where the auto rule would send such chunks there; returns the graphs' count."""
+        if self.dense_prefill is False or chunk % self.dense_block or chunk > max_len:
+            return 0
+        if self.dense_prefill is None and not (
+            dtype in (torch.bfloat16, torch.float16) and head_dim <= 128 and cudnn_available(device)
+        ):
+            return 0
+        return prebuild_dense(
+            num_q_heads, num_kv_heads, head_dim, dtype, device, chunk, max_len, head_dim**-0.5
+        )
 
     # ---------------------------------------------------------------- per step
 

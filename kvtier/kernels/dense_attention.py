@@ -205,6 +205,55 @@ if triton is not None:
                  mask=mask)  # fmt: skip
 
 
+def _parts(
+    qs: torch.Tensor, k_seq: torch.Tensor, v_seq: torch.Tensor, prefix: int, scale: float
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The dense calls of one sequence, native grouped heads where cuDNN takes them."""
+    global NATIVE_GQA
+    if qs.shape[1] == k_seq.shape[1] or NATIVE_GQA:
+        return _parts_native(qs, k_seq, v_seq, prefix, scale)
+    if NATIVE_GQA is None:
+        try:
+            parts = _parts_native(qs, k_seq, v_seq, prefix, scale)
+            NATIVE_GQA = True
+            return parts
+        except torch.OutOfMemoryError:
+            raise  # not a verdict on grouped heads
+        except RuntimeError as e:
+            logger.info("cuDNN attention without native GQA (%s): heads repeated", e)
+            NATIVE_GQA = False
+    return _parts_folded(qs, k_seq, v_seq, prefix, scale)
+
+
+def prebuild(
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    chunk: int,
+    max_len: int,
+    scale: float,
+) -> int:
+    """Run the dense calls of a ``chunk``-token prefill chunk after every prefix that is a
+    multiple of ``chunk`` (0, chunk, 2 chunk, ... while prefix + chunk <= ``max_len``) on
+    random data, so that torch builds and caches their cuDNN graphs now (55-100 ms each the
+    first time on an H200) instead of in the first long request that needs each one. The
+    shapes and layouts are those ``dense_extend_attention`` makes. Returns the number of
+    prefixes run."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    qs = torch.randn(chunk, num_q_heads, head_dim, generator=gen, device=device).to(dtype)
+    total = max_len - max_len % chunk
+    k_all = torch.randn(total, num_kv_heads, head_dim, generator=gen, device=device).to(dtype)
+    v_all = torch.randn(total, num_kv_heads, head_dim, generator=gen, device=device).to(dtype)
+    count = 0
+    for prefix in range(0, total - chunk + 1, chunk):
+        # Contiguous [S, Hkv, D] like the gathered copies of the real path.
+        _parts(qs, k_all[: prefix + chunk], v_all[: prefix + chunk], prefix, scale)
+        count += 1
+    return count
+
+
 def dense_extend_attention(
     q: torch.Tensor,
     k_buf: torch.Tensor,
@@ -223,7 +272,6 @@ def dense_extend_attention(
     ``q`` / ``out`` [T, Hq, D] hold the sequences' new tokens back to back, in the order of the
     host lists ``prefix_lens`` / ``extend_lens``. Same contract as ``extend_attention``.
     """
-    global NATIVE_GQA
     num_q_heads = q.shape[1]
     num_kv_heads = k_buf.shape[1]
     if num_q_heads % num_kv_heads:
@@ -235,20 +283,7 @@ def dense_extend_attention(
         qs = q[start : start + n]  # [n, Hq, D]
         slots = _sequence_slots(block_table[b], prefix + n, page_size)
         k_seq, v_seq = k_buf[slots], v_buf[slots]  # [S, Hkv, D] gathered copies
-        if num_q_heads == num_kv_heads or NATIVE_GQA:
-            parts = _parts_native(qs, k_seq, v_seq, prefix, scale)
-        elif NATIVE_GQA is None:
-            try:
-                parts = _parts_native(qs, k_seq, v_seq, prefix, scale)
-                NATIVE_GQA = True
-            except torch.OutOfMemoryError:
-                raise  # not a verdict on grouped heads
-            except RuntimeError as e:
-                logger.info("cuDNN attention without native GQA (%s): heads repeated", e)
-                NATIVE_GQA = False
-                parts = _parts_folded(qs, k_seq, v_seq, prefix, scale)
-        else:
-            parts = _parts_folded(qs, k_seq, v_seq, prefix, scale)
+        parts = _parts(qs, k_seq, v_seq, prefix, scale)
         dst = out[start : start + n]
         if len(parts) == 1:
             dst.copy_(parts[0][0])
@@ -265,4 +300,5 @@ __all__ = [
     "cudnn_available",
     "dense_extend_attention",
     "merge_two",
+    "prebuild",
 ]
