@@ -105,6 +105,36 @@ def test_prompt_cached_whole_computes_only_its_last_token(reference):
         e.check_integrity()
 
 
+def test_gpu_hit_tail_is_copied_for_all_layers_before_the_step(reference):
+    """With no load in flight the tail is copied for every layer when the step is prepared
+    (one op over the layer axis) and the forward gets no per-layer hook: it runs as a step
+    without tiers would, which lets the q/k kernel store the new KV itself."""
+    p = prompts(1, 40, seed=8)[0]
+    want = reference.generate(input_ids=p, sampling_params=GREEDY)["output_ids"]
+    with make(page_size=4) as e:
+        e.generate(input_ids=p, sampling_params=GREEDY)
+        runner = e.scheduler.runner
+        pool = runner.kv_pool
+        seen, real = [], runner.forward
+        copies, real_copy = [], pool.copy_slots_all_layers
+
+        def forward(fb):
+            seen.append((fb.mode, fb.wait_layer))
+            return real(fb)
+
+        def copy_all(src, dst):
+            copies.append((src.tolist(), dst.tolist()))
+            real_copy(src, dst)
+
+        runner.forward, pool.copy_slots_all_layers = forward, copy_all
+        out = e.generate(input_ids=p, sampling_params=GREEDY)
+        assert out["output_ids"] == want
+        assert out["meta_info"]["cached_tokens_by_tier"] == {"device": 39}
+        assert len(copies) == 1 and len(copies[0][0]) == 3  # the 3 tail slots, once
+        assert [w for _, w in seen] == [None] * len(seen)
+        e.check_integrity()
+
+
 def test_tail_copy_of_a_skipped_admission_step_runs_before_a_decode_step(reference):
     """If a request's admission step is skipped (a failed load of another request's prefix),
     its last prompt token runs as a decode step: the tail copy must then cover every layer

@@ -117,6 +117,11 @@ class KVPool:
             layer, dst, self.k[layer].index_select(0, src), self.v[layer].index_select(0, src)
         )
 
+    def copy_slots_all_layers(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """``copy_slots`` for every layer at once: four kernels instead of four a layer."""
+        self.k.index_copy_(1, dst, self.k.index_select(1, src))
+        self.v.index_copy_(1, dst, self.v.index_select(1, src))
+
 
 class ReqToPageTable:
     """Device table of each running request's pages: row r, column i = the page holding tokens

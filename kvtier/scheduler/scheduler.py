@@ -426,7 +426,10 @@ class Scheduler:
     ) -> Callable[[int], None] | None:
         """``wait_layer`` extended with the batch's pending tail copies (see ``_admit``): each
         layer's slots are copied after that layer's load (if any) has landed and before its
-        attention reads them; every runner calls the hook per layer of an EXTEND step."""
+        attention reads them; every runner calls the hook per layer of an EXTEND step. With no
+        load in flight (a GPU hit) every layer is copied now, in one go, and no hook is left:
+        the step then runs as one without tiers (per-layer graphs back to back, the KV write
+        inside the q/k kernel)."""
         copies = [r.tail_copy for r in batch.reqs if r.tail_copy is not None]
         if not copies:
             return wait_layer
@@ -438,19 +441,19 @@ class Scheduler:
         pool = self.runner.kv_pool
         src_t = torch.tensor(src, dtype=torch.int64).to(pool.device, non_blocking=True)
         dst_t = torch.tensor(dst, dtype=torch.int64).to(pool.device, non_blocking=True)
+        if wait_layer is None:
+            pool.copy_slots_all_layers(src_t, dst_t)
+            return None
         if batch.mode is ForwardMode.DECODE:
             # A request whose admission step was skipped (a failed load of another request's
             # prefix) runs its last prompt token as a decode step, and a decode CUDA graph
             # waits only once, for the last layer: copy every layer now, after all loads.
-            if wait_layer is not None:
-                wait_layer(pool.num_layers - 1)
-            for layer in range(pool.num_layers):
-                pool.copy_slots(layer, src_t, dst_t)
+            wait_layer(pool.num_layers - 1)
+            pool.copy_slots_all_layers(src_t, dst_t)
             return wait_layer
 
         def hook(layer: int) -> None:
-            if wait_layer is not None:
-                wait_layer(layer)
+            wait_layer(layer)
             pool.copy_slots(layer, src_t, dst_t)
 
         return hook
