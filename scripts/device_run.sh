@@ -10,8 +10,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"tests check tier_io ttft engine diag server"}
-# Also: profile (where prefill / decode time goes), moe, attn, dattn, gemv (kernel sweeps),
-# ktests (kernel tests).
+# Also: profile (where prefill / decode time goes), hitprof (a tier hit and a GPU hit at 1K and
+# 64K tokens), moe, attn, dattn, gemv (kernel sweeps), ktests (kernel tests).
 step() {  # step NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
   case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -39,6 +39,8 @@ step diag "${T_DIAG:-110}" python3 scripts/diag_tier_hit.py --tokens 81920 --tie
 step server "${T_SERVER:-150}" python3 scripts/server_check.py --log "$OUT/server_process.log"
 step profile "${T_PROFILE:-240}" python3 scripts/profile_engine.py --prefill 16384 --batch 1 32 \
   --steps 8 ${PROFILE_ARGS:-}
+step hitprof "${T_HITPROF:-150}" bash -c "python3 scripts/profile_step.py --tokens 1024 && \
+  python3 scripts/profile_step.py --tokens 65536"
 step moe "${T_MOE:-90}" python3 benchmarks/bench_moe.py --check --sweep --tokens 1 4 16 32
 step attn "${T_ATTN:-150}" bash -c "python3 benchmarks/bench_attention.py --mode extend \
   --extend-tokens 8192 --prefix-lens 0 8192 73728 ${ATTN_ARGS:---sweep} --check --rep 50 && \

@@ -1,5 +1,6 @@
-"""Profile one tier-hit request and one decode step on the GPU (torch.profiler), printing where
-host and device time go. A diagnostic for the lent GPU, not part of the test suite.
+"""Profile one tier-hit request, one GPU-hit request and one decode step on the GPU
+(torch.profiler), printing where host and device time go. A diagnostic for the lent GPU, not
+part of the test suite.
 
     python scripts/profile_step.py --tokens 32768
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -42,6 +44,19 @@ def main() -> None:
         out = eng.generate(input_ids=ids, sampling_params=sp)
         torch.cuda.synchronize()
     print("tier hit:", out["meta_info"]["cached_tokens_by_tier"], out["meta_info"]["e2e_latency"])
+    ka = prof.key_averages()
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+    print(ka.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
+    # The same prompt again, now on the GPU: a GPU hit (its last token computed, its tail
+    # copied), the request path without any load.
+    eng.generate(input_ids=ids, sampling_params=sp)
+    torch.cuda.synchronize()
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        out = eng.generate(input_ids=ids, sampling_params=sp)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    print(f"GPU hit: {out['meta_info']['cached_tokens_by_tier']}, {wall * 1e3:.1f} ms wall")
     ka = prof.key_averages()
     print(ka.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
     print(ka.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
