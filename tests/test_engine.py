@@ -375,6 +375,9 @@ def test_warm_up_leaves_no_trace(reference):
         assert stats["device_cached_pages"] == 0
         assert stats["device_free_pages"] == stats["device_total_pages"]
         assert set(e.scheduler.counters.values()) == {0}
+        # The tier's counters too: the warm-up's backups are not the server's traffic.
+        assert stats["backed_up_bytes"] == stats["backup_ops"] == 0
+        assert stats["l2_used_tokens"] == stats["device_evictions_to_l2"] == 0
         e.check_integrity()
         got, metas = conversations(e, n=2)
         assert got == want

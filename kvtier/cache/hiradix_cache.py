@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from kvtier.cache.controller import CacheController
+from kvtier.cache.controller import CacheController, TransferStats
 from kvtier.cache.kv_pool import PageAllocator
 from kvtier.cache.radix_cache import IntegrityError, MatchResult, RadixCache, TreeNode
 
@@ -328,6 +328,15 @@ class HiRadixCache(RadixCache):
     def close(self) -> None:
         self.controller.wait_all()
         self.controller.tier.close()
+
+    def reset_stats(self) -> None:
+        """Zero the transfer and eviction counters (after the warm-up). Transfers must be idle:
+        a landing one would count into the fresh totals."""
+        self.controller.wait_all()
+        self.backups_skipped = 0
+        self.host_evicted_pages = 0
+        self.device_evictions_to_host = 0
+        self.controller.stats = TransferStats()
 
     def stats(self) -> dict[str, Any]:
         total = self.host_allocator.capacity

@@ -399,6 +399,9 @@ class RadixCache:
     def stats(self) -> dict[str, Any]:
         return {}
 
+    def reset_stats(self) -> None:
+        """Zero the counters ``stats`` reports (none here)."""
+
     def close(self) -> None:
         """Release lower-tier memory."""
 

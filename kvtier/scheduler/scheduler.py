@@ -643,6 +643,7 @@ class Scheduler:
         self.flush_cache()  # waits for the warm-up's backups, then empties both tiers
         self.counters = dict.fromkeys(self.counters, 0)
         self.cached_tokens_by_tier = {}
+        self.cache.reset_stats()
         logger.info("warm-up took %.1f s", time.perf_counter() - t0)
 
     def _warm_turns(self, n: int, tag: str) -> None:
