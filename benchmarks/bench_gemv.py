@@ -42,7 +42,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from common import GiB, fmt_float, fmt_str, format_table, run_metadata, time_copy_gbps, write_json
+from common import (
+    GiB,
+    fmt_float,
+    fmt_str,
+    format_table,
+    run_metadata,
+    time_copy_gbps,
+    time_cuda_ms,
+    write_json,
+)
 
 if TYPE_CHECKING:
     from kvtier.kernels.gemv import GemvConfig
@@ -110,18 +119,7 @@ def capture(fn: Callable[[int], object], calls: int) -> Callable[[], None]:
 
 def time_replay(replay: Callable[[], None], replays: int) -> float:
     """Median milliseconds of one replay, after an untimed one."""
-    replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(time_cuda_ms(replay, torch.device("cuda"), replays))
 
 
 def hbm_gbps() -> float:

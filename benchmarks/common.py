@@ -54,12 +54,10 @@ def parse_token_counts(text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- bandwidth
-def time_cuda_gbps(
-    fn: Callable[[], object], nbytes: int, device: torch.device, repeats: int
-) -> list[float]:
-    """GB/s (1e9 bytes) of ``fn`` moving ``nbytes``, one figure per repeat, timed with CUDA
-    events on ``device``'s current stream (``fn`` must enqueue its work there). One untimed
-    call first: it maps pages and wakes the link."""
+def time_cuda_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """Milliseconds of ``fn``, one figure per repeat, timed with CUDA events on ``device``'s
+    current stream (``fn`` must enqueue its work there). One untimed call first: it maps pages,
+    wakes the link and compiles what a first call compiles."""
     with torch.cuda.device(device):
         fn()
         torch.cuda.synchronize(device)
@@ -71,8 +69,15 @@ def time_cuda_gbps(
             fn()
             end.record()
             end.synchronize()
-            out.append(nbytes / (start.elapsed_time(end) / 1e3) / 1e9)
+            out.append(start.elapsed_time(end))
     return out
+
+
+def time_cuda_gbps(
+    fn: Callable[[], object], nbytes: int, device: torch.device, repeats: int
+) -> list[float]:
+    """GB/s (1e9 bytes) of ``fn`` moving ``nbytes``, one figure per repeat (``time_cuda_ms``)."""
+    return [nbytes / (ms / 1e3) / 1e9 for ms in time_cuda_ms(fn, device, repeats)]
 
 
 def time_copy_gbps(dst: torch.Tensor, src: torch.Tensor, repeats: int) -> list[float]:

@@ -244,11 +244,18 @@ class TritonAttention(AttentionBackend):
                 return False
         if self.dense_prefill:
             return True
-        if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] > 128:
+        return (
+            self._dense_auto(q.dtype, q.shape[-1], q.device)
+            and not torch.cuda.is_current_stream_capturing()
+        )
+
+    def _dense_auto(self, dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
+        """The auto rule's static part: half precision, head_dim <= 128, cuDNN on the GPU."""
+        if dtype not in (torch.bfloat16, torch.float16) or head_dim > 128:
             return False
-        if q.device not in self._cudnn:
-            self._cudnn[q.device] = cudnn_available(q.device)
-        return self._cudnn[q.device] and not torch.cuda.is_current_stream_capturing()
+        if device not in self._cudnn:
+            self._cudnn[device] = cudnn_available(device)
+        return self._cudnn[device]
 
     def prebuild_dense(
         self,
@@ -265,9 +272,7 @@ class TritonAttention(AttentionBackend):
         Only where the auto rule would send such chunks there; returns the graphs' count."""
         if self.dense_prefill is False or chunk % self.dense_block or chunk > max_len:
             return 0
-        if self.dense_prefill is None and not (
-            dtype in (torch.bfloat16, torch.float16) and head_dim <= 128 and cudnn_available(device)
-        ):
+        if self.dense_prefill is None and not self._dense_auto(dtype, head_dim, device):
             return 0
         return prebuild_dense(
             num_q_heads, num_kv_heads, head_dim, dtype, device, chunk, max_len, head_dim**-0.5
