@@ -38,11 +38,14 @@ logger = logging.getLogger(__name__)
 
 # Sequence-count buckets: short extends usually come one or a few at a time (new turns).
 BATCH_BUCKETS = (1, 2, 4)
-MIN_TOKEN_BUCKET = 16
+# Down to one token: a prompt found whole in the cache recomputes only its last token, and a
+# 16-token bucket would run the MoE experts for 15 padding tokens too (on an H200 that was
+# ~190 us a layer against ~27 for one token, most of a 1K-token GPU hit's 16 ms).
+MIN_TOKEN_BUCKET = 1
 
 
 def token_buckets(max_tokens: int) -> list[int]:
-    """Powers of two from 16 below ``max_tokens``, then ``max_tokens`` itself."""
+    """Powers of two from 1 below ``max_tokens``, then ``max_tokens`` itself."""
     sizes: list[int] = []
     t = MIN_TOKEN_BUCKET
     while t < max_tokens:
@@ -210,6 +213,8 @@ class PiecewiseGraphRunner:
         # Largest first: smaller graphs then fit in the memory the larger ones freed.
         for tokens in reversed(self.token_sizes):
             for bs in reversed(self.batch_sizes):
+                if not self._reachable(tokens, bs):
+                    continue
                 fb = self._static_batch(tokens, bs)
                 self._fill(None, tokens, bs)
                 graphs: list[torch.cuda.CUDAGraph] = []
@@ -234,6 +239,14 @@ class PiecewiseGraphRunner:
             sorted(set(self.splits.values())),
         )
 
+    def _reachable(self, tokens: int, bs: int) -> bool:
+        """Whether some step lands in bucket (tokens, bs): every sequence of an EXTEND step has
+        at least one new token, so a step of b sequences has t >= b tokens, and the fewest
+        sequences that round up to ``bs`` is one more than the next smaller batch bucket."""
+        index = self.batch_sizes.index(bs)
+        fewest = self.batch_sizes[index - 1] + 1 if index else 1
+        return tokens >= fewest
+
     # ---------------------------------------------------------------- replay
 
     def can_run(self, batch: ForwardBatch) -> bool:
@@ -244,11 +257,15 @@ class PiecewiseGraphRunner:
             and batch.block_table.shape[1] <= self.max_pages
         )
 
+    def bucket(self, num_tokens: int, batch_size: int) -> tuple[int, int]:
+        """The (tokens, bs) bucket a step of that many tokens and sequences replays."""
+        tokens = self.token_sizes[bisect.bisect_left(self.token_sizes, num_tokens)]
+        return tokens, self.batch_sizes[bisect.bisect_left(self.batch_sizes, batch_size)]
+
     def run(self, batch: ForwardBatch) -> torch.Tensor:
         """Float32 logits of an EXTEND batch (rows ``batch.logits_indices``)."""
         t, b = batch.num_tokens, batch.batch_size
-        tokens = self.token_sizes[bisect.bisect_left(self.token_sizes, t)]
-        bs = self.batch_sizes[bisect.bisect_left(self.batch_sizes, b)]
+        tokens, bs = self.bucket(t, b)
         self.hidden[:t].copy_(self.model.embed(batch.input_ids))
         self.positions[:t].copy_(batch.positions)
         self._fill(batch, tokens, bs)
