@@ -24,6 +24,8 @@ def parse_lengths(s: str) -> list[int]:
     out = []
     for part in s.split(","):
         part = part.strip().upper()
+        if not part:  # "--prefill ''": none
+            continue
         out.append(int(float(part[:-1]) * 1024) if part.endswith("K") else int(part))
     return out
 

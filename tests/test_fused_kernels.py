@@ -443,7 +443,7 @@ _COMPILE_CHECK = textwrap.dedent(
                 dict(X="*" + dt, R="*" + dt, W="*" + dt, Y="*" + dt, RES_OUT="*" + dt,
                      stride_x=i32, stride_r=i32, stride_y=i32, stride_ro=i32, n_cols=i32,
                      n_f="fp32", inv_n="fp32", eps="fp32"),
-                dict(HAS_RESIDUAL=True, BLOCK=2048, INTERPRET=False)),
+                dict(HAS_RESIDUAL=True, BLOCK=2048, INTERPRET=False, PDL=True)),
             *(ptx(FK._qk_norm_rope_kernel,
                 dict(QKV="*" + dt, QW="*" + dt, KW="*" + dt, POS="*i64", INV_FREQ="*fp32",
                      QOUT="*" + dt, KOUT="*" + dt, KCACHE="*" + dt, VCACHE="*" + dt,
@@ -452,14 +452,15 @@ _COMPILE_CHECK = textwrap.dedent(
                      stride_vc=i32, stride_vch=i32, d_f="fp32", inv_d="fp32", eps="fp32"),
                 dict(NUM_Q=32, NUM_KV=4, HALF=64, BLOCK_H=16, BLOCK_HALF=64, USE_NORM=True,
                      NORM_DTYPE=tdt, STORE_KV=store, KC_DTYPE=tdt, VC_DTYPE=tdt,
-                     INTERPRET=False)) for store in (False, True)),
+                     INTERPRET=False, PDL=True)) for store in (False, True)),
             ptx(FK._moe_route_kernel,
                 dict(LOGITS="*" + dt, W_OUT="*" + dt, ID_OUT="*i64", stride_l=i32,
                      stride_w=i32, stride_id=i32, num_experts=i32),
-                dict(TOP_K=8, RENORMALIZE=True, BLOCK_E=128, BLOCK_K=8, INTERPRET=False)),
+                dict(TOP_K=8, RENORMALIZE=True, BLOCK_E=128, BLOCK_K=8, INTERPRET=False,
+                     PDL=True)),
             ptx(FK._silu_and_mul_kernel,
                 dict(X="*" + dt, Y="*" + dt, stride_x=i32, stride_y=i32, n_cols=i32),
-                dict(BLOCK=1024, INTERPRET=False)),
+                dict(BLOCK=1024, INTERPRET=False, PDL=True)),
         ]
         for code in codes:
             # IEEE division only; no approximate sin / cos / rsqrt flushing subnormals.
@@ -470,6 +471,33 @@ _COMPILE_CHECK = textwrap.dedent(
         assert not re.search(r"\\bfma\\.", codes[0])
         # The store variant writes k and v to the cache rows: more global stores.
         assert codes[2].count("st.global") > codes[1].count("st.global")
+        # PDL: every kernel waits for the previous one and then lets the next one launch.
+        for code in codes:
+            wait = code.index("griddepcontrol.wait")
+            assert wait < code.index("griddepcontrol.launch_dependents")
+
+    # Loads issued before the wait stay before it: the GEMV's first weight tile and the MoE down
+    # kernel's first expert tile overlap the previous kernel; the gate/up kernel, whose expert
+    # ids the previous kernel writes, reads nothing before its wait.
+    from kvtier.kernels import fused_moe as M, gemv as G
+    i32 = "i32"
+    gemv_code = ptx(G._gemv_kernel,
+        dict(X="*bf16", W="*bf16", OUT="*bf16", PART="*fp32", COUNT="*i32", T=i32, N=i32, K=i32,
+             K_SPLIT=i32, PART_ROWS=i32, stride_xt=i32, stride_ot=i32),
+        dict(BLOCK_T=1, BLOCK_N=4, BLOCK_K=256, SPLIT_K=1, USE_DOT=False, EVEN_K=True,
+             DOT_PRECISION="tf32", INTERPRET=False, PDL=True))
+    moe = dict(HIDDEN=2048, INTER=768, TOPK=8, INTERPRET=False, PDL=True)
+    gate_up_code = ptx(M._gate_up_kernel,
+        dict(X="*bf16", W_GATE="*bf16", W_UP="*bf16", IDS="*i64", HOUT="*bf16", stride_xt=i32,
+             stride_we=i32, stride_wn=i32, stride_wk=i32, stride_ht=i32),
+        dict(moe, BLOCK_N=4, BLOCK_K=512))
+    down_code = ptx(M._down_kernel,
+        dict(HIN="*bf16", W2="*bf16", IDS="*i64", TW="*bf16", OUT="*bf16", stride_ht=i32,
+             stride_we=i32, stride_wn=i32, stride_wk=i32, stride_ot=i32),
+        dict(moe, BLOCK_H=4, BLOCK_I=1024))
+    assert gemv_code.index("ld.global") < gemv_code.index("griddepcontrol.wait")
+    assert down_code.index("ld.global") < down_code.index("griddepcontrol.wait")
+    assert gate_up_code.index("griddepcontrol.wait") < gate_up_code.index("ld.global")
     print("ok")
     """
 )

@@ -46,6 +46,10 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from kvtier.kernels import fused
+
+_pdl_wait = fused.pdl_wait
+
 _LOG2E = 1.4426950408889634
 # Finite "minus infinity" for the running max: a row that has seen only masked scores keeps
 # m = -1e30, and exp2(-inf - m) = 0, exp2(m - m) = 1, so no NaN ever appears (with a true -inf
@@ -167,7 +171,7 @@ def _extend_kernel(Q, K, V, Out, BlockTable, SeqLens, ExtendLens, ExtendStarts, 
                    stride_ot, stride_oh, stride_bt,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                   INTERPRET: tl.constexpr):
+                   INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
     """Grid: (query blocks of the longest extend, q heads, sequences).
 
     Query blocks are visited last-first: under a causal mask the last block of a sequence has
@@ -175,6 +179,7 @@ def _extend_kernel(Q, K, V, Out, BlockTable, SeqLens, ExtendLens, ExtendStarts, 
     Axis 0 varies fastest, so programs running together share (sequence, head) and their K/V
     reads hit L2.
     """
+    _pdl_wait(PDL)
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -228,7 +233,7 @@ def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, Exte
                                 BLOCKS_PER_GROUP: tl.constexpr, BLOCK_Q: tl.constexpr,
                                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                                 BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                                INTERPRET: tl.constexpr):
+                                INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
     """Grid: (query blocks of the longest extend, splits x head blocks, sequences).
 
     One program = BLOCK_Q queries x BLOCK_G q heads of one kv head's group (a head block; a
@@ -244,6 +249,7 @@ def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, Exte
     which this kernel ran and wrote with l > 0 for that row. A split past the block's last
     query returns at once and writes nothing.
     """
+    _pdl_wait(PDL)
     m_block = tl.program_id(0)
     split = tl.program_id(1) // head_blocks
     hblk = tl.program_id(1) % head_blocks
@@ -325,12 +331,14 @@ def _extend_split_stage2_kernel(Out, MidO, MidLse, SeqLens, ExtendLens, ExtendSt
                                 stride_ot, stride_oh, stride_mt, stride_mh, stride_ms,
                                 stride_lt, stride_lh,
                                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                                BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+                                BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr,
+                                PDL: tl.constexpr = False):
     """Grid: (query blocks of the longest extend, q heads, sequences). Merge, per query, the
     splits holding a key it sees (s * split_len <= its position; see stage 1) by their LSE,
     online over s so that only one [BLOCK_M, HEAD_DIM] tile of partial outputs is live. The
     loop stops at the block's last used split, so a split count fixed for a longer context
     (a captured graph) costs nothing here for a shorter one."""
+    _pdl_wait(PDL)
     m_block = tl.program_id(0)
     head = tl.program_id(1)
     seq = tl.program_id(2)
@@ -380,7 +388,7 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
                           GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                           PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                           SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
-                          INTERPRET: tl.constexpr):
+                          INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
     """Grid: (sequences, kv heads, splits). One program = every q head of one kv head's group
     (rows of a [BLOCK_H, HEAD_DIM] tile, padded to BLOCK_H >= 16 for the dot) over one split,
     so each K/V tile is read once per group, not once per q head.
@@ -389,6 +397,7 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
     otherwise the split's normalised partial output goes to MidO and its log2-sum-exp to MidLse.
     An empty split (short sequence) writes nothing: stage 2 reads only non-empty splits.
     """
+    _pdl_wait(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -441,8 +450,10 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
 def _decode_stage2_kernel(Out, MidO, MidLse, SeqLens, num_splits,
                           stride_ob, stride_oh, stride_mb, stride_mh, stride_ms,
                           stride_lb, stride_lh,
-                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PDL: tl.constexpr = False):
     """Grid: (sequences, q heads). Merge the non-empty splits' partial outputs by their LSE."""
+    _pdl_wait(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(SeqLens + seq)
@@ -690,6 +701,7 @@ def extend_attention(
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_precision(q.dtype),
         INTERPRET=INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **fused.pdl_options(q.device),
     )  # fmt: skip
     return out
 
@@ -758,7 +770,7 @@ def _extend_attention_split(
         GROUP=group, BLOCK_G=block_g, BLOCKS_PER_GROUP=blocks_per_group, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages, **fused.pdl_options(q.device),
     )  # fmt: skip
     # Stage 2 is a light, memory-bound pass: 16 queries x one head a program.
     block_m2 = min(16, triton.next_power_of_2(max_extend_len))
@@ -767,7 +779,7 @@ def _extend_attention_split(
         out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
         HEAD_DIM=head_dim, BLOCK_M=block_m2, BLOCK_N=cfg.block_n, INTERPRET=INTERPRETED,
-        num_warps=4 if head_dim >= 128 else 2, num_stages=1,
+        num_warps=4 if head_dim >= 128 else 2, num_stages=1, **fused.pdl_options(q.device),
     )  # fmt: skip
     return out
 
@@ -857,7 +869,7 @@ def decode_attention(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SINGLE_SPLIT=single,
         DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages, **fused.pdl_options(q.device),
     )  # fmt: skip
     if mid_o is not None and mid_lse is not None:
         _decode_stage2_kernel[(batch, num_q_heads)](
@@ -866,6 +878,7 @@ def decode_attention(
             mid_lse.stride(0), mid_lse.stride(1),
             HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_kv_splits),
             BLOCK_N=cfg.block_n, num_warps=4 if head_dim >= 128 else 2, num_stages=1,
+            **fused.pdl_options(q.device),
         )  # fmt: skip
     return out
 

@@ -104,6 +104,7 @@ def fused_moe_ref(
 if triton is not None:
     _round = fused._round
     _exp = fused._exp
+    _pdl_wait = fused.pdl_wait
 
     @triton.jit
     def _gate_up_kernel(
@@ -111,7 +112,10 @@ if triton is not None:
         stride_xt, stride_we, stride_wn, stride_wk, stride_ht,
         HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        # The expert ids are the previous kernel's (the router's) output: nothing to prefetch.
+        _pdl_wait(PDL)
         pair = tl.program_id(0).to(tl.int64)
         tok = pair // TOPK
         expert = tl.load(IDS + pair).to(tl.int64)
@@ -148,6 +152,7 @@ if triton is not None:
         stride_ht, stride_we, stride_wn, stride_wk, stride_ot,
         HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, INTERPRET: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         tok = tl.program_id(0).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -158,12 +163,22 @@ if triton is not None:
         # Unrolled: the k experts' loads are independent, so they can be in flight together.
         for j in tl.static_range(TOPK):
             pair = tok * TOPK + j
+            # The ids and weights come from the router, two kernels back: readable before the
+            # wait (the gate/up kernel lets this one launch only once past its own wait).
             expert = tl.load(IDS + pair).to(tl.int64)
             weight = tl.load(TW + pair).to(tl.float32)
             w_rows = W2 + expert * stride_we + row_off
             h_row = HIN + pair * stride_ht
-            acc = tl.zeros([BLOCK_H, BLOCK_I], dtype=tl.float32)
-            for i0 in range(0, INTER, BLOCK_I):
+            # The first I step peeled: its weight tile is read before the wait for h.
+            cols = tl.arange(0, BLOCK_I)
+            col_mask = cols < INTER
+            w = tl.load(w_rows + cols.to(tl.int64)[None, :] * stride_wk,
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            if j == 0:
+                _pdl_wait(PDL)
+            hv = tl.load(h_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+            acc = w.to(tl.float32) * hv[None, :]
+            for i0 in range(BLOCK_I, INTER, BLOCK_I):
                 cols = i0 + tl.arange(0, BLOCK_I)
                 col_mask = cols < INTER
                 hv = tl.load(h_row + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -248,14 +263,14 @@ def fused_moe_small(
         x, w13, w13[:, inter:], ids, h,
         x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
         HIDDEN=hidden, INTER=inter, TOPK=k, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=fused.INTERPRETED,
-        num_warps=num_warps, **fused._EXACT,
+        num_warps=num_warps, **fused._EXACT, **fused.pdl_options(x.device),
     )  # fmt: skip
     bh, bi = _block(hidden, block_h), _block(inter, block_i)
     _down_kernel[(t, triton.cdiv(hidden, bh))](
         h, w2, ids, weights, out,
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
         HIDDEN=hidden, INTER=inter, TOPK=k, BLOCK_H=bh, BLOCK_I=bi, INTERPRET=fused.INTERPRETED,
-        num_warps=num_warps, **fused._EXACT,
+        num_warps=num_warps, **fused._EXACT, **fused.pdl_options(x.device),
     )  # fmt: skip
     return out
 

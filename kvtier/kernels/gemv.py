@@ -220,6 +220,7 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # fmt: off
 if triton is not None:
     _round = fused._round
+    _pdl_wait = fused.pdl_wait
 
     @triton.jit
     def _load_k(ptrs, k0, k_end, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -235,11 +236,12 @@ if triton is not None:
     def _fma_sums(
         X, W, w_rows, T, K, stride_xt, k_start, k_end,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr,
+        EVEN_K: tl.constexpr, PDL: tl.constexpr,
     ):
         """[BLOCK_N, BLOCK_T] float32 dot products of weight rows and x rows over
         [k_start, k_end), on CUDA cores: one [BLOCK_N, BLOCK_K] accumulator per x row (at most
-        4), reduced over K once after the loop."""
+        4), reduced over K once after the loop. Waits for the previous kernel (PDL) after
+        issuing its first weight tile's load."""
         cols = k_start + tl.arange(0, BLOCK_K)
         w_ptrs = W + w_rows[:, None] * K + cols[None, :]
         # x's row as a [BLOCK_N, BLOCK_K] tile (every row the same addresses): loaded in the
@@ -259,6 +261,7 @@ if triton is not None:
         # per program instead of one (HBM latency, not bandwidth, bounds one tile at a time).
         # The last step's "next" tile is its own again (an in-bounds re-read, never used).
         w_next = _load_k(w_ptrs, k_start, k_end, BLOCK_K, EVEN_K, "evict_first")
+        _pdl_wait(PDL)  # x is the previous kernel's output
         for k0 in range(k_start, k_end, BLOCK_K):
             w = w_next.to(tl.float32)
             w_ptrs += tl.where(k0 + BLOCK_K < k_end, BLOCK_K, 0)
@@ -284,9 +287,11 @@ if triton is not None:
         X, W, w_rows, T, K, stride_xt, k_start, k_end,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """The same [BLOCK_N, BLOCK_T] sums on tensor cores: tl.dot(weight tile, x tile^T)
         (the weight is the MMA's M side; BLOCK_T >= 16 rows of x, the clamped ones repeats)."""
+        _pdl_wait(PDL)
         cols = k_start + tl.arange(0, BLOCK_K)
         x_rows = tl.minimum(tl.arange(0, BLOCK_T), T - 1).to(tl.int64)
         w_ptrs = W + w_rows[:, None] * K + cols[None, :]
@@ -311,7 +316,7 @@ if triton is not None:
         T, N, K, K_SPLIT, PART_ROWS, stride_xt, stride_ot,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -324,10 +329,10 @@ if triton is not None:
         k_end = tl.minimum(k_start + K_SPLIT, K)
         if USE_DOT:
             res = _dot_sums(X, W, w_rows, T, K, stride_xt, k_start, k_end, BLOCK_T, BLOCK_N,
-                            BLOCK_K, EVEN_K, DOT_PRECISION, INTERPRET)
+                            BLOCK_K, EVEN_K, DOT_PRECISION, INTERPRET, PDL)
         else:
             res = _fma_sums(X, W, w_rows, T, K, stride_xt, k_start, k_end, BLOCK_T, BLOCK_N,
-                            BLOCK_K, EVEN_K)
+                            BLOCK_K, EVEN_K, PDL)
         out_mask = (rows < N)[:, None] & (toks < T)[None, :]
         out_ptrs = OUT + toks[None, :] * stride_ot + rows[:, None]
         dtype = OUT.dtype.element_ty
@@ -516,7 +521,7 @@ def gemv(
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         INTERPRET=fused.INTERPRETED, num_warps=plan.num_warps, num_stages=plan.num_stages,
         # Explicit: Triton 3.9 warns that its default turns to no contraction in 3.10.
-        enable_fp_fusion=True,
+        enable_fp_fusion=True, **fused.pdl_options(x.device),
     )  # fmt: skip
     return out
 
