@@ -106,6 +106,12 @@ class ServerArgs:
         choices=PREFILL_ATTENTION_BACKENDS,
     )
     disable_cuda_graph: bool = _opt(False, "run without CUDA graphs (decode and piecewise)")
+    disable_overlap_schedule: bool = _opt(
+        False,
+        "run each decode step to the end before scheduling the next (by default the next decode "
+        "step is launched, its input the previous step's tokens on the GPU, while the host "
+        "processes the previous step's results)",
+    )
     cuda_graph_max_bs: int = _opt(160, "largest decode batch captured in a CUDA graph")
     piecewise_cuda_graph_max_tokens: int = _opt(
         256, "largest extend step (new tokens) run through per-layer CUDA graphs; 0: none"

@@ -25,6 +25,10 @@ class ScheduleBatch:
     mode: ForwardMode
     reqs: list[Req]
     num_new: list[int]  # tokens each request runs this step, from its kv_len cursor
+    # Decode steps scheduled while the previous step is in flight (overlap scheduling): the
+    # requests' cursors do not count that step yet, so this step runs position kv_len + ahead,
+    # and its input tokens are the previous step's samples, still on the device.
+    ahead: int = 0
 
     def samples(self, i: int) -> bool:
         """Whether request ``i`` reaches the end of its tokens this step (and so samples)."""
@@ -36,8 +40,16 @@ class ScheduleBatch:
         return sum(self.num_new)
 
     def to_forward_batch(
-        self, kv_pool: KVPool, table: ReqToPageTable, attn_backend: AttentionBackend
+        self,
+        kv_pool: KVPool,
+        table: ReqToPageTable,
+        attn_backend: AttentionBackend,
+        input_ids: torch.Tensor | None = None,
     ) -> ForwardBatch:
+        """The step's device-side batch. ``input_ids`` (a step with ``ahead``): the tokens on
+        the device, one per request, in place of ``req.tokens``."""
+        if self.ahead and (input_ids is None or self.mode is not ForwardMode.DECODE):
+            raise ValueError("a step scheduled ahead is a decode step with device input ids")
         ps = kv_pool.page_size
         device = kv_pool.device
         ids: list[int] = []
@@ -49,8 +61,9 @@ class ScheduleBatch:
         logits_indices: list[int] = []
         offset = 0
         for i, (req, n) in enumerate(zip(self.reqs, self.num_new)):
-            start = req.kv_len
-            ids.extend(req.tokens[start : start + n])
+            start = req.kv_len + self.ahead
+            # Placeholders when the ids come from the device (keeps the one-copy layout).
+            ids.extend(req.tokens[start : start + n] if input_ids is None else [0] * n)
             if n <= _PY_SLOTS_MAX:
                 # Decode and short extends: plain integers (a decode step of 128 sequences
                 # would otherwise make ~5 small tensors per sequence on the host).
@@ -94,13 +107,19 @@ class ScheduleBatch:
                 ),
             )
         )
-        dev = host.to(device)
+        if device.type == "cuda":
+            # From pinned memory: an asynchronous copy, which does not wait for a step still
+            # running on the GPU (overlap scheduling); the caching host allocator keeps the
+            # buffer until the copy is done.
+            dev = host.pin_memory().to(device, non_blocking=True)
+        else:
+            dev = host.to(device)
         o = 3 * t
         rows = dev[o + nl : o + nl + b]
         max_pages = (max(seq_lens) + ps - 1) // ps
         fb = ForwardBatch(
             mode=self.mode,
-            input_ids=dev[:t],
+            input_ids=dev[:t] if input_ids is None else input_ids,
             positions=dev[t : 2 * t],
             out_cache_loc=dev[2 * t : o],
             seq_lens=dev[o + nl + b :].to(torch.int32),

@@ -12,6 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,6 +44,18 @@ class QueueFullError(RuntimeError):
     """More requests wait than --max-queued-requests allows (HTTP 429)."""
 
 
+@dataclass
+class _InFlight:
+    """A launched step: its batch, the requests that sample, and their tokens (on the device,
+    and the host copy that lands when ``done`` has passed; ``done`` None: already there)."""
+
+    batch: ScheduleBatch
+    sampled: list[Req]
+    ids: torch.Tensor | None
+    host_ids: torch.Tensor | None
+    done: torch.cuda.Event | None
+
+
 class Scheduler:
     def __init__(self, args: ServerArgs, runner: ModelRunner, tokenizer: Any = None) -> None:
         self.args = args
@@ -69,6 +82,8 @@ class Scheduler:
             "cached_tokens": 0,
             "retractions": 0,
             "forward_steps": 0,
+            # Decode steps launched while the previous one was still running (overlap).
+            "decode_steps_ahead": 0,
             "load_failures_recovered": 0,
             # Prefix tokens served by copying the head of a cached page (see _admit), and the
             # slots of such pages that came from L2 but were not used.
@@ -77,6 +92,8 @@ class Scheduler:
         }
         self.cached_tokens_by_tier: dict[str, int] = {}
         self._outputs: list[ReqOutput] = []
+        self.overlap = not args.disable_overlap_schedule
+        self._inflight: _InFlight | None = None  # a launched decode step not yet processed
 
     def _build_cache(self) -> RadixCache:
         args, pool = self.args, self.runner.kv_pool
@@ -160,16 +177,40 @@ class Scheduler:
         return False
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._inflight)
 
     def step(self) -> list[ReqOutput]:
-        """Run one forward pass (if there is work) and return what it produced."""
+        """Run one forward pass (if there is work) and return what it produced.
+
+        Overlap scheduling: a decode step is left running on the device; the next call
+        launches the step after it (when ``_schedule_ahead`` can) before taking the first one's
+        results, so the host's work per step (sampling results, stop checks, detokenizing,
+        scheduling, the next step's inputs) overlaps the device's."""
         self.cache.poll()
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            ahead = self._schedule_ahead(prev)
+            if ahead is not None:
+                assert prev.ids is not None
+                self._inflight = self._launch(ahead, input_ids=prev.ids)
+                self.counters["decode_steps_ahead"] += 1
+            self._process(prev)
+            if ahead is not None:
+                return self._take_outputs()
         batch = self._schedule_extend() or self._schedule_decode()
         if batch is not None:
             self._run(batch)
+        return self._take_outputs()
+
+    def _take_outputs(self) -> list[ReqOutput]:
         outputs, self._outputs = self._outputs, []
         return outputs
+
+    def finish_inflight(self) -> None:
+        """Take the results of a step left in flight (overlap scheduling), if any."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            self._process(prev)
 
     # ------------------------------------------------------------------ scheduling
     def _alloc(self, n: int) -> list[int] | None:
@@ -393,33 +434,96 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ------------------------------------------------------------------ running a step
-    def _run(self, batch: ScheduleBatch) -> None:
+    def _launch(
+        self, batch: ScheduleBatch, input_ids: torch.Tensor | None = None
+    ) -> _InFlight | None:
+        """Enqueue the step's forward pass and sampling on the device; nothing waits for them.
+        None when a tier load failed (the step is not run; see _recover_failed_load)."""
         try:
             wait_layer = self.cache.start_loads()
         except LoadError as e:
             self._recover_failed_load(e)
-            return
-        fb = batch.to_forward_batch(self.runner.kv_pool, self.table, self.runner.attn_backend)
+            return None
+        pool = self.runner.kv_pool
+        fb = batch.to_forward_batch(pool, self.table, self.runner.attn_backend, input_ids)
         fb.wait_layer = self._with_tail_copies(batch, wait_layer)
         logits = self.runner.forward(fb)
-        sampled_reqs = [r for i, r in enumerate(batch.reqs) if batch.samples(i)]
-        next_ids: list[int] = []
-        if sampled_reqs:
-            ids = sample(
-                logits,
-                [r.sampling for r in sampled_reqs],
-                [r.generator for r in sampled_reqs],
-                self.generator,
-            )
-            next_ids = ids.tolist()
+        sampled = [r for i, r in enumerate(batch.reqs) if batch.samples(i)]
         self.counters["forward_steps"] += 1
+        if not sampled:
+            return _InFlight(batch, sampled, None, None, None)
+        ids = sample(
+            logits,
+            [r.sampling for r in sampled],
+            [r.generator for r in sampled],
+            self.generator,
+        )
+        if ids.device.type != "cuda":
+            return _InFlight(batch, sampled, ids, ids, None)
+        # To pinned memory without waiting; the event marks when the copy has landed.
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _InFlight(batch, sampled, ids, host, done)
+
+    def _process(self, step: _InFlight) -> None:
+        """Take a launched step's results: advance the cursors, cache prefixes, append the
+        sampled tokens (which may finish requests). Requests that finished or were aborted
+        while the step was in flight (overlap scheduling) are skipped: their token is dropped."""
+        if step.done is not None:
+            step.done.synchronize()
+        next_ids = step.host_ids.tolist() if step.host_ids is not None else []
+        batch = step.batch
         for req, n in zip(batch.reqs, batch.num_new):
-            req.kv_len += n
+            if not req.finished:
+                req.kv_len += n
         if batch.mode is ForwardMode.EXTEND and self.use_cache:
             for req in batch.reqs:
-                self._cache_prefix(req)
-        for req, token in zip(sampled_reqs, next_ids):
-            self._append_token(req, token)
+                if not req.finished:
+                    self._cache_prefix(req)
+        for req, token in zip(step.sampled, next_ids):
+            if not req.finished:
+                self._append_token(req, token)
+
+    def _run(self, batch: ScheduleBatch) -> None:
+        """Launch a step and, unless it is a decode step that overlap scheduling leaves in
+        flight, take its results now."""
+        step = self._launch(batch)
+        if step is None:
+            return
+        if self.overlap and batch.mode is ForwardMode.DECODE:
+            self._inflight = step
+        else:
+            self._process(step)
+
+    def _schedule_ahead(self, prev: _InFlight) -> ScheduleBatch | None:
+        """The next decode step, scheduled while ``prev`` (a decode step) is still running, or
+        None when it cannot be: the same requests, each one position further, its input the
+        token ``prev`` samples for it. Only in the steady state: nobody waiting for admission,
+        every running request in ``prev`` and none that ``prev``'s token will stop by length
+        (a stop token or string is only known once ``prev`` is processed: that request's step
+        ahead is then dropped). No retraction: when a request lacks a page, None."""
+        reqs = prev.batch.reqs
+        if (
+            prev.batch.mode is not ForwardMode.DECODE
+            or self.waiting
+            or len(reqs) != len(self.running)
+            or len(prev.sampled) != len(reqs)
+        ):
+            return None
+        for req in reqs:
+            if (
+                req.finished
+                or req.tail_copy is not None
+                or len(req.output_ids) + 1 >= req.sampling.max_new_tokens
+                or len(req.tokens) + 1 >= self.context_length
+            ):
+                return None
+        for req in reqs:
+            if not self._grow(req, 2):
+                return None
+        return ScheduleBatch(ForwardMode.DECODE, list(reqs), [1] * len(reqs), ahead=1)
 
     def _with_tail_copies(
         self, batch: ScheduleBatch, wait_layer: Callable[[int], None] | None
