@@ -347,18 +347,21 @@ def test_piecewise_graph_batches_equal_recompute(reference, concurrent):
             runner.piecewise_runner = PiecewiseGraphRunner(
                 runner, max_tokens=48, max_bs=3, max_pages=runner.max_pages_per_req, capture=False
             )
-            assert runner.piecewise_runner.token_sizes == [1, 2, 4, 8, 16, 32, 48]
-            assert runner.piecewise_runner.batch_sizes == [1, 2, 3]
+            pw = runner.piecewise_runner
+            assert pw.token_sizes == [1, 2, 4, 8, 16, 32, 48]
+            assert pw.batch_sizes == [1, 2, 3]
+            assert pw.bucket(1, 1) == (1, 1) and pw.bucket(3, 3) == (4, 3)
+            assert pw.bucket(17, 2) == (32, 2)
+            assert not pw._reachable(1, 2) and not pw._reachable(2, 3) and pw._reachable(4, 3)
         pw = runner.piecewise_runner
         # Every step (t >= b: each sequence has a token) lands in a bucket that gets captured;
         # the ones no step can reach (fewer tokens than sequences) are skipped.
-        assert (
-            pw.bucket(1, 1) == (1, 1) and pw.bucket(3, 3) == (4, 3) and pw.bucket(17, 2) == (32, 2)
-        )
         assert all(
-            pw._reachable(*pw.bucket(t, b)) for t in range(1, 49) for b in range(1, 4) if b <= t
+            pw._reachable(*pw.bucket(t, b))
+            for t in range(1, pw.max_tokens + 1)
+            for b in range(1, pw.max_bs + 1)
+            if b <= t
         )
-        assert not pw._reachable(1, 2) and not pw._reachable(2, 3) and pw._reachable(4, 3)
         calls = []
         run = pw.run
 
