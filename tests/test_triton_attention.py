@@ -6,6 +6,7 @@ Data is random everywhere, the pool included (never zeros), page ids are random 
 non-contiguous, and every output is poisoned with NaN first, so an unwritten element fails.
 """
 
+import functools
 import os
 import re
 
@@ -443,7 +444,8 @@ def test_extend_split_tiles() -> None:
 
 
 def test_choose_extend_kv_splits() -> None:
-    f = K.choose_extend_kv_splits
+    # The rule's arithmetic at one program an SM and at most 32 splits (the old defaults).
+    f = functools.partial(K.choose_extend_kv_splits, programs_per_sm=1, max_splits=32)
     # Qwen3-30B-A3B (32 q / 4 kv heads), one sequence, 64 new tokens: 32 one-pass programs;
     # split tiles of 16 queries x 8 heads give 4 x 4 = 16 programs a split, 132 // 16 = 8.
     assert f(1, 32, 4, 64, 32768 + 64) == 8
@@ -467,6 +469,14 @@ def test_choose_extend_kv_splits() -> None:
     assert f(1, 32, 4, 64, 32768, block_rows=64) == 4  # 8 x 4 = 32 programs a split
     assert f(1, 32, 4, 64, 32768, block_rows=16) == 1  # 32 x 4 = 128 programs a split
     assert f(0, 32, 4, 64, 32768) == f(1, 32, 4, 0, 32768) == 1
+    # The defaults: four programs an SM, up to 128 splits (an H200 timed 32 / 64 / 128 splits
+    # for one new token after 64K keys: 126.6 / 113.7 / 69.9 us).
+    g = K.choose_extend_kv_splits
+    assert g(1, 32, 4, 1, 65536) == 128  # 4 programs a split: 528 // 4 = 132, capped at 128
+    assert g(1, 32, 4, 1, 32768) == 64  # 512 keys a split at least
+    assert g(1, 32, 4, 64, 81920 + 64) == 33  # 16 programs a split: 528 // 16
+    assert g(1, 32, 4, 256, 32768) == 8  # 64 programs a split
+    assert g(8, 32, 4, 64, 32768) == 1  # the one-pass grid fills the GPU
 
 
 def test_extend_backend_splits_and_graph_hooks() -> None:

@@ -143,7 +143,7 @@ class TritonAttention(AttentionBackend):
         num_sms: int | None = None,
         extend_config: KernelConfig | None = None,
         decode_config: KernelConfig | None = None,
-        max_extend_splits: int = 32,
+        max_extend_splits: int = 128,
         min_extend_split_len: int = 512,
         extend_split_config: KernelConfig | None = None,
         dense_prefill: bool | None = None,
