@@ -6,7 +6,6 @@ Data is random everywhere, the pool included (never zeros), page ids are random 
 non-contiguous, and every output is poisoned with NaN first, so an unwritten element fails.
 """
 
-import functools
 import os
 import re
 
@@ -444,8 +443,7 @@ def test_extend_split_tiles() -> None:
 
 
 def test_choose_extend_kv_splits() -> None:
-    # The rule's arithmetic at one program an SM and at most 32 splits (the old defaults).
-    f = functools.partial(K.choose_extend_kv_splits, programs_per_sm=1, max_splits=32)
+    f = K.choose_extend_kv_splits
     # Qwen3-30B-A3B (32 q / 4 kv heads), one sequence, 64 new tokens: 32 one-pass programs;
     # split tiles of 16 queries x 8 heads give 4 x 4 = 16 programs a split, 132 // 16 = 8.
     assert f(1, 32, 4, 64, 32768 + 64) == 8
@@ -455,8 +453,13 @@ def test_choose_extend_kv_splits() -> None:
     assert f(1, 32, 4, 64, 2048, min_split_len=256) == 8
     assert f(1, 32, 4, 64, 1000) == 1  # KV too short to split
     assert f(1, 32, 4, 64, 64) == 1
-    assert f(1, 32, 4, 1, 32768) == 32  # one query: 4 programs a split; max_splits bounds it
+    # One query tile (up to 16 queries here): 4 programs a split, four waves' worth of them:
+    # 528 // 4 = 132 splits, bounded by max_splits, or by 512 keys a split.
+    assert f(1, 32, 4, 1, 81920) == f(1, 32, 4, 16, 65536 + 16) == 128
+    assert f(1, 32, 4, 1, 32768) == 64
+    assert f(1, 32, 4, 1, 81920, single_tile_programs_per_sm=1) == 33
     assert f(1, 32, 4, 1, 32768, max_splits=8) == 8
+    assert f(1, 32, 4, 17, 65536) == 16  # two tiles: 8 programs a split, one wave
     assert f(2, 32, 4, 64, 32768) == 4  # 64 one-pass programs; 32 a split
     # 96 one-pass programs; 48 a split fit twice: as many programs, each over half the keys.
     assert f(3, 32, 4, 64, 32768) == 2
@@ -464,19 +467,14 @@ def test_choose_extend_kv_splits() -> None:
     assert f(1, 32, 4, 8192, 81920) == 1  # a long extend fills the GPU by itself
     assert f(1, 32, 4, 512, 32768) == 1  # 4 x 32 = 128 one-pass; 32 x 4 = 128 a split: 1 fits
     assert f(1, 32, 4, 256, 32768) == 2  # 64 one-pass; 16 x 4 = 64 a split
-    assert f(1, 8, 8, 64, 32768) == 16  # MHA: 64-query tiles, 8 programs a split
+    # MHA: one tile of 64 queries per head, 8 programs a split; four waves: 528 // 8 = 66, and
+    # 512 keys a split at least: 64. With 129 queries, two tiles and one wave: 132 // 16 = 8.
+    assert f(1, 8, 8, 64, 32768) == 64
+    assert f(1, 8, 8, 129, 32768) == 8
     assert f(1, 32, 4, 64, 32768, num_sms=264) == 16
     assert f(1, 32, 4, 64, 32768, block_rows=64) == 4  # 8 x 4 = 32 programs a split
     assert f(1, 32, 4, 64, 32768, block_rows=16) == 1  # 32 x 4 = 128 programs a split
     assert f(0, 32, 4, 64, 32768) == f(1, 32, 4, 0, 32768) == 1
-    # The defaults: four programs an SM, up to 128 splits (an H200 timed 32 / 64 / 128 splits
-    # for one new token after 64K keys: 126.6 / 113.7 / 69.9 us).
-    g = K.choose_extend_kv_splits
-    assert g(1, 32, 4, 1, 65536) == 128  # 4 programs a split: 528 // 4 = 132, capped at 128
-    assert g(1, 32, 4, 1, 32768) == 64  # 512 keys a split at least
-    assert g(1, 32, 4, 64, 81920 + 64) == 33  # 16 programs a split: 528 // 16
-    assert g(1, 32, 4, 256, 32768) == 8  # 64 programs a split
-    assert g(8, 32, 4, 64, 32768) == 1  # the one-pass grid fills the GPU
 
 
 def test_extend_backend_splits_and_graph_hooks() -> None:

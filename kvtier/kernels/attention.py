@@ -932,7 +932,8 @@ def choose_extend_kv_splits(
     block_rows: int = 128,
     max_splits: int = 128,
     min_split_len: int = 512,
-    programs_per_sm: int = 4,
+    programs_per_sm: int = 1,
+    single_tile_programs_per_sm: int = 4,
 ) -> int:
     """Split count for extend: 1 (the one-pass kernel) unless its grid is too small.
 
@@ -950,13 +951,16 @@ def choose_extend_kv_splits(
 
     ``block_rows`` must be the split kernel's ``block_m`` (``default_extend_split_config``).
     E.g. 32 q / 4 kv heads, 1 sequence extending 64 tokens after a 32K prefix on 132 SMs: 32
-    one-pass programs; split tiles of 16 queries x 8 heads, 4 x 4 = 16 programs a split: 33.
+    one-pass programs; split tiles of 16 queries x 8 heads, 4 x 4 = 16 programs a split: 8.
 
-    Four programs an SM by default: a split program streams its keys with little else in
-    flight, so more, shorter splits than one wave fills keep more loads going. On an H200
-    (benchmarks/bench_attention.py --mode short-extend, bf16, 1 new token, stage 2 included)
-    after 64K keys: 126.6 us at 32 splits, 113.7 at 64, 69.9 at 128; after 80K: 133.4, 114.7,
-    79.8. One query is 4 programs a split here, so 4 an SM gives those 128.
+    An extend that fits one query tile (like the last token of a prompt found whole in the
+    cache) has so few programs a split that one wave of them leaves most SMs with one program
+    streaming keys with little in flight: it takes ``single_tile_programs_per_sm`` waves'
+    worth instead. On an H200 (benchmarks/bench_attention.py --mode short-extend, bf16, stage 2
+    included, one run each), 1 new token after 64K keys: 126.6 us at 32 splits, 113.7 at 64,
+    69.9 at 128 (after 80K: 133.4, 114.7, 79.8); 64 new tokens after 64K keys (4 tiles): 249.8
+    us at 8 splits against 277.0 at 33 (after 80K: 305.6 against 326.7), so more waves there
+    did not pay.
     """
     if batch_size <= 0 or max_extend_len <= 0 or max_seq_len <= 0:
         return 1
@@ -965,13 +969,10 @@ def choose_extend_kv_splits(
         return 1
     group = max(1, num_q_heads // max(1, num_kv_heads))
     block_q, block_g = extend_split_tiles(group, max_extend_len, block_rows)
-    per_split = (
-        batch_size
-        * triton.cdiv(max_extend_len, block_q)
-        * num_kv_heads
-        * triton.cdiv(group, block_g)
-    )
-    splits = min(programs_per_sm * num_sms // per_split, max_seq_len // min_split_len, max_splits)
+    query_tiles = triton.cdiv(max_extend_len, block_q)
+    per_split = batch_size * query_tiles * num_kv_heads * triton.cdiv(group, block_g)
+    waves = single_tile_programs_per_sm if query_tiles == 1 else programs_per_sm
+    splits = min(waves * num_sms // per_split, max_seq_len // min_split_len, max_splits)
     return splits if splits >= 2 else 1
 
 
