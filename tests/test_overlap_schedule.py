@@ -102,3 +102,19 @@ def test_abort_while_a_step_is_in_flight(overlapped):
     assert got["r1"][0] == full["r1"][0][: len(got["r1"][0])]
     assert len(got["r1"][0]) < 20
     assert got["r0"] == full["r0"] and got["r2"] == full["r2"]
+
+
+def test_a_request_stopping_by_length_leaves_the_others_ahead(overlapped, plain):
+    # Two requests decode together; the first stops by length after 3 tokens. The step after
+    # its last one goes ahead without it: every decode step but the first runs ahead.
+    prompts = _prompts(2, seed=5)
+    params = [{"temperature": 0, "max_new_tokens": n, "ignore_eos": True} for n in (3, 10)]
+    want, _ = _run(plain, params, prompts)
+    s = overlapped.scheduler
+    steps = s.counters["forward_steps"]
+    got, ahead = _run(overlapped, params, prompts)
+    assert got == want
+    # One extend step (both prompts), then 9 decode steps for the second request's tokens
+    # 2..10; all but the first of them launched ahead.
+    assert s.counters["forward_steps"] - steps == 10
+    assert ahead == 8

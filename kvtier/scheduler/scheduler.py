@@ -191,8 +191,7 @@ class Scheduler:
         if prev is not None:
             ahead = self._schedule_ahead(prev)
             if ahead is not None:
-                assert prev.ids is not None
-                self._inflight = self._launch(ahead, input_ids=prev.ids)
+                self._inflight = self._launch(*ahead)
                 self.counters["decode_steps_ahead"] += 1
             self._process(prev)
             if ahead is not None:
@@ -497,33 +496,46 @@ class Scheduler:
         else:
             self._process(step)
 
-    def _schedule_ahead(self, prev: _InFlight) -> ScheduleBatch | None:
-        """The next decode step, scheduled while ``prev`` (a decode step) is still running, or
-        None when it cannot be: the same requests, each one position further, its input the
-        token ``prev`` samples for it. Only in the steady state: nobody waiting for admission,
-        every running request in ``prev`` and none that ``prev``'s token will stop by length
-        (a stop token or string is only known once ``prev`` is processed: that request's step
-        ahead is then dropped). No retraction: when a request lacks a page, None."""
+    def _schedule_ahead(self, prev: _InFlight) -> tuple[ScheduleBatch, torch.Tensor] | None:
+        """The next decode step and its input ids, scheduled while ``prev`` (a decode step) is
+        still running, or None when it cannot be: ``prev``'s requests, each one position
+        further, its input the token ``prev`` samples for it (on the device). Only in the
+        steady state: nobody waiting for admission and every running request in ``prev``.
+        A request that ``prev``'s token stops by length is left out; one that a stop token or
+        string stops is only known once ``prev`` is processed, and its step ahead is then
+        dropped. No retraction: when a request lacks a page, None."""
         reqs = prev.batch.reqs
         if (
             prev.batch.mode is not ForwardMode.DECODE
+            or prev.ids is None
             or self.waiting
             or len(reqs) != len(self.running)
             or len(prev.sampled) != len(reqs)
         ):
             return None
-        for req in reqs:
+        keep: list[int] = []
+        for i, req in enumerate(reqs):
+            if req.finished or req.tail_copy is not None:
+                return None
             if (
-                req.finished
-                or req.tail_copy is not None
-                or len(req.output_ids) + 1 >= req.sampling.max_new_tokens
-                or len(req.tokens) + 1 >= self.context_length
+                len(req.output_ids) + 1 < req.sampling.max_new_tokens
+                and len(req.tokens) + 1 < self.context_length
             ):
+                keep.append(i)
+        if not keep:
+            return None
+        for i in keep:
+            if not self._grow(reqs[i], 2):
                 return None
-        for req in reqs:
-            if not self._grow(req, 2):
-                return None
-        return ScheduleBatch(ForwardMode.DECODE, list(reqs), [1] * len(reqs), ahead=1)
+        ids = prev.ids
+        if len(keep) < len(reqs):
+            index = torch.tensor(keep, dtype=torch.int64)
+            if ids.is_cuda:
+                # Pinned and asynchronous: a pageable copy would wait for the running step.
+                index = index.pin_memory().to(ids.device, non_blocking=True)
+            ids = ids[index]
+        batch = ScheduleBatch(ForwardMode.DECODE, [reqs[i] for i in keep], [1] * len(keep), ahead=1)
+        return batch, ids
 
     def _with_tail_copies(
         self, batch: ScheduleBatch, wait_layer: Callable[[int], None] | None
