@@ -489,6 +489,9 @@ def test_metrics_parse_and_move(http):
     assert delta("kvtier:inter_token_latency_seconds_count") == 10
     assert delta("kvtier:e2e_request_latency_seconds_count") == 2
     assert delta("kvtier:forward_steps_total") > 0
+    # Overlap scheduling: each request's decode steps for tokens 3..6 go ahead of the previous
+    # step's results (the first decode step, for token 2, follows the prefill's).
+    assert delta("kvtier:decode_steps_ahead_total") == 8
     assert 0 < after[("kvtier:cache_hit_rate", ())] <= 1
     assert after[("kvtier:gpu_pool_total_tokens", ())] > 0
     assert ("kvtier:l2_total_tokens", ()) not in after  # no L2 on this server

@@ -806,6 +806,19 @@ class Scheduler:
         for req in self.waiting:
             if req.pages or req.row is not None:
                 raise IntegrityError(f"waiting request {req.rid} holds pages")
+        if self._inflight is not None:
+            # The step in flight is the only one not processed: its tokens sit at kv_len onward.
+            step = self._inflight.batch
+            for req, n in zip(step.reqs, step.num_new):
+                if req.finished:
+                    continue
+                if req not in self.running:
+                    raise IntegrityError(f"request {req.rid} of the step in flight is not running")
+                if len(req.pages) * self.page_size < req.kv_len + n:
+                    raise IntegrityError(
+                        f"request {req.rid} of the step in flight has no slot for position "
+                        f"{req.kv_len + n - 1}"
+                    )
         free = self.allocator.free_pages()
         everything = tree_pages + owned + free
         expected = set(range(1, self.allocator.num_pages))

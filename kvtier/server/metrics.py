@@ -39,6 +39,10 @@ _COUNTERS = {
     "loaded_bytes": ("loaded_bytes", "bytes loaded from L2 into the GPU pool"),
     "backed_up_bytes": ("backed_up_bytes", "bytes backed up from the GPU pool to L2"),
     "forward_steps": ("forward_steps", "forward passes run"),
+    "decode_steps_ahead": (
+        "decode_steps_ahead",
+        "decode steps launched while the previous step was still running (overlap scheduling)",
+    ),
     "retractions": ("retractions", "running requests sent back to the queue (out of pages)"),
     "tail_tokens_copied": (
         "tail_tokens_copied",
