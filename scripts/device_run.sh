@@ -10,8 +10,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"tests check tier_io ttft engine diag server"}
-# Also: profile (where prefill / decode time goes), hitprof (a tier hit and a GPU hit at 1K and
-# 64K tokens), moe, attn, dattn, gemv (kernel sweeps), ktests (kernel tests).
+# Also: engine8b (bench_engine on Qwen3-8B), profile (where prefill / decode time goes), hitprof
+# (a tier hit and a GPU hit at 1K and 64K tokens), moe, attn, dattn, gemv (kernel sweeps),
+# ktests (kernel tests).
 step() {  # step NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
   case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -32,8 +33,10 @@ step ttft "${T_TTFT:-300}" env KVTIER_XMEM_STANDIN=1 KVTIER_XMEM_STANDIN_DEVICES
   --lengths "${LENGTHS:-1K,10K,20K,30K,40K,50K,60K,70K,80K,90K}" --num-prompts 1 \
   --hicache-size 20 --mem-fraction-static 0.85 ${GPU_HIT:---no-gpu-hit} \
   --hicache-io-backend "${IO:-kernel}" --output-dir "$OUT/ttft"
-step engine "${T_ENGINE:-130}" python3 benchmarks/bench_engine.py --prefill 16K,80K \
+step engine "${T_ENGINE:-150}" python3 benchmarks/bench_engine.py --prefill 4K,16K,80K \
   --decode-batch 1,32,128 --output "$OUT/bench_engine.json"
+step engine8b "${T_ENGINE8B:-150}" python3 benchmarks/bench_engine.py --model Qwen/Qwen3-8B \
+  --prefill 4K,16K,80K --decode-batch 1,32,128 --output "$OUT/bench_engine_8b.json"
 step diag "${T_DIAG:-110}" python3 scripts/diag_tier_hit.py --tokens 81920 --tier dram \
   --io-backend "${IO:-kernel}" --trace-dir /tmp/trace
 step server "${T_SERVER:-150}" python3 scripts/server_check.py --log "$OUT/server_process.log"
