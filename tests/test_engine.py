@@ -109,6 +109,8 @@ def test_gpu_hit_tail_is_copied_for_all_layers_before_the_step(reference):
     """With no load in flight the tail is copied for every layer when the step is prepared
     (one op over the layer axis) and the forward gets no per-layer hook: it runs as a step
     without tiers would, which lets the q/k kernel store the new KV itself."""
+    from kvtier.runner.forward_batch import ForwardMode
+
     p = prompts(1, 40, seed=8)[0]
     want = reference.generate(input_ids=p, sampling_params=GREEDY)["output_ids"]
     with make(page_size=4) as e:
@@ -132,6 +134,9 @@ def test_gpu_hit_tail_is_copied_for_all_layers_before_the_step(reference):
         assert out["meta_info"]["cached_tokens_by_tier"] == {"device": 39}
         assert len(copies) == 1 and len(copies[0][0]) == 3  # the 3 tail slots, once
         assert [w for _, w in seen] == [None] * len(seen)
+        # The prompt's one new token runs as a decode batch (the decode graph on CUDA), and so
+        # does every step after it.
+        assert [m for m, _ in seen] == [ForwardMode.DECODE] * len(seen)
         e.check_integrity()
 
 

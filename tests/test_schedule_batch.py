@@ -4,6 +4,7 @@ the detokenizer's fast decode path."""
 
 import random
 
+import pytest
 import torch
 
 from kvtier.attention.torch_backend import TorchAttention
@@ -96,3 +97,32 @@ def test_detokenizer_fast_path_decodes_as_the_tokenizer():
         detok.update(req)
     req.finish = None
     assert req.output_text == tok.decode(req.output_ids, skip_special_tokens=True)
+
+
+def test_one_token_extend_as_decode_and_step_ahead():
+    pool = KVPool(64, PS, 1, 1, 8, torch.float32, "cpu")
+    table = ReqToPageTable(8, 16, "cpu")
+    # Prompts of 9 and 6 tokens with all but the last cached: one new token each.
+    reqs = [
+        _req(0, list(range(10, 19)), 8, [5, 9, 2], table),
+        _req(1, list(range(20, 26)), 5, [7, 3], table),
+    ]
+    sb = ScheduleBatch(ForwardMode.EXTEND, reqs, [1, 1])
+    fb = sb.to_forward_batch(pool, table, TorchAttention(), as_decode=True)
+    assert fb.mode is ForwardMode.DECODE and fb.extend_lens is None
+    assert fb.input_ids.tolist() == [18, 25]
+    assert fb.positions.tolist() == [8, 5] and fb.out_cache_loc.tolist() == [2 * PS, 3 * PS + 1]
+    assert fb.seq_lens.tolist() == [9, 6] and fb.logits_indices.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="one token a request"):
+        ScheduleBatch(ForwardMode.EXTEND, reqs, [1, 2]).to_forward_batch(
+            pool, table, TorchAttention(), as_decode=True
+        )
+    # The step after it, scheduled before its tokens are known: one position further, the
+    # input ids given on the device.
+    ahead = ScheduleBatch(ForwardMode.DECODE, reqs, [1, 1], ahead=1)
+    fb = ahead.to_forward_batch(pool, table, TorchAttention(), torch.tensor([77, 88]))
+    assert fb.input_ids.tolist() == [77, 88]
+    assert fb.positions.tolist() == [9, 6] and fb.out_cache_loc.tolist() == [2 * PS + 1, 3 * PS + 2]
+    assert fb.seq_lens.tolist() == [10, 7] and fb.logits_indices.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="scheduled ahead"):
+        ahead.to_forward_batch(pool, table, TorchAttention())

@@ -45,11 +45,17 @@ class ScheduleBatch:
         table: ReqToPageTable,
         attn_backend: AttentionBackend,
         input_ids: torch.Tensor | None = None,
+        as_decode: bool = False,
     ) -> ForwardBatch:
         """The step's device-side batch. ``input_ids`` (a step with ``ahead``): the tokens on
-        the device, one per request, in place of ``req.tokens``."""
+        the device, one per request, in place of ``req.tokens``. ``as_decode``: an EXTEND step
+        of one token a request (e.g. a prompt found whole in the cache) runs as a DECODE batch
+        (the decode CUDA graph: one launch instead of one a layer)."""
         if self.ahead and (input_ids is None or self.mode is not ForwardMode.DECODE):
             raise ValueError("a step scheduled ahead is a decode step with device input ids")
+        if as_decode and any(n != 1 for n in self.num_new):
+            raise ValueError("only a step of one token a request runs as a decode batch")
+        mode = ForwardMode.DECODE if as_decode else self.mode
         ps = kv_pool.page_size
         device = kv_pool.device
         ids: list[int] = []
@@ -118,7 +124,7 @@ class ScheduleBatch:
         rows = dev[o + nl : o + nl + b]
         max_pages = (max(seq_lens) + ps - 1) // ps
         fb = ForwardBatch(
-            mode=self.mode,
+            mode=mode,
             input_ids=dev[:t] if input_ids is None else input_ids,
             positions=dev[t : 2 * t],
             out_cache_loc=dev[2 * t : o],
@@ -129,7 +135,7 @@ class ScheduleBatch:
             attn_backend=attn_backend,
             seq_lens_cpu=seq_lens,
         )
-        if self.mode is ForwardMode.EXTEND:
+        if mode is ForwardMode.EXTEND:
             starts = [0]
             for n in self.num_new[:-1]:
                 starts.append(starts[-1] + n)

@@ -444,7 +444,17 @@ class Scheduler:
             self._recover_failed_load(e)
             return None
         pool = self.runner.kv_pool
-        fb = batch.to_forward_batch(pool, self.table, self.runner.attn_backend, input_ids)
+        # One new token a request and nothing to wait for (a prompt whose prefix is all on the
+        # GPU): the step is a decode step as far as the model is concerned. The batch keeps its
+        # mode for the bookkeeping (the prompt goes into the tree when it is processed).
+        as_decode = (
+            batch.mode is ForwardMode.EXTEND
+            and wait_layer is None
+            and all(n == 1 for n in batch.num_new)
+        )
+        fb = batch.to_forward_batch(
+            pool, self.table, self.runner.attn_backend, input_ids, as_decode=as_decode
+        )
         fb.wait_layer = self._with_tail_copies(batch, wait_layer)
         logits = self.runner.forward(fb)
         sampled = [r for i, r in enumerate(batch.reqs) if batch.samples(i)]
