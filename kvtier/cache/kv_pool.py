@@ -155,9 +155,12 @@ class ReqToPageTable:
                 f"request needs {start + len(pages)} pages; "
                 f"the table holds {self.max_pages_per_row}"
             )
-        self.table[row, start : start + len(pages)] = torch.tensor(pages, dtype=torch.int32).to(
-            self.table.device, non_blocking=True
-        )
+        src = torch.tensor(pages, dtype=torch.int32)
+        if self.table.is_cuda:
+            # Pinned: the copy is then truly asynchronous, never waiting for a step still
+            # running (overlap scheduling grows a request's pages while its step is in flight).
+            src = src.pin_memory()
+        self.table[row, start : start + len(pages)] = src.to(self.table.device, non_blocking=True)
 
     def reset(self) -> None:
         self.table.zero_()

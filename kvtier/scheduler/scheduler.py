@@ -205,12 +205,6 @@ class Scheduler:
         outputs, self._outputs = self._outputs, []
         return outputs
 
-    def finish_inflight(self) -> None:
-        """Take the results of a step left in flight (overlap scheduling), if any."""
-        prev, self._inflight = self._inflight, None
-        if prev is not None:
-            self._process(prev)
-
     # ------------------------------------------------------------------ scheduling
     def _alloc(self, n: int) -> list[int] | None:
         pages = self.allocator.alloc(n)
