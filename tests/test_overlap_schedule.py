@@ -118,3 +118,20 @@ def test_a_request_stopping_by_length_leaves_the_others_ahead(overlapped, plain)
     # 2..10; all but the first of them launched ahead.
     assert s.counters["forward_steps"] - steps == 10
     assert ahead == 8
+
+
+def test_engine_after_a_stop_in_flight_can_flush(overlapped):
+    # generate() returns once its request stopped on a token; the step ahead launched for it
+    # may still be in flight. Flushing the cache then is not refused, and nothing leaks.
+    p = _prompts(1, seed=6)[0]
+    free = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    tokens = overlapped.generate(input_ids=p, sampling_params=free)["output_ids"]
+    stop = dict(free, stop_token_ids=[tokens[5]])
+    out = overlapped.generate(input_ids=p, sampling_params=stop)
+    assert out["output_ids"] == tokens[: tokens.index(tokens[5]) + 1]
+    assert out["meta_info"]["finish_reason"]["type"] == "stop"
+    assert overlapped.scheduler._inflight is not None  # the step ahead, not yet processed
+    overlapped.check_integrity()
+    assert overlapped.flush_cache()
+    assert overlapped.scheduler._inflight is None and not overlapped.scheduler.has_work()
+    overlapped.check_integrity()

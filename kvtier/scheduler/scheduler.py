@@ -785,8 +785,12 @@ class Scheduler:
             return True
         if tier not in (None, "all"):
             raise ValueError(f"unknown cache tier {tier!r}; use 'device' or 'all'")
-        if self.has_work():
+        if self.waiting or self.running:
             return False
+        if self._inflight is not None:
+            # A step ahead whose requests all stopped meanwhile: nothing of it is kept.
+            self._process(self._inflight)
+            self._inflight = None
         self.cache.reset()
         return True
 
