@@ -31,6 +31,11 @@ the output cancels. float32 inputs agree with the loop path to ~1e-6 relative. N
 contraction and libdevice's ``expf`` (launch options shared with ``kvtier.kernels.fused``), so
 SiLU itself is the same function torch's CUDA kernel evaluates.
 
+Programmatic dependent launch (``fused.pdl_options``, Hopper): the gate/up kernel waits for the
+router first (its expert ids); the down kernel reads the ids and its first expert's weight tile
+before it waits for the gate/up kernel (the ids were written two kernels back, and the gate/up
+kernel lets the down kernel launch only once past its own wait).
+
 CUDA-graph safe: grids come from T, k and the weight shapes (host ints), nothing is read back,
 the outputs are ``torch.empty``. Expert and row offsets are int64 (a full layer's w13 is 400M
 elements, more for bigger models).

@@ -34,6 +34,11 @@ built around streaming it:
 Split-K is for problems with too few N blocks to fill the GPU (the router: N = 128); where
 cdiv(N, BLOCK_N) already gives ~2 programs per SM it only adds the partial round trip.
 
+Programmatic dependent launch (``fused.pdl_options``, Hopper): each program issues its first
+weight tile's load before it waits for the previous kernel (whose output is x), so the weight
+stream starts while that kernel finishes. The split-K partials and counters are touched only
+after the wait.
+
 Scratch and CUDA graphs. The partials and counters live in a module-level cache keyed by
 (device, N, splits, rows), allocated once (counters zeroed) and reused by every later launch of
 that size; every launch leaves the counters at zero, so a graph can replay it any number of
