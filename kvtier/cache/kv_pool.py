@@ -10,6 +10,16 @@ from __future__ import annotations
 import torch
 
 
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` (a CPU tensor) on ``device`` without the host waiting for the device: on CUDA
+    through pinned memory, so the copy is queued on the stream behind a step still running
+    (overlap scheduling) rather than waited for; the caching host allocator keeps the pinned
+    buffer until the copy is done. Elsewhere a plain copy."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 class PageAllocator:
     """Free list of KV pages (ids 1..num_pages-1).
 
@@ -155,12 +165,9 @@ class ReqToPageTable:
                 f"request needs {start + len(pages)} pages; "
                 f"the table holds {self.max_pages_per_row}"
             )
+        # Overlap scheduling grows a request's pages while its step is in flight.
         src = torch.tensor(pages, dtype=torch.int32)
-        if self.table.is_cuda:
-            # Pinned: the copy is then truly asynchronous, never waiting for a step still
-            # running (overlap scheduling grows a request's pages while its step is in flight).
-            src = src.pin_memory()
-        self.table[row, start : start + len(pages)] = src.to(self.table.device, non_blocking=True)
+        self.table[row, start : start + len(pages)] = to_device_async(src, self.table.device)
 
     def reset(self) -> None:
         self.table.zero_()

@@ -768,6 +768,7 @@ def _extend_attention_split(
     blocks_per_group = triton.cdiv(group, block_g)
     head_blocks = num_kv_heads * blocks_per_group
     grid = (triton.cdiv(max_extend_len, block_q), num_kv_splits * head_blocks, batch)
+    pdl = fused.pdl_options(q.device)
     _extend_split_stage1_kernel[grid](
         q, k_buf, v_buf, mid_o, mid_lse, block_table, seq_lens, extend_lens, extend_starts,
         prefix_lens, scale * _LOG2E, num_kv_splits, head_blocks,
@@ -777,7 +778,7 @@ def _extend_attention_split(
         GROUP=group, BLOCK_G=block_g, BLOCKS_PER_GROUP=blocks_per_group, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **fused.pdl_options(q.device),
+        num_stages=cfg.num_stages, **pdl,
     )  # fmt: skip
     # Stage 2 is a light, memory-bound pass: up to 4 queries x one head a program, merging
     # splits a chunk at a time (a [queries, splits, head_dim] tile of 32 x head_dim floats).
@@ -789,7 +790,7 @@ def _extend_attention_split(
         mid_lse.stride(0), mid_lse.stride(1),
         HEAD_DIM=head_dim, BLOCK_M=block_m2, BLOCK_N=cfg.block_n, INTERPRET=INTERPRETED,
         BLOCK_S=block_s, num_warps=4 if head_dim >= 128 else 2, num_stages=1,
-        **fused.pdl_options(q.device),
+        **pdl,
     )  # fmt: skip
     return out
 
@@ -870,6 +871,7 @@ def decode_attention(
     mo_strides = mid_o.stride()[:3] if mid_o is not None else (0, 0, 0)
     ml_strides = mid_lse.stride()[:2] if mid_lse is not None else (0, 0)
     qk_scale = scale * _LOG2E
+    pdl = fused.pdl_options(q.device)
     _decode_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_buf, v_buf, out, out if mid_o is None else mid_o, out if mid_lse is None else mid_lse,
         block_table, seq_lens, qk_scale, num_kv_splits,
@@ -879,7 +881,7 @@ def decode_attention(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SINGLE_SPLIT=single,
         DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **fused.pdl_options(q.device),
+        num_stages=cfg.num_stages, **pdl,
     )  # fmt: skip
     if mid_o is not None and mid_lse is not None:
         _decode_stage2_kernel[(batch, num_q_heads)](
@@ -888,7 +890,7 @@ def decode_attention(
             mid_lse.stride(0), mid_lse.stride(1),
             HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_kv_splits),
             BLOCK_N=cfg.block_n, num_warps=4 if head_dim >= 128 else 2, num_stages=1,
-            **fused.pdl_options(q.device),
+            **pdl,
         )  # fmt: skip
     return out
 

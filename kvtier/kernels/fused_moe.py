@@ -263,19 +263,20 @@ def fused_moe_small(
     block_i = block_i or tiles["block_i"]
     num_warps = num_warps or tiles["num_warps"]
     bn, bk = _block(inter, block_n), _block(hidden, block_k)
+    pdl = fused.pdl_options(x.device)
     _gate_up_kernel[(t * k, triton.cdiv(inter, bn))](
         # w13's up rows as a view: its pointer starts at row I of expert 0.
         x, w13, w13[:, inter:], ids, h,
         x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
         HIDDEN=hidden, INTER=inter, TOPK=k, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=fused.INTERPRETED,
-        num_warps=num_warps, **fused._EXACT, **fused.pdl_options(x.device),
+        num_warps=num_warps, **fused._EXACT, **pdl,
     )  # fmt: skip
     bh, bi = _block(hidden, block_h), _block(inter, block_i)
     _down_kernel[(t, triton.cdiv(hidden, bh))](
         h, w2, ids, weights, out,
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
         HIDDEN=hidden, INTER=inter, TOPK=k, BLOCK_H=bh, BLOCK_I=bi, INTERPRET=fused.INTERPRETED,
-        num_warps=num_warps, **fused._EXACT, **fused.pdl_options(x.device),
+        num_warps=num_warps, **fused._EXACT, **pdl,
     )  # fmt: skip
     return out
 

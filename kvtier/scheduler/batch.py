@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvtier.attention.backend import AttentionBackend
-from kvtier.cache.kv_pool import KVPool, ReqToPageTable
+from kvtier.cache.kv_pool import KVPool, ReqToPageTable, to_device_async
 from kvtier.runner.forward_batch import ForwardBatch, ForwardMode
 from kvtier.scheduler.request import Req
 
@@ -113,13 +113,7 @@ class ScheduleBatch:
                 ),
             )
         )
-        if device.type == "cuda":
-            # From pinned memory: an asynchronous copy, which does not wait for a step still
-            # running on the GPU (overlap scheduling); the caching host allocator keeps the
-            # buffer until the copy is done.
-            dev = host.pin_memory().to(device, non_blocking=True)
-        else:
-            dev = host.to(device)
+        dev = to_device_async(host, device)
         o = 3 * t
         rows = dev[o + nl : o + nl + b]
         max_pages = (max(seq_lens) + ps - 1) // ps

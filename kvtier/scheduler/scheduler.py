@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kvtier.cache.controller import LoadError
-from kvtier.cache.kv_pool import PageAllocator, ReqToPageTable
+from kvtier.cache.kv_pool import PageAllocator, ReqToPageTable, to_device_async
 from kvtier.cache.radix_cache import IntegrityError, MatchResult, RadixCache
 from kvtier.runner.forward_batch import ForwardMode
 from kvtier.runner.model_runner import ModelRunner
@@ -533,11 +533,7 @@ class Scheduler:
                 return None
         ids = prev.ids
         if len(keep) < len(reqs):
-            index = torch.tensor(keep, dtype=torch.int64)
-            if ids.is_cuda:
-                # Pinned and asynchronous: a pageable copy would wait for the running step.
-                index = index.pin_memory().to(ids.device, non_blocking=True)
-            ids = ids[index]
+            ids = ids[to_device_async(torch.tensor(keep, dtype=torch.int64), ids.device)]
         batch = ScheduleBatch(ForwardMode.DECODE, [reqs[i] for i in keep], [1] * len(keep), ahead=1)
         return batch, ids
 
