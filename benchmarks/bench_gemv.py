@@ -22,9 +22,19 @@ against the float64 product (a wrong one is reported, never ranked). Compiles do
 distinct configs for the default shapes and T in stage 1 (one compile per config and T, shared
 by the shapes), a few per shape and T in stage 2; Triton's disk cache makes a second run fast.
 
+--norm times the RMSNorm prologue (``gemv(..., norm=NormPrologue(...))``) instead: per call,
+``fused_add_rms_norm`` then cuBLAS, ``fused_add_rms_norm`` then gemv (two kernels), and the one
+gemv that computes the norm itself, for the qkv and router shapes at T = 1, 2, 4 (unless
+--shapes / --tokens say otherwise). The same weight copies and graphs as above; x and the residual
+are the same every call (L2 hits, as the previous kernel's output would be), the residual and
+(router: the MoE's experts read them) the normed rows written as in a layer. Also reported: how
+far the fused output is from the two-kernel one (the norm's sum of squares adds in another order
+on a GPU) and whether the new residual is bitwise the same.
+
     python benchmarks/bench_gemv.py                       # the table, default configs
     python benchmarks/bench_gemv.py --check               # also the max error vs float32
     python benchmarks/bench_gemv.py --sweep --tokens 1 4  # search configs per shape and T
+    python benchmarks/bench_gemv.py --norm                # the norm prologue vs norm + GEMM
 """
 
 from __future__ import annotations
@@ -69,14 +79,28 @@ SHAPES: dict[str, tuple[int, int]] = {
     "down_8b": (4096, 12288),
 }
 DEFAULT_SHAPES = ["qkv", "o", "router", "lm_head"]
+DEFAULT_TOKENS = [1, 2, 4, 8, 16]
+# --norm: the projections that follow a decoder layer's RMSNorm (input norm -> qkv, post-attention
+# norm -> the MoE router), at the decode row counts.
+NORM_SHAPES = ["qkv", "router"]
+NORM_TOKENS = [1, 2, 4]
+NORM_EPS = 1e-6
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 NUM_SMS = 132  # H200; the pruning only needs a rough count
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="rows of x")
-    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=DEFAULT_SHAPES)
+    p.add_argument(
+        "--tokens", type=int, nargs="+", default=None, help="rows of x (default: 1 2 4 8 16)"
+    )
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        choices=sorted(SHAPES),
+        default=None,
+        help="default: qkv o router lm_head (--norm: qkv router)",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--calls", type=int, default=20, help="calls per graph (at least)")
     p.add_argument("--min-mb", type=float, default=200.0, help="weight copies' total, MB")
@@ -85,8 +109,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-replays", type=int, default=3, help="timed replays per candidate")
     p.add_argument("--top", type=int, default=2, help="sweep: configs listed per shape and T")
     p.add_argument("--check", action="store_true", help="max error against the float32 product")
+    p.add_argument(
+        "--norm",
+        action="store_true",
+        help="time fused_add_rms_norm + GEMM against gemv with the norm in its prologue "
+        "(default shapes qkv router, T = 1 2 4)",
+    )
     p.add_argument("--output", type=Path, default=None, help="write the rows as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.norm and args.sweep:
+        p.error("--norm and --sweep are separate runs")
+    if args.shapes is None:
+        args.shapes = NORM_SHAPES if args.norm else DEFAULT_SHAPES
+    if args.tokens is None:
+        args.tokens = NORM_TOKENS if args.norm else DEFAULT_TOKENS
+    return args
 
 
 def gemv_module() -> ModuleType:
@@ -246,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     hbm = hbm_gbps()
     print(f"device-to-device copy: {hbm:.0f} GB/s of HBM traffic (read + write): the ceiling\n")
 
+    if args.norm:
+        return run_norm(args, mod, dtype, hbm)
+
     rows: list[dict[str, Any]] = []
     sweeps: list[dict[str, Any]] = []
     failures = 0
@@ -366,6 +406,126 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"\nwrote {args.output}")
     return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------- --norm
+def norm_sides(
+    mod: ModuleType,
+    fused: ModuleType,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    nw: torch.Tensor,
+    weights: torch.Tensor,
+    prologue: Any,
+) -> dict[str, Callable[[int], torch.Tensor]]:
+    """The three ways --norm times call i (on weight copy i % copies): the norm kernel then
+    cuBLAS, the norm kernel then gemv, gemv with the norm in its prologue."""
+    copies = weights.shape[0]
+
+    def two_kernels(gemm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], i: int):
+        normed, _ = fused.fused_add_rms_norm(x, residual, nw, NORM_EPS)
+        return gemm(normed, weights[i % copies])
+
+    return {
+        "norm_cublas": lambda i: two_kernels(F.linear, i),
+        "norm_gemv": lambda i: two_kernels(mod.gemv, i),
+        "fused": lambda i: mod.gemv(x, weights[i % copies], norm=prologue),
+    }
+
+
+def run_norm(args: argparse.Namespace, mod: ModuleType, dtype: torch.dtype, hbm: float) -> int:
+    """The --norm table: per shape and T, the norm kernel + cuBLAS, the norm kernel + gemv, and
+    gemv with the norm in its prologue (see the module docstring). Returns the exit status."""
+    from kvtier.kernels import fused  # importable: gemv_module() put the checkout on the path
+
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name in args.shapes:
+        n, k = SHAPES[name]
+        weight_bytes = n * k * torch.finfo(dtype).bits // 8
+        copies = max(1, math.ceil(args.min_mb * 1e6 / weight_bytes))
+        calls = max(args.calls, copies)
+        weights = torch.empty(copies, n, k, dtype=dtype, device="cuda")
+        weights.normal_(0, 0.02, generator=gen)
+        nw = (1 + 0.1 * torch.randn(k, device="cuda", generator=gen)).to(dtype)
+        for t in args.tokens:
+            x = torch.randn(t, k, device="cuda", generator=gen).to(dtype)
+            residual = torch.randn(t, k, device="cuda", generator=gen).to(dtype)
+            residual_out = torch.empty_like(x)
+            # The router's normed rows are also the MoE experts' input.
+            normed_out = torch.empty_like(x) if name == "router" else None
+            prologue = mod.NormPrologue(nw, NORM_EPS, residual, residual_out, normed_out)
+            sides = norm_sides(mod, fused, x, residual, nw, weights, prologue)
+            us = {}
+            for side, fn in sides.items():
+                replay = capture(fn, calls)
+                us[side] = time_replay(replay, args.replays) / calls * 1e3
+                del replay
+            # The fused result against the two kernels' (the same gemv config).
+            ref = sides["norm_gemv"](0)
+            ref_normed, ref_h = fused.fused_add_rms_norm(x, residual, nw, NORM_EPS)
+            out = sides["fused"](0)
+            cfg = mod.default_config(t, n, k)
+            row: dict[str, Any] = {
+                "shape": name,
+                "n": n,
+                "k": k,
+                "tokens": t,
+                "weight_mb": weight_bytes / 1e6,
+                "calls": calls,
+                "norm_cublas_us": us["norm_cublas"],
+                "norm_gemv_us": us["norm_gemv"],
+                "fused_us": us["fused"],
+                "saved_us": us["norm_gemv"] - us["fused"],
+                "vs_norm_gemv": us["norm_gemv"] / us["fused"],
+                "vs_norm_cublas": us["norm_cublas"] / us["fused"],
+                "config": config_str(cfg),
+                "grid": grid_str(t, n, k, cfg),
+                "out_ulps": ulps(out, ref.double()),
+                "out_equal": (out == ref).float().mean().item(),
+                "residual_bitwise": torch.equal(residual_out, ref_h),
+                "normed_ulps": ulps(normed_out, ref_normed.double()) if normed_out is not None
+                else math.nan,
+            }  # fmt: skip
+            rows.append(row)
+            print(
+                f"{name} T={t}: norm+cuBLAS {us['norm_cublas']:.2f} us, norm+gemv "
+                f"{us['norm_gemv']:.2f} us, fused {us['fused']:.2f} us",
+                file=sys.stderr,
+            )
+        del weights
+        torch.cuda.empty_cache()
+
+    columns = [
+        ("shape", "shape", fmt_str),
+        ("tokens", "T", fmt_str),
+        ("weight_mb", "MB", fmt_float(1)),
+        ("norm_cublas_us", "norm+cuBLAS us", fmt_float(2)),
+        ("norm_gemv_us", "norm+gemv us", fmt_float(2)),
+        ("fused_us", "fused us", fmt_float(2)),
+        ("saved_us", "saved us", fmt_float(2)),
+        ("vs_norm_gemv", "vs norm+gemv", fmt_float(2)),
+        ("vs_norm_cublas", "vs norm+cuBLAS", fmt_float(2)),
+        ("config", "config", fmt_str),
+        ("grid", "grid", fmt_str),
+        ("out_ulps", "ulps vs 2 kernels", fmt_float(2)),
+        ("out_equal", "equal", fmt_float(4)),
+        ("residual_bitwise", "residual same", fmt_str),
+        ("normed_ulps", "normed ulps", fmt_float(2)),
+    ]
+    print(format_table(rows, columns))
+    print(
+        f"\nus per call: a graph replay of >= {args.calls} calls on distinct weight copies "
+        f"(>= {args.min_mb:.0f} MB together) / calls, the norm's launch included; vs X: X's "
+        "time / the fused one's (> 1: fused faster). ulps: max |fused - two kernels| in the "
+        "output dtype's spacing (floored at 1/64 of the largest); equal: the fraction bitwise "
+        "equal; normed ulps: the normed rows (router) against the norm kernel's."
+    )
+    if args.output:
+        summary = {"hbm_gbps": hbm, "dtype": args.dtype, "norm_eps": NORM_EPS}
+        write_json(args.output, {"meta": run_metadata(), "summary": summary, "norm_rows": rows})
+        print(f"\nwrote {args.output}")
+    return 0
 
 
 def sweep(case: Case, args: argparse.Namespace, sweeps: list[dict[str, Any]]) -> int:

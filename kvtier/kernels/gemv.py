@@ -39,6 +39,24 @@ weight tile's load before it waits for the previous kernel (whose output is x), 
 stream starts while that kernel finishes. The split-K partials and counters are touched only
 after the wait.
 
+Norm prologue (``norm=NormPrologue(...)``). A decoder layer runs its RMSNorm (with the residual
+add: ``fused.fused_add_rms_norm``, ~2 us at decode batch 1) right before qkv_proj and before the
+MoE router; with ``norm`` the GEMV computes it itself, one kernel fewer each time. After the PDL
+wait every program reads the whole rows of x (and of the residual: T x K elements, a few KB, L2
+hits after the first program), sums their squares in one block, and then normalises each x tile
+as it streams the weight: ``round(w * round(h * rsqrt(mean(h^2) + eps)))`` with h = x or
+``round(x + residual)``, _rms_norm_kernel's formula with its roundings (every split's program
+computes the scale over all K). Program (0, 0) alone writes h (the new residual) and, if asked,
+the normed rows. Numerics: in the interpreter the result is bitwise that of ``rms_norm`` /
+``fused_add_rms_norm`` followed by ``gemv`` (the same reduction of the same block); on a GPU
+the sum of squares is reduced in another order (the GEMV's layout and warps, not the norm
+kernel's), so it can differ in its last float32 bit, and a normed value then by 1 ulp where
+that crosses a rounding boundary (rare; with an exact sum, e.g. few-bit inputs, all is bitwise
+the same). The other operations are rounded as there: multiplies that feed an add use
+libdevice's ``mul_rn`` / ``add_rn``, which FMA contraction (on for the GEMV) never fuses.
+Costs: each program re-reads x (L2) and spends a few integer / bf16 ops per x element of a
+tile; the prologue (T row passes) sits between the wait and the first FMA.
+
 Scratch and CUDA graphs. The partials and counters live in a module-level cache keyed by
 (device, N, splits, rows), allocated once (counters zeroed) and reused by every later launch of
 that size; every launch leaves the counters at zero, so a graph can replay it any number of
@@ -60,8 +78,8 @@ splits) adds in another order.
 shapes (``benchmarks/bench_gemv.py --sweep``); other GPUs and shapes may want others.
 ``use_gemv`` is the switch for callers: CUDA, bf16 / fp16, 1 <= T <= ``MAX_ROWS``, a shape where
 ``prefer_gemv`` says the kernel beat cuBLAS, unless ``KVTIER_GEMV=0`` was set at import
-(``ENABLED``). On CPU tensors the kernel needs Triton's
-interpreter (TRITON_INTERPRET=1), as the tests use.
+(``ENABLED``); ``use_gemv_norm`` the same for the norm prologue (plus K <= ``MAX_NORM_K``).
+On CPU tensors the kernel needs Triton's interpreter (TRITON_INTERPRET=1), as the tests use.
 """
 
 from __future__ import annotations
@@ -93,6 +111,10 @@ _MAX_SPLIT_K = 8
 _SMALL_N = 512
 _LONG_K = 4096
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Widest x (K) the norm prologue takes: every program holds a whole row of x in registers for
+# the one-block sum of squares (as _rms_norm_kernel does): at 4 warps 64 float32 a thread for
+# K = 8192, twice that while the residual is added.
+MAX_NORM_K = 8192
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -135,6 +157,36 @@ class GemvConfig:
                 f"GemvConfig.use_dot needs block_n and block_k >= 16 (tl.dot's smallest tile), "
                 f"got block_n={self.block_n}, block_k={self.block_k}"
             )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NormPrologue:
+    """An RMSNorm that ``gemv`` applies to x in its prologue: the GEMM input is then
+    ``fused.rms_norm(x, weight, eps)``, or with ``residual`` the normed half of
+    ``fused.fused_add_rms_norm(x, residual, weight, eps)`` (h = x + residual rounded to x's
+    dtype, then normed), computed inside the GEMV kernel instead of by a kernel of its own.
+
+    ``weight`` [K] is the norm's weight (a dtype that promotes with x's to x's: the normed
+    rows have x's dtype, the GEMM weight's). ``residual`` [T, K] (x's dtype) is added first,
+    and h is written to ``residual_out`` [T, K], required with it. ``normed_out`` [T, K]
+    (optional) receives the normed rows (e.g. for a second consumer of them). The outputs may
+    not overlap x, the residual or each other (one program writes them while the others still
+    read x). Compared by identity (holds tensors)."""
+
+    weight: torch.Tensor
+    eps: float
+    residual: torch.Tensor | None = None
+    residual_out: torch.Tensor | None = None
+    normed_out: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.residual is not None and self.residual_out is None:
+            raise ValueError(
+                "NormPrologue: residual_out is required with residual (h = x + residual is "
+                "written there)"
+            )
+        if self.residual is None and self.residual_out is not None:
+            raise ValueError("NormPrologue: residual_out given without residual")
 
 
 def default_config(t: int, n: int, k: int) -> GemvConfig:
@@ -215,6 +267,23 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def use_gemv_norm(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor) -> bool:
+    """Whether a caller should take ``gemv(x, weight, norm=NormPrologue(norm_weight, ...))``
+    for ``rms_norm(x [+ residual]) @ weight.T``: ``use_gemv(x, weight)`` (the shape rule of the
+    plain GEMV, not re-measured with the prologue), K <= MAX_NORM_K and a contiguous norm
+    weight [K] on x's device whose dtype promotes with x's to x's."""
+    return (
+        use_gemv(x, weight)
+        and x.shape[1] <= MAX_NORM_K
+        and norm_weight.dim() == 1
+        and norm_weight.shape[0] == x.shape[1]
+        and norm_weight.device == x.device
+        and norm_weight.is_contiguous()
+        and norm_weight.dtype in _DTYPES
+        and torch.promote_types(norm_weight.dtype, x.dtype) == x.dtype
+    )
+
+
 # ---------------------------------------------------------------------------- torch reference
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` in float32, rounded once to x's dtype."""
@@ -226,6 +295,27 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 if triton is not None:
     _round = fused._round
     _pdl_wait = fused.pdl_wait
+    _mean = fused._mean
+    _rsqrt = fused._rsqrt
+    libdevice = fused.libdevice
+
+    # The GEMV is launched with FMA contraction on, _rms_norm_kernel without: in the norm
+    # prologue a product that feeds an add (the squares of the sum, the mean before ``+ eps``)
+    # must stay a separately rounded multiply, as there. Libdevice's _rn ops are never
+    # contracted.
+    @triton.jit
+    def _mul_rn(a, b, INTERPRET: tl.constexpr):
+        if INTERPRET:
+            return a * b
+        else:
+            return libdevice.mul_rn(a, b)
+
+    @triton.jit
+    def _add_rn(a, b, INTERPRET: tl.constexpr):
+        if INTERPRET:
+            return a + b
+        else:
+            return libdevice.add_rn(a, b)
 
     @triton.jit
     def _load_k(ptrs, k0, k_end, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -238,25 +328,94 @@ if triton is not None:
             return tl.load(ptrs, mask=mask[None, :], other=0.0, eviction_policy=EVICT)
 
     @triton.jit
+    def _norm_rstd(
+        X, R, NW, RES_OUT, NORM_OUT, T, K, stride_xt, stride_rt, stride_rot, stride_not,
+        n_f, inv_n, eps, k_store,
+        BLOCK_T: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr,
+        NORM_BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        """The norm prologue: [BLOCK_T] float32 ``rsqrt(mean(h^2) + eps)`` of each row h of x
+        (h = round(x + residual) with HAS_RESIDUAL) over all K columns (0 past T). Exactly
+        _rms_norm_kernel's math, row by row with one [NORM_BLOCK] block (the same reduction).
+        One program (``k_store`` = K; 0 in the others, which only read) also stores h into
+        RES_OUT and, with WRITE_NORMED, the normed rows into NORM_OUT. Call after the PDL wait
+        (x and the residual are the previous kernels' outputs)."""
+        dtype = X.dtype.element_ty
+        toks = tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, NORM_BLOCK)
+        mask = cols < K
+        store = cols < k_store
+        rstd = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for t in range(0, T):
+            h = tl.load(X + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                r = tl.load(R + t * stride_rt + cols, mask=mask, other=0.0).to(tl.float32)
+                hr = _round(h + r, dtype, INTERPRET)
+                tl.store(RES_OUT + t * stride_rot + cols, hr, mask=store)
+                h = hr.to(tl.float32)
+            ms = _mean(tl.sum(_mul_rn(h, h, INTERPRET), axis=0), n_f, inv_n, INTERPRET)
+            row_rstd = _rsqrt(_add_rn(ms, eps, INTERPRET), INTERPRET)
+            if WRITE_NORMED:
+                # Loaded per row (L1 hits) rather than held across the loop: fewer registers.
+                nw = tl.load(NW + cols, mask=store, other=0.0).to(tl.float32)
+                xn = _round(h * row_rstd, dtype, INTERPRET).to(tl.float32)
+                tl.store(NORM_OUT + t * stride_not + cols, _round(nw * xn, dtype, INTERPRET),
+                         mask=store)
+            rstd = tl.where(toks == t, row_rstd, rstd)
+        return rstd
+
+    @triton.jit
+    def _x_tile(x_ptrs, r_ptrs, nw_ptrs, rstd, k0, k_end, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                INTERPRET: tl.constexpr):
+        """x's tile at columns k0 + [0, BLOCK_K) in x's dtype (zero past k_end): as stored, or
+        with NORM the GEMM input round(w * round(h * rstd)) of the norm prologue, h = x or
+        round(x + residual) (rstd: the rows' scale, broadcast against the tile)."""
+        xv = _load_k(x_ptrs, k0, k_end, BLOCK_K, EVEN_K, "")
+        if NORM:
+            dtype = x_ptrs.dtype.element_ty
+            h = xv.to(tl.float32)
+            if HAS_RESIDUAL:
+                r = _load_k(r_ptrs, k0, k_end, BLOCK_K, EVEN_K, "").to(tl.float32)
+                h = _round(h + r, dtype, INTERPRET).to(tl.float32)
+            xn = _round(h * rstd, dtype, INTERPRET).to(tl.float32)
+            nw = _load_k(nw_ptrs, k0, k_end, BLOCK_K, EVEN_K, "").to(tl.float32)
+            xv = _round(nw * xn, dtype, INTERPRET)
+        return xv
+
+    @triton.jit
     def _fma_sums(
-        X, W, w_rows, T, K, stride_xt, k_start, k_end,
+        X, R, NW, w_rows, w_ptrs, w_next, rstd, T, stride_xt, stride_rt, k_start, k_end,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr, PDL: tl.constexpr,
+        EVEN_K: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        INTERPRET: tl.constexpr,
     ):
         """[BLOCK_N, BLOCK_T] float32 dot products of weight rows and x rows over
         [k_start, k_end), on CUDA cores: one [BLOCK_N, BLOCK_K] accumulator per x row (at most
-        4), reduced over K once after the loop. Waits for the previous kernel (PDL) after
-        issuing its first weight tile's load."""
+        4), reduced over K once after the loop. ``w_next`` is the first weight tile (at
+        ``w_ptrs``), loaded by the caller before its PDL wait; x's tiles come from _x_tile
+        (normed there with NORM, row i by the i-th entry of ``rstd``)."""
         cols = k_start + tl.arange(0, BLOCK_K)
-        w_ptrs = W + w_rows[:, None] * K + cols[None, :]
         # x's row as a [BLOCK_N, BLOCK_K] tile (every row the same addresses): loaded in the
         # weight tile's own layout, so no tile is shuffled through shared memory each step (a
         # [1, BLOCK_K] load gets another layout). A thread that holds several rows of the tile
-        # loads the same x chunk once per row: L1 hits, not HBM traffic.
+        # loads the same x chunk once per row: L1 hits, not HBM traffic. The residual and the
+        # norm weight (NORM) are loaded the same way.
         x_ptrs = X + (w_rows * 0)[:, None] + cols[None, :]
+        r_ptrs = R + (w_rows * 0)[:, None] + cols[None, :]
+        nw_ptrs = NW + (w_rows * 0)[:, None] + cols[None, :]
         x1 = tl.minimum(1, T - 1) * stride_xt  # rows past T re-read row T - 1 (never stored)
         x2 = tl.minimum(2, T - 1) * stride_xt
         x3 = tl.minimum(3, T - 1) * stride_xt
+        r1 = tl.minimum(1, T - 1) * stride_rt
+        r2 = tl.minimum(2, T - 1) * stride_rt
+        r3 = tl.minimum(3, T - 1) * stride_rt
+        # The rows' norm scales as scalars (exact: the other entries added are zeros).
+        toks = tl.arange(0, BLOCK_T)
+        s0 = tl.sum(tl.where(toks == 0, rstd, 0.0), axis=0)
+        s1 = tl.sum(tl.where(toks == 1, rstd, 0.0), axis=0)
+        s2 = tl.sum(tl.where(toks == 2, rstd, 0.0), axis=0)
+        s3 = tl.sum(tl.where(toks == 3, rstd, 0.0), axis=0)
         acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -265,46 +424,51 @@ if triton is not None:
         # next weight tile's load is issued before this one's FMAs, keeping two tiles in flight
         # per program instead of one (HBM latency, not bandwidth, bounds one tile at a time).
         # The last step's "next" tile is its own again (an in-bounds re-read, never used).
-        w_next = _load_k(w_ptrs, k_start, k_end, BLOCK_K, EVEN_K, "evict_first")
-        _pdl_wait(PDL)  # x is the previous kernel's output
         for k0 in range(k_start, k_end, BLOCK_K):
             w = w_next.to(tl.float32)
             w_ptrs += tl.where(k0 + BLOCK_K < k_end, BLOCK_K, 0)
             w_next = _load_k(w_ptrs, k0 + BLOCK_K, k_end, BLOCK_K, EVEN_K, "evict_first")
-            acc0 += w * _load_k(x_ptrs, k0, k_end, BLOCK_K, EVEN_K, "").to(tl.float32)
+            acc0 += w * _x_tile(x_ptrs, r_ptrs, nw_ptrs, s0, k0, k_end, BLOCK_K, EVEN_K, NORM,
+                                HAS_RESIDUAL, INTERPRET).to(tl.float32)
             if BLOCK_T > 1:
-                acc1 += w * _load_k(x_ptrs + x1, k0, k_end, BLOCK_K, EVEN_K, "").to(tl.float32)
+                acc1 += w * _x_tile(x_ptrs + x1, r_ptrs + r1, nw_ptrs, s1, k0, k_end, BLOCK_K,
+                                    EVEN_K, NORM, HAS_RESIDUAL, INTERPRET).to(tl.float32)
             if BLOCK_T > 2:
-                acc2 += w * _load_k(x_ptrs + x2, k0, k_end, BLOCK_K, EVEN_K, "").to(tl.float32)
-                acc3 += w * _load_k(x_ptrs + x3, k0, k_end, BLOCK_K, EVEN_K, "").to(tl.float32)
+                acc2 += w * _x_tile(x_ptrs + x2, r_ptrs + r2, nw_ptrs, s2, k0, k_end, BLOCK_K,
+                                    EVEN_K, NORM, HAS_RESIDUAL, INTERPRET).to(tl.float32)
+                acc3 += w * _x_tile(x_ptrs + x3, r_ptrs + r3, nw_ptrs, s3, k0, k_end, BLOCK_K,
+                                    EVEN_K, NORM, HAS_RESIDUAL, INTERPRET).to(tl.float32)
             x_ptrs += BLOCK_K
-        toks = tl.arange(0, BLOCK_T)[None, :]
-        res = tl.where(toks == 0, tl.sum(acc0, axis=1)[:, None], 0.0)
+            r_ptrs += BLOCK_K
+            nw_ptrs += BLOCK_K
+        res = tl.where(toks[None, :] == 0, tl.sum(acc0, axis=1)[:, None], 0.0)
         if BLOCK_T > 1:
-            res = tl.where(toks == 1, tl.sum(acc1, axis=1)[:, None], res)
+            res = tl.where(toks[None, :] == 1, tl.sum(acc1, axis=1)[:, None], res)
         if BLOCK_T > 2:
-            res = tl.where(toks == 2, tl.sum(acc2, axis=1)[:, None], res)
-            res = tl.where(toks == 3, tl.sum(acc3, axis=1)[:, None], res)
+            res = tl.where(toks[None, :] == 2, tl.sum(acc2, axis=1)[:, None], res)
+            res = tl.where(toks[None, :] == 3, tl.sum(acc3, axis=1)[:, None], res)
         return res
 
     @triton.jit
     def _dot_sums(
-        X, W, w_rows, T, K, stride_xt, k_start, k_end,
+        X, R, NW, w_ptrs, rstd, T, stride_xt, stride_rt, k_start, k_end,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-        PDL: tl.constexpr,
+        EVEN_K: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """The same [BLOCK_N, BLOCK_T] sums on tensor cores: tl.dot(weight tile, x tile^T)
         (the weight is the MMA's M side; BLOCK_T >= 16 rows of x, the clamped ones repeats)."""
-        _pdl_wait(PDL)
         cols = k_start + tl.arange(0, BLOCK_K)
         x_rows = tl.minimum(tl.arange(0, BLOCK_T), T - 1).to(tl.int64)
-        w_ptrs = W + w_rows[:, None] * K + cols[None, :]
         x_ptrs = X + x_rows[:, None] * stride_xt + cols[None, :]
+        r_ptrs = R + x_rows[:, None] * stride_rt + cols[None, :]
+        nw_ptrs = NW + (x_rows * 0)[:, None] + cols[None, :]
+        row_rstd = rstd[:, None]
         acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             w = _load_k(w_ptrs, k0, k_end, BLOCK_K, EVEN_K, "evict_first")
-            xv = _load_k(x_ptrs, k0, k_end, BLOCK_K, EVEN_K, "")
+            xv = _x_tile(x_ptrs, r_ptrs, nw_ptrs, row_rstd, k0, k_end, BLOCK_K, EVEN_K, NORM,
+                         HAS_RESIDUAL, INTERPRET)
             if INTERPRET:
                 # The interpreter's dot multiplies bf16's raw bits: widen first (exact).
                 acc = tl.dot(w.to(tl.float32), tl.trans(xv.to(tl.float32)), acc,
@@ -313,15 +477,20 @@ if triton is not None:
                 acc = tl.dot(w, tl.trans(xv), acc, input_precision=DOT_PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+            r_ptrs += BLOCK_K
+            nw_ptrs += BLOCK_K
         return acc
 
     @triton.jit
     def _gemv_kernel(
-        X, W, OUT, PART, COUNT,
-        T, N, K, K_SPLIT, PART_ROWS, stride_xt, stride_ot,
+        X, W, OUT, PART, COUNT, R, NW, RES_OUT, NORM_OUT,
+        T, N, K, K_SPLIT, PART_ROWS, stride_xt, stride_ot, stride_rt, stride_rot, stride_not,
+        n_f, inv_n, eps,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
+        NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WRITE_NORMED: tl.constexpr,
+        NORM_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -332,12 +501,30 @@ if triton is not None:
         w_rows = tl.minimum(rows, N - 1).to(tl.int64)
         k_start = pid_k * K_SPLIT
         k_end = tl.minimum(k_start + K_SPLIT, K)
-        if USE_DOT:
-            res = _dot_sums(X, W, w_rows, T, K, stride_xt, k_start, k_end, BLOCK_T, BLOCK_N,
-                            BLOCK_K, EVEN_K, DOT_PRECISION, INTERPRET, PDL)
+        w_ptrs = W + w_rows[:, None] * K + (k_start + tl.arange(0, BLOCK_K))[None, :]
+        if not USE_DOT:
+            # The elementwise loop's first weight tile (see _fma_sums' prefetch): issued before
+            # the wait, so the weight stream starts while the previous kernel finishes. tl.dot's
+            # loads are pipelined by Triton inside the loop.
+            w_first = _load_k(w_ptrs, k_start, k_end, BLOCK_K, EVEN_K, "evict_first")
+        _pdl_wait(PDL)  # x (and the residual) are the previous kernels' outputs
+        if NORM:
+            # Every program needs its rows' scale over all K (whichever split it owns); only
+            # program (0, 0) writes the residual / normed rows.
+            k_store = tl.where((pid_n == 0) & (pid_k == 0), K, 0)
+            rstd = _norm_rstd(X, R, NW, RES_OUT, NORM_OUT, T, K, stride_xt, stride_rt,
+                              stride_rot, stride_not, n_f, inv_n, eps, k_store, BLOCK_T,
+                              HAS_RESIDUAL, WRITE_NORMED, NORM_BLOCK, INTERPRET)
         else:
-            res = _fma_sums(X, W, w_rows, T, K, stride_xt, k_start, k_end, BLOCK_T, BLOCK_N,
-                            BLOCK_K, EVEN_K, PDL)
+            rstd = tl.zeros([BLOCK_T], dtype=tl.float32)  # unused
+        if USE_DOT:
+            res = _dot_sums(X, R, NW, w_ptrs, rstd, T, stride_xt, stride_rt, k_start, k_end,
+                            BLOCK_T, BLOCK_N, BLOCK_K, EVEN_K, NORM, HAS_RESIDUAL,
+                            DOT_PRECISION, INTERPRET)
+        else:
+            res = _fma_sums(X, R, NW, w_rows, w_ptrs, w_first, rstd, T, stride_xt, stride_rt,
+                            k_start, k_end, BLOCK_T, BLOCK_N, BLOCK_K, EVEN_K, NORM,
+                            HAS_RESIDUAL, INTERPRET)
         out_mask = (rows < N)[:, None] & (toks < T)[None, :]
         out_ptrs = OUT + toks[None, :] * stride_ot + rows[:, None]
         dtype = OUT.dtype.element_ty
@@ -456,16 +643,93 @@ def reserve_scratch(
 
 
 # ---------------------------------------------------------------------------- entry point
+# fused's launch options less its no-contraction one: libdevice without flush-to-zero (the norm
+# prologue's mul_rn / add_rn / rsqrt must not flush subnormals, as _rms_norm_kernel's do not).
+_NO_FTZ = {key: v for key, v in fused._EXACT.items() if key != "enable_fp_fusion"}
+
+
+def _span(a: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses ``a`` can touch (non-negative strides)."""
+    if a.numel() == 0:
+        return 0, 0
+    extent = sum((size - 1) * stride for size, stride in zip(a.shape, a.stride())) + 1
+    return a.data_ptr(), a.data_ptr() + extent * a.element_size()
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a.device == b.device and a0 < b1 and b0 < a1
+
+
+def _check_norm(norm: NormPrologue, x: torch.Tensor, out: torch.Tensor) -> None:
+    """Raise unless ``norm`` fits ``x`` [T, K] and ``out`` (see NormPrologue)."""
+    t, k = x.shape
+    if not isinstance(norm, NormPrologue):
+        raise TypeError(f"gemv: norm must be a NormPrologue, got {type(norm).__name__}")
+    if out.shape[1] == 0:
+        # No program would run to write residual_out / normed_out.
+        raise ValueError("gemv: norm needs a weight of N >= 1 rows")
+    if not 1 <= k <= MAX_NORM_K:
+        raise ValueError(
+            f"gemv: norm (the RMSNorm prologue) takes 1 <= K <= {MAX_NORM_K} columns of x, got "
+            f"K={k}; run fused.rms_norm / fused_add_rms_norm and a plain gemv"
+        )
+    w = norm.weight
+    if (
+        w.dim() != 1
+        or w.shape[0] != k
+        or w.device != x.device
+        or w.dtype not in _DTYPES
+        or torch.promote_types(w.dtype, x.dtype) != x.dtype
+        or (k > 1 and w.stride(0) != 1)
+    ):
+        raise ValueError(
+            f"gemv: norm.weight must be a contiguous [{k}] tensor on {x.device} whose dtype "
+            f"promotes with x's ({x.dtype}) to x's, got {tuple(w.shape)} {w.dtype} on {w.device}"
+        )
+    for name in ("residual", "residual_out", "normed_out"):
+        a = getattr(norm, name)
+        if a is None:
+            continue
+        if a.shape != (t, k) or a.dtype != x.dtype or a.device != x.device:
+            raise ValueError(
+                f"gemv: norm.{name} must be [{t}, {k}] {x.dtype} on {x.device} (as x), got "
+                f"{tuple(a.shape)} {a.dtype} on {a.device}"
+            )
+        if t > 0 and k > 1 and a.stride(1) != 1:
+            raise ValueError(f"gemv: norm.{name}'s columns must be contiguous, got {a.stride()}")
+    # One program writes these while the others still read x and the residual.
+    reads = {"x": x, "norm.residual": norm.residual}
+    writes = {
+        "out": out,
+        "norm.residual_out": norm.residual_out,
+        "norm.normed_out": norm.normed_out,
+    }
+    names = [n for n, a in writes.items() if a is not None]
+    for i, wname in enumerate(names):
+        others = {**reads, **{n: writes[n] for n in names[i + 1 :]}}
+        for oname, other in others.items():
+            if other is not None and _overlap(writes[wname], other):
+                raise ValueError(f"gemv: {wname} overlaps {oname} (it must be a buffer of its own)")
+
+
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
     out: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    norm: NormPrologue | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T`` for ``x`` [T, K] (rows may be strided; columns contiguous) and an
     nn.Linear ``weight`` [N, K] (contiguous), accumulated in float32; returns [T, N] in x's dtype
     (bf16, fp16 or fp32), written into ``out`` when given ([T, N], x's dtype, contiguous rows).
+
+    With ``norm`` (a ``NormPrologue``, K <= MAX_NORM_K) the product is
+    ``rms_norm(x [+ norm.residual]) @ weight.T``, the norm computed in the kernel's prologue
+    exactly as ``fused.rms_norm`` / ``fused.fused_add_rms_norm`` compute it (bitwise the same
+    in the interpreter; on a GPU the sum of squares may add in another order, see the module
+    docstring), and ``norm.residual_out`` / ``norm.normed_out`` written as those return them.
 
     ``config`` defaults to ``default_config(T, N, K)``. With ``split_k > 1`` the call uses a
     cached scratch buffer (see ``reserve_scratch`` for CUDA graph capture).
@@ -505,6 +769,8 @@ def gemv(
         )
     elif t > 0 and n > 1 and out.stride(1) != 1:
         raise ValueError(f"gemv: out's columns must be contiguous, got strides {out.stride()}")
+    if norm is not None:
+        _check_norm(norm, x, out)
     if t == 0 or n == 0:
         return out
     if k == 0:
@@ -518,15 +784,30 @@ def gemv(
         part, count, part_rows = _get_scratch(x.device, t, n, plan.split_k)
     else:
         part, count, part_rows = out, out, 0  # unused by a one-split launch
+    if norm is not None:
+        # Unused pointers (no residual, no normed output) alias x; the kernel never touches them.
+        nw = norm.weight
+        res = norm.residual if norm.residual is not None else x
+        res_out = norm.residual_out if norm.residual_out is not None else x
+        normed = norm.normed_out if norm.normed_out is not None else x
+        # As fused._rms_norm_launch passes them: the mean is sum / K or sum * fl(1 / K).
+        n_f, inv_n, eps, norm_block = float(k), fused._inv(k), float(norm.eps), _next_pow2(k)
+    else:
+        nw = res = res_out = normed = x
+        n_f, inv_n, eps, norm_block = 1.0, 1.0, 0.0, 1
     _gemv_kernel[(plan.n_blocks(n), plan.split_k)](
-        x, weight, out, part, count,
+        x, weight, out, part, count, res, nw, res_out, normed,
         t, n, k, plan.k_split, part_rows, stride_xt, out.stride(0) if t > 1 else n,
+        res.stride(0) if t > 1 else k, res_out.stride(0) if t > 1 else k,
+        normed.stride(0) if t > 1 else k, n_f, inv_n, eps,
         BLOCK_T=plan.block_t, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k, SPLIT_K=plan.split_k,
-        USE_DOT=plan.use_dot, EVEN_K=k % plan.block_k == 0,
+        USE_DOT=plan.use_dot, EVEN_K=k % plan.block_k == 0, NORM=norm is not None,
+        HAS_RESIDUAL=norm is not None and norm.residual is not None,
+        WRITE_NORMED=norm is not None and norm.normed_out is not None, NORM_BLOCK=norm_block,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         INTERPRET=fused.INTERPRETED, num_warps=plan.num_warps, num_stages=plan.num_stages,
         # Explicit: Triton 3.9 warns that its default turns to no contraction in 3.10.
-        enable_fp_fusion=True, **fused.pdl_options(x.device),
+        enable_fp_fusion=True, **_NO_FTZ, **fused.pdl_options(x.device),
     )  # fmt: skip
     return out
 
@@ -534,12 +815,15 @@ def gemv(
 __all__ = [
     "ENABLED",
     "MAX_FMA_ROWS",
+    "MAX_NORM_K",
     "MAX_ROWS",
     "GemvConfig",
+    "NormPrologue",
     "default_config",
     "gemv",
     "gemv_ref",
     "launch_grid",
     "reserve_scratch",
     "use_gemv",
+    "use_gemv_norm",
 ]
