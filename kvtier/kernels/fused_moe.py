@@ -1,5 +1,6 @@
 """Fused MoE experts for small token counts (decode): two Triton GEMV kernels instead of the
-sort / two grouped GEMMs / un-sort / combine of ``kvtier.models.layers.FusedExperts``.
+sort / two grouped GEMMs / un-sort / combine of ``kvtier.models.layers.FusedExperts``, and
+optionally the router's softmax / top-k folded into them (``fused_moe_routed``).
 
 At decode batch 1 a Qwen3-30B-A3B layer (E=128, k=8, H=2048, I=768, bf16) has 8 (token, expert)
 pairs. The grouped path spends ~55 us in each ``torch._grouped_mm`` plus a dozen small kernels,
@@ -10,11 +11,13 @@ while the 8 experts' weights (75 MB) take ~20 us to read at HBM rate. Here:
    pair), forms the two dot products with the token's ``x`` row in float32 and writes
    ``h = silu(gate) * up`` [T * k, I]. Pairs are the fast grid axis, so the pairs of one row
    block run together and pairs that share an expert read the same slab at about the same time
-   (L2 hits rather than a second HBM read).
-2. ``_down_kernel``, grid (T, cdiv(H, BLOCK_H)): each program loops over its token's k slots,
-   computes ``h[t, j] @ w2[e_tj, rows].T`` in float32 and accumulates ``w[t, j] * y_j`` in
-   float32 in slot order. One program owns each output element: no atomics, so the result is
-   the same run to run.
+   (L2 hits rather than a second HBM read). The H loop prefetches by hand (``PREFETCH``): the
+   next step's tiles are loaded before this step's products, two steps in flight.
+2. ``_down_kernel``, grid (T, cdiv(H, BLOCK_H)): each program takes all k slots of its token at
+   once, [k, BLOCK_H, BLOCK_I] tiles (slot j's rows of ``w2[e_tj]``), forms
+   ``h[t, j] @ w2[e_tj, rows].T`` per slot in float32, rounds it, and accumulates
+   ``w[t, j] * y_j`` in float32 in slot order; the I loop prefetches like the gate/up loop. One
+   program owns each output element: no atomics, so the result is the same run to run.
 
 Numerics against the torch path (grouped GEMMs on CUDA, the per-expert loop elsewhere). The
 kernels round where the torch path rounds: the gate/up projection's output is rounded to x's
@@ -29,23 +32,46 @@ bits, which changes a rounded bf16 value by 1 ulp where it lies next to a roundi
 such a 1-ulp change in ``h`` moves an output by a fraction of an ulp, or by an ulp or two where
 the output cancels. float32 inputs agree with the loop path to ~1e-6 relative. No FMA
 contraction and libdevice's ``expf`` (launch options shared with ``kvtier.kernels.fused``), so
-SiLU itself is the same function torch's CUDA kernel evaluates.
+SiLU itself is the same function torch's CUDA kernel evaluates. A sum's tree follows the
+register layout, which Triton derives from the tile shapes and num_warps: the same tiles give
+the same result, other tiles may differ in last bits. Prefetching does not change it.
+
+Routing folded in (``fused_moe_routed``: after the router GEMV, two launches instead of
+``fused.moe_route`` + these two). ``_gate_up_routed_kernel`` and ``_down_routed_kernel`` run
+the same expert code (``_gate_up_pair``, ``_down_token``), and each program computes its
+token's routing from the logits row with ``_route``, moe_route's kernel code (float32 softmax,
+arg-max rounds, lowest id on ties, renormalisation); a gate/up program runs only the rounds up
+to its pair's slot. The result is bitwise ``fused_moe_small`` after ``moe_route(...,
+out_dtype=x.dtype)``: the max / min reductions are exact, and the softmax sum adds in moe_route's
+order because the programs have one warp (``ROUTED_WARPS``), as moe_route's has for E <= 512
+(``MAX_ROUTED_EXPERTS``), so the same code gets the same layout; and the expert sums have the
+same layouts as fused_moe_small's kernels with the same tiles. tests/test_fused_moe.py checks
+both on the sm_90 compile (the PTX of the softmax sum, the layouts of the GEMV reductions). Hence
+one warp is also fused_moe_small's default (``default_tiles``): the two paths then agree bitwise
+whichever the model picks. The routing costs each program a few dozen warp shuffles (no
+barriers in a one-warp program).
 
 Programmatic dependent launch (``fused.pdl_options``, Hopper): the gate/up kernel waits for the
-router first (its expert ids); the down kernel reads the ids and its first expert's weight tile
-before it waits for the gate/up kernel (the ids were written two kernels back, and the gate/up
-kernel lets the down kernel launch only once past its own wait).
+previous kernel first (the router's ids, or the router GEMV's logits). The down kernel reads its
+token's ids and weights (or routes from the logits) and issues its first I tile of all k experts
+before it waits for the gate/up kernel: the ids / logits were written two kernels back, and the
+gate/up kernel lets the down kernel launch only once past its own wait.
 
 CUDA-graph safe: grids come from T, k and the weight shapes (host ints), nothing is read back,
 the outputs are ``torch.empty``. Expert and row offsets are int64 (a full layer's w13 is 400M
 elements, more for bigger models).
 
 On by default: ``FusedExperts.forward`` calls ``fused_moe_small`` when x is bf16 on CUDA and
-T * k <= ``MAX_PAIRS``, unless ``KVTIER_FUSED_MOE=0`` was set at import (``ENABLED``). Measured on
-an H200 (Qwen3-30B-A3B layer, CUDA-graph replays, benchmarks/bench_moe.py, 2026-12-01): T = 1
-37.1 us against 86.8 us for the grouped path (the sort, two grouped GEMMs, un-sort and combine),
-T = 4 87.4 against 156.0, T = 16 250.5 against 339.5, T = 32 445.8 against 438.7 (even: every pair
-reads its expert, so past ~16 tokens the grouped GEMMs' one read per expert wins).
+T * k <= ``MAX_PAIRS``, unless ``KVTIER_FUSED_MOE=0`` was set at import (``ENABLED``).
+``use_routed`` says whether a MoE block may call ``fused_moe_routed`` with its router logits
+instead of moe_route then the experts: the same conditions, logits [T, E <= 512], unless
+``KVTIER_FUSED_ROUTE=0`` was set at import (``ROUTE_ENABLED``). Measured on an H200 with the
+previous kernels (four warps, a down kernel that looped over the k slots; Qwen3-30B-A3B layer,
+CUDA-graph replays, benchmarks/bench_moe.py, 2026-12-01): T = 1 37.1 us against 86.8 us for the
+grouped path (the sort, two grouped GEMMs, un-sort and combine), T = 4 87.4 against 156.0,
+T = 16 250.5 against 339.5, T = 32 445.8 against 438.7 (even: every pair reads its expert, so
+past ~16 tokens the grouped GEMMs' one read per expert wins). The current kernels are not yet
+measured (bench_moe.py --sweep times both paths and the tiles).
 ``fused_moe_ref`` is FusedExperts' math in plain torch, for the tests.
 """
 
@@ -67,11 +93,33 @@ ENABLED: bool = triton is not None and os.environ.get("KVTIER_FUSED_MOE", "1") !
 # is large the grouped GEMMs' one read per distinct expert wins; benchmarks/bench_moe.py times
 # both sides of this limit (T = 16 at k = 8 is 128 pairs).
 MAX_PAIRS = 128
+# Whether a MoE block routes inside the expert kernels (fused_moe_routed, see use_routed) rather
+# than launching moe_route first; KVTIER_FUSED_ROUTE=0 at import turns it off (may also be set at
+# run time).
+ROUTE_ENABLED: bool = triton is not None and os.environ.get("KVTIER_FUSED_ROUTE", "1") != "0"
+# Most experts fused_moe_routed takes: moe_route's kernel runs one warp up to 512 experts (more
+# get four), and the routed kernels match its softmax sum order only in that shape (see _route).
+MAX_ROUTED_EXPERTS = 512
 
 
 def use_fused(x: torch.Tensor, num_pairs: int) -> bool:
     """Whether FusedExperts.forward takes the fused kernels for these inputs."""
     return ENABLED and x.is_cuda and x.dtype == torch.bfloat16 and 0 < num_pairs <= MAX_PAIRS
+
+
+def use_routed(x: torch.Tensor, router_logits: torch.Tensor, top_k: int) -> bool:
+    """Whether a MoE block should run ``fused_moe_routed`` (routing inside the expert kernels)
+    for these inputs instead of ``moe_route`` then the experts: ``use_fused`` holds for the
+    T * top_k pairs, ``ROUTE_ENABLED``, and the logits are [T, E <= MAX_ROUTED_EXPERTS] in a
+    float dtype."""
+    return (
+        ROUTE_ENABLED
+        and router_logits.dim() == 2
+        and router_logits.shape[0] == x.shape[0]
+        and 0 < top_k <= router_logits.shape[1] <= MAX_ROUTED_EXPERTS
+        and router_logits.dtype in fused._FLOAT_DTYPES
+        and use_fused(x, x.shape[0] * top_k)
+    )
 
 
 # ---------------------------------------------------------------------------- torch reference
@@ -110,6 +158,114 @@ if triton is not None:
     _round = fused._round
     _exp = fused._exp
     _pdl_wait = fused.pdl_wait
+    # Whether fused_moe_small's kernels prefetch (also fused_moe_routed's default): one value,
+    # read by the kernels at compile time.
+    PREFETCH = tl.constexpr(True)
+
+    @triton.constexpr_function
+    def _pow2(n):
+        return triton.next_power_of_2(n)
+
+    @triton.jit
+    def _route(
+        row, num_experts, last,
+        TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
+        BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        """One token's routing from its logits ``row`` [num_experts]: ``fused._moe_route_kernel``'s
+        code (float32 softmax, arg-max rounds with the lowest id on ties, the optional
+        renormalisation), run for the rounds 0..``last`` (a slot index; TOP_K - 1 for all).
+        Returns (weights, ids) [BLOCK_S]: float32 weights not yet rounded to the output dtype,
+        int64 ids, 0 in the slots after ``last``. Reads only the logits row.
+
+        Bitwise moe_route's results only in a one-warp program (num_warps=1), as moe_route runs
+        for up to 512 experts: the softmax sum is a float32 reduction whose addition order
+        follows the layout, and the same code in the same launch shape gets the same layout
+        (tests/test_fused_moe.py compares the two kernels' sm_90 PTX). The max / min reductions
+        are exact in any order."""
+        e = tl.arange(0, BLOCK_E)
+        e_mask = e < num_experts
+        x = tl.load(row + e, mask=e_mask, other=-float("inf")).to(tl.float32)
+        ex = tl.where(e_mask, _exp(x - tl.max(x, axis=0), INTERPRET), 0.0)
+        p = tl.math.div_rn(ex, tl.sum(ex, axis=0))
+        p = tl.where(e_mask, p, -1.0)  # probabilities are >= 0: padding is never picked
+        s = tl.arange(0, BLOCK_S)
+        w = tl.zeros([BLOCK_S], dtype=tl.float32)
+        ids = tl.zeros([BLOCK_S], dtype=tl.int64)
+        total = 0.0
+        for i in tl.static_range(TOP_K):
+            if i <= last:
+                best = tl.max(p, axis=0)
+                # Lowest id holding the max; clamped so that a NaN row still yields valid ids.
+                idx = tl.minimum(tl.min(tl.where(p == best, e, BLOCK_E), axis=0),
+                                 num_experts - 1)
+                w = tl.where(s == i, best, w)
+                ids = tl.where(s == i, idx.to(tl.int64), ids)
+                total += best
+                p = tl.where(e == idx, -1.0, p)
+        if RENORMALIZE:
+            w = tl.math.div_rn(w, total)
+        return w, ids
+
+    @triton.jit
+    def _tile(ptrs, mask, cols, N_COLS: tl.constexpr, stride_c):
+        """Columns ``cols`` of the rows at ``ptrs`` (broadcast against each other), 0 where
+        ``mask`` is off or past N_COLS: a tile wholly past N_COLS reads no memory."""
+        return tl.load(ptrs + cols.to(tl.int64) * stride_c, mask=mask & (cols < N_COLS),
+                       other=0.0)
+
+    @triton.jit
+    def _gate_up_pair(
+        X, W_GATE, W_UP, HOUT, pair, tok, expert,
+        stride_xt, stride_we, stride_wn, stride_wk, stride_ht,
+        HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
+    ):
+        """One (token, expert) pair's [BLOCK_N] rows of ``h = silu(x W_gate^T) * (x W_up^T)``.
+        Call after the wait (x is the previous kernel's output)."""
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < INTER
+        row_off = expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
+        gate_rows = W_GATE + row_off
+        up_rows = W_UP + row_off
+        x_row = X + tok * stride_xt
+        # 2-D float32 accumulators, reduced once after the loop (one tree per output row). Both
+        # loops add the same products in the same K order: the same sums, bitwise.
+        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        cols = tl.arange(0, BLOCK_K)
+        if PREFETCH:
+            # Triton pipelines only loads that feed a tl.dot: the next K tile's loads are issued
+            # by hand before this one's products, two tiles in flight per program (as gemv's
+            # _fma_sums). The last step's "next" tile lies past HIDDEN: fully masked, no reads.
+            g_next = _tile(gate_rows, row_mask[:, None], cols[None, :], HIDDEN, stride_wk)
+            u_next = _tile(up_rows, row_mask[:, None], cols[None, :], HIDDEN, stride_wk)
+            for k0 in range(0, HIDDEN, BLOCK_K):
+                g = g_next
+                u = u_next
+                nxt = (k0 + BLOCK_K + cols)[None, :]
+                g_next = _tile(gate_rows, row_mask[:, None], nxt, HIDDEN, stride_wk)
+                u_next = _tile(up_rows, row_mask[:, None], nxt, HIDDEN, stride_wk)
+                xv = tl.load(x_row + k0 + cols, mask=k0 + cols < HIDDEN,
+                             other=0.0).to(tl.float32)[None, :]
+                acc_g += g.to(tl.float32) * xv
+                acc_u += u.to(tl.float32) * xv
+        else:
+            for k0 in range(0, HIDDEN, BLOCK_K):
+                cur = (k0 + cols)[None, :]
+                g = _tile(gate_rows, row_mask[:, None], cur, HIDDEN, stride_wk)
+                u = _tile(up_rows, row_mask[:, None], cur, HIDDEN, stride_wk)
+                xv = tl.load(x_row + k0 + cols, mask=k0 + cols < HIDDEN,
+                             other=0.0).to(tl.float32)[None, :]
+                acc_g += g.to(tl.float32) * xv
+                acc_u += u.to(tl.float32) * xv
+        dtype = HOUT.dtype.element_ty
+        # The first GEMM's output dtype, then F.silu (float32, rounded) and the rounded product.
+        gate = _round(tl.sum(acc_g, axis=1), dtype, INTERPRET).to(tl.float32)
+        up = _round(tl.sum(acc_u, axis=1), dtype, INTERPRET).to(tl.float32)
+        act = _round(tl.math.div_rn(gate, 1.0 + _exp(-gate, INTERPRET)), dtype, INTERPRET)
+        h = _round(act.to(tl.float32) * up, dtype, INTERPRET)
+        tl.store(HOUT + pair * stride_ht + rows, h, mask=row_mask)
 
     @triton.jit
     def _gate_up_kernel(
@@ -122,34 +278,88 @@ if triton is not None:
         # The expert ids are the previous kernel's (the router's) output: nothing to prefetch.
         _pdl_wait(PDL)
         pair = tl.program_id(0).to(tl.int64)
-        tok = pair // TOPK
         expert = tl.load(IDS + pair).to(tl.int64)
-        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < INTER
-        row_off = expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
-        gate_rows = W_GATE + row_off
-        up_rows = W_UP + row_off
-        x_row = X + tok * stride_xt
-        # 2-D float32 accumulators, reduced once after the loop (one tree per output row).
-        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, HIDDEN, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_mask = cols < HIDDEN
-            xv = tl.load(x_row + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            mask = row_mask[:, None] & col_mask[None, :]
-            woff = cols.to(tl.int64)[None, :] * stride_wk
-            g = tl.load(gate_rows + woff, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(up_rows + woff, mask=mask, other=0.0).to(tl.float32)
-            acc_g += g * xv
-            acc_u += u * xv
-        dtype = HOUT.dtype.element_ty
-        # The first GEMM's output dtype, then F.silu (float32, rounded) and the rounded product.
-        gate = _round(tl.sum(acc_g, axis=1), dtype, INTERPRET).to(tl.float32)
-        up = _round(tl.sum(acc_u, axis=1), dtype, INTERPRET).to(tl.float32)
-        act = _round(tl.math.div_rn(gate, 1.0 + _exp(-gate, INTERPRET)), dtype, INTERPRET)
-        h = _round(act.to(tl.float32) * up, dtype, INTERPRET)
-        tl.store(HOUT + pair * stride_ht + rows, h, mask=row_mask)
+        _gate_up_pair(X, W_GATE, W_UP, HOUT, pair, pair // TOPK, expert,
+                      stride_xt, stride_we, stride_wn, stride_wk, stride_ht,
+                      HIDDEN, INTER, BLOCK_N, BLOCK_K, PREFETCH, INTERPRET)
+
+    @triton.jit
+    def _gate_up_routed_kernel(
+        X, W_GATE, W_UP, LOGITS, HOUT,
+        stride_xt, stride_we, stride_wn, stride_wk, stride_ht, stride_lt, num_experts,
+        HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, PREFETCH_K: tl.constexpr,
+        INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
+    ):
+        """_gate_up_kernel with the router folded in: the pair's expert is slot ``pair % TOPK``
+        of its token's routing, computed from the logits row."""
+        # The logits are the previous kernel's (the router GEMV's) output.
+        _pdl_wait(PDL)
+        pair = tl.program_id(0).to(tl.int64)
+        tok = pair // TOPK
+        slot = pair % TOPK
+        # Only the rounds up to this pair's slot, and no weights.
+        ids = _route(LOGITS + tok * stride_lt, num_experts, slot, TOPK, False, BLOCK_E, BLOCK_S,
+                     INTERPRET)[1]
+        expert = tl.max(tl.where(tl.arange(0, BLOCK_S) == slot, ids, 0), axis=0)
+        _gate_up_pair(X, W_GATE, W_UP, HOUT, pair, tok, expert,
+                      stride_xt, stride_we, stride_wn, stride_wk, stride_ht,
+                      HIDDEN, INTER, BLOCK_N, BLOCK_K, PREFETCH_K, INTERPRET)
+
+    @triton.jit
+    def _down_token(
+        HIN, W2, OUT, tok, ids, weights,
+        stride_ht, stride_we, stride_wn, stride_wk, stride_ot,
+        HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_S: tl.constexpr,
+        PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """[BLOCK_H] output rows of token ``tok``: ``sum_j weights[j] * (h[tok, j] @ W2[ids[j],
+        rows].T)``, all TOPK slots at once ([BLOCK_S, BLOCK_H, BLOCK_I] tiles, one expert per
+        slot). ``ids`` / ``weights`` [BLOCK_S] (float32 weights already rounded to the output
+        dtype, as moe_route returns them). Issues the first tile of every slot's expert, then
+        waits for the previous kernel (the gate/up kernel, whose output h is)."""
+        rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        row_mask = rows < HIDDEN
+        slots = tl.arange(0, BLOCK_S)
+        w_rows = (W2 + ids[:, None, None] * stride_we
+                  + rows.to(tl.int64)[None, :, None] * stride_wn)
+        mask = (slots < TOPK)[:, None, None] & row_mask[None, :, None]
+        # h's rows as full [BLOCK_S, BLOCK_H, BLOCK_I] tiles (every output row the same
+        # addresses), as gemv loads x: in the weight tile's own register layout.
+        h_rows = HIN + ((tok * TOPK + slots) * stride_ht)[:, None, None] + (rows * 0)[None, :, None]
+        cols = tl.arange(0, BLOCK_I)[None, None, :]
+        # Before the wait: the first I tile of all TOPK experts (weights only).
+        w_next = _tile(w_rows, mask, cols, INTER, stride_wk)
+        _pdl_wait(PDL)
+        # One float32 accumulator per (slot, row, column), reduced over I once after the loop;
+        # both loops add the same products in the same I order: the same sums, bitwise.
+        acc = tl.zeros([BLOCK_S, BLOCK_H, BLOCK_I], dtype=tl.float32)
+        if PREFETCH:
+            # The next I tile's loads before this one's products (two tiles a slot in flight);
+            # the last step's "next" tile lies past INTER: fully masked, no reads.
+            for i0 in range(0, INTER, BLOCK_I):
+                w = w_next
+                w_next = _tile(w_rows, mask, i0 + BLOCK_I + cols, INTER, stride_wk)
+                hv = _tile(h_rows, mask, i0 + cols, INTER, 1)
+                acc += w.to(tl.float32) * hv.to(tl.float32)
+        else:
+            acc += w_next.to(tl.float32) * _tile(h_rows, mask, cols, INTER, 1).to(tl.float32)
+            for i0 in range(BLOCK_I, INTER, BLOCK_I):
+                w = _tile(w_rows, mask, i0 + cols, INTER, stride_wk)
+                hv = _tile(h_rows, mask, i0 + cols, INTER, 1)
+                acc += w.to(tl.float32) * hv.to(tl.float32)
+        dtype = OUT.dtype.element_ty
+        # The second GEMM's output dtype; the combine then accumulates in float32 in slot order
+        # (bmm). Slot j's row is picked by a sum over the slot axis whose other terms are 0:
+        # exact (a -0.0 term comes out +0.0, and out, which starts at +0.0, never holds -0.0,
+        # so out + (-0.0) and out + 0.0 agree).
+        wy = weights[:, None] * _round(tl.sum(acc, axis=2), dtype, INTERPRET).to(tl.float32)
+        out = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j in tl.static_range(TOPK):
+            out = out + tl.sum(tl.where(slots[:, None] == j, wy, 0.0), axis=0)
+        tl.store(OUT + tok * stride_ot + rows, _round(out, dtype, INTERPRET), mask=row_mask)
 
     @triton.jit
     def _down_kernel(
@@ -160,41 +370,43 @@ if triton is not None:
         PDL: tl.constexpr = False,
     ):
         tok = tl.program_id(0).to(tl.int64)
-        rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        row_mask = rows < HIDDEN
-        row_off = rows.to(tl.int64)[:, None] * stride_wn
-        dtype = OUT.dtype.element_ty
-        out = tl.zeros([BLOCK_H], dtype=tl.float32)
-        # Unrolled: the k experts' loads are independent, so they can be in flight together.
-        for j in tl.static_range(TOPK):
-            pair = tok * TOPK + j
-            # The ids and weights come from the router, two kernels back: readable before the
-            # wait (the gate/up kernel lets this one launch only once past its own wait).
-            expert = tl.load(IDS + pair).to(tl.int64)
-            weight = tl.load(TW + pair).to(tl.float32)
-            w_rows = W2 + expert * stride_we + row_off
-            h_row = HIN + pair * stride_ht
-            # The first I step peeled: its weight tile is read before the wait for h.
-            cols = tl.arange(0, BLOCK_I)
-            col_mask = cols < INTER
-            w = tl.load(w_rows + cols.to(tl.int64)[None, :] * stride_wk,
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            if j == 0:
-                _pdl_wait(PDL)
-            hv = tl.load(h_row + cols, mask=col_mask, other=0.0).to(tl.float32)
-            acc = w.to(tl.float32) * hv[None, :]
-            for i0 in range(BLOCK_I, INTER, BLOCK_I):
-                cols = i0 + tl.arange(0, BLOCK_I)
-                col_mask = cols < INTER
-                hv = tl.load(h_row + cols, mask=col_mask, other=0.0).to(tl.float32)
-                w = tl.load(w_rows + cols.to(tl.int64)[None, :] * stride_wk,
-                            mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-                acc += w.to(tl.float32) * hv[None, :]
-            # The second GEMM's output dtype; the combine then accumulates in float32 (bmm).
-            y = _round(tl.sum(acc, axis=1), dtype, INTERPRET).to(tl.float32)
-            out = out + weight * y
-        tl.store(OUT + tok * stride_ot + rows, _round(out, dtype, INTERPRET), mask=row_mask)
+        # The ids and weights come from the router, two kernels back: readable before the wait
+        # (the gate/up kernel lets this one launch only once past its own wait).
+        BLOCK_S: tl.constexpr = _pow2(TOPK)
+        slots = tl.arange(0, BLOCK_S)
+        s_mask = slots < TOPK
+        ids = tl.load(IDS + tok * TOPK + slots, mask=s_mask, other=0).to(tl.int64)
+        weights = tl.load(TW + tok * TOPK + slots, mask=s_mask, other=0.0).to(tl.float32)
+        _down_token(HIN, W2, OUT, tok, ids, weights,
+                    stride_ht, stride_we, stride_wn, stride_wk, stride_ot,
+                    HIDDEN, INTER, TOPK, BLOCK_H, BLOCK_I, BLOCK_S, PREFETCH, INTERPRET, PDL)
+
+    @triton.jit
+    def _down_routed_kernel(
+        HIN, W2, LOGITS, OUT,
+        stride_ht, stride_we, stride_wn, stride_wk, stride_ot, stride_lt, num_experts,
+        HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
+        RENORMALIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, PREFETCH_I: tl.constexpr,
+        INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
+    ):
+        """_down_kernel with the router folded in: the token's ids and weights from its logits
+        row, before the wait (the logits were written two launches back, by the router GEMV)."""
+        tok = tl.program_id(0).to(tl.int64)
+        w, ids = _route(LOGITS + tok * stride_lt, num_experts, TOPK - 1, TOPK, RENORMALIZE,
+                        BLOCK_E, BLOCK_S, INTERPRET)
+        # Rounded to the output (x's) dtype, as moe_route(out_dtype=x.dtype) stores them.
+        weights = _round(w, OUT.dtype.element_ty, INTERPRET).to(tl.float32)
+        _down_token(HIN, W2, OUT, tok, ids, weights,
+                    stride_ht, stride_we, stride_wn, stride_wk, stride_ot,
+                    HIDDEN, INTER, TOPK, BLOCK_H, BLOCK_I, BLOCK_S, PREFETCH_I, INTERPRET, PDL)
 # fmt: on
+
+# Warps per program of the routed kernels, and fused_moe_small's default: moe_route's kernel runs
+# one warp (up to 512 experts), and _route's copy of its code gets its layout, hence its softmax
+# sum's addition order, only in a program of that shape. The same num_warps and tiles also give
+# both paths' expert sums the same layouts, hence the same reduction trees.
+ROUTED_WARPS = 1
 
 
 def _block(n: int, cap: int) -> int:
@@ -202,16 +414,65 @@ def _block(n: int, cap: int) -> int:
 
 
 def default_tiles(num_tokens: int) -> dict[str, int]:
-    """Tiles by token count, from the H200 sweep (bench_moe.py --sweep, graph replays): at
-    T = 1 many programs with one step each; from T = 4 a shorter I step in the down kernel
-    (256: more programs per token); from T = 16 wider gate/up row blocks over shorter H steps.
-    The runners-up were within ~2% at T = 1 and ~5-8% behind at T = 4 and 16."""
-    tiles = {"block_n": 4, "block_k": 512, "block_h": 4, "block_i": 1024, "num_warps": 4}
-    if num_tokens >= 4:
-        tiles["block_i"] = 256
+    """Tiles by token count, for one-warp programs (``ROUTED_WARPS``), chosen by register count
+    (ptxas for sm_90, no spills) and weight bytes in flight, not yet by a GPU sweep (the four-warp
+    per-slot kernels' sweep winners were block_n 4 x block_k 512 and block_h 4 x block_i 1024
+    at T = 1). Gate/up: a [4, 256] tile of gate rows and one of up rows per step, two steps in
+    flight with ``PREFETCH`` (8 KB a program; ~180 registers a thread, so ~11 programs an SM:
+    T = 1's 1536 programs in about one wave). Down: every slot's expert at once, [k, 2, 128]
+    per step (4 KB at k = 8, 8 KB in flight; ~200 registers). From T = 16 taller gate/up row
+    blocks over shorter H steps (x is then re-read less often per weight byte)."""
+    tiles = {"block_n": 4, "block_k": 256, "block_h": 2, "block_i": 128, "num_warps": 1}
     if num_tokens >= 16:
-        tiles.update(block_n=8, block_k=256)
+        tiles.update(block_n=8, block_k=128)
     return tiles
+
+
+def _check_shapes(
+    what: str, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> tuple[int, int, int, int]:
+    """(T, H, E, I) of ``x`` [T, H], ``w13`` [E, 2I, H], ``w2`` [E, H, I]; ValueError naming
+    the argument that does not fit."""
+    if x.dim() != 2:
+        raise ValueError(f"{what}: x must be [T, H], got shape {tuple(x.shape)}")
+    t, hidden = x.shape
+    if w13.dim() != 3 or w13.shape[1] % 2 or w13.shape[2] != hidden:
+        raise ValueError(
+            f"{what}: w13 must be [E, 2I, H] with H = {hidden} (x's), got {tuple(w13.shape)}"
+        )
+    num_experts, inter = w13.shape[0], w13.shape[1] // 2
+    if w2.shape != (num_experts, hidden, inter):
+        raise ValueError(
+            f"{what}: w2 must be [E, H, I] = {(num_experts, hidden, inter)} (from w13 and x), "
+            f"got {tuple(w2.shape)}"
+        )
+    return t, hidden, num_experts, inter
+
+
+def _check_runnable(what: str, x: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError(f"{what}: Triton is not installed")
+    if not x.is_cuda and not fused.INTERPRETED:
+        raise RuntimeError(f"{what}: CPU tensors need Triton's interpreter")
+
+
+def _launch_shape(
+    x: torch.Tensor, k: int, inter: int, tiles: dict[str, int | None]
+) -> tuple[tuple[int, int], tuple[int, int], dict[str, int]]:
+    """Both kernels' grids and (capped) blocks; tiles left None come from default_tiles(T)."""
+    t, hidden = x.shape
+    full = default_tiles(t)
+    full.update({key: v for key, v in tiles.items() if v is not None})
+    blocks = {
+        "BLOCK_N": _block(inter, full["block_n"]),
+        "BLOCK_K": _block(hidden, full["block_k"]),
+        "BLOCK_H": _block(hidden, full["block_h"]),
+        "BLOCK_I": _block(inter, full["block_i"]),
+        "num_warps": full["num_warps"],
+    }
+    gate_up_grid = (t * k, triton.cdiv(inter, blocks["BLOCK_N"]))
+    down_grid = (t, triton.cdiv(hidden, blocks["BLOCK_H"]))
+    return gate_up_grid, down_grid, blocks
 
 
 def fused_moe_small(
@@ -232,22 +493,25 @@ def fused_moe_small(
     ``topk_weights`` [T, k]. Returns [T, H] in x's dtype.
 
     Tiles (powers of two, capped to the problem): ``block_n`` gate/up rows x ``block_k`` hidden
-    columns per step of kernel 1, ``block_h`` output rows x ``block_i`` columns of kernel 2;
-    each one left None comes from ``default_tiles(T)``.
-    On CPU tensors the kernels need Triton's interpreter (TRITON_INTERPRET=1).
+    columns per step of kernel 1, ``block_h`` output rows x ``block_i`` columns (of each of the
+    k slots' experts) per step of kernel 2; each one left None comes from ``default_tiles(T)``.
+    With the default tiles (and any tiles with ``num_warps=1``) the result is bitwise
+    ``fused_moe_routed``'s for the same routing. ValueError names an argument whose shape does
+    not fit. On CPU tensors the kernels need Triton's interpreter (TRITON_INTERPRET=1).
     """
-    if triton is None:
-        raise RuntimeError("fused_moe_small: Triton is not installed")
-    if not x.is_cuda and not fused.INTERPRETED:
-        raise RuntimeError("fused_moe_small: CPU tensors need Triton's interpreter")
-    t, hidden = x.shape
+    what = "fused_moe_small"
+    _check_runnable(what, x)
+    t, hidden, _, inter = _check_shapes(what, x, w13, w2)
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t:
+        raise ValueError(
+            f"{what}: topk_ids must be [T, k] with T = {t} (x's), got {tuple(topk_ids.shape)}"
+        )
     k = topk_ids.shape[1]
-    num_experts, two_inter, _ = w13.shape
-    inter = two_inter // 2
-    if w13.shape != (num_experts, 2 * inter, hidden) or w2.shape != (num_experts, hidden, inter):
-        raise ValueError(f"fused_moe_small: w13 {tuple(w13.shape)} / w2 {tuple(w2.shape)}")
-    if topk_ids.shape != (t, k) or topk_weights.shape != (t, k):
-        raise ValueError("fused_moe_small: topk_ids / topk_weights must be [T, k]")
+    if topk_weights.shape != (t, k):
+        raise ValueError(
+            f"{what}: topk_weights must be [T, k] = {(t, k)} (topk_ids'), "
+            f"got {tuple(topk_weights.shape)}"
+        )
     out = torch.empty(t, hidden, dtype=x.dtype, device=x.device)
     if t == 0 or k == 0:
         return out.zero_()
@@ -256,27 +520,104 @@ def fused_moe_small(
     ids = topk_ids.contiguous()
     weights = topk_weights.contiguous()
     h = torch.empty(t * k, inter, dtype=x.dtype, device=x.device)
-    tiles = default_tiles(t)
-    block_n = block_n or tiles["block_n"]
-    block_k = block_k or tiles["block_k"]
-    block_h = block_h or tiles["block_h"]
-    block_i = block_i or tiles["block_i"]
-    num_warps = num_warps or tiles["num_warps"]
-    bn, bk = _block(inter, block_n), _block(hidden, block_k)
-    pdl = fused.pdl_options(x.device)
-    _gate_up_kernel[(t * k, triton.cdiv(inter, bn))](
+    tiles = dict(
+        block_n=block_n, block_k=block_k, block_h=block_h, block_i=block_i, num_warps=num_warps
+    )
+    gate_up_grid, down_grid, blocks = _launch_shape(x, k, inter, tiles)
+    common = dict(
+        HIDDEN=hidden, INTER=inter, TOPK=k, INTERPRET=fused.INTERPRETED,
+        num_warps=blocks["num_warps"], **fused._EXACT, **fused.pdl_options(x.device),
+    )  # fmt: skip
+    _gate_up_kernel[gate_up_grid](
         # w13's up rows as a view: its pointer starts at row I of expert 0.
         x, w13, w13[:, inter:], ids, h,
         x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
-        HIDDEN=hidden, INTER=inter, TOPK=k, BLOCK_N=bn, BLOCK_K=bk, INTERPRET=fused.INTERPRETED,
-        num_warps=num_warps, **fused._EXACT, **pdl,
+        BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"], **common,
     )  # fmt: skip
-    bh, bi = _block(hidden, block_h), _block(inter, block_i)
-    _down_kernel[(t, triton.cdiv(hidden, bh))](
+    _down_kernel[down_grid](
         h, w2, ids, weights, out,
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
-        HIDDEN=hidden, INTER=inter, TOPK=k, BLOCK_H=bh, BLOCK_I=bi, INTERPRET=fused.INTERPRETED,
-        num_warps=num_warps, **fused._EXACT, **pdl,
+        BLOCK_H=blocks["BLOCK_H"], BLOCK_I=blocks["BLOCK_I"], **common,
+    )  # fmt: skip
+    return out
+
+
+def fused_moe_routed(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    *,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    block_h: int | None = None,
+    block_i: int | None = None,
+    prefetch_k: bool | None = None,
+    prefetch_i: bool | None = None,
+) -> torch.Tensor:
+    """The whole MoE after the router GEMV, in two launches and no routing kernel: bitwise
+    ``fused_moe_small(x, w13, w2, ids, weights)`` (same tiles) with ``weights, ids =
+    fused.moe_route(router_logits, top_k, renormalize, out_dtype=x.dtype)`` (its Triton
+    kernel), each expert kernel routing its tokens from their logits rows with moe_route's
+    code. ``router_logits`` [T, E]: float32 / bf16 / fp16, E <= ``MAX_ROUTED_EXPERTS``;
+    ``top_k`` in [1, E]. Returns [T, H] in x's dtype.
+
+    ``x``, ``w13``, ``w2`` and the tiles as for ``fused_moe_small``; the programs always have
+    ``ROUTED_WARPS`` warps. ``prefetch_k`` / ``prefetch_i``: whether the gate/up kernel's H loop
+    / the down kernel's I loop issue the next tile's loads before the current tile's products
+    (default ``PREFETCH``, which fused_moe_small uses; the same result either way). ValueError
+    names an argument that does not fit. On CPU tensors the kernels need Triton's interpreter
+    (TRITON_INTERPRET=1).
+    """
+    what = "fused_moe_routed"
+    _check_runnable(what, x)
+    t, hidden, num_experts, inter = _check_shapes(what, x, w13, w2)
+    if router_logits.shape != (t, num_experts):
+        raise ValueError(
+            f"{what}: router_logits must be [T, E] = {(t, num_experts)} (from x and w13), "
+            f"got {tuple(router_logits.shape)}"
+        )
+    if router_logits.dtype not in fused._FLOAT_DTYPES:
+        raise ValueError(
+            f"{what}: router_logits must be float32, bf16 or fp16, got {router_logits.dtype}"
+        )
+    if num_experts > MAX_ROUTED_EXPERTS:
+        raise ValueError(
+            f"{what}: router_logits has {num_experts} experts, more than MAX_ROUTED_EXPERTS "
+            f"({MAX_ROUTED_EXPERTS})"
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"{what}: top_k must be an int in [1, E = {num_experts}], got {top_k!r}")
+    out = torch.empty(t, hidden, dtype=x.dtype, device=x.device)
+    if t == 0:
+        return out
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    h = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
+    tiles = dict(
+        block_n=block_n, block_k=block_k, block_h=block_h, block_i=block_i, num_warps=ROUTED_WARPS
+    )
+    gate_up_grid, down_grid, blocks = _launch_shape(x, top_k, inter, tiles)
+    common = dict(
+        HIDDEN=hidden, INTER=inter, TOPK=top_k, BLOCK_E=triton.next_power_of_2(num_experts),
+        BLOCK_S=triton.next_power_of_2(top_k), INTERPRET=fused.INTERPRETED,
+        num_warps=ROUTED_WARPS, **fused._EXACT, **fused.pdl_options(x.device),
+    )  # fmt: skip
+    _gate_up_routed_kernel[gate_up_grid](
+        x, w13, w13[:, inter:], logits, h,
+        x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0), logits.stride(0),
+        num_experts, BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
+        PREFETCH_K=bool(PREFETCH) if prefetch_k is None else bool(prefetch_k), **common,
+    )  # fmt: skip
+    _down_routed_kernel[down_grid](
+        h, w2, logits, out,
+        h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), logits.stride(0),
+        num_experts, RENORMALIZE=bool(renormalize), BLOCK_H=blocks["BLOCK_H"],
+        BLOCK_I=blocks["BLOCK_I"],
+        PREFETCH_I=bool(PREFETCH) if prefetch_i is None else bool(prefetch_i), **common,
     )  # fmt: skip
     return out
 
@@ -284,8 +625,13 @@ def fused_moe_small(
 __all__ = [
     "ENABLED",
     "MAX_PAIRS",
+    "MAX_ROUTED_EXPERTS",
+    "ROUTED_WARPS",
+    "ROUTE_ENABLED",
     "default_tiles",
     "fused_moe_ref",
+    "fused_moe_routed",
     "fused_moe_small",
     "use_fused",
+    "use_routed",
 ]
