@@ -1,7 +1,8 @@
 """Triton paged attention (extend + split-KV decode) against the torch reference.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (slow: small shapes, fp32).
-On CUDA the same tests run, plus bf16 and larger (model-sized) shapes and a CUDA-graph replay.
+On CUDA the same tests run, plus bf16 and larger (model-sized) shapes, CUDA-graph replays and the
+decode PDL prefetch after the kernel that stores the new key.
 Data is random everywhere, the pool included (never zeros), page ids are random and
 non-contiguous, and every output is poisoned with NaN first, so an unwritten element fails.
 """
@@ -248,7 +249,10 @@ def test_choose_num_kv_splits() -> None:
     assert f(32, 4, 4096, num_sms=264) == 5
 
 
-def test_graph_hooks_reserve_and_freeze() -> None:
+def test_graph_hooks_reserve_and_freeze(
+    stage2_launches: list[tuple[int, ...]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(K, "DECODE_MERGE_IN_STAGE1", True)
     backend = TritonAttention(max_kv_splits=8, min_split_len=16)
     backend.init_cuda_graph_state(4, num_q_heads=4, num_kv_heads=2, head_dim=32,
                                   max_context_len=256, device=DEVICE)  # fmt: skip
@@ -261,10 +265,17 @@ def test_graph_hooks_reserve_and_freeze() -> None:
     backend.prepare_graph(batch)
     assert batch.attn_metadata.num_kv_splits == backend.graph_num_kv_splits(3) > 1
     scratch = backend._decode_scratch.mid_o.data_ptr()
-    out = torch.full_like(q, float("nan"))
-    backend.attend(q, LAYER, batch, SCALE, out=out)
-    assert backend._decode_scratch.mid_o.data_ptr() == scratch  # no reallocation under "capture"
-    assert not out.isnan().any() and rel_err(out, reference(batch, q)) < 1e-4
+    counters = backend._decode_scratch.counters
+    views = backend.decode_scratch_views(3, 4, 32, batch.attn_metadata.num_kv_splits, DEVICE)
+    assert counters is not None and views[2].data_ptr() == counters.data_ptr()
+    for _ in range(2):  # as replays: the merge's counters must be back at zero each time
+        out = torch.full_like(q, float("nan"))
+        backend.attend(q, LAYER, batch, SCALE, out=out)
+        assert backend._decode_scratch.mid_o.data_ptr() == scratch  # no reallocation
+        assert backend._decode_scratch.counters.data_ptr() == counters.data_ptr()
+        assert not counters.any()
+        assert not out.isnan().any() and rel_err(out, reference(batch, q)) < 1e-4
+    assert stage2_launches == []  # merged in stage 1
     with pytest.raises(RuntimeError, match="frozen"):
         backend.decode_scratch_views(64, 4, 32, 8, DEVICE)
 
@@ -310,6 +321,160 @@ def test_eager_decode_past_graph_max_fits_frozen_scratch(
     out2 = torch.full_like(q, float("nan"))
     backend.attend(q, LAYER, batch, SCALE, out=out2)
     assert torch.equal(out, out2) and batch.attn_metadata.num_kv_splits == want_splits
+
+
+# ---------------------------------------------------- decode: merge in stage 1, PDL prefetch
+
+
+def decode_kernel_inputs(
+    seq_lens: list[int], *, page_size: int, hq: int, hkv: int, seed: int, d: int = 32,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Kernel arguments of a decode batch (q, k_buf, v_buf, block_table, seq_lens), the new
+    keys stored; a seq_len of 0 is a padded row (its table row holds one unused page)."""
+    batch, q, k, v = make_batch(
+        ForwardMode.DECODE, [max(s - 1, 0) for s in seq_lens], [1] * len(seq_lens),
+        page_size=page_size, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
+        seed=seed,
+    )  # fmt: skip
+    batch.kv_pool.write(LAYER, batch.out_cache_loc, k, v)
+    seq = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    kb, vb = batch.kv_pool.k_buffer(LAYER), batch.kv_pool.v_buffer(LAYER)
+    return q, kb, vb, batch.block_table, seq
+
+
+def decode_variants(
+    q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, table: torch.Tensor, seq: torch.Tensor,
+    splits: int, page_size: int, monkeypatch: pytest.MonkeyPatch,
+) -> list[tuple[tuple[bool, bool], torch.Tensor]]:  # fmt: skip
+    """Decode with the prefetch path forced off and on, each with the two-kernel merge and then
+    twice with the in-stage-1 merge, all on one scratch (larger than needed, as a captured
+    graph's; poisoned before each launch) and one set of counters, which must be back at zero
+    after every launch. Returns ((prefetch, merge), out) per launch, the old kernels first."""
+    hq, d = q.shape[1], q.shape[2]
+    rows = q.shape[0] + 1
+    mid_o, mid_lse = K.decode_scratch(rows, hq, splits + 1, d, DEVICE)
+    counters = K.decode_counters(rows, kb.shape[1], DEVICE)
+    outs = []
+    for prefetch in (False, True):
+        monkeypatch.setattr(K, "DECODE_PREFETCH", prefetch)
+        for merge in (False, True, True):
+            mid_o.fill_(float("nan"))
+            mid_lse.fill_(float("nan"))
+            out = torch.full_like(q, float("nan"))
+            K.decode_attention(
+                q, kb, vb, out, table, seq, SCALE, splits, page_size=page_size, mid_o=mid_o,
+                mid_lse=mid_lse, counters=counters, merge_in_stage1=merge,
+            )  # fmt: skip
+            assert not counters.any(), ("counters not reset", prefetch, merge)
+            outs.append(((prefetch, merge), out))
+    return outs
+
+
+@pytest.mark.parametrize(
+    ("seq_lens", "page_size", "hq", "hkv", "splits"),
+    [
+        ([0, 1, 5, 16, 33, 70], 4, 8, 2, 7),  # GQA 4, page gather; empty and 1-key sequences
+        ([3, 64, 17], 16, 2, 2, 3),  # GQA 1, pages of one key block
+        ([50, 0, 2], 64, 6, 1, 4),  # GQA 6 (padded head rows), pages of several key blocks
+        ([40, 9, 1, 100], 8, 4, 1, 16),  # more splits than key blocks: mostly empty splits
+    ],
+)
+def test_decode_merge_and_prefetch_match_two_kernel_path_bitwise(
+    seq_lens: list[int], page_size: int, hq: int, hkv: int, splits: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The PDL prefetch path (forced: the interpreter has no PDL) and the in-stage-1 merge give
+    the two-kernel path's output bit for bit, which matches the reference (zeros for an empty
+    sequence); unused (poisoned) splits are never read."""
+    q, kb, vb, table, seq = decode_kernel_inputs(
+        seq_lens, page_size=page_size, hq=hq, hkv=hkv, seed=splits
+    )
+    ref = K.decode_attention_ref(
+        q, kb, vb, torch.empty_like(q), table, seq, SCALE, page_size=page_size
+    )
+    outs = decode_variants(q, kb, vb, table, seq, splits, page_size, monkeypatch)
+    base = outs[0][1]
+    assert not base.isnan().any() and rel_err(base, ref) < 1e-5, rel_err(base, ref)
+    for b, n in enumerate(seq_lens):
+        if n == 0:
+            assert torch.equal(base[b], torch.zeros_like(base[b]))
+    for variant, out in outs[1:]:
+        assert torch.equal(out, base), variant
+
+
+def test_decode_prefetch_single_split_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One split (stage 1 writes the output itself, no merge): the prefetch path gives the
+    same bits, an empty sequence included."""
+    seq_lens, page_size = [0, 1, 16, 37], 4
+    q, kb, vb, table, seq = decode_kernel_inputs(seq_lens, page_size=page_size, hq=4, hkv=2,
+                                                 seed=4)  # fmt: skip
+    outs = []
+    for prefetch in (False, True):
+        monkeypatch.setattr(K, "DECODE_PREFETCH", prefetch)
+        out = torch.full_like(q, float("nan"))
+        K.decode_attention(q, kb, vb, out, table, seq, SCALE, 1, page_size=page_size)
+        outs.append(out)
+    ref = K.decode_attention_ref(
+        q, kb, vb, torch.empty_like(q), table, seq, SCALE, page_size=page_size
+    )
+    assert not outs[0].isnan().any() and rel_err(outs[0], ref) < 1e-5
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.fixture
+def stage2_launches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The grids of decode stage-2 launches from here on."""
+    launches: list[tuple[int, ...]] = []
+    real = K._decode_stage2_kernel
+
+    class Spy:
+        def __getitem__(self, grid: tuple[int, ...]):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(K, "_decode_stage2_kernel", Spy())
+    return launches
+
+
+def test_decode_merge_dispatch_and_checks(
+    stage2_launches: list[tuple[int, ...]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """merge_in_stage1=None follows DECODE_MERGE_IN_STAGE1 where the call has counters (given,
+    or allocated with the scratch); with scratch but no counters it keeps stage 2 and True is an
+    error; one split never merges; the counters are checked."""
+    seq_lens, ps, splits = [30, 7], 4, 3
+    q, kb, vb, table, seq = decode_kernel_inputs(seq_lens, page_size=ps, hq=4, hkv=2, seed=8)
+    mid_o, mid_lse = K.decode_scratch(2, 4, splits, 32, DEVICE)
+    counters = K.decode_counters(2, 2, DEVICE)
+    ref = K.decode_attention_ref(q, kb, vb, torch.empty_like(q), table, seq, SCALE, page_size=ps)
+
+    def run(merged: bool, splits: int = splits, **kwargs) -> None:
+        stage2_launches.clear()
+        out = torch.full_like(q, float("nan"))
+        K.decode_attention(q, kb, vb, out, table, seq, SCALE, splits, page_size=ps, **kwargs)
+        assert rel_err(out, ref) < 1e-5
+        assert stage2_launches == ([] if merged or splits == 1 else [(2, 4)])
+        assert not counters.any()
+
+    scratch = {"mid_o": mid_o, "mid_lse": mid_lse}
+    monkeypatch.setattr(K, "DECODE_MERGE_IN_STAGE1", True)
+    run(True, counters=counters, **scratch)
+    run(True)  # scratch and counters allocated here
+    run(False, **scratch)  # scratch without counters: stage 2
+    run(False, counters=counters, merge_in_stage1=False, **scratch)
+    run(False, splits=1, counters=counters, merge_in_stage1=True)
+    monkeypatch.setattr(K, "DECODE_MERGE_IN_STAGE1", False)
+    run(False, counters=counters, **scratch)
+    run(True, counters=counters, merge_in_stage1=True, **scratch)
+    out = torch.empty_like(q)
+    with pytest.raises(ValueError, match="needs counters"):
+        K.decode_attention(q, kb, vb, out, table, seq, SCALE, splits, page_size=ps,
+                           merge_in_stage1=True, **scratch)  # fmt: skip
+    for bad in (counters[:3], counters.to(torch.int64), counters.view(2, 2)):
+        with pytest.raises(ValueError, match="counters must be"):
+            K.decode_attention(q, kb, vb, out, table, seq, SCALE, splits, page_size=ps,
+                               merge_in_stage1=True, counters=bad, **scratch)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ split-KV extend
@@ -820,3 +985,108 @@ def test_dense_extend_model_sized_cuda(page_size: int) -> None:
     backend = TritonAttention()
     assert backend.use_dense_prefill(q, batch), "auto should pick cuDNN on this GPU"
     check_backend(batch, q, k, v, backend)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_decode_merge_and_prefetch_bitwise_cuda(
+    page_size: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Qwen3-30B-A3B geometry: batch 1 at 4K (64 splits of one key block: what the two changes
+    are for) and a ragged batch with an empty row. The prefetch path and the in-stage-1 merge
+    give the two-kernel path's bits (both merges sum in one order whatever their layouts)."""
+    for seq_lens in ([4096], [1, 4097, 999, 64, 20000, 3, 0]):
+        q, kb, vb, table, seq = decode_kernel_inputs(
+            seq_lens, page_size=page_size, hq=32, hkv=4, d=128, dtype=dtype,
+            seed=page_size + len(seq_lens),
+        )  # fmt: skip
+        splits = K.choose_num_kv_splits(len(seq_lens), 4, max(seq_lens))
+        ref = K.decode_attention_ref(
+            q, kb, vb, torch.empty_like(q), table, seq, SCALE, page_size=page_size
+        )
+        outs = decode_variants(q, kb, vb, table, seq, splits, page_size, monkeypatch)
+        base = outs[0][1]
+        assert not base.isnan().any() and rel_err(base, ref) < TOL[dtype], rel_err(base, ref)
+        for variant, out in outs[1:]:
+            assert torch.equal(out, base), (seq_lens, variant, (out - base).abs().max().item())
+
+
+@cuda_only
+@pytest.mark.parametrize("merge", [False, True])
+def test_decode_after_kv_store_in_a_pdl_graph_cuda(
+    merge: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prefetch's precondition in use, as in a model's decode step: per layer the fused q/k
+    norm + RoPE kernel writes q and the newest key's K/V, and decode attention runs right after
+    it. In a CUDA graph with PDL (stage 1 then loads its first key block before it waits), with
+    the newest keys' slots poisoned before each replay so that reading them before the wait
+    would show, every replay gives the bits of the same chain run eagerly without PDL."""
+    from kvtier.kernels import fused
+
+    if torch.cuda.get_device_capability()[0] < 9 or not fused.PDL_ENABLED:
+        pytest.skip("needs PDL (sm_90+, KVTIER_PDL not 0)")
+    hq, hkv, d, ps, layers = 32, 4, 128, 64, 4
+    seq_lens = [4096, 300, 1]
+    bs = len(seq_lens)
+    g = torch.Generator(device="cuda").manual_seed(5)
+
+    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(torch.bfloat16)
+
+    pages = [(n + ps - 1) // ps for n in seq_lens]
+    slots = (sum(pages) + 1) * ps
+    perm = torch.randperm(sum(pages), generator=g, device="cuda").to(torch.int32) + 1
+    table = torch.zeros(bs, max(pages), dtype=torch.int32, device="cuda")
+    used = 0
+    for b, n in enumerate(pages):
+        table[b, :n] = perm[used : used + n]
+        used += n
+    seq = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    pos = (seq - 1).long()
+    loc = table[torch.arange(bs, device="cuda"), pos // ps].long() * ps + pos % ps
+    k_caches = [rnd(slots, hkv, d) for _ in range(layers)]
+    v_caches = [rnd(slots, hkv, d) for _ in range(layers)]
+    qkv = [rnd(bs, (hq + 2 * hkv) * d) for _ in range(layers)]
+    qn, kn = 1 + rnd(d, scale=0.1), 1 + rnd(d, scale=0.1)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    splits = K.choose_num_kv_splits(bs, hkv, max(seq_lens))
+    mid_o, mid_lse = K.decode_scratch(bs, hq, splits, d, "cuda")
+    counters = K.decode_counters(bs, hkv, "cuda")
+    outs = [torch.empty(bs, hq, d, dtype=torch.bfloat16, device="cuda") for _ in range(layers)]
+
+    def step() -> None:
+        for i in range(layers):
+            q = fused.qk_norm_rope_store(
+                qkv[i], qn, kn, pos, inv_freq, hq, hkv, d, 1e-6, True, k_caches[i],
+                v_caches[i], loc,
+            )  # fmt: skip
+            K.decode_attention(
+                q, k_caches[i], v_caches[i], outs[i], table, seq, SCALE, splits, page_size=ps,
+                mid_o=mid_o, mid_lse=mid_lse, counters=counters, merge_in_stage1=merge,
+            )  # fmt: skip
+
+    def poison() -> None:
+        for kc, vc in zip(k_caches, v_caches):
+            kc[loc] = 100.0
+            vc[loc] = -100.0
+
+    monkeypatch.setattr(fused, "PDL_ENABLED", False)
+    poison()
+    step()
+    expected = [o.clone() for o in outs]
+    monkeypatch.setattr(fused, "PDL_ENABLED", True)
+    poison()
+    step()  # eager with PDL; compiles the PDL variants outside the capture
+    assert all(torch.equal(o, e) for o, e in zip(outs, expected))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        poison()
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, e) for o, e in zip(outs, expected))
+        assert not counters.any()

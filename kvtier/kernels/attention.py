@@ -15,10 +15,16 @@ tests, where exactness matters more than speed); bf16/fp16 use the tensor cores.
 
 Decode is split-KV ("flash decoding"): stage 1 runs one program per (sequence, kv head, split),
 handling every query head of the kv head's group so that K/V is read once per group, and writes
-a partial output plus its log-sum-exp; stage 2 merges the splits. The split count is a launch
-argument and each sequence's split length is derived from its ``seq_len`` on the device, so a
-launch never needs a host sync and can be captured in a CUDA graph (grid and scratch depend only
-on the batch size and split count the caller gives).
+a partial output plus its log-sum-exp; stage 2 merges the splits, or (``merge_in_stage1``, the
+default) the last stage-1 program of each (sequence, kv head) to finish merges them, counted by
+an int32 arrival counter that it resets (one launch instead of two; the same bits, as both
+merges sum in one fixed order). The split count is a launch argument and each sequence's split
+length is derived from its ``seq_len`` on the device, so a launch never needs a host sync and
+can be captured in a CUDA graph (grid and scratch depend only on the batch size and split count
+the caller gives). With programmatic dependent launch and several splits, stage 1 loads its
+split's first key block before it waits for the previous kernel (which writes only q and the
+newest key's K/V): at batch 1 a split is often one block, so its whole KV read then overlaps
+that kernel's tail.
 
 Extend has the same split-KV form for short extends after long prefixes (a prompt served from
 the cache), where the one-pass grid (query blocks x q heads x sequences) would leave most SMs
@@ -31,14 +37,15 @@ arguments live at the end of this module.
 
 Measured on one H200 (bf16, 32 q / 4 kv heads, head_dim 128; benchmarks/bench_attention.py):
 decode at a 4K context reads KV at 0.76 / 2.3 / 3.2 / 3.9 / 4.3 TB/s for batch 1 / 8 / 32 / 64
-/ 128 (batch 1 is latency-bound: ~11 us a layer, two launches included); extend of 16K new
-tokens runs at ~440 TFLOP/s with no prefix (torch's flash SDPA on contiguous K/V: ~575-665)
-and ~465 after a 64K prefix.
+/ 128 (batch 1 is latency-bound: ~11 us a layer, with the stage-2 kernel and no prefetch);
+extend of 16K new tokens runs at ~440 TFLOP/s with no prefix (torch's flash SDPA on contiguous
+K/V: ~575-665) and ~465 after a 64K prefix.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +105,33 @@ def _decode_split_len(seq_len, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _attn_scores(l_i, m_i, q, k, pos, q_pos, qk_scale, MASKED: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    """Softmax half of an online-softmax step over one key block (k: its [BLOCK_N, HEAD_DIM]
+    keys at positions ``pos``): returns (p, alpha, l, m) with the row max and sum updated.
+    MASKED applies the causal mask (key pos <= q_pos of the row). Every step of every kernel
+    goes through this and ``_attn_update``, so that all paths do the same math in the same
+    order (decode's prefetched first block is bitwise the in-loop step)."""
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
+    if MASKED:
+        qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
+    # Scale inside the max and the exponent (qk_scale > 0, so max commutes with it): one FMA
+    # per score instead of a multiply and a subtract; the softmax ALU work is what competes
+    # with the tensor cores in a compute-bound prefill.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, l_i, m_new
+
+
+@triton.jit
+def _attn_update(acc, p, alpha, q, v, DOT_PREC: tl.constexpr):
+    """Value half of the step: the rescaled accumulator plus p @ v (v zero where p is)."""
+    return tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=DOT_PREC)
+
+
+@triton.jit
 def _attn_block(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, q_pos, kv_len, qk_scale,
                 stride_kt, stride_kh, stride_vt, stride_vh,
                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -118,21 +152,12 @@ def _attn_block(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, q_pos, kv_len, qk_sc
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     else:
         k = tl.load(k_ptrs)
-    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
-    if MASKED:
-        qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
-    # Scale inside the max and the exponent (qk_scale > 0, so max commutes with it): one FMA
-    # per score instead of a multiply and a subtract; the softmax ALU work is what competes
-    # with the tensor cores in a compute-bound prefill.
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk * qk_scale - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_new = _attn_scores(l_i, m_i, q, k, pos, q_pos, qk_scale, MASKED, DOT_PREC)
     if MASKED:
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=DOT_PREC)
+    acc = _attn_update(acc, p, alpha, q, v, DOT_PREC)
     return acc, l_i, m_new
 
 
@@ -388,13 +413,127 @@ def _extend_split_stage2_kernel(Out, MidO, MidLse, SeqLens, ExtendLens, ExtendSt
 
 
 @triton.jit
-def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_scale, num_splits,
+def _decode_prefetch(K, V, bt_row, kv_head, start, end, seq_len,
+                     stride_kt, stride_kh, stride_vt, stride_vh,
+                     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The loads of a split's first key block [start, start + BLOCK_N) that may precede the PDL
+    wait: its K and V rows at positions below min(end, seq_len - 1) (zero elsewhere), and the
+    pool slot of key seq_len - 1 (meaningful only where the block holds that key). They read
+    the block table and keys that no kernel of the step writes (``decode_attention``'s
+    precondition). The page-id loads are masked: an empty split's block may lie past the table.
+    """
+    offs_d = tl.arange(0, HEAD_DIM)
+    pos = start + tl.arange(0, BLOCK_N)
+    last = seq_len - 1
+    if PAGE_SIZE >= BLOCK_N:
+        # The block lies in one page (as in _page_slots): so does key seq_len - 1 if it holds it.
+        page = tl.load(bt_row + start // PAGE_SIZE, mask=start < end, other=0).to(tl.int64)
+        slots = page * PAGE_SIZE + (pos % PAGE_SIZE)
+        last_page = page
+    else:
+        page = tl.load(bt_row + pos // PAGE_SIZE, mask=pos < end, other=0)
+        slots = page.to(tl.int64) * PAGE_SIZE + (pos % PAGE_SIZE)
+        holds_last = (last >= start) & (last < start + BLOCK_N)
+        last_page = tl.load(bt_row + last // PAGE_SIZE, mask=holds_last, other=0).to(tl.int64)
+    old = (pos < tl.minimum(end, last))[:, None]
+    k = tl.load(K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=old,
+                other=0.0)
+    v = tl.load(V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=old,
+                other=0.0)
+    return k, v, last_page * PAGE_SIZE + last % PAGE_SIZE
+
+
+@triton.jit
+def _decode_first_block(acc, l_i, m_i, q, k, v, K, V, last_slot, kv_head, start, seq_len, q_pos,
+                        qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
+                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """After the PDL wait: put key seq_len - 1 (the previous kernel's write) into the block
+    ``_decode_prefetch`` loaded, where the block holds it (one masked row load of K and one of
+    V), then take the block's step. Always the masked step: on a whole block its mask keeps
+    every key, so the values and the math are those of the unmasked step, bit for bit; on the
+    split's last partial block it is the step the loop would take."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    pos = start + tl.arange(0, BLOCK_N)
+    last = seq_len - 1
+    is_last = (pos == last)[:, None]
+    # Whether the block holds the key, as a [HEAD_DIM] mask built from vectors: Triton's
+    # interpreter mishandles a scalar mask (or scalar & vector) on a vector load.
+    last_d = tl.full([HEAD_DIM], 0, dtype=tl.int32) + last
+    row_mask = (last_d >= start) & (last_d < start + BLOCK_N)
+    k_last = tl.load(K + last_slot * stride_kt + kv_head * stride_kh + offs_d, mask=row_mask,
+                     other=0.0)
+    v_last = tl.load(V + last_slot * stride_vt + kv_head * stride_vh + offs_d, mask=row_mask,
+                     other=0.0)
+    k = tl.where(is_last, k_last[None, :], k)
+    v = tl.where(is_last, v_last[None, :], v)
+    p, alpha, l_i, m_i = _attn_scores(l_i, m_i, q, k, pos, q_pos, qk_scale, True, DOT_PREC)
+    acc = _attn_update(acc, p, alpha, q, v, DOT_PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Rows [0, ROWS / 2) and [ROWS / 2, ROWS) of x [ROWS, COLS] (ROWS a power of two >= 2)."""
+    return tl.split(tl.permute(tl.reshape(x, [2, ROWS // 2, COLS]), [1, 2, 0]))
+
+
+@triton.jit
+def _weighted_split_sum(o, w, BLOCK_S: tl.constexpr, COLS: tl.constexpr):
+    """sum_s o[s, :] * w[s] of o [BLOCK_S, COLS] and w [BLOCK_S], in one fixed order of
+    operations: products of row s + BLOCK_S / 2 fused (one rounding) onto those of row s, then
+    halves added pairwise down to one row. ``tl.sum``'s order follows the tile's register
+    layout, which Triton chooses per kernel (stage 1's K/V tiles change it), so the two merges
+    would not give the same bits with it. BLOCK_S a power of two."""
+    if BLOCK_S == 1:
+        x = tl.reshape(o * w[:, None], [COLS])
+    else:
+        o_lo, o_hi = _halves(o, BLOCK_S, COLS)
+        w_lo, w_hi = _halves(w[:, None], BLOCK_S, 1)
+        # An explicit fma: left to the compiler, which product it fused would depend on the
+        # code around it.
+        x = tl.fma(o_hi, w_hi, o_lo * w_lo)
+        for i in tl.static_range(1, BLOCK_S.bit_length() - 1):
+            lo, hi = _halves(x, BLOCK_S >> i, COLS)
+            x = lo + hi
+        x = tl.reshape(x, [COLS])
+    return x
+
+
+@triton.jit
+def _decode_merge_head(MidO, MidLse, seq, head, used, stride_mb, stride_mh, stride_ms,
+                       stride_lb, stride_lh, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+                       CACHE: tl.constexpr):
+    """Output ([HEAD_DIM] fp32) of one q head of one sequence: the partial outputs of its first
+    ``used`` splits weighted by their LSE; 0 when ``used`` is 0 (an empty sequence). Splits
+    past ``used`` were empty in stage 1 and hold stale (or poisoned) scratch: never read.
+    Stage 2 and stage 1's in-kernel merge both call this, and its sums have one order whatever
+    the layout (``_weighted_split_sum``), so both give the same bits. CACHE: the loads' cache
+    modifier."""
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < used
+    lse = tl.load(MidLse + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask,
+                  other=_NEG_BIG, cache_modifier=CACHE)
+    m = tl.max(lse, 0)  # exact in any order
+    w = tl.where(s_mask, tl.exp2(lse - m), 0.0)
+    o = tl.load(MidO + seq * stride_mb + head * stride_mh + offs_s[:, None] * stride_ms
+                + offs_d[None, :], mask=s_mask[:, None], other=0.0, cache_modifier=CACHE)
+    ones = tl.full([BLOCK_S, 1], 1.0, dtype=tl.float32)
+    denom = tl.sum(_weighted_split_sum(ones, w, BLOCK_S, 1), 0)
+    # denom is 0 only when the sequence is empty: zeros, not NaN.
+    return _weighted_split_sum(o, w, BLOCK_S, HEAD_DIM) / tl.where(denom > 0, denom, 1.0)
+
+
+@triton.jit
+def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, Counters, BlockTable, SeqLens, qk_scale,
+                          num_splits,
                           stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                           stride_ob, stride_oh, stride_mb, stride_mh, stride_ms,
                           stride_lb, stride_lh, stride_bt,
                           GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                           PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                          SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+                          SINGLE_SPLIT: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
+                          PREFETCH: tl.constexpr, DOT_PREC: tl.constexpr,
                           INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
     """Grid: (sequences, kv heads, splits). One program = every q head of one kv head's group
     (rows of a [BLOCK_H, HEAD_DIM] tile, padded to BLOCK_H >= 16 for the dot) over one split,
@@ -402,30 +541,59 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
 
     With a single split the normalised result goes straight to Out and stage 2 is skipped;
     otherwise the split's normalised partial output goes to MidO and its log2-sum-exp to MidLse.
-    An empty split (short sequence) writes nothing: stage 2 reads only non-empty splits.
+    An empty split (short sequence) writes nothing: only the sequence's first
+    cdiv(seq_len, split_len) splits ("used") are ever read.
+
+    MERGE (instead of stage 2): a used split's program, its partials stored, bumps the arrival
+    counter of its (sequence, kv head); the one that arrives last merges the used splits of the
+    group's q heads exactly as stage 2 does (``_decode_merge_head``, splits in order 0, 1, ...:
+    the same bits whichever program is last), writes Out and resets the counter to 0, so the
+    counters are zero between launches (graph replays). An empty sequence has no used split:
+    its split 0 writes the zeros. BLOCK_S: the merge tile's splits (stage 2's).
+
+    PREFETCH: the first key block's loads (``_decode_prefetch``) go before the PDL wait, so
+    their latency overlaps the previous kernel's tail; after the wait q and key seq_len - 1
+    are loaded and the block's step taken (``_decode_first_block``), then the rest of the split
+    as without PREFETCH. The same math in the same order: bitwise the same result.
     """
-    _pdl_wait(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    seq64 = seq.to(tl.int64)
+    bt_row = BlockTable + seq64 * stride_bt
 
+    if not PREFETCH:
+        _pdl_wait(PDL)
+    # With PREFETCH, before the wait: SeqLens (and BlockTable) are written before the step's
+    # first kernel, never by the one just before this.
     seq_len = tl.load(SeqLens + seq)
     split_len = _decode_split_len(seq_len, num_splits, BLOCK_N)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
-    # Nested, not `and`: SINGLE_SPLIT is a constexpr, so the branch vanishes at compile time.
-    if not SINGLE_SPLIT:  # noqa: SIM102
-        if start >= end:
-            return
+    if PREFETCH:
+        k_first, v_first, last_slot = _decode_prefetch(K, V, bt_row, kv_head, start, end,
+                                                       seq_len, stride_kt, stride_kh, stride_vt,
+                                                       stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N)
+        _pdl_wait(PDL)
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
     h_mask = offs_h < GROUP
     heads = kv_head * GROUP + offs_h
-    seq64 = seq.to(tl.int64)
+    # Nested, not `and`: SINGLE_SPLIT is a constexpr, so the branch vanishes at compile time.
+    if not SINGLE_SPLIT:  # noqa: SIM102
+        if start >= end:
+            # Split 0 is empty only for an empty sequence, whose output no merge writes.
+            if MERGE:  # noqa: SIM102
+                if split == 0:
+                    tl.store(Out + seq64 * stride_ob + heads[:, None] * stride_oh
+                             + offs_d[None, :],
+                             tl.zeros([BLOCK_H, HEAD_DIM], dtype=Out.dtype.element_ty),
+                             mask=h_mask[:, None])
+            return
+
     q = tl.load(Q + seq64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=h_mask[:, None], other=0.0)
-    bt_row = BlockTable + seq64 * stride_bt
 
     m_i = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -434,12 +602,30 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
     # decode query sits after every key, so the causal test pos <= end - 1 is the bounds mask.
     full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
     q_pos = tl.full([BLOCK_H], 0, dtype=tl.int32) + (end - 1)
-    acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, start, full_end, q_pos,
-                               end, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
-                               HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC, INTERPRET)
-    acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, full_end, end, q_pos,
-                               end, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
-                               HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PREC, INTERPRET)
+    if PREFETCH:
+        # The first block, then the loops from the second one: the blocks in the same order.
+        acc, l_i, m_i = _decode_first_block(acc, l_i, m_i, q, k_first, v_first, K, V, last_slot,
+                                            kv_head, start, seq_len, q_pos, qk_scale, stride_kt,
+                                            stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK_N,
+                                            DOT_PREC)
+        second = start + BLOCK_N
+        acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, second, full_end,
+                                   q_pos, end, qk_scale, stride_kt, stride_kh, stride_vt,
+                                   stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC,
+                                   INTERPRET)
+        acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head,
+                                   tl.maximum(full_end, second), end, q_pos, end, qk_scale,
+                                   stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM,
+                                   PAGE_SIZE, BLOCK_N, True, DOT_PREC, INTERPRET)
+    else:
+        acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, start, full_end,
+                                   q_pos, end, qk_scale, stride_kt, stride_kh, stride_vt,
+                                   stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC,
+                                   INTERPRET)
+        acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, full_end, end,
+                                   q_pos, end, qk_scale, stride_kt, stride_kh, stride_vt,
+                                   stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PREC,
+                                   INTERPRET)
 
     # l_i is 0 only for an empty sequence (single-split path): write zeros, not NaN.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -451,6 +637,24 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
                  + offs_d[None, :], out, mask=h_mask[:, None])
         tl.store(MidLse + seq64 * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i),
                  mask=h_mask)
+        if MERGE:
+            used = tl.cdiv(seq_len, split_len)
+            count = Counters + seq * tl.num_programs(1) + kv_head
+            # As in gemv's split-K: every thread's partial stores precede the counter's release
+            # (the barrier), and the acq_rel increment orders them before the last arriver's
+            # reads, which go through L2 (.cg: never a stale L1 line).
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
+            if arrived == used - 1:
+                for g in tl.static_range(GROUP):
+                    head = kv_head * GROUP + g
+                    merged = _decode_merge_head(MidO, MidLse, seq64, head, used, stride_mb,
+                                                stride_mh, stride_ms, stride_lb, stride_lh,
+                                                HEAD_DIM, BLOCK_S, ".cg")
+                    tl.store(Out + seq64 * stride_ob + head * stride_oh + offs_d,
+                             merged.to(Out.dtype.element_ty))
+                # All `used` programs have counted: ready for the next launch.
+                tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -459,27 +663,16 @@ def _decode_stage2_kernel(Out, MidO, MidLse, SeqLens, num_splits,
                           stride_lb, stride_lh,
                           HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
                           PDL: tl.constexpr = False):
-    """Grid: (sequences, q heads). Merge the non-empty splits' partial outputs by their LSE."""
+    """Grid: (sequences, q heads). Merge the used splits' partial outputs by their LSE."""
     _pdl_wait(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(SeqLens + seq)
     split_len = _decode_split_len(seq_len, num_splits, BLOCK_N)
-    # Splits past this count were empty in stage 1 and hold stale (or poisoned) scratch.
     used = tl.cdiv(seq_len, split_len)
-
-    offs_s = tl.arange(0, BLOCK_S)
+    out = _decode_merge_head(MidO, MidLse, seq, head, used, stride_mb, stride_mh, stride_ms,
+                             stride_lb, stride_lh, HEAD_DIM, BLOCK_S, "")
     offs_d = tl.arange(0, HEAD_DIM)
-    s_mask = offs_s < used
-    lse = tl.load(MidLse + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask,
-                  other=_NEG_BIG)
-    m = tl.max(lse, 0)
-    w = tl.where(s_mask, tl.exp2(lse - m), 0.0)
-    o = tl.load(MidO + seq * stride_mb + head * stride_mh + offs_s[:, None] * stride_ms
-                + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    denom = tl.sum(w, 0)
-    # denom is 0 only when the sequence is empty: write zeros, not NaN.
-    out = tl.sum(o * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
     tl.store(Out + seq * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
 
@@ -493,6 +686,16 @@ def _decode_stage2_kernel(Out, MidO, MidLse, SeqLens, num_splits,
 # In Triton's interpreter (TRITON_INTERPRET=1, the CPU test path) triton.jit returns a Python
 # function, not a JITFunction; small blocks keep the interpreter's per-program cost down.
 INTERPRETED: bool = not isinstance(_extend_kernel, JITFunction)
+
+# Whether ``decode_attention`` merges the splits in its stage-1 kernel (no stage-2 launch) when
+# the call leaves it open; KVTIER_DECODE_MERGE=0 keeps the two kernels. Read at import; may also
+# be set at run time.
+DECODE_MERGE_IN_STAGE1: bool = os.environ.get("KVTIER_DECODE_MERGE", "1") != "0"
+# Whether decode stage 1 issues its first key block's loads before its PDL wait. None: when the
+# launch uses PDL (only then is there a previous kernel to overlap) and has several splits (see
+# ``decode_attention``). True / False force one code path (tests compare their bits; without
+# PDL both are correct).
+DECODE_PREFETCH: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -809,11 +1012,33 @@ def decode_scratch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage-1 scratch for up to ``max_batch`` sequences and ``max_splits`` splits:
     (partial outputs [max_batch, Hq, max_splits, D] fp32, log2-sum-exp [max_batch, Hq,
-    max_splits] fp32). Allocate once and reuse it (CUDA graphs need fixed addresses)."""
+    max_splits] fp32). Allocate once and reuse it (CUDA graphs need fixed addresses); the
+    in-stage-1 merge also needs ``decode_counters``."""
     mid_o = torch.empty((max_batch, num_q_heads, max_splits, head_dim), dtype=torch.float32,
                         device=device)  # fmt: skip
     mid_lse = torch.empty((max_batch, num_q_heads, max_splits), dtype=torch.float32, device=device)
     return mid_o, mid_lse
+
+
+def decode_counters(max_batch: int, num_kv_heads: int, device: torch.device | str) -> torch.Tensor:
+    """Arrival counters of the in-stage-1 merge (``decode_attention``) for up to ``max_batch``
+    sequences: int32 [max_batch * num_kv_heads], zero. Every launch leaves them zero, so
+    allocate them once with the scratch and reuse them (CUDA graphs need fixed addresses).
+    Launches sharing them must not run concurrently (nor may launches sharing the scratch)."""
+    return torch.zeros(max_batch * num_kv_heads, dtype=torch.int32, device=device)
+
+
+def _check_counters(counters: torch.Tensor, n: int) -> None:
+    if (
+        counters.dtype != torch.int32
+        or counters.dim() != 1
+        or counters.shape[0] < n
+        or (counters.shape[0] > 1 and counters.stride(0) != 1)
+    ):
+        raise ValueError(
+            f"decode counters must be a contiguous int32 vector of at least {n} (sequences x kv "
+            f"heads) elements; got {counters.dtype} {tuple(counters.shape)}"
+        )
 
 
 def decode_attention(
@@ -829,6 +1054,8 @@ def decode_attention(
     page_size: int,
     mid_o: torch.Tensor | None = None,
     mid_lse: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+    merge_in_stage1: bool | None = None,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """One query per sequence over its paged KV ``0 .. seq_len - 1``, split-KV.
@@ -844,11 +1071,27 @@ def decode_attention(
         page_size: tokens per page (power of two).
         mid_o, mid_lse: scratch from ``decode_scratch`` with at least B rows and
             ``num_kv_splits`` splits; allocated here when omitted (not for CUDA graphs).
+        counters: arrival counters from ``decode_counters`` for at least B sequences (zero;
+            every launch leaves them zero), for the in-stage-1 merge; allocated here with the
+            scratch when that is omitted.
+        merge_in_stage1: with more than one split, merge the splits in the stage-1 kernel (the
+            last of a (sequence, kv head)'s programs to finish merges them) instead of a second
+            kernel: one launch, the same bits. None: ``DECODE_MERGE_IN_STAGE1`` where the call
+            has counters (given, or allocated with the scratch here), else the second kernel.
+            True without counters but with scratch is an error.
         config: tiles; default ``default_decode_config``.
     Returns:
         ``out``.
 
-    No host syncs and no allocations when the scratch is given: safe to capture.
+    No host syncs and no allocations when the scratch (and counters) are given: safe to
+    capture.
+
+    Precondition with PDL (``fused.pdl_options``): stage 1 loads ``seq_lens``, the block table
+    and each split's first key block before it waits for the previous kernel. Of what it reads,
+    the previous kernel may write only ``q`` and the K/V of key ``seq_len - 1`` of each
+    sequence (decode's new token, as ``fused.qk_norm_rope_store`` does); every other key,
+    ``seq_lens`` and the block table must have been written at least two launches back (in an
+    earlier step, or before the step's first kernel).
     """
     num_q_heads, num_kv_heads, head_dim = _check_common(q, k_buf, v_buf, out, page_size)
     _check_scale(scale)
@@ -859,38 +1102,54 @@ def decode_attention(
         raise ValueError(f"num_kv_splits must be >= 1; got {num_kv_splits}")
     cfg = config or default_decode_config(head_dim, q.dtype)
     group = num_q_heads // num_kv_heads
+    merge = DECODE_MERGE_IN_STAGE1 if merge_in_stage1 is None else merge_in_stage1
     single = num_kv_splits == 1
     if single:
         # Stage 1 writes `out` directly and never touches the scratch arguments: pass `out` in
         # their place rather than allocate (nothing may be allocated under graph capture).
-        mid_o = mid_lse = None
+        mid_o = mid_lse = counters = None
+        merge = False
     elif mid_o is None or mid_lse is None:
         mid_o, mid_lse = decode_scratch(batch, num_q_heads, num_kv_splits, head_dim, q.device)
+        if merge and counters is None:
+            counters = decode_counters(batch, num_kv_heads, q.device)
     else:
         _check_scratch(mid_o, mid_lse, batch, num_q_heads, num_kv_splits, head_dim, "decode")
+    if merge and counters is None:
+        if merge_in_stage1:
+            raise ValueError("merge_in_stage1=True with scratch needs counters (decode_counters)")
+        merge = False
+    if merge:
+        assert counters is not None
+        _check_counters(counters, batch * num_kv_heads)
     mo_strides = mid_o.stride()[:3] if mid_o is not None else (0, 0, 0)
     ml_strides = mid_lse.stride()[:2] if mid_lse is not None else (0, 0)
     qk_scale = scale * _LOG2E
     pdl = fused.pdl_options(q.device)
+    # Not with a single split (DECODE_PREFETCH left open): chosen when the batch alone fills the
+    # GPU, each program then streams a whole sequence, and one block's latency is noise; but
+    # the prefetch path took 168 registers a thread there against 80 (sm_90, bf16), too few
+    # programs a SM to keep such a launch in one wave.
+    prefetch = (pdl["PDL"] and not single) if DECODE_PREFETCH is None else DECODE_PREFETCH
+    block_s = triton.next_power_of_2(num_kv_splits)
     _decode_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_buf, v_buf, out, out if mid_o is None else mid_o, out if mid_lse is None else mid_lse,
-        block_table, seq_lens, qk_scale, num_kv_splits,
+        counters if merge else out, block_table, seq_lens, qk_scale, num_kv_splits,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
         v_buf.stride(0), v_buf.stride(1), out.stride(0), out.stride(1),
         *mo_strides, *ml_strides, block_table.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SINGLE_SPLIT=single,
-        DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl,
+        PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SINGLE_SPLIT=single, MERGE=merge,
+        BLOCK_S=block_s if merge else 1, PREFETCH=prefetch, DOT_PREC=_dot_precision(q.dtype),
+        INTERPRET=INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
     )  # fmt: skip
-    if mid_o is not None and mid_lse is not None:
+    if mid_o is not None and mid_lse is not None and not merge:
         _decode_stage2_kernel[(batch, num_q_heads)](
             out, mid_o, mid_lse, seq_lens, num_kv_splits,
             out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_lse.stride(0), mid_lse.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_kv_splits),
-            BLOCK_N=cfg.block_n, num_warps=4 if head_dim >= 128 else 2, num_stages=1,
-            **pdl,
+            HEAD_DIM=head_dim, BLOCK_S=block_s, BLOCK_N=cfg.block_n,
+            num_warps=4 if head_dim >= 128 else 2, num_stages=1, **pdl,
         )  # fmt: skip
     return out
 
@@ -1064,12 +1323,15 @@ def decode_attention_ref(
 
 
 __all__ = [
+    "DECODE_MERGE_IN_STAGE1",
+    "DECODE_PREFETCH",
     "INTERPRETED",
     "KernelConfig",
     "choose_extend_kv_splits",
     "choose_num_kv_splits",
     "decode_attention",
     "decode_attention_ref",
+    "decode_counters",
     "decode_scratch",
     "default_decode_config",
     "default_extend_config",
