@@ -482,9 +482,12 @@ _COMPILE_CHECK = textwrap.dedent(
     from kvtier.kernels import fused_moe as M, gemv as G
     i32 = "i32"
     gemv_code = ptx(G._gemv_kernel,
-        dict(X="*bf16", W="*bf16", OUT="*bf16", PART="*fp32", COUNT="*i32", T=i32, N=i32, K=i32,
-             K_SPLIT=i32, PART_ROWS=i32, stride_xt=i32, stride_ot=i32),
+        dict(X="*bf16", W="*bf16", OUT="*bf16", PART="*fp32", COUNT="*i32", R="*bf16",
+             NW="*bf16", RES_OUT="*bf16", NORM_OUT="*bf16", T=i32, N=i32, K=i32, K_SPLIT=i32,
+             PART_ROWS=i32, stride_xt=i32, stride_ot=i32, stride_rt=i32, stride_rot=i32,
+             stride_not=i32, n_f="fp32", inv_n="fp32", eps="fp32"),
         dict(BLOCK_T=1, BLOCK_N=4, BLOCK_K=256, SPLIT_K=1, USE_DOT=False, EVEN_K=True,
+             NORM=False, HAS_RESIDUAL=False, WRITE_NORMED=False, NORM_BLOCK=1,
              DOT_PRECISION="tf32", INTERPRET=False, PDL=True))
     moe = dict(HIDDEN=2048, INTER=768, TOPK=8, INTERPRET=False, PDL=True)
     gate_up_code = ptx(M._gate_up_kernel,

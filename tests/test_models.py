@@ -19,6 +19,7 @@ import torch
 from model_utils import PagedRunner
 from safetensors.torch import save_file
 
+from kvtier.kernels import fused_moe, gemv
 from kvtier.models import (
     ModelConfig,
     ModelConfigError,
@@ -30,10 +31,11 @@ from kvtier.models import (
     bundled_model_names,
     default_dtype,
     get_model_class,
+    layers,
     load_model,
     resolve_model,
 )
-from kvtier.models.layers import FusedExperts, SparseMoeBlock, rope_inv_freq
+from kvtier.models.layers import FusedExperts, SparseMoeBlock, normed_linear, rope_inv_freq
 from kvtier.models.loader import BUNDLED_CONFIG_DIR
 from kvtier.tokenizer import builtin_tokenizer_dir, load_tokenizer
 
@@ -266,6 +268,58 @@ def test_qwen3_moe_bf16_on_cuda_grouped_matches_loop():
         # bf16 rounding differences flip near-tied top-k choices of the random router for a
         # few tokens, so compare on average rather than elementwise.
         assert (grouped - loop).abs().mean() < 0.02 * loop.abs().mean()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_fusions_match_separate_kernels_on_cuda(rows: int, monkeypatch):
+    # A Qwen3-30B-A3B layer (real shapes, dummy weights, bf16) at decode sizes: the norms in the
+    # GEMV prologues and the routing inside the expert kernels, against the norm kernel, gemv,
+    # the routing kernel and the expert kernels.
+    raw = json.loads((BUNDLED_CONFIG_DIR / "Qwen--Qwen3-30B-A3B-Instruct-2507.json").read_text())
+    raw["num_hidden_layers"] = 1
+    config = ModelConfig.from_hf_dict(raw)
+    resolved = ResolvedModel("qwen3-moe-1-layer", config, None, None, source="bundled")
+    layer = load_model(resolved, "dummy", torch.bfloat16, "cuda", seed=0).decoder_layers[0]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x, residual = (
+        torch.randn(rows, config.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for _ in range(2)
+    )
+    calls = {"norm_gemv": 0, "routed": 0}
+    real_gemv, real_routed = gemv.gemv, fused_moe.fused_moe_routed
+
+    def counting_gemv(*args, **kwargs):
+        calls["norm_gemv"] += kwargs.get("norm") is not None
+        return real_gemv(*args, **kwargs)
+
+    def counting_routed(*args, **kwargs):
+        calls["routed"] += 1
+        return real_routed(*args, **kwargs)
+
+    monkeypatch.setattr(gemv, "gemv", counting_gemv)
+    monkeypatch.setattr(fused_moe, "fused_moe_routed", counting_routed)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            qkv, h, _ = normed_linear(
+                layer.input_layernorm, x, residual, layer.self_attn.qkv_proj.weight
+            )
+            out, h2 = layer.mlp.forward_norm(layer.post_attention_layernorm, x, residual)
+        return qkv, h, out, h2
+
+    fused = run()
+    assert calls == {"norm_gemv": 2, "routed": 1}
+    monkeypatch.setattr(layers, "NORM_IN_GEMV", False)
+    monkeypatch.setattr(fused_moe, "ROUTE_ENABLED", False)
+    separate = run()
+    assert calls == {"norm_gemv": 2, "routed": 1}
+    # x + residual is one rounded add either way.
+    assert torch.equal(fused[1], separate[1]) and torch.equal(fused[3], separate[3])
+    # The norm's sum of squares may add in another order: last-bit differences at most.
+    torch.testing.assert_close(fused[0], separate[0], rtol=2e-2, atol=2e-3)
+    assert _rel_err(fused[2].float(), separate[2].float()) < 0.01
 
 
 def test_llama3_rope_frequencies_match_hf(hf_cases: dict[str, HFCase]):

@@ -8,6 +8,7 @@ sequences of a step are concatenated into ``[T, hidden]`` (see ForwardBatch).
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -20,6 +21,9 @@ from torch import nn
 from kvtier.kernels import fused, fused_moe, gemv
 from kvtier.models.config import ModelConfig, RopeScaling
 from kvtier.runner.forward_batch import ForwardBatch
+
+# Read once at import (see normed_linear, SparseMoeBlock): switches for A/B runs.
+NORM_IN_GEMV: bool = os.environ.get("KVTIER_NORM_GEMV", "1") != "0"
 
 
 class WeightLoadError(ValueError):
@@ -113,6 +117,33 @@ class Linear(nn.Linear):
         return linear(x, self.weight)
 
 
+def normed_linear(
+    norm: RMSNorm,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    *,
+    want_normed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A pre-norm projection: ``(linear(h_n, weight), h, h_n if want_normed else None)`` with
+    ``h = x + residual`` (rounded to x's dtype; ``x`` itself when ``residual`` is None) and
+    ``h_n = norm(h)``. For decode-sized inputs the norm runs in the skinny GEMM's prologue (one
+    kernel instead of two; ``gemv.NormPrologue``), unless ``KVTIER_NORM_GEMV=0`` was set at
+    import; otherwise the norm kernel, then ``linear``. Both compute the norm with the same
+    float32 formula; on a GPU the sum of squares may add in another order (a last-bit
+    difference)."""
+    if NORM_IN_GEMV and gemv.use_gemv_norm(x, weight, norm.weight):
+        h = None if residual is None else torch.empty_like(x)
+        normed = torch.empty_like(x) if want_normed else None
+        prologue = gemv.NormPrologue(norm.weight, norm.eps, residual, h, normed)
+        return gemv.gemv(x, weight, norm=prologue), x if h is None else h, normed
+    if residual is None:
+        h, h_n = x, norm(x)
+    else:
+        h_n, h = norm.add_forward(x, residual)
+    return linear(h_n, weight), h, h_n if want_normed else None
+
+
 class MergedLinear(Linear):
     """Several bias-free projections of the same input as one GEMM; checkpoints store them
     apart, so each keeps a shard id (its index in ``output_sizes``) for the loader."""
@@ -147,15 +178,17 @@ class DecoderAttention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
+        qkv: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         batch: ForwardBatch,
     ) -> torch.Tensor:
-        t = x.shape[0]
+        """Attention from the fused q/k/v projection's output ``qkv`` [T, q + 2 kv] (the
+        decoder layer computes it, with the input norm: see ``normed_linear``) to o_proj's."""
+        t = qkv.shape[0]
         positions, inv_freq = rope
         use_norm = self.q_norm is not None and self.k_norm is not None
         args = (
-            self.qkv_proj(x),
+            qkv,
             self.q_norm.weight if self.q_norm is not None else None,
             self.k_norm.weight if self.k_norm is not None else None,
             positions,
@@ -190,6 +223,14 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+    def forward_norm(
+        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(norm(x + residual)), x + residual)``: the norm goes with the gate/up
+        projection (``normed_linear``)."""
+        h, residual, _ = normed_linear(norm, x, residual, self.gate_up_proj.weight)
+        return self.down_proj(silu_and_mul(h)), residual
 
 
 class FusedExperts(nn.Module):
@@ -287,10 +328,29 @@ class SparseMoeBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = fused.moe_route(
-            self.gate(x), self.top_k, self.norm_topk_prob, out_dtype=x.dtype
+        return self._experts(x, self.gate(x))
+
+    def forward_norm(
+        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(norm(x + residual)), x + residual)``: the norm goes with the router
+        projection (``normed_linear``), which also hands the normed rows to the experts."""
+        logits, residual, normed = normed_linear(
+            norm, x, residual, self.gate.weight, want_normed=True
         )
-        return self.experts(x, ids, weights)
+        assert normed is not None
+        return self._experts(normed, logits), residual
+
+    def _experts(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        experts = self.experts
+        # Decode-sized batches: the expert kernels route each token themselves (no routing
+        # kernel), unless KVTIER_FUSED_ROUTE=0 or a test pinned the experts' path.
+        if experts.use_grouped_mm is None and fused_moe.use_routed(x, logits, self.top_k):
+            return fused_moe.fused_moe_routed(
+                x, experts.w13, experts.w2, logits, self.top_k, self.norm_topk_prob
+            )
+        weights, ids = fused.moe_route(logits, self.top_k, self.norm_topk_prob, out_dtype=x.dtype)
+        return experts(x, ids, weights)
 
 
 # ---------------------------------------------------------------------------- LM head

@@ -15,8 +15,10 @@ from kvtier.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     Router,
+    SparseMoeBlock,
     compute_logits,
     load_hf_weights,
+    normed_linear,
     stacked_router,
 )
 from kvtier.runner.forward_batch import ForwardBatch
@@ -35,7 +37,7 @@ class LlamaDecoderLayer(nn.Module):
     # Subclasses (Qwen3, Qwen3-MoE) change these two things and nothing else.
     qk_norm = False
 
-    def make_mlp(self, config: ModelConfig, layer_id: int) -> nn.Module:
+    def make_mlp(self, config: ModelConfig, layer_id: int) -> DenseMLP | SparseMoeBlock:
         return DenseMLP(config.hidden_size, config.intermediate_size)
 
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
@@ -55,14 +57,11 @@ class LlamaDecoderLayer(nn.Module):
         """(this layer's MLP output, the residual stream before it): the hidden state after
         the layer is their sum, which the next layer's input norm adds in its own kernel (one
         launch a layer fewer). The first layer gets the embeddings and ``residual`` None."""
-        if residual is None:
-            residual = x
-            normed = self.input_layernorm(x)
-        else:
-            normed, residual = self.input_layernorm.add_forward(x, residual)
-        attn = self.self_attn(normed, rope, batch)
-        normed, residual = self.post_attention_layernorm.add_forward(attn, residual)
-        return self.mlp(normed), residual
+        qkv, residual, _ = normed_linear(
+            self.input_layernorm, x, residual, self.self_attn.qkv_proj.weight
+        )
+        attn = self.self_attn(qkv, rope, batch)
+        return self.mlp.forward_norm(self.post_attention_layernorm, attn, residual)
 
 
 class LlamaModel(nn.Module):

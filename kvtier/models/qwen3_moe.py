@@ -3,8 +3,6 @@ layer (except ``mlp_only_layers``) is a top-k routed mixture of SwiGLU experts."
 
 from __future__ import annotations
 
-from torch import nn
-
 from kvtier.models.config import ModelConfig, ModelConfigError
 from kvtier.models.layers import DenseMLP, Router, SparseMoeBlock, WeightRoute, expert_route
 from kvtier.models.llama import LlamaForCausalLM, LlamaModel
@@ -12,7 +10,7 @@ from kvtier.models.qwen3 import Qwen3DecoderLayer
 
 
 class Qwen3MoeDecoderLayer(Qwen3DecoderLayer):
-    def make_mlp(self, config: ModelConfig, layer_id: int) -> nn.Module:
+    def make_mlp(self, config: ModelConfig, layer_id: int) -> DenseMLP | SparseMoeBlock:
         if config.is_moe_layer(layer_id):
             return SparseMoeBlock(config)
         return DenseMLP(config.hidden_size, config.intermediate_size)
