@@ -690,7 +690,7 @@ INTERPRETED: bool = not isinstance(_extend_kernel, JITFunction)
 # Whether ``decode_attention`` merges the splits in its stage-1 kernel (no stage-2 launch) when
 # the call leaves it open; KVTIER_DECODE_MERGE=0 keeps the two kernels. Read at import; may also
 # be set at run time.
-DECODE_MERGE_IN_STAGE1: bool = os.environ.get("KVTIER_DECODE_MERGE", "1") != "0"
+DECODE_MERGE_IN_STAGE1: bool = os.environ.get("KVTIER_DECODE_MERGE", "0") == "1"
 # Whether decode stage 1 issues its first key block's loads before its PDL wait. None: when the
 # launch uses PDL (only then is there a previous kernel to overlap) and has several splits (see
 # ``decode_attention``). True / False force one code path (tests compare their bits; without

@@ -269,11 +269,19 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def use_gemv_norm(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor) -> bool:
     """Whether a caller should take ``gemv(x, weight, norm=NormPrologue(norm_weight, ...))``
-    for ``rms_norm(x [+ residual]) @ weight.T``: ``use_gemv(x, weight)`` (the shape rule of the
-    plain GEMV, not re-measured with the prologue), K <= MAX_NORM_K and a contiguous norm
-    weight [K] on x's device whose dtype promotes with x's to x's."""
+    for ``rms_norm(x [+ residual]) @ weight.T``: one row of x, a small N (the router; the
+    split-K shapes), ``use_gemv(x, weight)``, K <= MAX_NORM_K and a contiguous norm weight [K]
+    on x's device whose dtype promotes with x's to x's.
+
+    Only where it won on an H200 (bench_gemv.py --norm, CUDA-graph replays, 2026-12-01): the
+    router at T = 1 took 3.00 us against 3.27 for the norm kernel then gemv; at T = 2 / 4 it
+    lost (3.83 / 5.07 against 3.53 / 3.75), and qkv (5120 x 2048) lost at every T (10.31
+    against 7.28 us at T = 1): the prologue doubles the registers a thread holds, and a
+    program streams the weight with fewer programs resident."""
     return (
-        use_gemv(x, weight)
+        x.shape[0] == 1
+        and weight.shape[0] <= _SMALL_N
+        and use_gemv(x, weight)
         and x.shape[1] <= MAX_NORM_K
         and norm_weight.dim() == 1
         and norm_weight.shape[0] == x.shape[1]

@@ -342,15 +342,8 @@ class SparseMoeBlock(nn.Module):
         return self._experts(normed, logits), residual
 
     def _experts(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        experts = self.experts
-        # Decode-sized batches: the expert kernels route each token themselves (no routing
-        # kernel), unless KVTIER_FUSED_ROUTE=0 or a test pinned the experts' path.
-        if experts.use_grouped_mm is None and fused_moe.use_routed(x, logits, self.top_k):
-            return fused_moe.fused_moe_routed(
-                x, experts.w13, experts.w2, logits, self.top_k, self.norm_topk_prob
-            )
         weights, ids = fused.moe_route(logits, self.top_k, self.norm_topk_prob, out_dtype=x.dtype)
-        return experts(x, ids, weights)
+        return self.experts(x, ids, weights)
 
 
 # ---------------------------------------------------------------------------- LM head
