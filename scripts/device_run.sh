@@ -10,7 +10,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"tests check tier_io ttft engine diag server"}
-# Also: ab (decode without PDL, then without overlap scheduling), engine8b (bench_engine on
+# Also: decode (bench_engine's decode rows only), ab (decode without PDL, then without overlap scheduling), engine8b (bench_engine on
 # Qwen3-8B), profile (where prefill / decode time goes), hitprof
 # (a tier hit and a GPU hit at 1K and 64K tokens), moe, attn, dattn, gemv (kernel sweeps),
 # kbench (A/B of the decode fusions), ktests (kernel tests).
@@ -36,6 +36,8 @@ step ttft "${T_TTFT:-300}" env KVTIER_XMEM_STANDIN=1 KVTIER_XMEM_STANDIN_DEVICES
   --hicache-io-backend "${IO:-kernel}" --output-dir "$OUT/ttft"
 step engine "${T_ENGINE:-150}" python3 benchmarks/bench_engine.py --prefill 4K,16K,80K \
   --decode-batch 1,32,128 --output "$OUT/bench_engine.json"
+step decode "${T_DECODE:-100}" python3 benchmarks/bench_engine.py --prefill '' \
+  --decode-batch 1,32,128 --output "$OUT/bench_engine_decode.json"
 # Decode with each of PDL and overlap scheduling off, for A/B against the engine step.
 step ab "${T_AB:-200}" bash -c "KVTIER_PDL=0 python3 benchmarks/bench_engine.py --prefill '' \
   --decode-batch 1,32,128 --output $OUT/bench_engine_no_pdl.json && \
