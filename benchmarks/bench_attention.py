@@ -3,8 +3,7 @@
 Decode: batch 1/32/128 at a 4K context, Qwen3-30B-A3B geometry (32 q heads, 4 kv heads,
 head_dim 128), page 64 and page 1; reports the KV bandwidth achieved (bytes of K and V read per
 second) against a device-to-device copy measured in the same run, and TFLOP/s; for each variant
-of --decode-merge (splits merged in stage 1 or by a stage-2 kernel) and --decode-prefetch (the
-first key block loaded before the PDL wait or after it).
+of --decode-prefetch (the first key block loaded before the PDL wait or after it).
 Extend: 16K new tokens with no prefix and after a 64K prefix; reports TFLOP/s (causal FLOPs
 only), next to torch SDPA (flash) on contiguous K/V for the no-prefix case.
 Short extend (a prompt served from the cache): 64 new tokens after a 32K and an 80K prefix,
@@ -18,7 +17,7 @@ from HBM as they would across a model's layers).
     python benchmarks/bench_attention.py                  # the default table
     python benchmarks/bench_attention.py --sweep          # also time alternative tiles / splits
     python benchmarks/bench_attention.py --mode short-extend --sweep --check
-    python benchmarks/bench_attention.py --mode decode --decode-merge both --check
+    python benchmarks/bench_attention.py --mode decode --decode-prefetch both --check
 """
 
 from __future__ import annotations
@@ -55,12 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument(
         "--num-kv-splits", type=int, default=None, help="decode splits (default: heuristic)"
-    )
-    p.add_argument(
-        "--decode-merge",
-        choices=["0", "1", "both"],
-        default="both",
-        help="decode: merge the splits in stage 1 (1), in a stage-2 kernel (0), or time both",
     )
     p.add_argument(
         "--decode-prefetch",
@@ -122,19 +115,17 @@ def bench_graph(fns: list[Callable[[], object]], rep: int) -> float:
     return float(ms) / len(fns)
 
 
-def decode_variants(args: argparse.Namespace) -> list[tuple[bool, bool]]:
-    """(merge in stage 1, prefetch before the PDL wait) pairs to time, from --decode-merge and
-    --decode-prefetch."""
-    pick = {"0": [False], "1": [True], "both": [False, True]}
-    return [(m, p) for p in pick[args.decode_prefetch] for m in pick[args.decode_merge]]
+def decode_variants(args: argparse.Namespace) -> list[bool]:
+    """Prefetch before the PDL wait, or not, for each variant to time (--decode-prefetch)."""
+    return {"0": [False], "1": [True], "both": [False, True]}[args.decode_prefetch]
 
 
 def decode_case(args: argparse.Namespace, bs: int, ps: int, bw_copy: float, gen) -> None:
     """Time decode for one (batch, page size) as one layer of a model: a CUDA graph runs it over
     enough layers' KV (separate buffers) that the reads come from HBM, not L2. Prints, for each
-    variant (merge in stage 1 or stage 2; prefetch before the PDL wait or not), the heuristic's
-    split count with the default tiles (marked *) and, with --sweep, a row per tile config with
-    the time for each split count."""
+    variant (prefetch before the PDL wait or not), the heuristic's split count with the default
+    tiles (marked *) and, with --sweep, a row per tile config with the time for each split
+    count."""
     from kvtier.kernels import attention as A
 
     dtype, hq, hkv, d, ctx = (
@@ -164,37 +155,35 @@ def decode_case(args: argparse.Namespace, bs: int, ps: int, bw_copy: float, gen)
             if A.KernelConfig(16, bn, w, st) not in tiles:
                 tiles.append(A.KernelConfig(16, bn, w, st))
     mid_o, mid_lse = A.decode_scratch(bs, hq, max(splits_all), d, "cuda")
-    counters = A.decode_counters(bs, hkv, "cuda")
 
-    def call(k: torch.Tensor, v: torch.Tensor, cfg: A.KernelConfig, splits: int, merge: bool):
+    def call(k: torch.Tensor, v: torch.Tensor, cfg: A.KernelConfig, splits: int):
         return functools.partial(
             A.decode_attention, q, k, v, out, table, seq_lens, 0.088, splits, page_size=ps,
-            mid_o=mid_o, mid_lse=mid_lse, counters=counters, merge_in_stage1=merge, config=cfg,
+            mid_o=mid_o, mid_lse=mid_lse, config=cfg,
         )  # fmt: skip
 
-    def run(cfg: A.KernelConfig, splits: int, merge: bool, prefetch: bool) -> float:
+    def run(cfg: A.KernelConfig, splits: int, prefetch: bool) -> float:
         # Read at launch, so it is baked into the captured graph.
         A.DECODE_PREFETCH = prefetch
-        return bench_graph([call(k, v, cfg, splits, merge) for k, v, _ in pools], args.rep)
+        return bench_graph([call(k, v, cfg, splits) for k, v, _ in pools], args.rep)
 
     first = None
-    for merge, prefetch in decode_variants(args):
-        ms = run(base, chosen, merge, prefetch)
+    for prefetch in decode_variants(args):
+        ms = run(base, chosen, prefetch)
         bw = kv_bytes / (ms * 1e-3)
         tag = f"{base.block_n}/{base.num_warps}w/{base.num_stages}s"
-        var = f"{'s1' if merge else 's2'}/{'pf' if prefetch else '--'}"
+        var = "pf" if prefetch else "--"
         print(f"{bs:>5} {ps:>4} {chosen:>6} {var:>7} {tag:>14} {layers:>6} {ms * 1e3:>8.1f} "
               f"{bw / 1e9:>7.0f} {100 * bw / bw_copy:>5.0f}% "
               f"{flops / (ms * 1e-3) / 1e12:>7.2f}")  # fmt: skip
         if args.check:
             k, v, _ = pools[-1]
-            call(k, v, base, chosen, merge)()
+            call(k, v, base, chosen)()
             ref = A.decode_attention_ref(
                 q, k, v, torch.empty_like(q), table, seq_lens, 0.088, page_size=ps
             )
             err = rel_err(out, ref)
             assert err < 2e-2, f"decode mismatch: rel err {err}"
-            assert not counters.any(), "merge counters not reset"
             if first is None:
                 first = out.clone()
             same = torch.equal(out, first)
@@ -202,7 +191,7 @@ def decode_case(args: argparse.Namespace, bs: int, ps: int, bw_copy: float, gen)
         if args.sweep:
             print(f"      sweep, us per call for splits {splits_all}:")
             for cfg in tiles:
-                times = [run(cfg, s, merge, prefetch) * 1e3 for s in splits_all]
+                times = [run(cfg, s, prefetch) * 1e3 for s in splits_all]
                 tag = f"{cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s"
                 print(f"      {tag:>14} " + " ".join(f"{t:>7.1f}" for t in times))
     A.DECODE_PREFETCH = None
@@ -216,8 +205,8 @@ def run_decode(args: argparse.Namespace, bw_copy: float) -> None:
     print(
         f"\ndecode: ctx {args.context}, {args.num_q_heads} q / {args.num_kv_heads} kv heads, "
         f"head_dim {args.head_dim}, {args.dtype}; CUDA-graph replay over `layers` KV buffers; "
-        f"PDL {'on' if pdl else 'off'}; variant: splits merged in stage 1 (s1) or stage 2 "
-        f"(s2) / first key block loaded before the PDL wait (pf) or not (--)"
+        f"PDL {'on' if pdl else 'off'}; variant: first key block loaded before the PDL wait "
+        f"(pf) or not (--)"
     )
     print(f"{'batch':>5} {'page':>4} {'splits':>6} {'variant':>7} {'tiles':>14} {'layers':>6} "
           f"{'us':>8} {'GB/s':>7} {'%copy':>6} {'TFLOP/s':>7}")  # fmt: skip

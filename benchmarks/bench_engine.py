@@ -121,6 +121,14 @@ def main() -> int:
     sp = {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}
     engine.generate(input_ids=[rng.randrange(vocab) for _ in range(1024)], sampling_params=sp)
     for n in parse_lengths(args.prefill):
+        if n >= engine.scheduler.context_length:
+            # e.g. Qwen3-8B's 40,960 positions: no 80K row without a longer-context model.
+            print(
+                f"prefill {n:>6} tokens: skipped, the model's context length is "
+                f"{engine.scheduler.context_length}"
+            )
+            results["prefill"].append({"tokens": n, "skipped": "longer than the context"})
+            continue
         times = []
         for _ in range(2):
             ids = [rng.randrange(vocab) for _ in range(n)]

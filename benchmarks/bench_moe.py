@@ -1,27 +1,23 @@
-"""Benchmark one MoE layer at decode sizes (GPU only): FusedExperts' grouped-GEMM path against the
-fused small-batch kernels (kvtier/kernels/fused_moe.py), and the whole MoE after the router GEMV
-as moe_route + fused_moe_small (three launches) against fused_moe_routed (two: the routing
-computed inside the expert kernels).
+"""Benchmark one MoE layer's experts at decode sizes (GPU only): FusedExperts' grouped-GEMM path
+against the fused small-batch kernels (kvtier/kernels/fused_moe.py).
 
-Qwen3-30B-A3B geometry by default (128 experts, top-8, hidden 2048, expert intermediate 768,
-bf16), T = 1, 4, 16 tokens. The experts-only rows use random top-k routing (distinct experts per
-token); the routed rows random router logits. For each T: the median time of each path, eager
-(each kernel launched from Python) and replayed as a CUDA graph (no launch overhead, as in the
-engine's decode); the expert weight bytes the layer needs (each distinct routed expert's w13 and
-w2 once) per second, as GB/s and as a fraction of the HBM traffic of a device-to-device copy
-measured in the same run (a copy reads and writes each byte: 2x its one-way rate); and the bytes
-the fused kernels actually stream (each (token, expert) pair reads its expert, so repeats hit L2
-or HBM again).
+Qwen3-30B-A3B geometry by default (128 experts, top-8, hidden 2048, expert intermediate 768, bf16),
+T = 1, 4, 16 tokens with random top-k routing (distinct experts per token). For each T: the median
+time of each path, eager (each kernel launched from Python) and replayed as a CUDA graph (no launch
+overhead, as in the engine's decode); the expert weight bytes the layer needs (each distinct routed
+expert's w13 and w2 once) per second, as GB/s and as a fraction of the HBM traffic of a
+device-to-device copy measured in the same run (a copy reads and writes each byte: 2x its one-way
+rate); and the bytes the fused kernels actually stream (each (token, expert) pair reads its expert,
+so repeats hit L2 or HBM again).
 
 Times are ``triton.testing.do_bench`` medians: it clears L2 before each call, so the weights
 come from HBM as they do when a decode step walks 48 layers.
 
---check compares the fused outputs with the grouped path's (ulps) and fused_moe_routed with
-moe_route + fused_moe_small (bitwise). --sweep times, in graph replays of fused_moe_routed, the
-gate/up kernel's options (block_n x block_k x prefetch_k) with the down kernel at its defaults,
-then the down kernel's (block_h x block_i x prefetch_i) with the gate/up kernel at its defaults
-(the two kernels' times add up, so each is tuned on its own), and fused_moe_small's num_warps
-(1, as the routed kernels need, against 4) at the default tiles.
+--check compares the fused outputs with the grouped path's (ulps). --sweep times, in graph
+replays of fused_moe_small, the gate/up kernel's tiles (block_n x block_k) with the down kernel
+at its defaults, then the down kernel's (block_h x block_i) with the gate/up kernel at its
+defaults (the two kernels' times add up, so each is tuned on its own), all in one-warp programs
+(the default), and num_warps 1 (the default) against 4 at the default tiles.
 
     python benchmarks/bench_moe.py                    # the table
     python benchmarks/bench_moe.py --check --sweep    # also compare outputs and time other tiles
@@ -31,7 +27,6 @@ then the down kernel's (block_h x block_i x prefetch_i) with the gate/up kernel 
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 from collections.abc import Callable
@@ -41,8 +36,8 @@ from typing import Any
 import torch
 from common import copy_bandwidth, fmt_float, fmt_str, format_table, run_metadata, write_json
 
-GATE_UP_KEYS = ("block_n", "block_k", "prefetch_k")
-DOWN_KEYS = ("block_h", "block_i", "prefetch_i")
+GATE_UP_KEYS = ("block_n", "block_k")
+DOWN_KEYS = ("block_h", "block_i")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,15 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=768, help="expert intermediate size")
-    p.add_argument(
-        "--no-renormalize", action="store_true", help="route without renormalising the top-k"
-    )
     p.add_argument("--rep", type=int, default=200, help="do_bench repetition time, ms")
-    p.add_argument(
-        "--check",
-        action="store_true",
-        help="compare fused against grouped outputs, routed against moe_route + fused",
-    )
+    p.add_argument("--check", action="store_true", help="compare fused against grouped outputs")
     p.add_argument("--sweep", action="store_true", help="also time alternative tiles and options")
     p.add_argument("--output", type=Path, default=None, help="write the rows as JSON here")
     return p.parse_args(argv)
@@ -101,15 +89,13 @@ DOWN_TILES = ((1, 128), (1, 256), (2, 64), (2, 128), (4, 64))
 
 
 def gate_up_options() -> list[dict[str, Any]]:
-    """fused_moe_routed's gate/up options the sweep times (the down kernel at its defaults)."""
-    grid = itertools.product(GATE_UP_TILES, (True, False))
-    return [dict(zip(GATE_UP_KEYS, (*tile, pf), strict=True)) for tile, pf in grid]
+    """fused_moe_small's gate/up tiles the sweep times (the down kernel at its defaults)."""
+    return [dict(zip(GATE_UP_KEYS, tile, strict=True)) for tile in GATE_UP_TILES]
 
 
 def down_options() -> list[dict[str, Any]]:
-    """fused_moe_routed's down options the sweep times (the gate/up kernel at its defaults)."""
-    grid = itertools.product(DOWN_TILES, (True, False))
-    return [dict(zip(DOWN_KEYS, (*tile, pf), strict=True)) for tile, pf in grid]
+    """fused_moe_small's down tiles the sweep times (the gate/up kernel at its defaults)."""
+    return [dict(zip(DOWN_KEYS, tile, strict=True)) for tile in DOWN_TILES]
 
 
 def ulps(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -125,12 +111,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("bench_moe.py needs a CUDA GPU (Triton kernels, grouped GEMM); none is here.")
     # Run from a checkout without installing: make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kvtier.kernels.fused import moe_route
-    from kvtier.kernels.fused_moe import default_tiles, fused_moe_routed, fused_moe_small
+    from kvtier.kernels.fused_moe import default_tiles, fused_moe_small
     from kvtier.models.layers import FusedExperts
 
     e, k, hdim, inter = args.num_experts, args.top_k, args.hidden, args.inter
-    renormalize = not args.no_renormalize
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     bw = copy_bandwidth("cuda")
     hbm = 2 * bw["d2d_gbps"]
@@ -148,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     expert_bytes = (w13[0].numel() + w2[0].numel()) * 2
     print(
         f"layer: E={e} k={k} H={hdim} I={inter} bf16, {expert_bytes / 1e6:.2f} MB per expert "
-        f"(w13 + w2), renormalize={renormalize}\n"
+        "(w13 + w2)\n"
     )
 
     rows: list[dict[str, Any]] = []
@@ -156,9 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     for t in args.tokens:
         x = torch.randn(t, hdim, device="cuda", dtype=torch.bfloat16, generator=gen)
         ids, weights = routing(t, e, k, gen)
-        logits = torch.randn(t, e, device="cuda", generator=gen).to(torch.bfloat16)
         distinct = int(ids.unique().numel())
-        routed_distinct = int(moe_route(logits, k, renormalize)[1].unique().numel())
         need = distinct * expert_bytes
 
         def grouped(x=x, ids=ids, weights=weights):
@@ -167,47 +149,31 @@ def main(argv: list[str] | None = None) -> None:
         def fused(x=x, ids=ids, weights=weights, **tiles):
             return fused_moe_small(x, w13, w2, ids, weights, **tiles)
 
-        def route_fused(x=x, logits=logits):
-            weights, ids = moe_route(logits, k, renormalize, out_dtype=x.dtype, use_triton=True)
-            return fused_moe_small(x, w13, w2, ids, weights)
-
-        def routed(x=x, logits=logits, **options):
-            return fused_moe_routed(x, w13, w2, logits, k, renormalize, **options)
-
         with torch.no_grad():
             times = {
                 "grouped": bench(grouped, args.rep),
                 "grouped_graph": bench(as_graph(grouped), args.rep),
                 "fused": bench(fused, args.rep),
                 "fused_graph": bench(as_graph(fused), args.rep),
-                "route_fused": bench(route_fused, args.rep),
-                "route_fused_graph": bench(as_graph(route_fused), args.rep),
-                "routed": bench(routed, args.rep),
-                "routed_graph": bench(as_graph(routed), args.rep),
             }
             row: dict[str, Any] = {
                 "tokens": t,
                 "pairs": t * k,
                 "experts": distinct,
-                "routed_experts": routed_distinct,
                 "need_mb": need / 1e6,
                 "fused_mb": t * k * expert_bytes / 1e6,
             }
             for name, ms in times.items():
                 row[f"{name}_us"] = ms * 1e3
-                # The routed rows' needed bytes are their own routing's distinct experts.
-                n = routed_distinct if name.startswith("route") else distinct
-                row[f"{name}_gbps"] = n * expert_bytes / (ms * 1e-3) / 1e9
+                row[f"{name}_gbps"] = need / (ms * 1e-3) / 1e9
                 row[f"{name}_of_hbm"] = row[f"{name}_gbps"] / hbm
             row["speedup_graph"] = times["grouped_graph"] / times["fused_graph"]
-            row["routed_speedup_graph"] = times["route_fused_graph"] / times["routed_graph"]
             if args.check:
                 err = ulps(fused(), grouped())
                 row["max_ulps"] = err.max().item()
                 row["frac_gt_1ulp"] = (err > 1).float().mean().item()
-                row["routed_bitwise"] = bool(torch.equal(routed(), route_fused()))
             if args.sweep:
-                sweeps += sweep(t, routed, fused, args.rep, default_tiles(t))
+                sweeps += sweep(t, fused, args.rep, default_tiles(t))
         rows.append(row)
         print(f"T={t}: {distinct} distinct experts of {t * k} pairs", file=sys.stderr)
 
@@ -217,7 +183,6 @@ def main(argv: list[str] | None = None) -> None:
             "copy_d2d_gbps": bw["d2d_gbps"],
             "copy_d2d_samples": bw["samples"]["d2d"],
             "median_speedup": statistics.median(r["speedup_graph"] for r in rows),
-            "median_routed_speedup": statistics.median(r["routed_speedup_graph"] for r in rows),
         }
         write_json(
             args.output,
@@ -227,27 +192,22 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def sweep(
-    t: int,
-    routed: Callable[..., object],
-    fused: Callable[..., object],
-    rep: int,
-    defaults: dict[str, int],
+    t: int, fused: Callable[..., object], rep: int, defaults: dict[str, int]
 ) -> list[dict[str, Any]]:
-    """The five fastest options of each kernel of fused_moe_routed (graph replays), and
-    fused_moe_small at the default tiles with num_warps 1 and 4."""
+    """Each kernel's tiles of fused_moe_small, fastest first (graph replays; the other kernel
+    at its defaults, one warp a program), then the default tiles with num_warps 1 and 4."""
     out: list[dict[str, Any]] = []
     for kernel, options in (("gate_up", gate_up_options()), ("down", down_options())):
         results = []
         for opts in options:
-            fn = as_graph(lambda opts=opts: routed(**opts))
+            fn = as_graph(lambda opts=opts: fused(**opts))
             results.append((bench(fn, max(20, rep // 4)), opts))
         results.sort(key=lambda r: r[0])
-        for ms, opts in results[:5]:
-            out.append({"tokens": t, "path": "routed", "kernel": kernel, "us": ms * 1e3, **opts})
+        for ms, opts in results:
+            out.append({"tokens": t, "kernel": kernel, "us": ms * 1e3, **opts, "num_warps": 1})
     for warps in (1, 4):
         ms = bench(as_graph(lambda warps=warps: fused(num_warps=warps)), max(20, rep // 4))
-        out.append({"tokens": t, "path": "fused", "kernel": "both", "us": ms * 1e3,
-                    **defaults, "num_warps": warps})  # fmt: skip
+        out.append({"tokens": t, "kernel": "both", "us": ms * 1e3, **defaults, "num_warps": warps})
     return out
 
 
@@ -272,26 +232,12 @@ def print_report(rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], check
         "GB/s: the needed bytes (each distinct routed expert once) over the graph time; "
         "'fused MB' is what the fused kernels stream (every pair reads its expert)."
     )
-    columns = [
-        ("tokens", "T", fmt_str),
-        ("routed_experts", "experts", fmt_str),
-        ("route_fused_us", "route+fused us", fmt_float(1)),
-        ("routed_us", "routed us", fmt_float(1)),
-        ("route_fused_graph_us", "route+fused graph us", fmt_float(1)),
-        ("routed_graph_us", "routed graph us", fmt_float(1)),
-        ("routed_graph_of_hbm", "routed/HBM", fmt_float(2)),
-        ("routed_speedup_graph", "speedup", fmt_float(2)),
-    ]
-    if check:
-        columns.append(("routed_bitwise", "bitwise", fmt_str))
-    print("\nthe MoE after the router GEMV (logits given): moe_route + fused_moe_small vs routed:")
-    print(format_table(rows, columns))
     if sweeps:
-        print("\nsweep (graph replays; routed: one kernel's options, the other at its defaults):")
-        keys = ("block_n", "block_k", "prefetch_k", "block_h", "block_i", "prefetch_i")
+        print("\nsweep (graph replays of fused_moe_small; one kernel's tiles, the other at its")
+        print("defaults; 'both': the default tiles at 1 and 4 warps):")
+        keys = ("block_n", "block_k", "block_h", "block_i")
         tile_cols = [
             ("tokens", "T", fmt_str),
-            ("path", "path", fmt_str),
             ("kernel", "kernel", fmt_str),
             ("us", "us", fmt_float(1)),
         ] + [(key, key, lambda v: "" if v is None else fmt_str(v)) for key in (*keys, "num_warps")]

@@ -249,10 +249,7 @@ def test_choose_num_kv_splits() -> None:
     assert f(32, 4, 4096, num_sms=264) == 5
 
 
-def test_graph_hooks_reserve_and_freeze(
-    stage2_launches: list[tuple[int, ...]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(K, "DECODE_MERGE_IN_STAGE1", True)
+def test_graph_hooks_reserve_and_freeze() -> None:
     backend = TritonAttention(max_kv_splits=8, min_split_len=16)
     backend.init_cuda_graph_state(4, num_q_heads=4, num_kv_heads=2, head_dim=32,
                                   max_context_len=256, device=DEVICE)  # fmt: skip
@@ -265,17 +262,10 @@ def test_graph_hooks_reserve_and_freeze(
     backend.prepare_graph(batch)
     assert batch.attn_metadata.num_kv_splits == backend.graph_num_kv_splits(3) > 1
     scratch = backend._decode_scratch.mid_o.data_ptr()
-    counters = backend._decode_scratch.counters
-    views = backend.decode_scratch_views(3, 4, 32, batch.attn_metadata.num_kv_splits, DEVICE)
-    assert counters is not None and views[2].data_ptr() == counters.data_ptr()
-    for _ in range(2):  # as replays: the merge's counters must be back at zero each time
-        out = torch.full_like(q, float("nan"))
-        backend.attend(q, LAYER, batch, SCALE, out=out)
-        assert backend._decode_scratch.mid_o.data_ptr() == scratch  # no reallocation
-        assert backend._decode_scratch.counters.data_ptr() == counters.data_ptr()
-        assert not counters.any()
-        assert not out.isnan().any() and rel_err(out, reference(batch, q)) < 1e-4
-    assert stage2_launches == []  # merged in stage 1
+    out = torch.full_like(q, float("nan"))
+    backend.attend(q, LAYER, batch, SCALE, out=out)
+    assert backend._decode_scratch.mid_o.data_ptr() == scratch  # no reallocation under "capture"
+    assert not out.isnan().any() and rel_err(out, reference(batch, q)) < 1e-4
     with pytest.raises(RuntimeError, match="frozen"):
         backend.decode_scratch_views(64, 4, 32, 8, DEVICE)
 
@@ -323,7 +313,7 @@ def test_eager_decode_past_graph_max_fits_frozen_scratch(
     assert torch.equal(out, out2) and batch.attn_metadata.num_kv_splits == want_splits
 
 
-# ---------------------------------------------------- decode: merge in stage 1, PDL prefetch
+# ------------------------------------------------------------------------ decode: PDL prefetch
 
 
 def decode_kernel_inputs(
@@ -346,28 +336,24 @@ def decode_kernel_inputs(
 def decode_variants(
     q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, table: torch.Tensor, seq: torch.Tensor,
     splits: int, page_size: int, monkeypatch: pytest.MonkeyPatch,
-) -> list[tuple[tuple[bool, bool], torch.Tensor]]:  # fmt: skip
-    """Decode with the prefetch path forced off and on, each with the two-kernel merge and then
-    twice with the in-stage-1 merge, all on one scratch (larger than needed, as a captured
-    graph's; poisoned before each launch) and one set of counters, which must be back at zero
-    after every launch. Returns ((prefetch, merge), out) per launch, the old kernels first."""
+) -> list[tuple[bool, torch.Tensor]]:  # fmt: skip
+    """Decode (stage 1 + stage 2) with the prefetch path forced off, then on, on one scratch
+    (larger than needed, as a captured graph's; poisoned before each launch). Returns
+    (prefetch, out) per launch, the plain path first."""
     hq, d = q.shape[1], q.shape[2]
     rows = q.shape[0] + 1
     mid_o, mid_lse = K.decode_scratch(rows, hq, splits + 1, d, DEVICE)
-    counters = K.decode_counters(rows, kb.shape[1], DEVICE)
     outs = []
     for prefetch in (False, True):
         monkeypatch.setattr(K, "DECODE_PREFETCH", prefetch)
-        for merge in (False, True, True):
-            mid_o.fill_(float("nan"))
-            mid_lse.fill_(float("nan"))
-            out = torch.full_like(q, float("nan"))
-            K.decode_attention(
-                q, kb, vb, out, table, seq, SCALE, splits, page_size=page_size, mid_o=mid_o,
-                mid_lse=mid_lse, counters=counters, merge_in_stage1=merge,
-            )  # fmt: skip
-            assert not counters.any(), ("counters not reset", prefetch, merge)
-            outs.append(((prefetch, merge), out))
+        mid_o.fill_(float("nan"))
+        mid_lse.fill_(float("nan"))
+        out = torch.full_like(q, float("nan"))
+        K.decode_attention(
+            q, kb, vb, out, table, seq, SCALE, splits, page_size=page_size, mid_o=mid_o,
+            mid_lse=mid_lse,
+        )  # fmt: skip
+        outs.append((prefetch, out))
     return outs
 
 
@@ -380,13 +366,13 @@ def decode_variants(
         ([40, 9, 1, 100], 8, 4, 1, 16),  # more splits than key blocks: mostly empty splits
     ],
 )
-def test_decode_merge_and_prefetch_match_two_kernel_path_bitwise(
+def test_decode_prefetch_matches_plain_path_bitwise(
     seq_lens: list[int], page_size: int, hq: int, hkv: int, splits: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    """The PDL prefetch path (forced: the interpreter has no PDL) and the in-stage-1 merge give
-    the two-kernel path's output bit for bit, which matches the reference (zeros for an empty
-    sequence); unused (poisoned) splits are never read."""
+    """The PDL prefetch path (forced: the interpreter has no PDL) gives the plain path's output
+    bit for bit, which matches the reference (zeros for an empty sequence); unused (poisoned)
+    splits are never read."""
     q, kb, vb, table, seq = decode_kernel_inputs(
         seq_lens, page_size=page_size, hq=hq, hkv=hkv, seed=splits
     )
@@ -404,7 +390,7 @@ def test_decode_merge_and_prefetch_match_two_kernel_path_bitwise(
 
 
 def test_decode_prefetch_single_split_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One split (stage 1 writes the output itself, no merge): the prefetch path gives the
+    """One split (stage 1 writes the output itself, no stage 2): the prefetch path gives the
     same bits, an empty sequence included."""
     seq_lens, page_size = [0, 1, 16, 37], 4
     q, kb, vb, table, seq = decode_kernel_inputs(seq_lens, page_size=page_size, hq=4, hkv=2,
@@ -420,61 +406,6 @@ def test_decode_prefetch_single_split_bitwise(monkeypatch: pytest.MonkeyPatch) -
     )
     assert not outs[0].isnan().any() and rel_err(outs[0], ref) < 1e-5
     assert torch.equal(outs[0], outs[1])
-
-
-@pytest.fixture
-def stage2_launches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
-    """The grids of decode stage-2 launches from here on."""
-    launches: list[tuple[int, ...]] = []
-    real = K._decode_stage2_kernel
-
-    class Spy:
-        def __getitem__(self, grid: tuple[int, ...]):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(K, "_decode_stage2_kernel", Spy())
-    return launches
-
-
-def test_decode_merge_dispatch_and_checks(
-    stage2_launches: list[tuple[int, ...]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """merge_in_stage1=None follows DECODE_MERGE_IN_STAGE1 where the call has counters (given,
-    or allocated with the scratch); with scratch but no counters it keeps stage 2 and True is an
-    error; one split never merges; the counters are checked."""
-    seq_lens, ps, splits = [30, 7], 4, 3
-    q, kb, vb, table, seq = decode_kernel_inputs(seq_lens, page_size=ps, hq=4, hkv=2, seed=8)
-    mid_o, mid_lse = K.decode_scratch(2, 4, splits, 32, DEVICE)
-    counters = K.decode_counters(2, 2, DEVICE)
-    ref = K.decode_attention_ref(q, kb, vb, torch.empty_like(q), table, seq, SCALE, page_size=ps)
-
-    def run(merged: bool, splits: int = splits, **kwargs) -> None:
-        stage2_launches.clear()
-        out = torch.full_like(q, float("nan"))
-        K.decode_attention(q, kb, vb, out, table, seq, SCALE, splits, page_size=ps, **kwargs)
-        assert rel_err(out, ref) < 1e-5
-        assert stage2_launches == ([] if merged or splits == 1 else [(2, 4)])
-        assert not counters.any()
-
-    scratch = {"mid_o": mid_o, "mid_lse": mid_lse}
-    monkeypatch.setattr(K, "DECODE_MERGE_IN_STAGE1", True)
-    run(True, counters=counters, **scratch)
-    run(True)  # scratch and counters allocated here
-    run(False, **scratch)  # scratch without counters: stage 2
-    run(False, counters=counters, merge_in_stage1=False, **scratch)
-    run(False, splits=1, counters=counters, merge_in_stage1=True)
-    monkeypatch.setattr(K, "DECODE_MERGE_IN_STAGE1", False)
-    run(False, counters=counters, **scratch)
-    run(True, counters=counters, merge_in_stage1=True, **scratch)
-    out = torch.empty_like(q)
-    with pytest.raises(ValueError, match="needs counters"):
-        K.decode_attention(q, kb, vb, out, table, seq, SCALE, splits, page_size=ps,
-                           merge_in_stage1=True, **scratch)  # fmt: skip
-    for bad in (counters[:3], counters.to(torch.int64), counters.view(2, 2)):
-        with pytest.raises(ValueError, match="counters must be"):
-            K.decode_attention(q, kb, vb, out, table, seq, SCALE, splits, page_size=ps,
-                               merge_in_stage1=True, counters=bad, **scratch)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ split-KV extend
@@ -990,12 +921,12 @@ def test_dense_extend_model_sized_cuda(page_size: int) -> None:
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("page_size", [1, 64])
-def test_decode_merge_and_prefetch_bitwise_cuda(
+def test_decode_prefetch_bitwise_cuda(
     page_size: int, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Qwen3-30B-A3B geometry: batch 1 at 4K (64 splits of one key block: what the two changes
-    are for) and a ragged batch with an empty row. The prefetch path and the in-stage-1 merge
-    give the two-kernel path's bits (both merges sum in one order whatever their layouts)."""
+    """Qwen3-30B-A3B geometry: batch 1 at 4K (64 splits of one key block: what the prefetch
+    is for) and a ragged batch with an empty row. The prefetch path gives the plain path's
+    bits."""
     for seq_lens in ([4096], [1, 4097, 999, 64, 20000, 3, 0]):
         q, kb, vb, table, seq = decode_kernel_inputs(
             seq_lens, page_size=page_size, hq=32, hkv=4, d=128, dtype=dtype,
@@ -1013,10 +944,7 @@ def test_decode_merge_and_prefetch_bitwise_cuda(
 
 
 @cuda_only
-@pytest.mark.parametrize("merge", [False, True])
-def test_decode_after_kv_store_in_a_pdl_graph_cuda(
-    merge: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_decode_after_kv_store_in_a_pdl_graph_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """The prefetch's precondition in use, as in a model's decode step: per layer the fused q/k
     norm + RoPE kernel writes q and the newest key's K/V, and decode attention runs right after
     it. In a CUDA graph with PDL (stage 1 then loads its first key block before it waits), with
@@ -1052,7 +980,6 @@ def test_decode_after_kv_store_in_a_pdl_graph_cuda(
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, device="cuda").float() / d))
     splits = K.choose_num_kv_splits(bs, hkv, max(seq_lens))
     mid_o, mid_lse = K.decode_scratch(bs, hq, splits, d, "cuda")
-    counters = K.decode_counters(bs, hkv, "cuda")
     outs = [torch.empty(bs, hq, d, dtype=torch.bfloat16, device="cuda") for _ in range(layers)]
 
     def step() -> None:
@@ -1063,7 +990,7 @@ def test_decode_after_kv_store_in_a_pdl_graph_cuda(
             )  # fmt: skip
             K.decode_attention(
                 q, k_caches[i], v_caches[i], outs[i], table, seq, SCALE, splits, page_size=ps,
-                mid_o=mid_o, mid_lse=mid_lse, counters=counters, merge_in_stage1=merge,
+                mid_o=mid_o, mid_lse=mid_lse,
             )  # fmt: skip
 
     def poison() -> None:
@@ -1089,4 +1016,3 @@ def test_decode_after_kv_store_in_a_pdl_graph_cuda(
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(o, e) for o, e in zip(outs, expected))
-        assert not counters.any()

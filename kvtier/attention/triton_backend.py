@@ -1,17 +1,17 @@
 """Attention backend on the Triton kernels of ``kvtier.kernels.attention``.
 
-EXTEND batches go to the paged causal extend kernel, split-KV when its one-pass grid would be too
-small for the GPU (a short extend after a long cached prefix; ``choose_extend_kv_splits``); DECODE
-batches to split-KV decode. Both keep their stage-1 scratch in persistent buffers owned by the
-backend (one for decode, with the arrival counters of its in-stage-1 merge, one for extend), so
-that a CUDA-graph runner can capture ``attend``. Decode: the runner calls ``init_cuda_graph_state``
-once (which reserves the scratch for every batch size it will capture and freezes it), then
-``prepare_graph`` instead of ``prepare`` before capture and before each replay. Extend, for a
-captured shape (batch size, tokens, longest extend): ``extend_splits_for`` fixes the split count
-for the longest context a replay may see, ``reserve_extend_scratch`` reserves (and freezes) the
-scratch, and ``prepare_extend_graph`` replaces ``prepare``. Under capture ``attend`` never
-allocates scratch, syncs, or reads the host lists; the runner keeps ``seq_lens`` / ``block_table``
-/ ``q`` (and for extend the length tensors) in static tensors and may pass a static ``out``.
+EXTEND batches go to the paged causal extend kernel, split-KV when its one-pass grid would be
+too small for the GPU (a short extend after a long cached prefix; ``choose_extend_kv_splits``);
+DECODE batches to split-KV decode. Both keep their stage-1 scratch in persistent buffers owned
+by the backend (one for decode, one for extend), so that a CUDA-graph runner can capture
+``attend``. Decode: the runner calls ``init_cuda_graph_state`` once (which reserves the scratch
+for every batch size it will capture and freezes it), then ``prepare_graph`` instead of
+``prepare`` before capture and before each replay. Extend, for a captured shape (batch size,
+tokens, longest extend): ``extend_splits_for`` fixes the split count for the longest context a
+replay may see, ``reserve_extend_scratch`` reserves (and freezes) the scratch, and
+``prepare_extend_graph`` replaces ``prepare``. Under capture ``attend`` never allocates
+scratch, syncs, or reads the host lists; the runner keeps ``seq_lens`` / ``block_table`` /
+``q`` (and for extend the length tensors) in static tensors and may pass a static ``out``.
 """
 
 from __future__ import annotations
@@ -62,20 +62,14 @@ class _SplitScratch:
 
     Capacity is counted in "split rows" (rows x splits: sequences for decode, tokens for
     extend) for one (device, Hq, D) key, so that one allocation serves every shape. Frozen
-    while a captured CUDA graph may hold its address: then it is never replaced. With
-    ``counters`` (decode) it also holds the int32 arrival counters of the in-stage-1 merge
-    (``decode_counters``), allocated with the rest and zero between launches.
+    while a captured CUDA graph may hold its address: then it is never replaced.
     """
 
-    def __init__(self, name: str, reserve_hint: str, *, counters: bool = False) -> None:
+    def __init__(self, name: str, reserve_hint: str) -> None:
         self.name = name
         self.reserve_hint = reserve_hint  # where to reserve more, for the frozen error
-        self.with_counters = counters
         self.mid_o: torch.Tensor | None = None  # [rows * Hq * D] fp32
         self.mid_lse: torch.Tensor | None = None  # [rows * Hq] fp32
-        # [rows * Hq] int32: a merging launch has >= 2 splits, so at most rows / 2 sequences,
-        # each with at most Hq kv heads (one counter per sequence and kv head).
-        self.counters: torch.Tensor | None = None
         self.key: tuple[torch.device, int, int] | None = None  # (device, Hq, D)
         self.rows = 0
         self.frozen = False
@@ -104,8 +98,6 @@ class _SplitScratch:
             rows = max(rows, self.rows)
         self.mid_o = torch.empty(rows * num_q_heads * head_dim, dtype=torch.float32, device=device)
         self.mid_lse = torch.empty(rows * num_q_heads, dtype=torch.float32, device=device)
-        if self.with_counters:
-            self.counters = torch.zeros(rows * num_q_heads, dtype=torch.int32, device=device)
         self.key = key
         self.rows = rows
 
@@ -120,12 +112,6 @@ class _SplitScratch:
             self.mid_o[: m * head_dim].view(n, num_q_heads, splits, head_dim),
             self.mid_lse[:m].view(n, num_q_heads, splits),
         )
-
-    def counter_view(self, n: int, num_q_heads: int) -> torch.Tensor:
-        """The arrival counters for ``n`` rows (``n * Hq``: at least one per sequence and kv
-        head); call after ``views`` for the same rows."""
-        assert self.counters is not None, f"{self.name} scratch has no counters"
-        return self.counters[: n * num_q_heads]
 
 
 class TritonAttention(AttentionBackend):
@@ -181,7 +167,7 @@ class TritonAttention(AttentionBackend):
         self.dense_block = dense_block
         self._cudnn: dict[torch.device, bool] = {}
         # Stage-1 scratch of split-KV decode (rows: sequences) and extend (rows: tokens).
-        self._decode_scratch = _SplitScratch("decode", "init_cuda_graph_state", counters=True)
+        self._decode_scratch = _SplitScratch("decode", "init_cuda_graph_state")
         self._extend_scratch = _SplitScratch("extend", "reserve_extend_scratch")
         # CUDA-graph state: decode split count per captured batch size.
         self._graph_splits: dict[int, int] = {}
@@ -404,13 +390,9 @@ class TritonAttention(AttentionBackend):
     def decode_scratch_views(
         self, batch_size: int, num_q_heads: int, head_dim: int, num_kv_splits: int,
         device: torch.device,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Views [B, Hq, S, D] and [B, Hq, S] of the persistent scratch (grown if needed), and
-        its arrival counters for the in-stage-1 merge (int32, zero between launches)."""
-        mid_o, mid_lse = self._decode_scratch.views(
-            batch_size, num_q_heads, head_dim, num_kv_splits, device
-        )
-        return mid_o, mid_lse, self._decode_scratch.counter_view(batch_size, num_q_heads)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Views [B, Hq, S, D] and [B, Hq, S] of the persistent scratch (grown if needed)."""
+        return self._decode_scratch.views(batch_size, num_q_heads, head_dim, num_kv_splits, device)
 
     def extend_scratch_views(
         self, num_tokens: int, num_q_heads: int, head_dim: int, num_kv_splits: int,
@@ -490,15 +472,14 @@ class TritonAttention(AttentionBackend):
                     splits, q.shape[0], q.shape[1], q.shape[2], q.device
                 )
                 meta.num_kv_splits = splits
-            mid_o = mid_lse = counters = None
+            mid_o = mid_lse = None
             if splits > 1:
-                mid_o, mid_lse, counters = self.decode_scratch_views(
+                mid_o, mid_lse = self.decode_scratch_views(
                     q.shape[0], q.shape[1], q.shape[2], splits, q.device
                 )
             return decode_attention(
                 q, k_buf, v_buf, out, batch.block_table, batch.seq_lens, scale, splits,
-                page_size=page_size, mid_o=mid_o, mid_lse=mid_lse, counters=counters,
-                config=self.decode_config,
+                page_size=page_size, mid_o=mid_o, mid_lse=mid_lse, config=self.decode_config,
             )  # fmt: skip
 
         if batch.extend_lens is None or batch.prefix_lens is None:

@@ -15,16 +15,17 @@ tests, where exactness matters more than speed); bf16/fp16 use the tensor cores.
 
 Decode is split-KV ("flash decoding"): stage 1 runs one program per (sequence, kv head, split),
 handling every query head of the kv head's group so that K/V is read once per group, and writes
-a partial output plus its log-sum-exp; stage 2 merges the splits, or (``merge_in_stage1``, the
-default) the last stage-1 program of each (sequence, kv head) to finish merges them, counted by
-an int32 arrival counter that it resets (one launch instead of two; the same bits, as both
-merges sum in one fixed order). The split count is a launch argument and each sequence's split
-length is derived from its ``seq_len`` on the device, so a launch never needs a host sync and
-can be captured in a CUDA graph (grid and scratch depend only on the batch size and split count
-the caller gives). With programmatic dependent launch and several splits, stage 1 loads its
-split's first key block before it waits for the previous kernel (which writes only q and the
-newest key's K/V): at batch 1 a split is often one block, so its whole KV read then overlaps
-that kernel's tail.
+a partial output plus its log-sum-exp; stage 2 merges the splits (in one fixed pairwise order).
+The split count is a launch argument and each sequence's split length is derived from its
+``seq_len`` on the device, so a launch never needs a host sync and can be captured in a CUDA
+graph (grid and scratch depend only on the batch size and split count the caller gives). With
+programmatic dependent launch and several splits, stage 1 loads its split's first key block
+before it waits for the previous kernel (which writes only q and the newest key's K/V): at
+batch 1 a split is often one block, so its whole KV read then overlaps that kernel's tail.
+A merge in stage 1 by the last-arriving program (arrival counters, no stage-2 launch) was tried
+and removed: on an H200 (2026-12-01, 4K context, 32 q / 4 kv heads, us a layer) it took 29.9
+against stage 2's 10.2 at batch 1 (64 splits; 9.5 with the prefetch), and was level at batch
+32 (82.7 against 81.4) and 128 (257.2 against 257.0).
 
 Extend has the same split-KV form for short extends after long prefixes (a prompt served from
 the cache), where the one-pass grid (query blocks x q heads x sequences) would leave most SMs
@@ -45,7 +46,6 @@ K/V: ~575-665) and ~465 after a 64K prefix.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -481,9 +481,9 @@ def _halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
 def _weighted_split_sum(o, w, BLOCK_S: tl.constexpr, COLS: tl.constexpr):
     """sum_s o[s, :] * w[s] of o [BLOCK_S, COLS] and w [BLOCK_S], in one fixed order of
     operations: products of row s + BLOCK_S / 2 fused (one rounding) onto those of row s, then
-    halves added pairwise down to one row. ``tl.sum``'s order follows the tile's register
-    layout, which Triton chooses per kernel (stage 1's K/V tiles change it), so the two merges
-    would not give the same bits with it. BLOCK_S a power of two."""
+    halves added pairwise down to one row. A fixed order, independent of the tile's register
+    layout (which sets ``tl.sum``'s order and which Triton chooses per kernel): the order the
+    stage-2 merge was measured with. BLOCK_S a power of two."""
     if BLOCK_S == 1:
         x = tl.reshape(o * w[:, None], [COLS])
     else:
@@ -501,23 +501,20 @@ def _weighted_split_sum(o, w, BLOCK_S: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def _decode_merge_head(MidO, MidLse, seq, head, used, stride_mb, stride_mh, stride_ms,
-                       stride_lb, stride_lh, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-                       CACHE: tl.constexpr):
+                       stride_lb, stride_lh, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     """Output ([HEAD_DIM] fp32) of one q head of one sequence: the partial outputs of its first
     ``used`` splits weighted by their LSE; 0 when ``used`` is 0 (an empty sequence). Splits
-    past ``used`` were empty in stage 1 and hold stale (or poisoned) scratch: never read.
-    Stage 2 and stage 1's in-kernel merge both call this, and its sums have one order whatever
-    the layout (``_weighted_split_sum``), so both give the same bits. CACHE: the loads' cache
-    modifier."""
+    past ``used`` were empty in stage 1 and hold stale (or poisoned) scratch: never read. Its
+    sums have one fixed order whatever the layout (``_weighted_split_sum``)."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
     s_mask = offs_s < used
     lse = tl.load(MidLse + seq * stride_lb + head * stride_lh + offs_s, mask=s_mask,
-                  other=_NEG_BIG, cache_modifier=CACHE)
+                  other=_NEG_BIG)
     m = tl.max(lse, 0)  # exact in any order
     w = tl.where(s_mask, tl.exp2(lse - m), 0.0)
     o = tl.load(MidO + seq * stride_mb + head * stride_mh + offs_s[:, None] * stride_ms
-                + offs_d[None, :], mask=s_mask[:, None], other=0.0, cache_modifier=CACHE)
+                + offs_d[None, :], mask=s_mask[:, None], other=0.0)
     ones = tl.full([BLOCK_S, 1], 1.0, dtype=tl.float32)
     denom = tl.sum(_weighted_split_sum(ones, w, BLOCK_S, 1), 0)
     # denom is 0 only when the sequence is empty: zeros, not NaN.
@@ -525,15 +522,14 @@ def _decode_merge_head(MidO, MidLse, seq, head, used, stride_mb, stride_mh, stri
 
 
 @triton.jit
-def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, Counters, BlockTable, SeqLens, qk_scale,
-                          num_splits,
+def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_scale, num_splits,
                           stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                           stride_ob, stride_oh, stride_mb, stride_mh, stride_ms,
                           stride_lb, stride_lh, stride_bt,
                           GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                           PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                          SINGLE_SPLIT: tl.constexpr, MERGE: tl.constexpr, BLOCK_S: tl.constexpr,
-                          PREFETCH: tl.constexpr, DOT_PREC: tl.constexpr,
+                          SINGLE_SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
+                          DOT_PREC: tl.constexpr,
                           INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
     """Grid: (sequences, kv heads, splits). One program = every q head of one kv head's group
     (rows of a [BLOCK_H, HEAD_DIM] tile, padded to BLOCK_H >= 16 for the dot) over one split,
@@ -543,13 +539,6 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, Counters, BlockTable, SeqL
     otherwise the split's normalised partial output goes to MidO and its log2-sum-exp to MidLse.
     An empty split (short sequence) writes nothing: only the sequence's first
     cdiv(seq_len, split_len) splits ("used") are ever read.
-
-    MERGE (instead of stage 2): a used split's program, its partials stored, bumps the arrival
-    counter of its (sequence, kv head); the one that arrives last merges the used splits of the
-    group's q heads exactly as stage 2 does (``_decode_merge_head``, splits in order 0, 1, ...:
-    the same bits whichever program is last), writes Out and resets the counter to 0, so the
-    counters are zero between launches (graph replays). An empty sequence has no used split:
-    its split 0 writes the zeros. BLOCK_S: the merge tile's splits (stage 2's).
 
     PREFETCH: the first key block's loads (``_decode_prefetch``) go before the PDL wait, so
     their latency overlaps the previous kernel's tail; after the wait q and key seq_len - 1
@@ -583,13 +572,6 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, Counters, BlockTable, SeqL
     # Nested, not `and`: SINGLE_SPLIT is a constexpr, so the branch vanishes at compile time.
     if not SINGLE_SPLIT:  # noqa: SIM102
         if start >= end:
-            # Split 0 is empty only for an empty sequence, whose output no merge writes.
-            if MERGE:  # noqa: SIM102
-                if split == 0:
-                    tl.store(Out + seq64 * stride_ob + heads[:, None] * stride_oh
-                             + offs_d[None, :],
-                             tl.zeros([BLOCK_H, HEAD_DIM], dtype=Out.dtype.element_ty),
-                             mask=h_mask[:, None])
             return
 
     q = tl.load(Q + seq64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -637,24 +619,6 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, Counters, BlockTable, SeqL
                  + offs_d[None, :], out, mask=h_mask[:, None])
         tl.store(MidLse + seq64 * stride_lb + heads * stride_lh + split, m_i + tl.log2(l_i),
                  mask=h_mask)
-        if MERGE:
-            used = tl.cdiv(seq_len, split_len)
-            count = Counters + seq * tl.num_programs(1) + kv_head
-            # As in gemv's split-K: every thread's partial stores precede the counter's release
-            # (the barrier), and the acq_rel increment orders them before the last arriver's
-            # reads, which go through L2 (.cg: never a stale L1 line).
-            tl.debug_barrier()
-            arrived = tl.atomic_add(count, 1, sem="acq_rel", scope="gpu")
-            if arrived == used - 1:
-                for g in tl.static_range(GROUP):
-                    head = kv_head * GROUP + g
-                    merged = _decode_merge_head(MidO, MidLse, seq64, head, used, stride_mb,
-                                                stride_mh, stride_ms, stride_lb, stride_lh,
-                                                HEAD_DIM, BLOCK_S, ".cg")
-                    tl.store(Out + seq64 * stride_ob + head * stride_oh + offs_d,
-                             merged.to(Out.dtype.element_ty))
-                # All `used` programs have counted: ready for the next launch.
-                tl.atomic_xchg(count, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -663,7 +627,8 @@ def _decode_stage2_kernel(Out, MidO, MidLse, SeqLens, num_splits,
                           stride_lb, stride_lh,
                           HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
                           PDL: tl.constexpr = False):
-    """Grid: (sequences, q heads). Merge the used splits' partial outputs by their LSE."""
+    """Grid: (sequences, q heads). Merge the used splits' partial outputs by their LSE, in a
+    fixed pairwise order (``_weighted_split_sum``)."""
     _pdl_wait(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -671,7 +636,7 @@ def _decode_stage2_kernel(Out, MidO, MidLse, SeqLens, num_splits,
     split_len = _decode_split_len(seq_len, num_splits, BLOCK_N)
     used = tl.cdiv(seq_len, split_len)
     out = _decode_merge_head(MidO, MidLse, seq, head, used, stride_mb, stride_mh, stride_ms,
-                             stride_lb, stride_lh, HEAD_DIM, BLOCK_S, "")
+                             stride_lb, stride_lh, HEAD_DIM, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
     tl.store(Out + seq * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
@@ -687,10 +652,6 @@ def _decode_stage2_kernel(Out, MidO, MidLse, SeqLens, num_splits,
 # function, not a JITFunction; small blocks keep the interpreter's per-program cost down.
 INTERPRETED: bool = not isinstance(_extend_kernel, JITFunction)
 
-# Whether ``decode_attention`` merges the splits in its stage-1 kernel (no stage-2 launch) when
-# the call leaves it open; KVTIER_DECODE_MERGE=0 keeps the two kernels. Read at import; may also
-# be set at run time.
-DECODE_MERGE_IN_STAGE1: bool = os.environ.get("KVTIER_DECODE_MERGE", "0") == "1"
 # Whether decode stage 1 issues its first key block's loads before its PDL wait. None: when the
 # launch uses PDL (only then is there a previous kernel to overlap) and has several splits (see
 # ``decode_attention``). True / False force one code path (tests compare their bits; without
@@ -1012,33 +973,11 @@ def decode_scratch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage-1 scratch for up to ``max_batch`` sequences and ``max_splits`` splits:
     (partial outputs [max_batch, Hq, max_splits, D] fp32, log2-sum-exp [max_batch, Hq,
-    max_splits] fp32). Allocate once and reuse it (CUDA graphs need fixed addresses); the
-    in-stage-1 merge also needs ``decode_counters``."""
+    max_splits] fp32). Allocate once and reuse it (CUDA graphs need fixed addresses)."""
     mid_o = torch.empty((max_batch, num_q_heads, max_splits, head_dim), dtype=torch.float32,
                         device=device)  # fmt: skip
     mid_lse = torch.empty((max_batch, num_q_heads, max_splits), dtype=torch.float32, device=device)
     return mid_o, mid_lse
-
-
-def decode_counters(max_batch: int, num_kv_heads: int, device: torch.device | str) -> torch.Tensor:
-    """Arrival counters of the in-stage-1 merge (``decode_attention``) for up to ``max_batch``
-    sequences: int32 [max_batch * num_kv_heads], zero. Every launch leaves them zero, so
-    allocate them once with the scratch and reuse them (CUDA graphs need fixed addresses).
-    Launches sharing them must not run concurrently (nor may launches sharing the scratch)."""
-    return torch.zeros(max_batch * num_kv_heads, dtype=torch.int32, device=device)
-
-
-def _check_counters(counters: torch.Tensor, n: int) -> None:
-    if (
-        counters.dtype != torch.int32
-        or counters.dim() != 1
-        or counters.shape[0] < n
-        or (counters.shape[0] > 1 and counters.stride(0) != 1)
-    ):
-        raise ValueError(
-            f"decode counters must be a contiguous int32 vector of at least {n} (sequences x kv "
-            f"heads) elements; got {counters.dtype} {tuple(counters.shape)}"
-        )
 
 
 def decode_attention(
@@ -1054,8 +993,6 @@ def decode_attention(
     page_size: int,
     mid_o: torch.Tensor | None = None,
     mid_lse: torch.Tensor | None = None,
-    counters: torch.Tensor | None = None,
-    merge_in_stage1: bool | None = None,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """One query per sequence over its paged KV ``0 .. seq_len - 1``, split-KV.
@@ -1071,20 +1008,11 @@ def decode_attention(
         page_size: tokens per page (power of two).
         mid_o, mid_lse: scratch from ``decode_scratch`` with at least B rows and
             ``num_kv_splits`` splits; allocated here when omitted (not for CUDA graphs).
-        counters: arrival counters from ``decode_counters`` for at least B sequences (zero;
-            every launch leaves them zero), for the in-stage-1 merge; allocated here with the
-            scratch when that is omitted.
-        merge_in_stage1: with more than one split, merge the splits in the stage-1 kernel (the
-            last of a (sequence, kv head)'s programs to finish merges them) instead of a second
-            kernel: one launch, the same bits. None: ``DECODE_MERGE_IN_STAGE1`` where the call
-            has counters (given, or allocated with the scratch here), else the second kernel.
-            True without counters but with scratch is an error.
         config: tiles; default ``default_decode_config``.
     Returns:
         ``out``.
 
-    No host syncs and no allocations when the scratch (and counters) are given: safe to
-    capture.
+    No host syncs and no allocations when the scratch is given: safe to capture.
 
     Precondition with PDL (``fused.pdl_options``): stage 1 loads ``seq_lens``, the block table
     and each split's first key block before it waits for the previous kernel. Of what it reads,
@@ -1102,26 +1030,15 @@ def decode_attention(
         raise ValueError(f"num_kv_splits must be >= 1; got {num_kv_splits}")
     cfg = config or default_decode_config(head_dim, q.dtype)
     group = num_q_heads // num_kv_heads
-    merge = DECODE_MERGE_IN_STAGE1 if merge_in_stage1 is None else merge_in_stage1
     single = num_kv_splits == 1
     if single:
         # Stage 1 writes `out` directly and never touches the scratch arguments: pass `out` in
         # their place rather than allocate (nothing may be allocated under graph capture).
-        mid_o = mid_lse = counters = None
-        merge = False
+        mid_o = mid_lse = None
     elif mid_o is None or mid_lse is None:
         mid_o, mid_lse = decode_scratch(batch, num_q_heads, num_kv_splits, head_dim, q.device)
-        if merge and counters is None:
-            counters = decode_counters(batch, num_kv_heads, q.device)
     else:
         _check_scratch(mid_o, mid_lse, batch, num_q_heads, num_kv_splits, head_dim, "decode")
-    if merge and counters is None:
-        if merge_in_stage1:
-            raise ValueError("merge_in_stage1=True with scratch needs counters (decode_counters)")
-        merge = False
-    if merge:
-        assert counters is not None
-        _check_counters(counters, batch * num_kv_heads)
     mo_strides = mid_o.stride()[:3] if mid_o is not None else (0, 0, 0)
     ml_strides = mid_lse.stride()[:2] if mid_lse is not None else (0, 0)
     qk_scale = scale * _LOG2E
@@ -1129,27 +1046,27 @@ def decode_attention(
     # Not with a single split (DECODE_PREFETCH left open): chosen when the batch alone fills the
     # GPU, each program then streams a whole sequence, and one block's latency is noise; but
     # the prefetch path took 168 registers a thread there against 80 (sm_90, bf16), too few
-    # programs a SM to keep such a launch in one wave.
+    # programs a SM to keep such a launch in one wave (H200, 2026-12-01, batch 128 at a 4K
+    # context, prefetch forced on: 279.6 against 257.0 us a layer).
     prefetch = (pdl["PDL"] and not single) if DECODE_PREFETCH is None else DECODE_PREFETCH
-    block_s = triton.next_power_of_2(num_kv_splits)
     _decode_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_buf, v_buf, out, out if mid_o is None else mid_o, out if mid_lse is None else mid_lse,
-        counters if merge else out, block_table, seq_lens, qk_scale, num_kv_splits,
+        block_table, seq_lens, qk_scale, num_kv_splits,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
         v_buf.stride(0), v_buf.stride(1), out.stride(0), out.stride(1),
         *mo_strides, *ml_strides, block_table.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SINGLE_SPLIT=single, MERGE=merge,
-        BLOCK_S=block_s if merge else 1, PREFETCH=prefetch, DOT_PREC=_dot_precision(q.dtype),
-        INTERPRET=INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
+        PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SINGLE_SPLIT=single, PREFETCH=prefetch,
+        DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **pdl,
     )  # fmt: skip
-    if mid_o is not None and mid_lse is not None and not merge:
+    if mid_o is not None and mid_lse is not None:
         _decode_stage2_kernel[(batch, num_q_heads)](
             out, mid_o, mid_lse, seq_lens, num_kv_splits,
             out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_lse.stride(0), mid_lse.stride(1),
-            HEAD_DIM=head_dim, BLOCK_S=block_s, BLOCK_N=cfg.block_n,
-            num_warps=4 if head_dim >= 128 else 2, num_stages=1, **pdl,
+            HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_kv_splits),
+            BLOCK_N=cfg.block_n, num_warps=4 if head_dim >= 128 else 2, num_stages=1, **pdl,
         )  # fmt: skip
     return out
 
@@ -1323,7 +1240,6 @@ def decode_attention_ref(
 
 
 __all__ = [
-    "DECODE_MERGE_IN_STAGE1",
     "DECODE_PREFETCH",
     "INTERPRETED",
     "KernelConfig",
@@ -1331,7 +1247,6 @@ __all__ = [
     "choose_num_kv_splits",
     "decode_attention",
     "decode_attention_ref",
-    "decode_counters",
     "decode_scratch",
     "default_decode_config",
     "default_extend_config",

@@ -1,6 +1,5 @@
 """Fused MoE experts for small token counts (decode): two Triton GEMV kernels instead of the
-sort / two grouped GEMMs / un-sort / combine of ``kvtier.models.layers.FusedExperts``, and
-optionally the router's softmax / top-k folded into them (``fused_moe_routed``).
+sort / two grouped GEMMs / un-sort / combine of ``kvtier.models.layers.FusedExperts``.
 
 At decode batch 1 a Qwen3-30B-A3B layer (E=128, k=8, H=2048, I=768, bf16) has 8 (token, expert)
 pairs. The grouped path spends ~55 us in each ``torch._grouped_mm`` plus a dozen small kernels,
@@ -36,42 +35,32 @@ SiLU itself is the same function torch's CUDA kernel evaluates. A sum's tree fol
 register layout, which Triton derives from the tile shapes and num_warps: the same tiles give
 the same result, other tiles may differ in last bits. Prefetching does not change it.
 
-Routing folded in (``fused_moe_routed``: after the router GEMV, two launches instead of
-``fused.moe_route`` + these two). ``_gate_up_routed_kernel`` and ``_down_routed_kernel`` run
-the same expert code (``_gate_up_pair``, ``_down_token``), and each program computes its
-token's routing from the logits row with ``_route``, moe_route's kernel code (float32 softmax,
-arg-max rounds, lowest id on ties, renormalisation); a gate/up program runs only the rounds up
-to its pair's slot. The result is bitwise ``fused_moe_small`` after ``moe_route(...,
-out_dtype=x.dtype)``: the max / min reductions are exact, and the softmax sum adds in moe_route's
-order because the programs have one warp (``ROUTED_WARPS``), as moe_route's has for E <= 512
-(``MAX_ROUTED_EXPERTS``), so the same code gets the same layout; and the expert sums have the
-same layouts as fused_moe_small's kernels with the same tiles. tests/test_fused_moe.py checks
-both on the sm_90 compile (the PTX of the softmax sum, the layouts of the GEMV reductions). Hence
-one warp is also fused_moe_small's default (``default_tiles``): the two paths then agree bitwise
-whichever the model picks. The routing costs each program a few dozen warp shuffles (no
-barriers in a one-warp program).
+One warp a program by default (``default_tiles``): the configuration measured below (the
+bench's ``--sweep`` times it against four warps at the same tiles).
 
 Programmatic dependent launch (``fused.pdl_options``, Hopper): the gate/up kernel waits for the
-previous kernel first (the router's ids, or the router GEMV's logits). The down kernel reads its
-token's ids and weights (or routes from the logits) and issues its first I tile of all k experts
-before it waits for the gate/up kernel: the ids / logits were written two kernels back, and the
-gate/up kernel lets the down kernel launch only once past its own wait.
+previous kernel first (the router's ids). The down kernel reads its token's ids and weights and
+issues its first I tile of all k experts before it waits for the gate/up kernel: the ids were
+written two kernels back, and the gate/up kernel lets the down kernel launch only once past its
+own wait.
 
 CUDA-graph safe: grids come from T, k and the weight shapes (host ints), nothing is read back,
 the outputs are ``torch.empty``. Expert and row offsets are int64 (a full layer's w13 is 400M
 elements, more for bigger models).
 
-On by default: ``FusedExperts.forward`` calls ``fused_moe_small`` when x is bf16 on CUDA and
-T * k <= ``MAX_PAIRS``, unless ``KVTIER_FUSED_MOE=0`` was set at import (``ENABLED``).
-``use_routed`` says whether a MoE block may call ``fused_moe_routed`` with its router logits
-instead of moe_route then the experts: the same conditions, logits [T, E <= 512], unless
-``KVTIER_FUSED_ROUTE=0`` was set at import (``ROUTE_ENABLED``). Measured on an H200 with the
-previous kernels (four warps, a down kernel that looped over the k slots; Qwen3-30B-A3B layer,
-CUDA-graph replays, benchmarks/bench_moe.py, 2026-12-01): T = 1 37.1 us against 86.8 us for the
-grouped path (the sort, two grouped GEMMs, un-sort and combine), T = 4 87.4 against 156.0,
-T = 16 250.5 against 339.5, T = 32 445.8 against 438.7 (even: every pair reads its expert, so
-past ~16 tokens the grouped GEMMs' one read per expert wins). The current kernels are not yet
-measured (bench_moe.py --sweep times both paths and the tiles).
+On by default: ``FusedExperts.forward`` calls ``fused_moe_small`` when x is bf16 on CUDA and T * k
+<= ``MAX_PAIRS``, unless ``KVTIER_FUSED_MOE=0`` was set at import (``ENABLED``). Measured on an H200
+(Qwen3-30B-A3B layer, CUDA-graph replays, benchmarks/bench_moe.py, 2026-12-01): T = 1 34.4 us
+against 91.2 us for the grouped path (the sort, two grouped GEMMs, un-sort and combine), T = 4 87.3
+against 161.6, T = 16 265.3 against 324.5. An earlier run of the previous kernels (four warps, a
+down kernel that looped over the k slots; not the same call, its grouped times differ too) gave
+T = 1 37.1 against 86.8, T = 4 87.4 against 156.0, T = 16 250.5 against 339.5, T = 32 445.8 against
+438.7 (even: every pair reads its expert, so past ~16 tokens the grouped GEMMs' one read per expert
+wins). Routing inside the expert kernels (every program computing its token's top-k from the router
+logits, no routing kernel) was tried and measured slower than ``fused.moe_route`` then these two
+(T = 1 39.3 against 35.8 us, T = 4 102.9 against 91.1, T = 16 291.6 against 265.1: the routing on
+each gate/up program's critical path costs more than the routing kernel's launch, which PDL hides),
+and removed.
 ``fused_moe_ref`` is FusedExperts' math in plain torch, for the tests.
 """
 
@@ -93,33 +82,11 @@ ENABLED: bool = triton is not None and os.environ.get("KVTIER_FUSED_MOE", "1") !
 # is large the grouped GEMMs' one read per distinct expert wins; benchmarks/bench_moe.py times
 # both sides of this limit (T = 16 at k = 8 is 128 pairs).
 MAX_PAIRS = 128
-# Whether a MoE block routes inside the expert kernels (fused_moe_routed, see use_routed) rather
-# than launching moe_route first; KVTIER_FUSED_ROUTE=0 at import turns it off (may also be set at
-# run time).
-ROUTE_ENABLED: bool = triton is not None and os.environ.get("KVTIER_FUSED_ROUTE", "1") != "0"
-# Most experts fused_moe_routed takes: moe_route's kernel runs one warp up to 512 experts (more
-# get four), and the routed kernels match its softmax sum order only in that shape (see _route).
-MAX_ROUTED_EXPERTS = 512
 
 
 def use_fused(x: torch.Tensor, num_pairs: int) -> bool:
     """Whether FusedExperts.forward takes the fused kernels for these inputs."""
     return ENABLED and x.is_cuda and x.dtype == torch.bfloat16 and 0 < num_pairs <= MAX_PAIRS
-
-
-def use_routed(x: torch.Tensor, router_logits: torch.Tensor, top_k: int) -> bool:
-    """Whether a MoE block should run ``fused_moe_routed`` (routing inside the expert kernels)
-    for these inputs instead of ``moe_route`` then the experts: ``use_fused`` holds for the
-    T * top_k pairs, ``ROUTE_ENABLED``, and the logits are [T, E <= MAX_ROUTED_EXPERTS] in a
-    float dtype."""
-    return (
-        ROUTE_ENABLED
-        and router_logits.dim() == 2
-        and router_logits.shape[0] == x.shape[0]
-        and 0 < top_k <= router_logits.shape[1] <= MAX_ROUTED_EXPERTS
-        and router_logits.dtype in fused._FLOAT_DTYPES
-        and use_fused(x, x.shape[0] * top_k)
-    )
 
 
 # ---------------------------------------------------------------------------- torch reference
@@ -158,54 +125,13 @@ if triton is not None:
     _round = fused._round
     _exp = fused._exp
     _pdl_wait = fused.pdl_wait
-    # Whether fused_moe_small's kernels prefetch (also fused_moe_routed's default): one value,
-    # read by the kernels at compile time.
+    # Whether fused_moe_small's kernels prefetch: one value, read by the kernels at compile
+    # time.
     PREFETCH = tl.constexpr(True)
 
     @triton.constexpr_function
     def _pow2(n):
         return triton.next_power_of_2(n)
-
-    @triton.jit
-    def _route(
-        row, num_experts, last,
-        TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_E: tl.constexpr,
-        BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr,
-    ):
-        """One token's routing from its logits ``row`` [num_experts]: ``fused._moe_route_kernel``'s
-        code (float32 softmax, arg-max rounds with the lowest id on ties, the optional
-        renormalisation), run for the rounds 0..``last`` (a slot index; TOP_K - 1 for all).
-        Returns (weights, ids) [BLOCK_S]: float32 weights not yet rounded to the output dtype,
-        int64 ids, 0 in the slots after ``last``. Reads only the logits row.
-
-        Bitwise moe_route's results only in a one-warp program (num_warps=1), as moe_route runs
-        for up to 512 experts: the softmax sum is a float32 reduction whose addition order
-        follows the layout, and the same code in the same launch shape gets the same layout
-        (tests/test_fused_moe.py compares the two kernels' sm_90 PTX). The max / min reductions
-        are exact in any order."""
-        e = tl.arange(0, BLOCK_E)
-        e_mask = e < num_experts
-        x = tl.load(row + e, mask=e_mask, other=-float("inf")).to(tl.float32)
-        ex = tl.where(e_mask, _exp(x - tl.max(x, axis=0), INTERPRET), 0.0)
-        p = tl.math.div_rn(ex, tl.sum(ex, axis=0))
-        p = tl.where(e_mask, p, -1.0)  # probabilities are >= 0: padding is never picked
-        s = tl.arange(0, BLOCK_S)
-        w = tl.zeros([BLOCK_S], dtype=tl.float32)
-        ids = tl.zeros([BLOCK_S], dtype=tl.int64)
-        total = 0.0
-        for i in tl.static_range(TOP_K):
-            if i <= last:
-                best = tl.max(p, axis=0)
-                # Lowest id holding the max; clamped so that a NaN row still yields valid ids.
-                idx = tl.minimum(tl.min(tl.where(p == best, e, BLOCK_E), axis=0),
-                                 num_experts - 1)
-                w = tl.where(s == i, best, w)
-                ids = tl.where(s == i, idx.to(tl.int64), ids)
-                total += best
-                p = tl.where(e == idx, -1.0, p)
-        if RENORMALIZE:
-            w = tl.math.div_rn(w, total)
-        return w, ids
 
     @triton.jit
     def _tile(ptrs, mask, cols, N_COLS: tl.constexpr, stride_c):
@@ -284,30 +210,6 @@ if triton is not None:
                       HIDDEN, INTER, BLOCK_N, BLOCK_K, PREFETCH, INTERPRET)
 
     @triton.jit
-    def _gate_up_routed_kernel(
-        X, W_GATE, W_UP, LOGITS, HOUT,
-        stride_xt, stride_we, stride_wn, stride_wk, stride_ht, stride_lt, num_experts,
-        HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, PREFETCH_K: tl.constexpr,
-        INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
-    ):
-        """_gate_up_kernel with the router folded in: the pair's expert is slot ``pair % TOPK``
-        of its token's routing, computed from the logits row."""
-        # The logits are the previous kernel's (the router GEMV's) output.
-        _pdl_wait(PDL)
-        pair = tl.program_id(0).to(tl.int64)
-        tok = pair // TOPK
-        slot = pair % TOPK
-        # Only the rounds up to this pair's slot, and no weights.
-        ids = _route(LOGITS + tok * stride_lt, num_experts, slot, TOPK, False, BLOCK_E, BLOCK_S,
-                     INTERPRET)[1]
-        expert = tl.max(tl.where(tl.arange(0, BLOCK_S) == slot, ids, 0), axis=0)
-        _gate_up_pair(X, W_GATE, W_UP, HOUT, pair, tok, expert,
-                      stride_xt, stride_we, stride_wn, stride_wk, stride_ht,
-                      HIDDEN, INTER, BLOCK_N, BLOCK_K, PREFETCH_K, INTERPRET)
-
-    @triton.jit
     def _down_token(
         HIN, W2, OUT, tok, ids, weights,
         stride_ht, stride_we, stride_wn, stride_wk, stride_ot,
@@ -380,33 +282,7 @@ if triton is not None:
         _down_token(HIN, W2, OUT, tok, ids, weights,
                     stride_ht, stride_we, stride_wn, stride_wk, stride_ot,
                     HIDDEN, INTER, TOPK, BLOCK_H, BLOCK_I, BLOCK_S, PREFETCH, INTERPRET, PDL)
-
-    @triton.jit
-    def _down_routed_kernel(
-        HIN, W2, LOGITS, OUT,
-        stride_ht, stride_we, stride_wn, stride_wk, stride_ot, stride_lt, num_experts,
-        HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
-        RENORMALIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr,
-        BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr, PREFETCH_I: tl.constexpr,
-        INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
-    ):
-        """_down_kernel with the router folded in: the token's ids and weights from its logits
-        row, before the wait (the logits were written two launches back, by the router GEMV)."""
-        tok = tl.program_id(0).to(tl.int64)
-        w, ids = _route(LOGITS + tok * stride_lt, num_experts, TOPK - 1, TOPK, RENORMALIZE,
-                        BLOCK_E, BLOCK_S, INTERPRET)
-        # Rounded to the output (x's) dtype, as moe_route(out_dtype=x.dtype) stores them.
-        weights = _round(w, OUT.dtype.element_ty, INTERPRET).to(tl.float32)
-        _down_token(HIN, W2, OUT, tok, ids, weights,
-                    stride_ht, stride_we, stride_wn, stride_wk, stride_ot,
-                    HIDDEN, INTER, TOPK, BLOCK_H, BLOCK_I, BLOCK_S, PREFETCH_I, INTERPRET, PDL)
 # fmt: on
-
-# Warps per program of the routed kernels, and fused_moe_small's default: moe_route's kernel runs
-# one warp (up to 512 experts), and _route's copy of its code gets its layout, hence its softmax
-# sum's addition order, only in a program of that shape. The same num_warps and tiles also give
-# both paths' expert sums the same layouts, hence the same reduction trees.
-ROUTED_WARPS = 1
 
 
 def _block(n: int, cap: int) -> int:
@@ -414,14 +290,16 @@ def _block(n: int, cap: int) -> int:
 
 
 def default_tiles(num_tokens: int) -> dict[str, int]:
-    """Tiles by token count, for one-warp programs (``ROUTED_WARPS``), chosen by register count
-    (ptxas for sm_90, no spills) and weight bytes in flight, not yet by a GPU sweep (the four-warp
-    per-slot kernels' sweep winners were block_n 4 x block_k 512 and block_h 4 x block_i 1024
-    at T = 1). Gate/up: a [4, 256] tile of gate rows and one of up rows per step, two steps in
-    flight with ``PREFETCH`` (8 KB a program; ~180 registers a thread, so ~11 programs an SM:
-    T = 1's 1536 programs in about one wave). Down: every slot's expert at once, [k, 2, 128]
-    per step (4 KB at k = 8, 8 KB in flight; ~200 registers). From T = 16 taller gate/up row
-    blocks over shorter H steps (x is then re-read less often per weight byte)."""
+    """Tiles by token count. One warp a program: the measured configuration (H200, bench_moe.py,
+    2026-12-01: 34.4 us at T = 1; the previous four-warp kernels measured 37.1 us in an earlier run,
+    not the same call; ``--sweep`` times 1 against 4 warps at these tiles). The tiles are chosen by
+    register count (ptxas for sm_90, no spills) and weight bytes in flight, not yet by a GPU sweep
+    (the four-warp per-slot kernels' sweep winners were block_n 4 x block_k 512 and block_h 4 x
+    block_i 1024 at T = 1). Gate/up: a [4, 256] tile of gate rows and one of up rows per step, two
+    steps in flight with ``PREFETCH`` (8 KB a program; ~180 registers a thread, so ~11 programs an
+    SM: T = 1's 1536 programs in about one wave). Down: every slot's expert at once, [k, 2, 128] per
+    step (4 KB at k = 8, 8 KB in flight; ~200 registers). From T = 16 taller gate/up row blocks over
+    shorter H steps (x is then re-read less often per weight byte)."""
     tiles = {"block_n": 4, "block_k": 256, "block_h": 2, "block_i": 128, "num_warps": 1}
     if num_tokens >= 16:
         tiles.update(block_n=8, block_k=128)
@@ -495,9 +373,8 @@ def fused_moe_small(
     Tiles (powers of two, capped to the problem): ``block_n`` gate/up rows x ``block_k`` hidden
     columns per step of kernel 1, ``block_h`` output rows x ``block_i`` columns (of each of the
     k slots' experts) per step of kernel 2; each one left None comes from ``default_tiles(T)``.
-    With the default tiles (and any tiles with ``num_warps=1``) the result is bitwise
-    ``fused_moe_routed``'s for the same routing. ValueError names an argument whose shape does
-    not fit. On CPU tensors the kernels need Triton's interpreter (TRITON_INTERPRET=1).
+    ValueError names an argument whose shape does not fit. On CPU tensors the kernels need
+    Triton's interpreter (TRITON_INTERPRET=1).
     """
     what = "fused_moe_small"
     _check_runnable(what, x)
@@ -542,96 +419,11 @@ def fused_moe_small(
     return out
 
 
-def fused_moe_routed(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    router_logits: torch.Tensor,
-    top_k: int,
-    renormalize: bool,
-    *,
-    block_n: int | None = None,
-    block_k: int | None = None,
-    block_h: int | None = None,
-    block_i: int | None = None,
-    prefetch_k: bool | None = None,
-    prefetch_i: bool | None = None,
-) -> torch.Tensor:
-    """The whole MoE after the router GEMV, in two launches and no routing kernel: bitwise
-    ``fused_moe_small(x, w13, w2, ids, weights)`` (same tiles) with ``weights, ids =
-    fused.moe_route(router_logits, top_k, renormalize, out_dtype=x.dtype)`` (its Triton
-    kernel), each expert kernel routing its tokens from their logits rows with moe_route's
-    code. ``router_logits`` [T, E]: float32 / bf16 / fp16, E <= ``MAX_ROUTED_EXPERTS``;
-    ``top_k`` in [1, E]. Returns [T, H] in x's dtype.
-
-    ``x``, ``w13``, ``w2`` and the tiles as for ``fused_moe_small``; the programs always have
-    ``ROUTED_WARPS`` warps. ``prefetch_k`` / ``prefetch_i``: whether the gate/up kernel's H loop
-    / the down kernel's I loop issue the next tile's loads before the current tile's products
-    (default ``PREFETCH``, which fused_moe_small uses; the same result either way). ValueError
-    names an argument that does not fit. On CPU tensors the kernels need Triton's interpreter
-    (TRITON_INTERPRET=1).
-    """
-    what = "fused_moe_routed"
-    _check_runnable(what, x)
-    t, hidden, num_experts, inter = _check_shapes(what, x, w13, w2)
-    if router_logits.shape != (t, num_experts):
-        raise ValueError(
-            f"{what}: router_logits must be [T, E] = {(t, num_experts)} (from x and w13), "
-            f"got {tuple(router_logits.shape)}"
-        )
-    if router_logits.dtype not in fused._FLOAT_DTYPES:
-        raise ValueError(
-            f"{what}: router_logits must be float32, bf16 or fp16, got {router_logits.dtype}"
-        )
-    if num_experts > MAX_ROUTED_EXPERTS:
-        raise ValueError(
-            f"{what}: router_logits has {num_experts} experts, more than MAX_ROUTED_EXPERTS "
-            f"({MAX_ROUTED_EXPERTS})"
-        )
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"{what}: top_k must be an int in [1, E = {num_experts}], got {top_k!r}")
-    out = torch.empty(t, hidden, dtype=x.dtype, device=x.device)
-    if t == 0:
-        return out
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
-    h = torch.empty(t * top_k, inter, dtype=x.dtype, device=x.device)
-    tiles = dict(
-        block_n=block_n, block_k=block_k, block_h=block_h, block_i=block_i, num_warps=ROUTED_WARPS
-    )
-    gate_up_grid, down_grid, blocks = _launch_shape(x, top_k, inter, tiles)
-    common = dict(
-        HIDDEN=hidden, INTER=inter, TOPK=top_k, BLOCK_E=triton.next_power_of_2(num_experts),
-        BLOCK_S=triton.next_power_of_2(top_k), INTERPRET=fused.INTERPRETED,
-        num_warps=ROUTED_WARPS, **fused._EXACT, **fused.pdl_options(x.device),
-    )  # fmt: skip
-    _gate_up_routed_kernel[gate_up_grid](
-        x, w13, w13[:, inter:], logits, h,
-        x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0), logits.stride(0),
-        num_experts, BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
-        PREFETCH_K=bool(PREFETCH) if prefetch_k is None else bool(prefetch_k), **common,
-    )  # fmt: skip
-    _down_routed_kernel[down_grid](
-        h, w2, logits, out,
-        h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0), logits.stride(0),
-        num_experts, RENORMALIZE=bool(renormalize), BLOCK_H=blocks["BLOCK_H"],
-        BLOCK_I=blocks["BLOCK_I"],
-        PREFETCH_I=bool(PREFETCH) if prefetch_i is None else bool(prefetch_i), **common,
-    )  # fmt: skip
-    return out
-
-
 __all__ = [
     "ENABLED",
     "MAX_PAIRS",
-    "MAX_ROUTED_EXPERTS",
-    "ROUTED_WARPS",
-    "ROUTE_ENABLED",
     "default_tiles",
     "fused_moe_ref",
-    "fused_moe_routed",
     "fused_moe_small",
     "use_fused",
-    "use_routed",
 ]
