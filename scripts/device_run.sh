@@ -60,11 +60,11 @@ step dattn "${T_DATTN:-120}" python3 benchmarks/bench_attention.py --mode decode
   --batch-sizes ${DBS:-1 32} --page-sizes 64 --sweep --check --rep 30
 step gemv "${T_GEMV:-200}" python3 benchmarks/bench_gemv.py --check ${GEMV_ARGS:---sweep}
 # A/B of the decode fusions at kernel level: host cost of a step copy, the norm in the GEMV
-# prologue, routing inside the expert kernels, decode attention's in-stage-1 merge / prefetch.
+# prologue, the MoE layer, decode attention with and without its prefetch.
 step kbench "${T_KBENCH:-200}" bash -c "python3 scripts/probe_h2d.py && \
   python3 benchmarks/bench_gemv.py --norm && \
   python3 benchmarks/bench_moe.py ${MOE_ARGS:---check --tokens 1 4 16} && \
   python3 benchmarks/bench_attention.py --mode decode --batch-sizes ${DBS:-1 32 128} \
-  --page-sizes 64 --decode-merge both --decode-prefetch both --check --rep 30"
+  --page-sizes 64 --decode-prefetch both --check --rep 30"
 step ktests "${T_KTESTS:-100}" python3 -m pytest -q -p no:cacheprovider \
   ${KTESTS:-tests/test_fused_kernels.py tests/test_fused_moe.py tests/test_faults.py}
