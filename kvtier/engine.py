@@ -62,7 +62,7 @@ def build_scheduler(args: ServerArgs) -> Scheduler:
     scheduler process)."""
     from kvtier.runner.model_runner import ModelRunner
 
-    resolved = resolve_model(args.model_path)
+    resolved = resolve_model(args.model_path, args.model_overrides())
     tokenizer = build_tokenizer(args, resolved)
     return Scheduler(args, ModelRunner(args, resolved), tokenizer)
 

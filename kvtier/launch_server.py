@@ -115,7 +115,7 @@ def serve(args: ServerArgs) -> int:
     signal.signal(signal.SIGTERM, _raise_terminated)
     _check_port(args.host, args.port)
     try:
-        resolved = resolve_model(args.model_path)
+        resolved = resolve_model(args.model_path, args.model_overrides())
     except Exception as e:
         logger.error("%s", e)
         return 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,12 @@ class ServerArgs:
     )
     device: str | None = _opt(None, "cuda or cpu (default: cuda when available)", choices=DEVICES)
     context_length: int | None = _opt(None, "max tokens per request (default: the model's)")
+    json_model_override_args: str | None = _opt(
+        None,
+        "a JSON object whose keys replace the model config's, e.g. YaRN for Qwen3 past 32K: "
+        '\'{"rope_scaling": {"rope_type": "yarn", "factor": 4.0, '
+        '"original_max_position_embeddings": 32768}}\' with --context-length 131072',
+    )
     skip_tokenizer_init: bool = _opt(False, "take and return token ids only")
     random_seed: int = _opt(0, "seed of dummy weights and of sampling without a request seed")
     served_model_name: str | None = _opt(None, "model name reported by the API")
@@ -135,6 +142,20 @@ class ServerArgs:
         self._resolve_defaults()
         self._validate()
 
+    def model_overrides(self) -> dict[str, Any] | None:
+        """``--json-model-override-args`` parsed (None when not given)."""
+        if self.json_model_override_args is None:
+            return None
+        try:
+            value = json.loads(self.json_model_override_args)
+        except json.JSONDecodeError as e:
+            raise ServerArgsError(f"--json-model-override-args is not valid JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise ServerArgsError(
+                f"--json-model-override-args must be a JSON object; got {type(value).__name__}"
+            )
+        return value
+
     # ------------------------------------------------------------------ resolution
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -196,6 +217,7 @@ class ServerArgs:
 
         if not self.model_path:
             raise ServerArgsError("--model-path must not be empty")
+        self.model_overrides()  # raises on a bad --json-model-override-args
         positive("page_size")
         positive("max_running_requests")
         positive("max_queued_requests")

@@ -2,6 +2,8 @@
 retraction, stopping, sampling, streaming and bad input; greedy output never depends on how the
 KV was obtained."""
 
+import json
+import math
 import random
 
 import pytest
@@ -302,6 +304,28 @@ def test_bad_engine_arguments_name_the_flag():
         make(mem_fraction_static=1.5)
     with pytest.raises(ServerArgsError, match="--hicache-write-policy must be one of"):
         make(enable_hierarchical_cache=True, hicache_write_policy="sometimes")
+
+
+def test_json_model_override_args():
+    with pytest.raises(ServerArgsError, match="--json-model-override-args is not valid JSON"):
+        make(json_model_override_args="{rope_scaling: yarn}")
+    with pytest.raises(ServerArgsError, match="must be a JSON object; got list"):
+        make(json_model_override_args="[1]")
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    args = json.dumps({"rope_scaling": yarn})
+    with make(json_model_override_args=args, context_length=300) as e:
+        runner = e.scheduler.runner
+        scaling = runner.model_config.rope_scaling
+        assert (scaling.rope_type, scaling.factor) == ("yarn", 4.0)
+        assert scaling.original_max_position_embeddings == 64
+        layer = runner.model.decoder_layers[0].self_attn
+        assert layer.scale == pytest.approx(layer.head_dim**-0.5 * (0.1 * math.log(4) + 1) ** 2)
+        # Past the original 64 positions: served, and the same tokens batched or alone.
+        p = prompts(2, 200, seed=23)
+        together = [o["output_ids"] for o in e.generate(input_ids=p, sampling_params=GREEDY)]
+        alone = [e.generate(input_ids=q, sampling_params=GREEDY)["output_ids"] for q in p]
+        assert together == alone
+        e.check_integrity()
 
 
 def test_flush_refused_while_busy_then_clears(engine):

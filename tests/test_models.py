@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,19 @@ def _build_hf(kind: str) -> torch.nn.Module:
             num_hidden_layers=2, rope_parameters=rope, max_position_embeddings=256, **TINY
         )
         return t.LlamaForCausalLM(cfg)
+    if kind == "qwen3_yarn":
+        rope = {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            # Small, so that the ramp between interpolated and kept frequencies spans several
+            # of the 8 frequency pairs.
+            "original_max_position_embeddings": 16,
+        }
+        cfg = t.Qwen3Config(
+            num_hidden_layers=2, rope_parameters=rope, max_position_embeddings=64, **TINY
+        )
+        return t.Qwen3ForCausalLM(cfg)
     if kind == "llama_tied":
         return t.LlamaForCausalLM(
             t.LlamaConfig(num_hidden_layers=2, tie_word_embeddings=True, **TINY)
@@ -99,7 +113,7 @@ def _build_hf(kind: str) -> torch.nn.Module:
     raise AssertionError(kind)
 
 
-CASES = ["qwen3", "qwen3_sharded", "qwen3_moe", "llama_rope_scaled", "llama_tied"]
+CASES = ["qwen3", "qwen3_sharded", "qwen3_moe", "llama_rope_scaled", "qwen3_yarn", "llama_tied"]
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +331,38 @@ def test_router_norm_in_gemv_matches_separate_kernels_on_cuda(rows: int, monkeyp
     assert _rel_err(fused[2].float(), separate[2].float()) < 0.01
 
 
+def test_yarn_rope_frequencies_and_attention_factor_match_hf(hf_cases: dict[str, HFCase]):
+    hf_config = hf_cases["qwen3_yarn"].hf.config
+    ref, factor = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
+    config = ModelConfig.from_hf_dict(hf_config.to_dict())
+    assert config.rope_scaling is not None and config.rope_scaling.rope_type == "yarn"
+    ours = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+    torch.testing.assert_close(ours, ref.float(), rtol=0, atol=0)
+    # Interpolated, ramped and kept pairs all occur in this config.
+    plain = rope_inv_freq(config.head_dim, config.rope_theta, None)
+    assert (ours == plain).any() and (ours == plain / 4).any() and (ours < plain).sum() > 1
+    assert config.rope_scaling.attention_scale() == pytest.approx(factor * factor)
+    assert factor == pytest.approx(0.1 * math.log(4.0) + 1.0)
+
+
+def test_model_overrides_merge_into_the_config(tmp_path: Path):
+    # Qwen's documented way to serve Qwen3-8B past 32K positions, on the bundled config (which
+    # has rope_scaling null), and on a transformers 5 config that keeps RoPE in
+    # rope_parameters (the override must land there, rope_theta kept).
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    config = resolve_model("Qwen/Qwen3-8B", {"rope_scaling": yarn}).config
+    assert config.rope_scaling is not None and config.rope_scaling.rope_type == "yarn"
+    assert config.rope_scaling.original_max_position_embeddings == 32768
+    assert config.rope_theta == 1e6 and resolve_model("Qwen/Qwen3-8B").config.rope_scaling is None
+    raw = json.loads((BUNDLED_CONFIG_DIR / "Qwen--Qwen3-8B.json").read_text())
+    raw.pop("rope_scaling")
+    raw["rope_parameters"] = {"rope_theta": raw.pop("rope_theta"), "rope_type": "default"}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    v5 = resolve_model(str(tmp_path), {"rope_scaling": yarn, "max_position_embeddings": 131072})
+    assert v5.config.rope_scaling == config.rope_scaling
+    assert v5.config.rope_theta == 1e6 and v5.config.max_position_embeddings == 131072
+
+
 def test_llama3_rope_frequencies_match_hf(hf_cases: dict[str, HFCase]):
     hf_config = hf_cases["llama_rope_scaled"].hf.config
     ref, _ = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
@@ -499,7 +545,11 @@ def test_transformers4_and_5_config_spellings_agree():
         ({"attention_bias": True}, NotImplementedError, "attention_bias=true"),
         ({"mlp_bias": True}, NotImplementedError, "mlp_bias=true"),
         ({"num_key_value_heads": 3}, ModelConfigError, "must be a multiple of"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, NotImplementedError, "yarn"),
+        (
+            {"rope_scaling": {"rope_type": "longrope", "factor": 4.0}},
+            NotImplementedError,
+            "longrope",
+        ),
         ({"hidden_size": 0}, ModelConfigError, "hidden_size must be a positive integer"),
         ({"vocab_size": None}, ModelConfigError, "lacks required field 'vocab_size'"),
         ({"architectures": []}, ModelConfigError, "no 'architectures'"),
@@ -565,7 +615,7 @@ def test_builtin_model_and_tokenizer():
     assert (builtin_tokenizer_dir() / "tokenizer.json").stat().st_size < 1_000_000
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "llama_rope_scaled"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "llama_rope_scaled", "qwen3_yarn"])
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_engine_greedy_matches_hf(hf_cases: dict[str, HFCase], kind: str, page_size: int):
     """The whole engine (scheduler, batching, prefix cache; on a GPU the Triton kernels and

@@ -3,7 +3,7 @@
 Every model class takes a ModelConfig, returns float32 logits for ``batch.logits_indices`` from
 ``forward(batch)``, and loads HF-named tensors with ``load_weights``. Typical use::
 
-    resolved = resolve_model(args.model_path)
+    resolved = resolve_model(args.model_path, args.model_overrides())
     dtype = resolve_dtype(args.dtype, resolved.config, device)
     model = load_model(resolved, args.load_format, dtype, device, args.random_seed)
 """

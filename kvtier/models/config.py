@@ -11,6 +11,7 @@ scaling) is refused there, so a model is never silently built wrong.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,19 +23,47 @@ class ModelConfigError(ValueError):
     """A config.json the models cannot be built from; the message names the field."""
 
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling. ``llama3`` stretches low frequencies by ``factor`` and blends the
-    band between ``low_freq_factor`` and ``high_freq_factor``; ``linear`` divides positions."""
+    band between ``low_freq_factor`` and ``high_freq_factor``; ``linear`` divides positions;
+    ``yarn`` (YaRN, e.g. Qwen3 past its 32K positions) interpolates the frequencies that turn
+    fewer than ``beta_slow`` times over ``original_max_position_embeddings``, keeps those turning
+    more than ``beta_fast`` times, ramps between, and scales attention logits by
+    ``attention_scale()``."""
 
     rope_type: str
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    # YaRN's factor on cos / sin (None: from factor, mscale and mscale_all_dim, as HF infers it).
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def attention_scale(self) -> float:
+        """The factor q . k is multiplied by: YaRN scales cos and sin, i.e. q and k after RoPE,
+        each by its attention factor; 1 for the other types."""
+        if self.rope_type != "yarn":
+            return 1.0
+        factor = self.attention_factor
+        if factor is None:
+
+            def mscale(scale: float, m: float = 1.0) -> float:
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+            if self.mscale and self.mscale_all_dim:
+                factor = mscale(self.factor, self.mscale) / mscale(self.factor, self.mscale_all_dim)
+            else:
+                factor = mscale(self.factor)
+        return factor * factor
 
 
 @dataclass(frozen=True)
@@ -136,8 +165,11 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> ModelConfig:
-        """Build from a ``config.json`` file (or a directory holding one)."""
+    def from_json_file(
+        cls, path: str | Path, overrides: dict[str, Any] | None = None
+    ) -> ModelConfig:
+        """Build from a ``config.json`` file (or a directory holding one), with ``overrides``
+        (``--json-model-override-args``) merged over its top-level keys first."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -145,7 +177,7 @@ class ModelConfig:
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ModelConfigError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_hf_dict(cfg)
+        return cls.from_hf_dict(apply_overrides(cfg, overrides or {}))
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
@@ -293,6 +325,23 @@ def _as_id_tuple(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def apply_overrides(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with ``overrides``' top-level keys replacing its own (nested objects whole, as in
+    SGLang's --json-model-override-args). A ``rope_scaling`` override of a transformers 5
+    config, which keeps RoPE under ``rope_parameters``, goes into that object (over its keys,
+    ``rope_theta`` kept): ``rope_parameters`` would otherwise win over it."""
+    merged = {**cfg, **overrides}
+    scaling = overrides.get("rope_scaling")
+    params = cfg.get("rope_parameters")
+    if (
+        isinstance(scaling, dict)
+        and isinstance(params, dict)
+        and "rope_parameters" not in overrides
+    ):
+        merged["rope_parameters"] = {**params, **scaling}
+    return merged
+
+
 def _parse_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     # transformers 5 writes {"rope_theta", "rope_type", ...} under rope_parameters; older configs
     # have rope_theta at the top and the scaling dict (keyed "type" or "rope_type") apart.
@@ -307,9 +356,14 @@ def _parse_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     kwargs: dict[str, Any] = {"rope_type": str(rope_type)}
     if merged.get("factor") is not None:
         kwargs["factor"] = float(merged["factor"])
-    for key in ("low_freq_factor", "high_freq_factor"):
+    for key in (
+        "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor",
+        "mscale", "mscale_all_dim",
+    ):  # fmt: skip
         if merged.get(key) is not None:
             kwargs[key] = float(merged[key])
+    if merged.get("truncate") is not None:
+        kwargs["truncate"] = bool(merged["truncate"])
     if orig is not None:
         kwargs["original_max_position_embeddings"] = int(orig)
     if merged.get("partial_rotary_factor", 1.0) != 1.0:

@@ -67,6 +67,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
         return inv_freq
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
+    if scaling.rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
     # llama3: wavelengths longer than the original context / low_freq_factor are stretched by
     # `factor`; shorter than context / high_freq_factor are kept; the band between is a linear
     # blend in (context / wavelength).
@@ -76,6 +78,31 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     ratio = context / wavelen
     blend = ((ratio - low) / (high - low)).clamp(0.0, 1.0)
     return (1.0 - blend) * inv_freq / scaling.factor + blend * inv_freq
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    # Frequency pair i turns (original context) * inv_freq[i] / 2 pi times over the original
+    # context: pairs below beta_slow turns are interpolated (divided by factor), pairs above
+    # beta_fast kept, and a linear ramp over the pair index blends the two between.
+    def pair_index(turns: float) -> float:
+        context = scaling.original_max_position_embeddings
+        return head_dim * math.log(context / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(scaling.beta_fast), pair_index(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of zero width
+    ramp = (
+        (torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)
+    ).clamp(0, 1)
+    keep = 1 - ramp  # 1: the unscaled frequency, 0: the interpolated one
+    # Written as HF writes it, so the float32 values are the same.
+    pos_freqs = theta ** (
+        torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim
+    )
+    return 1.0 / (scaling.factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
 
 
 class RotaryEmbedding(nn.Module):
@@ -169,7 +196,10 @@ class DecoderAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.scale = config.head_dim**-0.5
+        # YaRN scales q and k after RoPE (cos and sin) by its attention factor: folded into the
+        # softmax scale instead (the same logits; the cache holds the unscaled k).
+        scaling = config.rope_scaling
+        self.scale = config.head_dim**-0.5 * (scaling.attention_scale() if scaling else 1.0)
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.qkv_proj = MergedLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size])
         self.o_proj = Linear(self.q_size, config.hidden_size)

@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -91,13 +92,13 @@ def _has_safetensors(d: Path) -> bool:
     return any(d.glob("*.safetensors"))
 
 
-def _from_directory(name: str, d: Path) -> ResolvedModel:
+def _from_directory(name: str, d: Path, overrides: dict[str, Any] | None) -> ResolvedModel:
     if not (d / "config.json").is_file():
         raise ModelNotFoundError(f"model directory {str(d)!r} has no config.json")
     has_tokenizer = any((d / f).is_file() for f in _TOKENIZER_FILES)
     return ResolvedModel(
         name=name,
-        config=ModelConfig.from_json_file(d / "config.json"),
+        config=ModelConfig.from_json_file(d / "config.json", overrides),
         checkpoint_dir=d if _has_safetensors(d) else None,
         tokenizer_dir=d if has_tokenizer else None,
     )
@@ -118,28 +119,29 @@ def _hf_cache_snapshot(repo_id: str) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def resolve_model(model_path: str) -> ResolvedModel:
-    """Find the config, weights and tokenizer of ``model_path`` (see module docstring)."""
+def resolve_model(model_path: str, overrides: dict[str, Any] | None = None) -> ResolvedModel:
+    """Find the config, weights and tokenizer of ``model_path`` (see module docstring);
+    ``overrides`` (``--json-model-override-args``) replace top-level keys of its config.json."""
     if is_builtin(model_path):
         d = builtin_dir(model_path)
         return ResolvedModel(
             name=model_path,
-            config=ModelConfig.from_json_file(d / "config.json"),
+            config=ModelConfig.from_json_file(d / "config.json", overrides),
             checkpoint_dir=None,
             tokenizer_dir=d,
             source="builtin",
         )
     path = Path(model_path).expanduser()
     if path.is_dir():
-        return _from_directory(model_path, path)
+        return _from_directory(model_path, path, overrides)
     snapshot = _hf_cache_snapshot(model_path)
     if snapshot is not None:
-        return _from_directory(model_path, snapshot)
+        return _from_directory(model_path, snapshot, overrides)
     bundled = _bundled_file(model_path)
     if model_path in bundled_model_names():
         return ResolvedModel(
             name=model_path,
-            config=ModelConfig.from_json_file(bundled),
+            config=ModelConfig.from_json_file(bundled, overrides),
             checkpoint_dir=None,
             tokenizer_dir=None,
             source="bundled",
