@@ -14,11 +14,13 @@ def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``host`` (a small CPU tensor) on ``device`` without the host waiting for the device: the
     copy is queued on the current stream behind a step still running (overlap scheduling).
 
-    A plain non-blocking copy from pageable memory: the driver stages the bytes and returns
-    without synchronising with the device (cudaMemcpyAsync's documented behaviour for pageable
-    host-to-device copies), and it was the cheapest of three ways on an H200 with the stream
-    busy (scripts/probe_h2d.py, 2026-12-01: 10.4 us a call, against 24.3 through a
-    ``torch.empty(pin_memory=True)`` staging copy and 28.2 through ``Tensor.pin_memory()``)."""
+    A plain non-blocking copy from pageable memory: the driver copies the bytes into its own
+    staging memory before returning (so ``host`` may be freed at once) and queues the transfer.
+    On an H200 it did not wait for a busy stream and was the cheapest of three ways
+    (scripts/probe_h2d.py, 2026-12-01, 512 bytes: 10.4 us a call, against 24.3 through a
+    ``torch.empty(pin_memory=True)`` staging copy and 28.2 through ``Tensor.pin_memory()``).
+    CUDA allows the driver to wait for the stream before a pageable copy; that would cost the
+    overlap, never correctness (the copy stays ordered on the stream)."""
     return host.to(device, non_blocking=True)
 
 
