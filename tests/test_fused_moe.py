@@ -165,16 +165,6 @@ def test_bad_shapes_raise_naming_the_argument():
             fused_moe_small(*args)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="patches a global the interpreter reads")
-def test_prefetch_off_is_bitwise_equal(monkeypatch):
-    # The prefetching loops add the same products in the same order as the plain ones (the
-    # kernels prefetch, PREFETCH; the plain loops stay for comparison).
-    x, w13, w2, ids, weights = _inputs(2, 3, 40, 24, torch.bfloat16, seed=9)
-    prefetched = fused_moe_small(x, w13, w2, ids, weights, **SMALL_TILES)
-    monkeypatch.setattr(fused_moe, "PREFETCH", fused_moe.tl.constexpr(False))
-    assert torch.equal(fused_moe_small(x, w13, w2, ids, weights, **SMALL_TILES), prefetched)
-
-
 # ---------------------------------------------------------------------------- compiled code
 _COMPILE_CHECK = textwrap.dedent(
     """

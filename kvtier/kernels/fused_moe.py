@@ -10,7 +10,7 @@ while the 8 experts' weights (75 MB) take ~20 us to read at HBM rate. Here:
    pair), forms the two dot products with the token's ``x`` row in float32 and writes
    ``h = silu(gate) * up`` [T * k, I]. Pairs are the fast grid axis, so the pairs of one row
    block run together and pairs that share an expert read the same slab at about the same time
-   (L2 hits rather than a second HBM read). The H loop prefetches by hand (``PREFETCH``): the
+   (L2 hits rather than a second HBM read). The H loop prefetches by hand: the
    next step's tiles are loaded before this step's products, two steps in flight.
 2. ``_down_kernel``, grid (T, cdiv(H, BLOCK_H)): each program takes all k slots of its token at
    once, [k, BLOCK_H, BLOCK_I] tiles (slot j's rows of ``w2[e_tj]``), forms
@@ -125,10 +125,6 @@ if triton is not None:
     _round = fused._round
     _exp = fused._exp
     _pdl_wait = fused.pdl_wait
-    # Whether fused_moe_small's kernels prefetch: one value, read by the kernels at compile
-    # time.
-    PREFETCH = tl.constexpr(True)
-
     @triton.constexpr_function
     def _pow2(n):
         return triton.next_power_of_2(n)
@@ -145,7 +141,7 @@ if triton is not None:
         X, W_GATE, W_UP, HOUT, pair, tok, expert,
         stride_xt, stride_we, stride_wn, stride_wk, stride_ht,
         HIDDEN: tl.constexpr, INTER: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         """One (token, expert) pair's [BLOCK_N] rows of ``h = silu(x W_gate^T) * (x W_up^T)``.
         Call after the wait (x is the previous kernel's output)."""
@@ -155,36 +151,25 @@ if triton is not None:
         gate_rows = W_GATE + row_off
         up_rows = W_UP + row_off
         x_row = X + tok * stride_xt
-        # 2-D float32 accumulators, reduced once after the loop (one tree per output row). Both
-        # loops add the same products in the same K order: the same sums, bitwise.
+        # 2-D float32 accumulators, reduced once after the loop (one tree per output row).
         acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         cols = tl.arange(0, BLOCK_K)
-        if PREFETCH:
-            # Triton pipelines only loads that feed a tl.dot: the next K tile's loads are issued
-            # by hand before this one's products, two tiles in flight per program (as gemv's
-            # _fma_sums). The last step's "next" tile lies past HIDDEN: fully masked, no reads.
-            g_next = _tile(gate_rows, row_mask[:, None], cols[None, :], HIDDEN, stride_wk)
-            u_next = _tile(up_rows, row_mask[:, None], cols[None, :], HIDDEN, stride_wk)
-            for k0 in range(0, HIDDEN, BLOCK_K):
-                g = g_next
-                u = u_next
-                nxt = (k0 + BLOCK_K + cols)[None, :]
-                g_next = _tile(gate_rows, row_mask[:, None], nxt, HIDDEN, stride_wk)
-                u_next = _tile(up_rows, row_mask[:, None], nxt, HIDDEN, stride_wk)
-                xv = tl.load(x_row + k0 + cols, mask=k0 + cols < HIDDEN,
-                             other=0.0).to(tl.float32)[None, :]
-                acc_g += g.to(tl.float32) * xv
-                acc_u += u.to(tl.float32) * xv
-        else:
-            for k0 in range(0, HIDDEN, BLOCK_K):
-                cur = (k0 + cols)[None, :]
-                g = _tile(gate_rows, row_mask[:, None], cur, HIDDEN, stride_wk)
-                u = _tile(up_rows, row_mask[:, None], cur, HIDDEN, stride_wk)
-                xv = tl.load(x_row + k0 + cols, mask=k0 + cols < HIDDEN,
-                             other=0.0).to(tl.float32)[None, :]
-                acc_g += g.to(tl.float32) * xv
-                acc_u += u.to(tl.float32) * xv
+        # Triton pipelines only loads that feed a tl.dot: the next K tile's loads are issued
+        # by hand before this one's products, two tiles in flight per program (as gemv's
+        # _fma_sums). The last step's "next" tile lies past HIDDEN: fully masked, no reads.
+        g_next = _tile(gate_rows, row_mask[:, None], cols[None, :], HIDDEN, stride_wk)
+        u_next = _tile(up_rows, row_mask[:, None], cols[None, :], HIDDEN, stride_wk)
+        for k0 in range(0, HIDDEN, BLOCK_K):
+            g = g_next
+            u = u_next
+            nxt = (k0 + BLOCK_K + cols)[None, :]
+            g_next = _tile(gate_rows, row_mask[:, None], nxt, HIDDEN, stride_wk)
+            u_next = _tile(up_rows, row_mask[:, None], nxt, HIDDEN, stride_wk)
+            xv = tl.load(x_row + k0 + cols, mask=k0 + cols < HIDDEN,
+                         other=0.0).to(tl.float32)[None, :]
+            acc_g += g.to(tl.float32) * xv
+            acc_u += u.to(tl.float32) * xv
         dtype = HOUT.dtype.element_ty
         # The first GEMM's output dtype, then F.silu (float32, rounded) and the rounded product.
         gate = _round(tl.sum(acc_g, axis=1), dtype, INTERPRET).to(tl.float32)
@@ -207,7 +192,7 @@ if triton is not None:
         expert = tl.load(IDS + pair).to(tl.int64)
         _gate_up_pair(X, W_GATE, W_UP, HOUT, pair, pair // TOPK, expert,
                       stride_xt, stride_we, stride_wn, stride_wk, stride_ht,
-                      HIDDEN, INTER, BLOCK_N, BLOCK_K, PREFETCH, INTERPRET)
+                      HIDDEN, INTER, BLOCK_N, BLOCK_K, INTERPRET)
 
     @triton.jit
     def _down_token(
@@ -215,7 +200,7 @@ if triton is not None:
         stride_ht, stride_we, stride_wn, stride_wk, stride_ot,
         HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_S: tl.constexpr,
-        PREFETCH: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
+        INTERPRET: tl.constexpr, PDL: tl.constexpr,
     ):
         """[BLOCK_H] output rows of token ``tok``: ``sum_j weights[j] * (h[tok, j] @ W2[ids[j],
         rows].T)``, all TOPK slots at once ([BLOCK_S, BLOCK_H, BLOCK_I] tiles, one expert per
@@ -235,23 +220,15 @@ if triton is not None:
         # Before the wait: the first I tile of all TOPK experts (weights only).
         w_next = _tile(w_rows, mask, cols, INTER, stride_wk)
         _pdl_wait(PDL)
-        # One float32 accumulator per (slot, row, column), reduced over I once after the loop;
-        # both loops add the same products in the same I order: the same sums, bitwise.
+        # One float32 accumulator per (slot, row, column), reduced over I once after the loop.
         acc = tl.zeros([BLOCK_S, BLOCK_H, BLOCK_I], dtype=tl.float32)
-        if PREFETCH:
-            # The next I tile's loads before this one's products (two tiles a slot in flight);
-            # the last step's "next" tile lies past INTER: fully masked, no reads.
-            for i0 in range(0, INTER, BLOCK_I):
-                w = w_next
-                w_next = _tile(w_rows, mask, i0 + BLOCK_I + cols, INTER, stride_wk)
-                hv = _tile(h_rows, mask, i0 + cols, INTER, 1)
-                acc += w.to(tl.float32) * hv.to(tl.float32)
-        else:
-            acc += w_next.to(tl.float32) * _tile(h_rows, mask, cols, INTER, 1).to(tl.float32)
-            for i0 in range(BLOCK_I, INTER, BLOCK_I):
-                w = _tile(w_rows, mask, i0 + cols, INTER, stride_wk)
-                hv = _tile(h_rows, mask, i0 + cols, INTER, 1)
-                acc += w.to(tl.float32) * hv.to(tl.float32)
+        # The next I tile's loads before this one's products (two tiles a slot in flight);
+        # the last step's "next" tile lies past INTER: fully masked, no reads.
+        for i0 in range(0, INTER, BLOCK_I):
+            w = w_next
+            w_next = _tile(w_rows, mask, i0 + BLOCK_I + cols, INTER, stride_wk)
+            hv = _tile(h_rows, mask, i0 + cols, INTER, 1)
+            acc += w.to(tl.float32) * hv.to(tl.float32)
         dtype = OUT.dtype.element_ty
         # The second GEMM's output dtype; the combine then accumulates in float32 in slot order
         # (bmm). Slot j's row is picked by a sum over the slot axis whose other terms are 0:
@@ -281,7 +258,7 @@ if triton is not None:
         weights = tl.load(TW + tok * TOPK + slots, mask=s_mask, other=0.0).to(tl.float32)
         _down_token(HIN, W2, OUT, tok, ids, weights,
                     stride_ht, stride_we, stride_wn, stride_wk, stride_ot,
-                    HIDDEN, INTER, TOPK, BLOCK_H, BLOCK_I, BLOCK_S, PREFETCH, INTERPRET, PDL)
+                    HIDDEN, INTER, TOPK, BLOCK_H, BLOCK_I, BLOCK_S, INTERPRET, PDL)
 # fmt: on
 
 
@@ -296,7 +273,7 @@ def default_tiles(num_tokens: int) -> dict[str, int]:
     register count (ptxas for sm_90, no spills) and weight bytes in flight, not yet by a GPU sweep
     (the four-warp per-slot kernels' sweep winners were block_n 4 x block_k 512 and block_h 4 x
     block_i 1024 at T = 1). Gate/up: a [4, 256] tile of gate rows and one of up rows per step, two
-    steps in flight with ``PREFETCH`` (8 KB a program; ~180 registers a thread, so ~11 programs an
+    steps in flight (8 KB a program; ~180 registers a thread, so ~11 programs an
     SM: T = 1's 1536 programs in about one wave). Down: every slot's expert at once, [k, 2, 128] per
     step (4 KB at k = 8, 8 KB in flight; ~200 registers). From T = 16 taller gate/up row blocks over
     shorter H steps (x is then re-read less often per weight byte)."""
