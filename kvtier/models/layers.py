@@ -154,9 +154,10 @@ def normed_linear(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A pre-norm projection: ``(linear(h_n, weight), h, h_n if want_normed else None)`` with
     ``h = x + residual`` (rounded to x's dtype; ``x`` itself when ``residual`` is None) and
-    ``h_n = norm(h)``. For decode-sized inputs the norm runs in the skinny GEMM's prologue (one
-    kernel instead of two; ``gemv.NormPrologue``), unless ``KVTIER_NORM_GEMV=0`` was set at
-    import; otherwise the norm kernel, then ``linear``. Both compute the norm with the same
+    ``h_n = norm(h)``. Where ``gemv.use_gemv_norm`` takes it (one row, a router-sized weight:
+    where it was measured faster) the norm runs in the skinny GEMM's prologue (one kernel
+    instead of two; ``gemv.NormPrologue``), unless ``KVTIER_NORM_GEMV=0`` was set at import;
+    otherwise the norm kernel, then ``linear``. Both compute the norm with the same
     float32 formula; on a GPU the sum of squares may add in another order (a last-bit
     difference)."""
     if NORM_IN_GEMV and gemv.use_gemv_norm(x, weight, norm.weight):
