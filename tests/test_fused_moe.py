@@ -114,8 +114,9 @@ def test_default_tiles():
     }  # fmt: skip
     assert fused_moe.default_tiles(4) == fused_moe.default_tiles(1)
     assert fused_moe.default_tiles(16) == {
-        "block_n": 8, "block_k": 128, "block_h": 2, "block_i": 128, "num_warps": 1
+        "block_n": 4, "block_k": 128, "block_h": 2, "block_i": 128, "num_warps": 1
     }  # fmt: skip
+    assert fused_moe.default_tiles(32) == fused_moe.default_tiles(16)
 
 
 def test_fused_experts_path_unchanged_with_switch_off(monkeypatch):

@@ -56,8 +56,9 @@ against 161.6, T = 16 265.3 against 324.5. An earlier run of the previous kernel
 down kernel that looped over the k slots; not the same call, its grouped times differ too) gave
 T = 1 37.1 against 86.8, T = 4 87.4 against 156.0, T = 16 250.5 against 339.5, T = 32 445.8 against
 438.7 (even: every pair reads its expert, so past ~16 tokens the grouped GEMMs' one read per expert
-wins). Routing inside the expert kernels (every program computing its token's top-k from the router
-logits, no routing kernel) was tried and measured slower than ``fused.moe_route`` then these two
+catches up). With the swept tiles (run 8) T = 32 takes 388.7 us against 440.9 grouped. Routing
+inside the expert kernels (every program computing its token's top-k from the router logits, no
+routing kernel) was tried and measured slower than ``fused.moe_route`` then these two
 (T = 1 39.3 against 35.8 us, T = 4 102.9 against 91.1, T = 16 291.6 against 265.1: the routing on
 each gate/up program's critical path costs more than the routing kernel's launch, which PDL hides),
 and removed.
@@ -80,8 +81,9 @@ tl = fused.tl
 ENABLED: bool = triton is not None and os.environ.get("KVTIER_FUSED_MOE", "1") != "0"
 # Largest T * k that takes the fused path. Each pair reads its expert's weights, so once T * k
 # is large the grouped GEMMs' one read per distinct expert wins; benchmarks/bench_moe.py times
-# both sides of this limit (T = 16 at k = 8 is 128 pairs).
-MAX_PAIRS = 128
+# both sides of this limit. T = 32 at k = 8 (256 pairs): 388.7 us fused against 440.9 grouped
+# (H200, run 8).
+MAX_PAIRS = 256
 
 
 def use_fused(x: torch.Tensor, num_pairs: int) -> bool:
@@ -267,19 +269,19 @@ def _block(n: int, cap: int) -> int:
 
 
 def default_tiles(num_tokens: int) -> dict[str, int]:
-    """Tiles by token count. One warp a program: the measured configuration (H200, bench_moe.py,
-    2026-12-01: 34.4 us at T = 1; the previous four-warp kernels measured 37.1 us in an earlier run,
-    not the same call; ``--sweep`` times 1 against 4 warps at these tiles). The tiles are chosen by
-    register count (ptxas for sm_90, no spills) and weight bytes in flight, not yet by a GPU sweep
-    (the four-warp per-slot kernels' sweep winners were block_n 4 x block_k 512 and block_h 4 x
-    block_i 1024 at T = 1). Gate/up: a [4, 256] tile of gate rows and one of up rows per step, two
-    steps in flight (8 KB a program; ~180 registers a thread, so ~11 programs an
-    SM: T = 1's 1536 programs in about one wave). Down: every slot's expert at once, [k, 2, 128] per
-    step (4 KB at k = 8, 8 KB in flight; ~200 registers). From T = 16 taller gate/up row blocks over
-    shorter H steps (x is then re-read less often per weight byte)."""
+    """Tiles by token count, one warp a program. Chosen by a GPU sweep (H200, ``bench_moe.py
+    --sweep``, 2026-12-01, run 8 in docs/benchmarks.md; graph replays of both kernels, one at
+    its swept tiles, the other at these): gate/up [4, 256] tiles of gate rows and of up rows,
+    two steps in flight (T = 1: 34.4 us; [2, 256] and [2, 512] tied at 34.3, [8, 128] 39.2);
+    down every slot's expert at once, [k, 2, 128] a step (T = 1: [k, 1, 128] 33.4 us, within a
+    microsecond of it at every T, not taken). From T = 16 the gate/up tile is [4, 128]:
+    T = 16 233.9 us against 243.2 for [4, 256] and 271.5 for [8, 128] (the previous choice,
+    which at four warps measured 243.7); T = 32 388.7 against 413.6 and 465.7 (four warps:
+    421.0). Register counts (ptxas for sm_90): ~180 a thread for gate/up, ~200 for down, no
+    spills."""
     tiles = {"block_n": 4, "block_k": 256, "block_h": 2, "block_i": 128, "num_warps": 1}
     if num_tokens >= 16:
-        tiles.update(block_n=8, block_k=128)
+        tiles.update(block_k=128)
     return tiles
 
 
