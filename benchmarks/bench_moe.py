@@ -1,5 +1,6 @@
 """Benchmark one MoE layer's experts at decode sizes (GPU only): FusedExperts' grouped-GEMM path
-against the fused small-batch kernels (kvtier/kernels/fused_moe.py).
+against the fused small-batch kernels (kvtier/kernels/fused_moe.py) and the expert-major kernels
+(kvtier/kernels/grouped_moe.py).
 
 Qwen3-30B-A3B geometry by default (128 experts, top-8, hidden 2048, expert intermediate 768, bf16),
 T = 1, 4, 16 tokens with random top-k routing (distinct experts per token). For each T: the median
@@ -17,7 +18,9 @@ come from HBM as they do when a decode step walks 48 layers.
 replays of fused_moe_small, the gate/up kernel's tiles (block_n x block_k) with the down kernel
 at its defaults, then the down kernel's (block_h x block_i) with the gate/up kernel at its
 defaults (the two kernels' times add up, so each is tuned on its own), all in one-warp programs
-(the default), and num_warps 1 (the default) against 4 at the default tiles.
+(the default), and num_warps 1 (the default) against 4 at the default tiles. --sweep-grouped
+times the expert-major kernels' tiles the same way (gate/up tiles with the down kernel at its
+defaults, then the down tiles), at each T of --tokens.
 
     python benchmarks/bench_moe.py                    # the table
     python benchmarks/bench_moe.py --check --sweep    # also compare outputs and time other tiles
@@ -50,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rep", type=int, default=200, help="do_bench repetition time, ms")
     p.add_argument("--check", action="store_true", help="compare fused against grouped outputs")
     p.add_argument("--sweep", action="store_true", help="also time alternative tiles and options")
+    p.add_argument(
+        "--sweep-grouped", action="store_true", help="also time the expert-major kernels' tiles"
+    )
     p.add_argument("--output", type=Path, default=None, help="write the rows as JSON here")
     return p.parse_args(argv)
 
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     # Run from a checkout without installing: make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kvtier.kernels.fused_moe import default_tiles, fused_moe_small
+    from kvtier.kernels.grouped_moe import grouped_moe
     from kvtier.models.layers import FusedExperts
 
     e, k, hdim, inter = args.num_experts, args.top_k, args.hidden, args.inter
@@ -149,12 +156,16 @@ def main(argv: list[str] | None = None) -> None:
         def fused(x=x, ids=ids, weights=weights, **tiles):
             return fused_moe_small(x, w13, w2, ids, weights, **tiles)
 
+        def expert_major(x=x, ids=ids, weights=weights, **tiles):
+            return grouped_moe(x, w13, w2, ids, weights, **tiles)
+
         with torch.no_grad():
             times = {
                 "grouped": bench(grouped, args.rep),
                 "grouped_graph": bench(as_graph(grouped), args.rep),
                 "fused": bench(fused, args.rep),
                 "fused_graph": bench(as_graph(fused), args.rep),
+                "major_graph": bench(as_graph(expert_major), args.rep),
             }
             row: dict[str, Any] = {
                 "tokens": t,
@@ -169,11 +180,17 @@ def main(argv: list[str] | None = None) -> None:
                 row[f"{name}_of_hbm"] = row[f"{name}_gbps"] / hbm
             row["speedup_graph"] = times["grouped_graph"] / times["fused_graph"]
             if args.check:
-                err = ulps(fused(), grouped())
+                reference = grouped()
+                err = ulps(fused(), reference)
                 row["max_ulps"] = err.max().item()
                 row["frac_gt_1ulp"] = (err > 1).float().mean().item()
+                err = ulps(expert_major(), reference)
+                row["major_max_ulps"] = err.max().item()
+                row["major_frac_gt_1ulp"] = (err > 1).float().mean().item()
             if args.sweep:
                 sweeps += sweep(t, fused, args.rep, default_tiles(t))
+            if args.sweep_grouped:
+                sweeps += sweep_grouped(t, expert_major, args.rep)
         rows.append(row)
         print(f"T={t}: {distinct} distinct experts of {t * k} pairs", file=sys.stderr)
 
@@ -211,6 +228,33 @@ def sweep(
     return out
 
 
+# The expert-major kernels' tiles the sweep times: (block_m, block_n, block_k) of gate/up and
+# (block_m, block_h, block_i) of down, each at 3 and 4 pipeline stages, four warps.
+GROUPED_GATE_UP = ((16, 32, 128), (16, 64, 64), (16, 64, 128), (16, 64, 256), (16, 128, 64),
+                   (16, 128, 128), (32, 64, 128))  # fmt: skip
+GROUPED_DOWN = ((16, 32, 128), (16, 64, 64), (16, 64, 128), (16, 64, 256), (16, 128, 64),
+                (16, 128, 128), (32, 64, 128))  # fmt: skip
+
+
+def sweep_grouped(t: int, fn: Callable[..., object], rep: int) -> list[dict[str, Any]]:
+    """grouped_moe's tiles, each kernel's on its own (the other at its defaults), fastest
+    first; graph replays. block_m applies to both kernels, so its rows time both at it."""
+    out: list[dict[str, Any]] = []
+    for kernel, keys, tiles in (
+        ("major_gate_up", ("block_m", "block_n", "block_k"), GROUPED_GATE_UP),
+        ("major_down", ("block_m", "block_h", "block_i"), GROUPED_DOWN),
+    ):
+        results = []
+        for tile in tiles:
+            for stages in (3, 4):
+                opts = dict(zip(keys, tile, strict=True)) | {"num_stages": stages}
+                results.append((bench(as_graph(lambda o=opts: fn(**o)), max(20, rep // 4)), opts))
+        results.sort(key=lambda r: r[0])
+        for ms, opts in results:
+            out.append({"tokens": t, "kernel": kernel, "us": ms * 1e3, **opts, "num_warps": 4})
+    return out
+
+
 def print_report(rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], check: bool) -> None:
     columns = [
         ("tokens", "T", fmt_str),
@@ -219,23 +263,31 @@ def print_report(rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], check
         ("fused_mb", "fused MB", fmt_float(1)),
         ("grouped_graph_us", "grouped graph us", fmt_float(1)),
         ("fused_graph_us", "fused graph us", fmt_float(1)),
+        ("major_graph_us", "major graph us", fmt_float(1)),
         ("grouped_graph_gbps", "grouped GB/s", fmt_float(0)),
         ("fused_graph_gbps", "fused GB/s", fmt_float(0)),
+        ("major_graph_gbps", "major GB/s", fmt_float(0)),
         ("fused_graph_of_hbm", "fused/HBM", fmt_float(2)),
         ("speedup_graph", "speedup", fmt_float(2)),
     ]
     if check:
-        columns += [("max_ulps", "max ulps", fmt_float(1)), ("frac_gt_1ulp", ">1ulp", fmt_float(4))]
+        columns += [
+            ("max_ulps", "max ulps", fmt_float(1)),
+            ("frac_gt_1ulp", ">1ulp", fmt_float(4)),
+            ("major_max_ulps", "major max ulps", fmt_float(1)),
+            ("major_frac_gt_1ulp", "major >1ulp", fmt_float(4)),
+        ]
     print("experts only (ids and weights given):")
     print(format_table(rows, columns))
     print(
         "GB/s: the needed bytes (each distinct routed expert once) over the graph time; "
-        "'fused MB' is what the fused kernels stream (every pair reads its expert)."
+        "'fused MB' is what the fused kernels stream (every pair reads its expert); 'major': "
+        "the expert-major kernels (grouped_moe)."
     )
     if sweeps:
         print("\nsweep (graph replays of fused_moe_small; one kernel's tiles, the other at its")
-        print("defaults; 'both': the default tiles at 1 and 4 warps):")
-        keys = ("block_n", "block_k", "block_h", "block_i")
+        print("defaults; 'both': the default tiles at 1 and 4 warps; major_*: grouped_moe's):")
+        keys = ("block_m", "block_n", "block_k", "block_h", "block_i", "num_stages")
         tile_cols = [
             ("tokens", "T", fmt_str),
             ("kernel", "kernel", fmt_str),

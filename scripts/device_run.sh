@@ -12,7 +12,7 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"tests tests2 check tier_io ttft engine diag server"}
 # Also: decode (bench_engine's decode rows only), ab (decode without PDL, then without overlap scheduling), engine8b (bench_engine on
 # Qwen3-8B), profile (where prefill / decode time goes), hitprof
-# (a tier hit and a GPU hit at 1K and 64K tokens), moe, attn, dattn, gemv (kernel sweeps),
+# (a tier hit and a GPU hit at 1K and 64K tokens), moe, gmoe, attn, dattn, gemv (kernel sweeps),
 # kbench (A/B of the decode fusions), ktests (kernel tests).
 step() {  # step NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
@@ -61,6 +61,17 @@ step profile "${T_PROFILE:-240}" python3 scripts/profile_engine.py --prefill 163
 step hitprof "${T_HITPROF:-150}" bash -c "python3 scripts/profile_step.py --tokens 1024 && \
   python3 scripts/profile_step.py --tokens 65536"
 step moe "${T_MOE:-90}" python3 benchmarks/bench_moe.py --check --sweep --tokens 1 4 16 32
+# The expert-major MoE kernels (grouped_moe): CUDA tests, the layer against the other paths
+# (with --check), their tile sweep, then engine decode without and with them.
+step gmoe "${T_GMOE:-400}" bash -c "python3 -m pytest -q -p no:cacheprovider \
+  tests/test_grouped_moe.py; \
+  python3 benchmarks/bench_moe.py --check --tokens ${GMOE_TOKENS:-16 32 64 128 256} \
+  --output $OUT/moe_grouped.json; \
+  python3 benchmarks/bench_moe.py --sweep-grouped --tokens ${GMOE_SWEEP:-32 128} --rep 100; \
+  KVTIER_GROUPED_MOE=0 python3 benchmarks/bench_engine.py --prefill '' --decode-batch 64,128 \
+  --output $OUT/bench_engine_no_gmoe.json; \
+  python3 benchmarks/bench_engine.py --prefill '' --decode-batch 64,128 \
+  --output $OUT/bench_engine_gmoe.json"
 step attn "${T_ATTN:-150}" bash -c "python3 benchmarks/bench_attention.py --mode extend \
   --extend-tokens 8192 --prefix-lens 0 8192 73728 ${ATTN_ARGS:---sweep} --check --rep 50 && \
   python3 benchmarks/bench_attention.py --mode short-extend ${ATTN_ARGS:---sweep} --check --rep 50"

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from moe_utils import NUM_EXPERTS
+from moe_utils import moe_inputs as _inputs
 
 from kvtier.kernels import fused_moe
 from kvtier.kernels.fused_moe import fused_moe_ref, fused_moe_small
@@ -24,29 +26,10 @@ from kvtier.models.layers import FusedExperts
 
 pytestmark = pytest.mark.skipif(fused_moe.triton is None, reason="needs Triton")
 
-NUM_EXPERTS = 8
 # The kernels on the GPU where there is one, else in the interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Small tiles: 2-4 steps along H and I, partial last tiles.
 SMALL_TILES = {"block_n": 8, "block_k": 16, "block_h": 16, "block_i": 8}
-
-
-def _inputs(t, k, hidden, inter, dtype, seed, device="cpu", num_experts=NUM_EXPERTS, scale=0.2):
-    # Drawn on the target device: a full Qwen3-30B layer's weights are 1.2 GB in bf16.
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def randn(*shape, s=1.0):
-        return (torch.randn(shape, generator=gen, device=device) * s).to(dtype)
-
-    x = randn(t, hidden)
-    w13 = randn(num_experts, 2 * inter, hidden, s=scale)
-    w2 = randn(num_experts, hidden, inter, s=scale)
-    # Distinct experts per token (what top-k gives); tokens share experts across the batch.
-    ids = torch.stack(
-        [torch.randperm(num_experts, generator=gen, device=device)[:k] for _ in range(t)]
-    )
-    weights = torch.softmax(torch.randn(t, k, generator=gen, device=device), dim=-1).to(dtype)
-    return x, w13, w2, ids, weights
 
 
 def _bf16_ulp(v: torch.Tensor) -> torch.Tensor:

@@ -306,7 +306,33 @@ def _check_shapes(
     return t, hidden, num_experts, inter
 
 
-def _check_runnable(what: str, x: torch.Tensor) -> None:
+def check_moe_args(
+    what: str,
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+) -> tuple[int, int, int, int, int]:
+    """(T, H, E, I, k) of an MoE layer's arguments (``x`` [T, H], ``w13`` [E, 2I, H], ``w2``
+    [E, H, I], ``topk_ids`` / ``topk_weights`` [T, k]); ValueError, prefixed with ``what``,
+    naming the argument that does not fit."""
+    t, hidden, num_experts, inter = _check_shapes(what, x, w13, w2)
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != t:
+        raise ValueError(
+            f"{what}: topk_ids must be [T, k] with T = {t} (x's), got {tuple(topk_ids.shape)}"
+        )
+    k = topk_ids.shape[1]
+    if topk_weights.shape != (t, k):
+        raise ValueError(
+            f"{what}: topk_weights must be [T, k] = {(t, k)} (topk_ids'), "
+            f"got {tuple(topk_weights.shape)}"
+        )
+    return t, hidden, num_experts, inter, k
+
+
+def check_runnable(what: str, x: torch.Tensor) -> None:
+    """RuntimeError, prefixed with ``what``, where the Triton kernels cannot run on ``x``."""
     if triton is None:
         raise RuntimeError(f"{what}: Triton is not installed")
     if not x.is_cuda and not fused.INTERPRETED:
@@ -356,18 +382,8 @@ def fused_moe_small(
     Triton's interpreter (TRITON_INTERPRET=1).
     """
     what = "fused_moe_small"
-    _check_runnable(what, x)
-    t, hidden, _, inter = _check_shapes(what, x, w13, w2)
-    if topk_ids.dim() != 2 or topk_ids.shape[0] != t:
-        raise ValueError(
-            f"{what}: topk_ids must be [T, k] with T = {t} (x's), got {tuple(topk_ids.shape)}"
-        )
-    k = topk_ids.shape[1]
-    if topk_weights.shape != (t, k):
-        raise ValueError(
-            f"{what}: topk_weights must be [T, k] = {(t, k)} (topk_ids'), "
-            f"got {tuple(topk_weights.shape)}"
-        )
+    check_runnable(what, x)
+    t, hidden, _, inter, k = check_moe_args(what, x, w13, w2, topk_ids, topk_weights)
     out = torch.empty(t, hidden, dtype=x.dtype, device=x.device)
     if t == 0 or k == 0:
         return out.zero_()
@@ -401,6 +417,8 @@ def fused_moe_small(
 __all__ = [
     "ENABLED",
     "MAX_PAIRS",
+    "check_moe_args",
+    "check_runnable",
     "default_tiles",
     "fused_moe_ref",
     "fused_moe_small",

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvtier.kernels import fused, fused_moe, gemv
+from kvtier.kernels import fused, fused_moe, gemv, grouped_moe
 from kvtier.models.config import ModelConfig, RopeScaling
 from kvtier.runner.forward_batch import ForwardBatch
 
@@ -296,12 +296,20 @@ class FusedExperts(nn.Module):
         are combined by a batched [1, k] x [k, H] product. No atomics: the result is the same
         run to run (index_add_ on CUDA would sum in a racy order), and the sum accumulates in
         float32 inside the GEMM even for bf16 activations. No host sync outside the loop path.
+        On CUDA in bf16, decode-sized batches take Triton kernels instead: T * k up to
+        ``fused_moe.MAX_PAIRS`` the per-pair ones (``fused_moe_small``), then up to
+        ``grouped_moe.MAX_PAIRS`` the expert-major ones (``grouped_moe``); ``use_grouped_mm``
+        set (by tests) pins the torch path.
         """
         t, k = topk_ids.shape
         # Two GEMV kernels for decode-sized T * k, bf16 on CUDA (KVTIER_FUSED_MOE=0: off),
         # unless a test pinned the path.
         if self.use_grouped_mm is None and fused_moe.use_fused(x, t * k):
             return fused_moe.fused_moe_small(x, self.w13, self.w2, topk_ids, topk_weights)
+        # Up to a few thousand pairs (decode batches): the expert-major kernels, each expert's
+        # weights read once per 16 pairs, no sort (KVTIER_GROUPED_MOE=0: off).
+        if self.use_grouped_mm is None and grouped_moe.use_grouped(x, t * k):
+            return grouped_moe.grouped_moe(x, self.w13, self.w2, topk_ids, topk_weights)
         flat_ids = topk_ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
         # Counts by scatter_add, not bincount: bincount on CUDA reads the max id on the host.
