@@ -80,10 +80,10 @@ tl = fused.tl
 # Read once: FusedExperts.forward checks it on every call (may also be set at run time).
 ENABLED: bool = triton is not None and os.environ.get("KVTIER_FUSED_MOE", "1") != "0"
 # Largest T * k that takes the fused path. Each pair reads its expert's weights, so once T * k
-# is large the grouped GEMMs' one read per distinct expert wins; benchmarks/bench_moe.py times
-# both sides of this limit. T = 32 at k = 8 (256 pairs): 388.7 us fused against 440.9 grouped
-# (H200, run 8).
-MAX_PAIRS = 256
+# grows the expert-major kernels (grouped_moe), which read each chosen expert once per 16 pairs,
+# win; benchmarks/bench_moe.py times all the paths. H200, run 8: T = 16 at k = 8 (128 pairs)
+# 232.4 us here against 195.4 expert-major.
+MAX_PAIRS = 64
 
 
 def use_fused(x: torch.Tensor, num_pairs: int) -> bool:
