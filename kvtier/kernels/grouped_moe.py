@@ -34,8 +34,8 @@ fused_moe_small and the grouped GEMMs, us: T = 16 195.4 / 232.4 / 333.8, T = 32 
 480.5; outputs equal to the grouped GEMMs' at every T (0 ulps). Past that the scan every program
 makes costs more than it saves: T = 128 1008.5 against 498.5 grouped, T = 256 2373.9 against
 496.9; hence ``MAX_PAIRS``. Decode steps (bench_engine.py, same day): batch 64 26.56 ms with these
-kernels against 33.55 without. (Branch exp/moe-align has an align kernel that lists each expert's
-pairs once so the GEMM programs do not scan; not measured on a GPU.)
+kernels against 33.55 without. (Branch exp/moe-align2 has an align kernel that lists each
+expert's pairs once so the GEMM programs do not scan; not measured on a GPU.)
 """
 
 from __future__ import annotations
