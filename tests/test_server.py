@@ -439,12 +439,20 @@ BAD_REQUESTS = [
         "messages.0.content: must be a string or a list of",
     ),
     (
-        "unsupported penalty",
+        "penalty out of range",
         "POST",
         CHAT,
-        {"messages": MSG, "frequency_penalty": 0.5},
+        {"messages": MSG, "frequency_penalty": 3},
         400,
-        "frequency_penalty is not supported",
+        "frequency_penalty must be in [-2, 2]; got 3.0",
+    ),
+    (
+        "min_tokens over max_tokens",
+        "POST",
+        "/v1/completions",
+        {"prompt": "a", "max_tokens": 4, "min_tokens": 5},
+        400,
+        "min_new_tokens must be in [0, max_new_tokens=4]; got 5",
     ),
     (
         "top_logprobs without logprobs",

@@ -39,10 +39,7 @@ def _frontend(request: Request) -> Frontend:
 MAX_CHOICES = 64
 
 
-def _check_unsupported(body: OpenAISamplingFields, extra: dict[str, Any]) -> None:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise APIError(400, f"{name} is not supported (only 0)")
+def _check_unsupported(extra: dict[str, Any]) -> None:
     for name, value in extra.items():
         if value:
             raise APIError(400, f"{name} is not supported")
@@ -65,6 +62,11 @@ def _sampling(
         "seed": None if body.seed is None else body.seed + choice,
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
+        "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty,
+        "repetition_penalty": body.repetition_penalty,
+        "min_p": body.min_p,
+        "min_new_tokens": body.min_tokens,
     }
     for name in ("temperature", "top_p", "top_k"):
         if getattr(body, name) is not None:
@@ -305,7 +307,6 @@ async def chat_completions(
 ) -> dict[str, Any] | StreamingResponse:
     fe = _frontend(request)
     fe.check_model(body.model)
-    _check_unsupported(body, {})
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true")
@@ -370,7 +371,6 @@ async def completions(
     fe = _frontend(request)
     fe.check_model(body.model)
     _check_unsupported(
-        body,
         {
             "echo": body.echo,
             "suffix": body.suffix,
