@@ -659,3 +659,22 @@ def test_prompt_logprobs_scoring_only_and_errors(engine):
         engine.generate(input_ids=p, sampling_params=GREEDY, logprob_start_len=0)
     assert not engine.scheduler.has_work()
     engine.check_integrity()
+
+
+def test_prompt_logprob_steps_are_capped(engine, monkeypatch):
+    # A request collecting prompt logprobs runs at most PROMPT_LOGPROB_CHUNK prompt tokens a
+    # step (a float32 logits row each): here 8, so a 30-token prompt takes 4 steps.
+    from kvtier.scheduler import scheduler as sched
+
+    monkeypatch.setattr(sched, "PROMPT_LOGPROB_CHUNK", 8)
+    p = prompts(1, 30, seed=35)[0]
+    before = engine.scheduler.counters["forward_steps"]
+    out = engine.generate(
+        input_ids=p,
+        sampling_params={"max_new_tokens": 0},
+        return_logprob=True,
+        logprob_start_len=0,
+    )
+    assert engine.scheduler.counters["forward_steps"] - before == 4
+    assert len(out["meta_info"]["input_token_logprobs"]) == 30
+    engine.check_integrity()

@@ -63,6 +63,10 @@ class _InFlight:
     host_prompt_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
+# Prompt tokens a step runs for a request that collects prompt logprobs (see _chunk_for).
+PROMPT_LOGPROB_CHUNK = 1024
+
+
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     """A pinned host copy of a device tensor, enqueued without waiting."""
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -267,6 +271,13 @@ class Scheduler:
         free = self.allocator.num_free
         return free + (self.cache.evictable_pages if self.use_cache else 0)
 
+    @staticmethod
+    def _chunk_for(req: Req, chunk: int) -> int:
+        """The most prompt tokens ``req`` runs in one step: the chunk size, and while it
+        collects prompt logprobs PROMPT_LOGPROB_CHUNK (each of those positions gets a float32
+        logits row: 1024 rows of a 152K vocabulary are 0.6 GB)."""
+        return min(chunk, PROMPT_LOGPROB_CHUNK) if req.wants_prompt_logprobs else chunk
+
     def _schedule_extend(self) -> ScheduleBatch | None:
         chunk = self.args.chunk_size or 1 << 62
         budget = self.args.max_prefill_tokens
@@ -276,7 +287,7 @@ class Scheduler:
         for req in list(self.running):
             if req.pending <= 1 or budget <= 0 or req not in self.running:
                 continue
-            n = min(req.pending, chunk, budget)
+            n = min(req.pending, self._chunk_for(req, chunk), budget)
             if not self._grow_or_retract(req, n, reqs, num_new):
                 continue
             reqs.append(req)
@@ -286,7 +297,7 @@ class Scheduler:
             if len(self.running) >= self.args.max_running_requests:
                 break
             req = self.waiting[0]
-            n = self._admit(req, min(chunk, budget))
+            n = self._admit(req, min(self._chunk_for(req, chunk), budget))
             if n == 0:
                 break
             self.waiting.popleft()
