@@ -644,6 +644,34 @@ def test_client_disconnect_aborts_and_frees_pages(server, http):
     assert_integrity(server)
 
 
+def test_abort_request_by_id_ends_its_stream(server, http):
+    # POST /abort_request stops a request another connection is streaming: that stream ends
+    # with finish reason "abort" (not hanging), its pages are freed; an unknown id is a 404.
+    before = stats(server)["requests_aborted"]
+    body = {
+        "input_ids": ids(25, seed=6),
+        "sampling_params": {**GREEDY, "max_new_tokens": 400},
+        "stream": True,
+        "rid": "to-abort",
+    }
+    with http.stream("POST", "/generate", json=body) as r:
+        lines = r.iter_lines()
+        next_data(lines)
+        with server.http() as other:
+            assert other.post("/abort_request", json={"rid": "to-abort"}).json() == {
+                "success": True
+            }
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert events[-1]["meta_info"]["finish_reason"] == {"type": "abort", "message": "aborted"}
+    assert len(events[-1]["output_ids"]) < 400
+    r = http.post("/abort_request", json={"rid": "to-abort"})
+    assert r.status_code == 404
+    assert r.json()["error"]["message"] == "no request with id 'to-abort' is in flight"
+    s = wait_idle(server)
+    assert s["requests_aborted"] == before + 1
+    assert_integrity(server)
+
+
 # ---------------------------------------------------------------------------- metrics
 def metric_values(text: str) -> dict[tuple[str, tuple], float]:
     out = {}

@@ -19,7 +19,7 @@ from kvtier.scheduler.request import ReqOutput
 from kvtier.server import ipc
 from kvtier.server.engine_client import ControlError, RequestFailed
 from kvtier.server.errors import APIError
-from kvtier.server.protocol import FlushCacheRequest, GenerateRequest
+from kvtier.server.protocol import AbortRequest, FlushCacheRequest, GenerateRequest
 from kvtier.server.serving import Frontend, Result, api_error, unless_disconnected
 from kvtier.server.streaming import sse_response
 
@@ -164,6 +164,15 @@ async def flush_cache(request: Request, body: FlushCacheRequest | None = None) -
     else:
         msg = "Cache flushed."
     return {"success": True, "message": msg}
+
+
+@router.post("/abort_request")
+async def abort_request(request: Request, body: AbortRequest) -> dict[str, Any]:
+    """Stop a request in flight by its id; its own response then ends with finish reason
+    "abort" (streamed or not) and its pages are freed. 404 for an unknown id."""
+    if not _frontend(request).client.request_abort(body.rid):
+        raise APIError(404, f"no request with id {body.rid!r} is in flight", "not_found")
+    return {"success": True}
 
 
 @router.get("/metrics")

@@ -117,6 +117,12 @@ class GenerateRequest(_Strict):
     logprob_start_len: int = -1
 
 
+class AbortRequest(_Strict):
+    """SGLang's ``/abort_request``: the id of a request in flight (``rid`` at submission)."""
+
+    rid: str
+
+
 class FlushCacheRequest(_Strict):
     tier: Literal["all", "device"] | None = Field(
         default=None,
