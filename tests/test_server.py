@@ -242,7 +242,22 @@ def test_logprobs_chat_completions_and_native_agree(server, http, oai):
     meta = native["meta_info"]
     tokens = meta["output_token_logprobs"]
     assert [t for _, t, _ in tokens] == native["output_ids"]
+    assert all(text is None for _, _, text in tokens)
     assert all(top[0][:2] == tok[:2] for tok, top in zip(tokens, meta["output_top_logprobs"]))
+
+    with_text = http.post(
+        "/generate",
+        json={
+            "input_ids": p,
+            "sampling_params": GREEDY,
+            "return_logprob": True,
+            "top_logprobs_num": 3,
+            "return_text_in_logprobs": True,
+        },
+    ).json()["meta_info"]
+    texts = [text for _, _, text in with_text["output_token_logprobs"]]
+    assert "".join(texts) == native["text"]
+    assert all(isinstance(e[2], str) for top in with_text["output_top_logprobs"] for e in top)
 
     kw = {"model": MODEL, "max_tokens": 6, "temperature": 0, "extra_body": {"ignore_eos": True}}
     comp = oai.completions.create(prompt=p, logprobs=3, **kw).choices[0]

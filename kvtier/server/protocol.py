@@ -115,6 +115,7 @@ class GenerateRequest(_Strict):
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
+    return_text_in_logprobs: bool = False
 
 
 class AbortRequest(_Strict):
