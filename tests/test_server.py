@@ -664,7 +664,7 @@ def test_abort_request_by_id_ends_its_stream(server, http):
     # with finish reason "abort" (not hanging), its pages are freed; an unknown id is a 404.
     before = stats(server)["requests_aborted"]
     body = {
-        "input_ids": ids(25, seed=6),
+        "input_ids": ids(25, seed=61),
         "sampling_params": {**GREEDY, "max_new_tokens": 400},
         "stream": True,
         "rid": "to-abort",
