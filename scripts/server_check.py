@@ -69,8 +69,10 @@ def main() -> int:
         system = " ".join(f"rule {i}: keep the tests green." for i in range(1500))
         long_msgs = [{"role": "system", "content": system}, {"role": "user", "content": "Go."}]
         times = []
-        for i in range(3):
-            if i == 2:
+        # Pass 0 computes the prompt, pass 1 is a GPU hit, passes 2 and 3 L2 hits (the GPU
+        # copies dropped before each): the second shows whether the first paid for a build.
+        for i in range(4):
+            if i >= 2:
                 flushed = httpx.post(f"{url}/flush_cache", json={"tier": "device"}, timeout=30)
                 print("flush device:", flushed.status_code, flushed.text)
             t = time.time()
@@ -82,7 +84,7 @@ def main() -> int:
             print(f"long prompt pass {i}: {1e3 * times[-1]:.1f} ms, usage {r.usage}, {details}")
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         for line in metrics.splitlines():
-            if line.startswith("kvtier_") and any(w in line for w in ("cached", "l2", "load")):
+            if line.startswith("kvtier:") and any(w in line for w in ("cached", "l2", "load")):
                 print("metric:", line)
         return 0
     finally:

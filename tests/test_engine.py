@@ -406,12 +406,17 @@ def test_piecewise_graph_batches_equal_recompute(reference, concurrent):
         e.check_integrity()
 
 
-def test_warm_up_leaves_no_trace(reference):
-    """The server's start-up warm-up (a prompt and a turn over its cached prefix) leaves the
-    cache empty, the counters at zero, nothing leaked, and later outputs unchanged."""
+def test_warm_up_leaves_no_trace(reference, caplog):
+    """The server's start-up warm-up (a prompt and a turn over its cached prefix, then the turn
+    again from L2) leaves the cache empty, the counters at zero, nothing leaked, and later
+    outputs unchanged."""
     want, _ = conversations(reference, n=2)
     with make(page_size=4, enable_hierarchical_cache=True) as e:
-        e.scheduler.warm_up()
+        with caplog.at_level("INFO", logger="kvtier.scheduler.scheduler"):
+            e.scheduler.warm_up()
+        # The second turn (16 tokens) again, after its GPU copy was dropped: all but its last
+        # token come back from L2.
+        assert "warm-up: 15 tokens served from L2" in caplog.messages
         stats = e.get_stats()
         assert stats["device_cached_pages"] == 0
         assert stats["device_free_pages"] == stats["device_total_pages"]
