@@ -67,10 +67,10 @@ step gmoe "${T_GMOE:-400}" bash -c "python3 -m pytest -q -p no:cacheprovider \
   tests/test_grouped_moe.py; \
   python3 benchmarks/bench_moe.py --check --tokens ${GMOE_TOKENS:-4 8 16 32 64 128 256} \
   --output $OUT/moe_grouped.json; \
-  python3 benchmarks/bench_moe.py --sweep-grouped --tokens ${GMOE_SWEEP:-32 128} --rep 100; \
+  python3 benchmarks/bench_moe.py --sweep-grouped --tokens ${GMOE_SWEEP:-32 128 256} --rep 100; \
   KVTIER_GROUPED_MOE=0 python3 benchmarks/bench_engine.py --prefill '' \
-  --decode-batch ${GMOE_DBS:-16,64,128} --output $OUT/bench_engine_no_gmoe.json; \
-  python3 benchmarks/bench_engine.py --prefill '' --decode-batch ${GMOE_DBS:-16,64,128} \
+  --decode-batch ${GMOE_DBS:-16,32,64,128} --output $OUT/bench_engine_no_gmoe.json; \
+  python3 benchmarks/bench_engine.py --prefill '' --decode-batch ${GMOE_DBS:-16,32,64,128} \
   --output $OUT/bench_engine_gmoe.json"
 step attn "${T_ATTN:-150}" bash -c "python3 benchmarks/bench_attention.py --mode extend \
   --extend-tokens 8192 --prefix-lens 0 8192 73728 ${ATTN_ARGS:---sweep} --check --rep 50 && \

@@ -24,6 +24,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = {"block_m": 16, "block_n": 16, "block_k": 16, "block_h": 16, "block_i": 16}
 
 
+def test_align_pairs_exact_lists():
+    ids = torch.tensor([[5, 1, 5], [1, 5, 0], [7, 7, 7], [2, 3, 4]], device=DEVICE)
+    lists, counts = grouped_moe.align_pairs(ids, 9)
+    assert lists.shape == (9, 16) and lists.dtype == torch.int32
+    assert counts.tolist() == [1, 2, 1, 1, 1, 3, 0, 3, 0]
+    want = {0: [5], 1: [1, 3], 2: [9], 3: [10], 4: [11], 5: [0, 2, 4], 7: [6, 7, 8]}
+    for expert, pairs in want.items():
+        assert lists[expert, : len(pairs)].tolist() == pairs
+
+
 @pytest.mark.parametrize(
     ("t", "k", "num_experts"),
     # 1 pair; 2 experts x 20 pairs (chunks of 16: a full one and a partial one); 24 pairs over

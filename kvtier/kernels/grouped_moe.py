@@ -1,4 +1,8 @@
-"""Expert-major MoE kernels for mid-size batches (decode at batch ~9-64 of a k = 8 model).
+"""Expert-major MoE kernels for mid-size batches (decode at batch ~9-256 of a top-8 model).
+
+Experiment (branch exp/moe-align2, not run on a GPU): main's version has no align kernel, every
+GEMM program scans all the ids itself, which won up to T = 64 and lost at T = 128 (run 8 in
+docs/benchmarks.md). This version lists each expert's pairs once, to take the kernels to T = 256.
 
 ``fused_moe.fused_moe_small`` gives every (token, expert) pair its own programs: each pair
 streams its expert's weights, which is right while the pairs are few (batch 1: 8 pairs, 8
@@ -6,12 +10,14 @@ experts) but reads an expert as often as it was chosen once T * k grows (T = 32 
 256 pairs over ~111 experts, 2.3x the bytes). The grouped-GEMM path (``FusedExperts``' sort,
 two ``torch._grouped_mm``, un-sort and combine) reads each expert once, but is ~12 kernels.
 
-Here program (e, n) owns expert e's column block n and finds e's pairs itself: it scans all T * k
-expert ids (at most a few thousand int64s, from L2), ranks the hits by a prefix sum, and runs
-BLOCK_M of them at a time through ``tl.dot`` against its weight tile, so each expert's weights
-are read once per BLOCK_M pairs and no alignment / sort kernel runs before it. A program whose
-expert was not chosen exits after the scan. Two kernels and the combine:
+Here an align kernel (one program an expert) lists each expert's pairs in pair order (a prefix
+sum over the T * k ids, at most a few thousand, then a scatter of the hits to their ranks); then
+program (e, n) of each GEMM kernel owns expert e's column block n and runs its pairs, BLOCK_M at
+a time, through ``tl.dot`` against its weight tiles: each expert's weights are read once per
+BLOCK_M pairs. A program whose expert was not chosen exits after reading its count. Three
+kernels and the combine:
 
+0. align: ``LIST[e, :count[e]]`` = the pairs routed to e;
 1. gate/up: ``h[pair] = silu(x[tok] W_gate[e]^T) * (x[tok] W_up[e]^T)`` for e's pairs, a
    [BLOCK_M, BLOCK_N] tile of h per step of BLOCK_K hidden columns (gate and up rows of the same
    columns in the same program, so SiLU-and-mul happens in registers);
@@ -26,16 +32,6 @@ inputs tl.dot runs in IEEE float32 (not TF32).
 
 CUDA-graph safe: grids come from E and the weight shapes, the expert ids are read on the device,
 outputs are ``torch.empty``. Whether FusedExperts takes these kernels: ``use_grouped``.
-
-Measured on an H200 (Qwen3-30B-A3B layer: E = 128, k = 8, H = 2048, I = 768; CUDA-graph
-replays, benchmarks/bench_moe.py --check, 2026-12-01, run 8 in docs/benchmarks.md), against
-fused_moe_small and the grouped GEMMs, us: T = 16 195.4 / 232.4 / 333.8, T = 32 282.3 / 391.4 /
-454.1 (3811 GB/s of the needed expert bytes, 0.92 of the HBM copy rate), T = 64 340.9 / 685.7 /
-480.5; outputs equal to the grouped GEMMs' at every T (0 ulps). Past that the scan every program
-makes costs more than it saves: T = 128 1008.5 against 498.5 grouped, T = 256 2373.9 against
-496.9; hence ``MAX_PAIRS``. Decode steps (bench_engine.py, same day): batch 64 26.56 ms with these
-kernels against 33.55 without. (Branch exp/moe-align has an align kernel that lists each expert's
-pairs once so the GEMM programs do not scan; not measured on a GPU.)
 """
 
 from __future__ import annotations
@@ -51,10 +47,10 @@ tl = fused.tl
 
 # Read once at import (KVTIER_GROUPED_MOE=0: off); FusedExperts checks it on every call.
 ENABLED: bool = triton is not None and os.environ.get("KVTIER_GROUPED_MOE", "1") != "0"
-# Largest T * k these kernels take (each program scans all the pairs' ids: T = 64 at k = 8 won,
-# T = 128 lost, see above); past it, and for prefill, the grouped GEMMs. Pairs up to
-# fused_moe.MAX_PAIRS go to fused_moe_small first.
-MAX_PAIRS = 512
+# Largest T * k these kernels take (the align kernel is one program an expert over all the ids);
+# past it, and for prefill, the grouped GEMMs. Pairs up to fused_moe.MAX_PAIRS go to
+# fused_moe_small first.
+MAX_PAIRS = 2048
 
 
 def use_grouped(x: torch.Tensor, num_pairs: int) -> bool:
@@ -64,19 +60,19 @@ def use_grouped(x: torch.Tensor, num_pairs: int) -> bool:
 
 
 def default_tiles(num_pairs: int) -> dict[str, int]:
-    """Tiles by T * k: the ones all of run 8's figures above were measured at. Its sweep
-    (bench_moe.py --sweep-grouped, each kernel's tiles with the other's at these; T = 32)
-    found a little more in two of them, not yet measured together: gate/up at 4 pipeline
-    stages 275.2 us against 280.7 at 3, and the down kernel's 128 output columns 264.8 against
-    280.7 for 64."""
+    """Tiles by T * k. From an H200 sweep (bench_moe.py --sweep-grouped, 2026-12-01, run 8;
+    graph replays of the whole layer, one kernel's tiles swept, the other's at defaults) of a
+    first version that scanned the ids in every program: at T = 32 gate/up [16 pairs, 64
+    columns, 128 hidden] at 4 stages 275.2 us (of 14 tiles: 277.1 for 32 columns, 347.9 for 32
+    pairs), down [16, 128 output columns, 128] 264.8 (64 columns: 274.7)."""
     return {
         "block_m": 16,
         "block_n": 64,
         "block_k": 128,
-        "block_h": 64,
+        "block_h": 128,
         "block_i": 128,
         "num_warps": 4,
-        "num_stages": 3,
+        "num_stages": 4,
     }
 
 
@@ -97,35 +93,42 @@ if triton is not None:
             return tl.dot(a, b, acc, input_precision=PRECISION)
 
     @triton.jit
-    def _expert_pairs(IDS, expert, num_pairs, BLOCK_P: tl.constexpr):
-        """Which of the ``num_pairs`` ids at IDS are ``expert``: (positions [BLOCK_P], hit
-        mask, each hit's rank among the hits in pair order, the hit count)."""
+    def _align_kernel(IDS, LIST, COUNT, num_pairs, BLOCK_P: tl.constexpr,
+                      PDL: tl.constexpr = False):
+        """Program e: the pairs whose id is e, in pair order, at LIST[e, :count] (int32) and
+        their count at COUNT[e]. Each hit's slot is its rank among the hits (a prefix sum)."""
+        # The ids are the previous kernel's (the router's) output.
+        _pdl_wait(PDL)
+        expert = tl.program_id(0)
         pos = tl.arange(0, BLOCK_P)
         ids = tl.load(IDS + pos, mask=pos < num_pairs, other=-1)
         hit = (ids == expert).to(tl.int32)
-        return pos, hit, tl.cumsum(hit, axis=0) - 1, tl.sum(hit, axis=0)
+        rank = tl.cumsum(hit, axis=0) - 1
+        tl.store(LIST + expert.to(tl.int64) * BLOCK_P + rank, pos, mask=hit != 0)
+        tl.store(COUNT + expert, tl.sum(hit, axis=0))
 
     @triton.jit
-    def _chunk(pos, hit, rank, m0, count, BLOCK_M: tl.constexpr):
-        """The pair indices of hits m0 .. m0 + BLOCK_M - 1 ([BLOCK_M]) and which are real."""
+    def _chunk(LIST, expert, m0, count, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
+        """The pair indices of expert's hits m0 .. m0 + BLOCK_M - 1 ([BLOCK_M]) and which are
+        real (the rest read as pair 0, masked everywhere)."""
         want = m0 + tl.arange(0, BLOCK_M)
-        match = (hit[None, :] != 0) & (rank[None, :] == want[:, None])
-        pairs = tl.sum(tl.where(match, pos[None, :], 0), axis=1)
-        return pairs.to(tl.int64), want < count
+        valid = want < count
+        pairs = tl.load(LIST + expert.to(tl.int64) * BLOCK_P + want, mask=valid, other=0)
+        return pairs.to(tl.int64), valid
 
     @triton.jit
     def _grouped_gate_up_kernel(
-        X, W13, IDS, HOUT, num_pairs,
+        X, W13, LIST, COUNT, HOUT,
         stride_xt, stride_we, stride_wn, stride_wk, stride_ht,
         HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
-        # The ids are the previous kernel's (the router's) output.
+        # The pair lists are the previous kernel's (the align kernel's) output.
         _pdl_wait(PDL)
         expert = tl.program_id(0)
-        pos, hit, rank, count = _expert_pairs(IDS, expert, num_pairs, BLOCK_P)
+        count = tl.load(COUNT + expert)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < INTER
         ks = tl.arange(0, BLOCK_K)
@@ -135,7 +138,7 @@ if triton is not None:
         up_ptrs = gate_ptrs + INTER * stride_wn
         dtype = HOUT.dtype.element_ty
         for m0 in range(0, count, BLOCK_M):
-            pairs, valid = _chunk(pos, hit, rank, m0, count, BLOCK_M)
+            pairs, valid = _chunk(LIST, expert, m0, count, BLOCK_P, BLOCK_M)
             x_ptrs = X + (pairs // TOPK)[:, None] * stride_xt + ks[None, :]
             acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -156,7 +159,7 @@ if triton is not None:
 
     @triton.jit
     def _grouped_down_kernel(
-        HIN, W2, IDS, Y, num_pairs,
+        HIN, W2, LIST, COUNT, Y,
         stride_ht, stride_we, stride_wn, stride_wk, stride_yt,
         HIDDEN: tl.constexpr, INTER: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -166,7 +169,7 @@ if triton is not None:
         # h is the previous kernel's (the gate/up kernel's) output.
         _pdl_wait(PDL)
         expert = tl.program_id(0)
-        pos, hit, rank, count = _expert_pairs(IDS, expert, num_pairs, BLOCK_P)
+        count = tl.load(COUNT + expert)
         cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         col_mask = cols < HIDDEN
         ii = tl.arange(0, BLOCK_I)
@@ -175,7 +178,7 @@ if triton is not None:
                   + ii.to(tl.int64)[:, None] * stride_wk)
         dtype = Y.dtype.element_ty
         for m0 in range(0, count, BLOCK_M):
-            pairs, valid = _chunk(pos, hit, rank, m0, count, BLOCK_M)
+            pairs, valid = _chunk(LIST, expert, m0, count, BLOCK_P, BLOCK_M)
             h_ptrs = HIN + pairs[:, None] * stride_ht + ii[None, :]
             acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
             for i0 in range(0, INTER, BLOCK_I):
@@ -191,6 +194,21 @@ if triton is not None:
 
 def _pow2_at_least(n: int, floor: int) -> int:
     return max(triton.next_power_of_2(n), floor)
+
+
+def align_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's (token, expert) pairs: ``(lists, counts)``, int32, where ``lists[e,
+    :counts[e]]`` are the flat indices ``t * k + j`` of the pairs with ``topk_ids[t, j] == e``,
+    ascending (the rest of the row is unwritten). ``topk_ids`` [T, k], contiguous; one kernel,
+    no host sync."""
+    num_pairs = topk_ids.numel()
+    block_p = _pow2_at_least(num_pairs, 16)
+    lists = torch.empty(num_experts, block_p, dtype=torch.int32, device=topk_ids.device)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=topk_ids.device)
+    _align_kernel[(num_experts,)](
+        topk_ids, lists, counts, num_pairs, BLOCK_P=block_p, **fused.pdl_options(topk_ids.device)
+    )
+    return lists, counts
 
 
 def grouped_moe(
@@ -248,20 +266,21 @@ def grouped_moe(
     block_k = min(tiles["block_k"], _pow2_at_least(hidden, 16))
     block_h = min(tiles["block_h"], _pow2_at_least(hidden, 16))
     block_i = min(tiles["block_i"], _pow2_at_least(inter, 16))
+    pair_list, counts = align_pairs(ids, num_experts)
+    block_p = pair_list.shape[1]
+    pdl = fused.pdl_options(x.device)
     common = dict(
-        INTER=inter, HIDDEN=hidden, BLOCK_P=_pow2_at_least(num_pairs, 16),
-        BLOCK_M=tiles["block_m"], INTERPRET=fused.INTERPRETED,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"],
-        **fused._EXACT, **fused.pdl_options(x.device),
+        INTER=inter, HIDDEN=hidden, BLOCK_P=block_p, BLOCK_M=tiles["block_m"],
+        INTERPRET=fused.INTERPRETED, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **fused._EXACT, **pdl,
     )  # fmt: skip
     _grouped_gate_up_kernel[(num_experts, triton.cdiv(inter, block_n))](
-        x, w13, ids, h, num_pairs,
+        x, w13, pair_list, counts, h,
         x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
         TOPK=k, BLOCK_N=block_n, BLOCK_K=block_k, **common,
     )  # fmt: skip
     _grouped_down_kernel[(num_experts, triton.cdiv(hidden, block_h))](
-        h, w2, ids, y, num_pairs,
+        h, w2, pair_list, counts, y,
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
         BLOCK_H=block_h, BLOCK_I=block_i, **common,
     )  # fmt: skip
@@ -270,4 +289,4 @@ def grouped_moe(
     return torch.bmm(weights.unsqueeze(1), y.view(t, k, hidden)).squeeze(1)
 
 
-__all__ = ["ENABLED", "MAX_PAIRS", "default_tiles", "grouped_moe", "use_grouped"]
+__all__ = ["ENABLED", "MAX_PAIRS", "align_pairs", "default_tiles", "grouped_moe", "use_grouped"]
