@@ -60,6 +60,14 @@ def test_bf16_within_an_ulp_or_two_of_reference():
     assert (out == ref).float().mean().item() > 0.8
 
 
+def test_default_block_m_follows_pairs_per_expert():
+    # Four times the mean pairs an expert, a power of two in [16, 32] (E = 128, k = 8); 32 rows
+    # with 8 warps.
+    tiles = [grouped_moe.default_tiles(t * 8, 128) for t in (1, 16, 64, 128, 256, 512)]
+    assert [(x["block_m"], x["num_warps"]) for x in tiles] == [(16, 4)] * 3 + [(32, 8)] * 3
+    assert grouped_moe.default_tiles(40, 8)["block_m"] == 32
+
+
 def test_default_tiles_and_repeated_expert_in_a_token():
     # Default tiles (capped to the shape, padded to tl.dot's 16); one token routed to one
     # expert twice (two pairs of the same expert and token) and a token with all three the same.

@@ -59,19 +59,26 @@ def use_grouped(x: torch.Tensor, num_pairs: int) -> bool:
     return ENABLED and x.is_cuda and x.dtype == torch.bfloat16 and 0 < num_pairs <= MAX_PAIRS
 
 
-def default_tiles(num_pairs: int) -> dict[str, int]:
-    """Tiles by T * k. From an H200 sweep (bench_moe.py --sweep-grouped, 2026-12-01, run 8;
-    graph replays of the whole layer, one kernel's tiles swept, the other's at defaults) of a
-    first version that scanned the ids in every program: at T = 32 gate/up [16 pairs, 64
-    columns, 128 hidden] at 4 stages 275.2 us (of 14 tiles: 277.1 for 32 columns, 347.9 for 32
-    pairs), down [16, 128 output columns, 128] 264.8 (64 columns: 274.7)."""
+def default_tiles(num_pairs: int, num_experts: int) -> dict[str, int]:
+    """Tiles by T * k and E. ``block_m``: four times the mean pairs an expert, a power of two
+    in [16, 32] (16: tl.dot's smallest), so that nearly every expert's pairs fit one row block
+    and its weights stream once (a second block re-reads them); with E = 128, k = 8: 16 up to
+    T = 64, 32 from T = 128 (not measured; the scan version's sweep at T = 128 had 32 rows ahead
+    of 16: 650.9 against 855.7 us). 32 rows take 8 warps: at 4, ptxas (sm_90, Triton 3.9)
+    spills the gate/up kernel's registers (528 bytes of stack; 64 rows spill even at 8). The
+    rest from an H200 sweep (bench_moe.py --sweep-grouped, 2026-12-01, run 8; graph replays of
+    the whole layer, one kernel's tiles swept, the other's at defaults) of the scan version: at
+    T = 32 gate/up [16 pairs, 64 columns, 128 hidden] at 4 stages 275.2 us (of 14 tiles: 277.1
+    for 32 columns, 347.9 for 32 pairs at 4 warps), down [16, 128 output columns, 128] 264.8
+    (64 columns: 274.7)."""
+    block_m = min(max(1 << (max(4 * num_pairs // max(num_experts, 1), 1) - 1).bit_length(), 16), 32)
     return {
-        "block_m": 16,
+        "block_m": block_m,
         "block_n": 64,
         "block_k": 128,
         "block_h": 128,
         "block_i": 128,
-        "num_warps": 4,
+        "num_warps": 8 if block_m >= 32 else 4,
         "num_stages": 4,
     }
 
@@ -233,14 +240,14 @@ def grouped_moe(
     Tiles (powers of two; ``block_m`` >= 16, tl.dot's smallest): ``block_m`` pairs a step, by
     ``block_n`` columns of h and ``block_k`` hidden columns (gate/up kernel), ``block_h`` output
     columns and ``block_i`` columns of h (down kernel); each left None comes from
-    ``default_tiles(T * k)``. ValueError names an argument that does not fit. On CPU tensors
+    ``default_tiles(T * k, E)``. ValueError names an argument that does not fit. On CPU tensors
     the kernels need Triton's interpreter (TRITON_INTERPRET=1)."""
     what = "grouped_moe"
     fused_moe.check_runnable(what, x)
     t, hidden, num_experts, inter, k = fused_moe.check_moe_args(
         what, x, w13, w2, topk_ids, topk_weights
     )
-    tiles = default_tiles(t * k)
+    tiles = default_tiles(t * k, num_experts)
     given = dict(
         block_m=block_m, block_n=block_n, block_k=block_k, block_h=block_h, block_i=block_i,
         num_warps=num_warps, num_stages=num_stages,
