@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.sweep:
                 sweeps += sweep(t, fused, args.rep, default_tiles(t))
             if args.sweep_grouped:
-                sweeps += sweep_grouped(t, expert_major, args.rep)
+                sweeps += sweep_grouped(t, k, expert_major, args.rep)
         rows.append(row)
         print(f"T={t}: {distinct} distinct experts of {t * k} pairs", file=sys.stderr)
 
@@ -230,20 +230,28 @@ def sweep(
 
 # The expert-major kernels' tiles the sweep times: (block_m, block_n, block_k) of gate/up and
 # (block_m, block_h, block_i) of down, each at 3 and 4 pipeline stages; four warps for 16 rows,
-# eight for more (as default_tiles).
+# eight for more (as default_tiles). Narrow column blocks where the pairs are few (compact
+# alignment: one program row a chosen expert).
 GROUPED_GATE_UP = ((16, 32, 128), (16, 64, 64), (16, 64, 128), (16, 128, 64), (32, 32, 128),
-                   (32, 64, 64), (32, 64, 128))  # fmt: skip
+                   (32, 64, 64), (32, 64, 128), (64, 32, 128), (64, 64, 64))  # fmt: skip
 GROUPED_DOWN = ((16, 64, 128), (16, 128, 64), (16, 128, 128), (32, 64, 128), (32, 128, 64),
-                (32, 128, 128))  # fmt: skip
+                (32, 128, 128), (64, 64, 128), (64, 128, 64))  # fmt: skip
+COMPACT_GATE_UP = ((16, 16, 128), (16, 16, 256), (16, 32, 64), (16, 32, 128), (16, 64, 128))
+COMPACT_DOWN = ((16, 16, 128), (16, 32, 128), (16, 32, 256), (16, 64, 64), (16, 64, 128))
 
 
-def sweep_grouped(t: int, fn: Callable[..., object], rep: int) -> list[dict[str, Any]]:
+def sweep_grouped(t: int, k: int, fn: Callable[..., object], rep: int) -> list[dict[str, Any]]:
     """grouped_moe's tiles, each kernel's on its own (the other at its defaults), fastest
     first; graph replays. block_m applies to both kernels, so its rows time both at it."""
+    from kvtier.kernels.grouped_moe import COMPACT_MAX_PAIRS
+
     out: list[dict[str, Any]] = []
+    compact = t * k <= COMPACT_MAX_PAIRS
+    gate_up_tiles = COMPACT_GATE_UP if compact else GROUPED_GATE_UP
+    down_tiles = COMPACT_DOWN if compact else GROUPED_DOWN
     for kernel, keys, tiles in (
-        ("major_gate_up", ("block_m", "block_n", "block_k"), GROUPED_GATE_UP),
-        ("major_down", ("block_m", "block_h", "block_i"), GROUPED_DOWN),
+        ("major_gate_up", ("block_m", "block_n", "block_k"), gate_up_tiles),
+        ("major_down", ("block_m", "block_h", "block_i"), down_tiles),
     ):
         results = []
         for tile in tiles:

@@ -24,14 +24,51 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = {"block_m": 16, "block_n": 16, "block_k": 16, "block_h": 16, "block_i": 16}
 
 
-def test_align_pairs_exact_lists():
-    ids = torch.tensor([[5, 1, 5], [1, 5, 0], [7, 7, 7], [2, 3, 4]], device=DEVICE)
-    lists, counts = grouped_moe.align_pairs(ids, 9)
+IDS = [[5, 1, 5], [1, 5, 0], [7, 7, 7], [2, 3, 4]]
+
+
+def _slot_lists(experts, lists, counts):
+    """{expert: its pairs} over the slots with pairs."""
+    return {
+        int(e): lists[j, :n].tolist()
+        for j, (e, n) in enumerate(zip(experts.tolist(), counts.tolist(), strict=True))
+        if n
+    }
+
+
+def test_align_pairs_one_slot_an_expert():
+    ids = torch.tensor(IDS, device=DEVICE)
+    experts, lists, counts = grouped_moe.align_pairs(ids, 9, compact=False)
     assert lists.shape == (9, 16) and lists.dtype == torch.int32
+    assert experts.tolist() == list(range(9))
     assert counts.tolist() == [1, 2, 1, 1, 1, 3, 0, 3, 0]
     want = {0: [5], 1: [1, 3], 2: [9], 3: [10], 4: [11], 5: [0, 2, 4], 7: [6, 7, 8]}
-    for expert, pairs in want.items():
-        assert lists[expert, : len(pairs)].tolist() == pairs
+    assert _slot_lists(experts, lists, counts) == want
+
+
+def test_align_pairs_compact_slots_in_order_of_first_choice():
+    # 12 pairs, 9 experts: min(9, 12) slots; the 7 chosen experts in the order pairs first
+    # name them (5, 1, 0, 7, 2, 3, 4), then two empty slots.
+    ids = torch.tensor(IDS, device=DEVICE)
+    experts, lists, counts = grouped_moe.align_pairs(ids, 9)
+    assert experts.shape == (9,) and lists.shape == (9, 16)
+    assert experts[:7].tolist() == [5, 1, 0, 7, 2, 3, 4]
+    assert counts.tolist() == [3, 2, 1, 3, 1, 1, 1, 0, 0]
+    assert [lists[j, :n].tolist() for j, n in enumerate(counts.tolist()[:7])] == [
+        [0, 2, 4], [1, 3], [5], [6, 7, 8], [9], [10], [11]
+    ]  # fmt: skip
+    # Fewer pairs than experts: T * k slots, all used when the pairs choose distinct experts.
+    experts, lists, counts = grouped_moe.align_pairs(torch.tensor([[3, 0]], device=DEVICE), 8)
+    assert experts.tolist() == [3, 0] and counts.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_both_alignments_give_the_reference(compact, monkeypatch):
+    # The same layer through either alignment (forced by the pair limit).
+    monkeypatch.setattr(grouped_moe, "COMPACT_MAX_PAIRS", 1000 if compact else 0)
+    x, w13, w2, ids, weights = moe_inputs(6, 3, 40, 24, torch.float32, seed=12, device=DEVICE)
+    out = run_grouped(x, w13, w2, ids, weights, **SMALL)
+    torch.testing.assert_close(out, fused_moe_ref(x, w13, w2, ids, weights), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -40,7 +77,9 @@ def test_align_pairs_exact_lists():
     # 8 experts; experts never chosen (32 experts, 6 pairs).
     [(1, 1, 8), (20, 2, 2), (8, 3, 8), (3, 2, 32)],
 )
-def test_float32_matches_reference(t, k, num_experts):
+@pytest.mark.parametrize("compact", [False, True])
+def test_float32_matches_reference(t, k, num_experts, compact, monkeypatch):
+    monkeypatch.setattr(grouped_moe, "COMPACT_MAX_PAIRS", 1000 if compact else 0)
     x, w13, w2, ids, weights = moe_inputs(
         t, k, 40, 24, torch.float32, seed=t * 7 + k, device=DEVICE, num_experts=num_experts
     )
@@ -60,12 +99,16 @@ def test_bf16_within_an_ulp_or_two_of_reference():
     assert (out == ref).float().mean().item() > 0.8
 
 
-def test_default_block_m_follows_pairs_per_expert():
-    # Four times the mean pairs an expert, a power of two in [16, 32] (E = 128, k = 8); 32 rows
-    # with 8 warps.
-    tiles = [grouped_moe.default_tiles(t * 8, 128) for t in (1, 16, 64, 128, 256, 512)]
-    assert [(x["block_m"], x["num_warps"]) for x in tiles] == [(16, 4)] * 3 + [(32, 8)] * 3
-    assert grouped_moe.default_tiles(40, 8)["block_m"] == 32
+def test_default_tiles_by_pairs_per_expert():
+    # Compact (<= 64 pairs): narrow column blocks. Past it four times the mean pairs an expert,
+    # a power of two in [16, 64] (E = 128, k = 8); 32 rows and more with 8 warps.
+    small = grouped_moe.default_tiles(8, 128)
+    assert (small["block_n"], small["block_h"]) == (16, 32)
+    tiles = [grouped_moe.default_tiles(t * 8, 128) for t in (16, 64, 128, 256, 512)]
+    assert [(x["block_m"], x["num_warps"]) for x in tiles] == [
+        (16, 4), (16, 4), (32, 8), (64, 8), (64, 8)
+    ]  # fmt: skip
+    assert grouped_moe.default_tiles(80, 8)["block_m"] == 64
 
 
 def test_default_tiles_and_repeated_expert_in_a_token():

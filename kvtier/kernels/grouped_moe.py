@@ -53,6 +53,12 @@ ENABLED: bool = triton is not None and os.environ.get("KVTIER_GROUPED_MOE", "1")
 MAX_PAIRS = 2048
 
 
+# Up to this many pairs one program aligns them all and the GEMM grids get one row of programs
+# a chosen expert (at most T * k rows, not E): at batch 1, 8 rows of programs instead of 128
+# rows of which 120 would only exit.
+COMPACT_MAX_PAIRS = 64
+
+
 def use_grouped(x: torch.Tensor, num_pairs: int) -> bool:
     """Whether FusedExperts.forward takes these kernels for these inputs (after fused_moe's
     small-batch kernels, which take T * k <= fused_moe.MAX_PAIRS)."""
@@ -60,18 +66,25 @@ def use_grouped(x: torch.Tensor, num_pairs: int) -> bool:
 
 
 def default_tiles(num_pairs: int, num_experts: int) -> dict[str, int]:
-    """Tiles by T * k and E. ``block_m``: four times the mean pairs an expert, a power of two
-    in [16, 32] (16: tl.dot's smallest), so that nearly every expert's pairs fit one row block
-    and its weights stream once (a second block re-reads them); with E = 128, k = 8: 16 up to
-    T = 64, 32 from T = 128 (not measured; the scan version's sweep at T = 128 had 32 rows ahead
-    of 16: 650.9 against 855.7 us). 32 rows take 8 warps: at 4, ptxas (sm_90, Triton 3.9)
-    spills the gate/up kernel's registers (528 bytes of stack; 64 rows spill even at 8). The
-    rest from an H200 sweep (bench_moe.py --sweep-grouped, 2026-12-01, run 8; graph replays of
-    the whole layer, one kernel's tiles swept, the other's at defaults) of the scan version: at
-    T = 32 gate/up [16 pairs, 64 columns, 128 hidden] at 4 stages 275.2 us (of 14 tiles: 277.1
-    for 32 columns, 347.9 for 32 pairs at 4 warps), down [16, 128 output columns, 128] 264.8
-    (64 columns: 274.7)."""
-    block_m = min(max(1 << (max(4 * num_pairs // max(num_experts, 1), 1) - 1).bit_length(), 16), 32)
+    """Tiles by T * k and E (not measured on a GPU in this form). Up to ``COMPACT_MAX_PAIRS``
+    pairs (a program row a chosen expert): narrow column blocks, so that batch 1's 8 experts
+    still give 384 gate/up and 512 down programs. Past that ``block_m`` is four times the mean
+    pairs an expert, a power of two in [16, 64] (16: tl.dot's smallest), so that nearly every
+    expert's pairs fit one row block and its weights stream once (a second block re-reads
+    them): with E = 128, k = 8, 16 up to T = 64, 32 at T = 128, 64 from T = 256 (the scan
+    version's sweep at T = 128 had 32 rows ahead of 16: 650.9 against 855.7 us). From 32 rows
+    8 warps (ptxas for sm_90: 124 registers a thread for gate/up at 32 rows against 212 at 4
+    warps; no spills either way). The wide tiles from an H200 sweep (bench_moe.py
+    --sweep-grouped, 2026-12-01, run 8; graph replays of the whole layer, one kernel's tiles
+    swept, the other's at defaults) of the scan version: at T = 32 gate/up [16 pairs, 64
+    columns, 128 hidden] at 4 stages 275.2 us (of 14 tiles: 277.1 for 32 columns), down
+    [16, 128 output columns, 128] 264.8 (64 columns: 274.7)."""
+    if num_pairs <= COMPACT_MAX_PAIRS:
+        return {
+            "block_m": 16, "block_n": 16, "block_k": 128, "block_h": 32, "block_i": 128,
+            "num_warps": 4, "num_stages": 4,
+        }  # fmt: skip
+    block_m = min(max(1 << (max(4 * num_pairs // max(num_experts, 1), 1) - 1).bit_length(), 16), 64)
     return {
         "block_m": block_m,
         "block_n": 64,
@@ -100,10 +113,11 @@ if triton is not None:
             return tl.dot(a, b, acc, input_precision=PRECISION)
 
     @triton.jit
-    def _align_kernel(IDS, LIST, COUNT, num_pairs, BLOCK_P: tl.constexpr,
+    def _align_kernel(IDS, EXPERTS, LIST, COUNT, num_pairs, BLOCK_P: tl.constexpr,
                       PDL: tl.constexpr = False):
-        """Program e: the pairs whose id is e, in pair order, at LIST[e, :count] (int32) and
-        their count at COUNT[e]. Each hit's slot is its rank among the hits (a prefix sum)."""
+        """Program e, slot e: the pairs whose id is e, in pair order, at LIST[e, :count] (int32),
+        their count at COUNT[e], and e at EXPERTS[e]. Each hit's place is its rank among the
+        hits (a prefix sum)."""
         # The ids are the previous kernel's (the router's) output.
         _pdl_wait(PDL)
         expert = tl.program_id(0)
@@ -113,19 +127,46 @@ if triton is not None:
         rank = tl.cumsum(hit, axis=0) - 1
         tl.store(LIST + expert.to(tl.int64) * BLOCK_P + rank, pos, mask=hit != 0)
         tl.store(COUNT + expert, tl.sum(hit, axis=0))
+        tl.store(EXPERTS + expert, expert)
 
     @triton.jit
-    def _chunk(LIST, expert, m0, count, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
-        """The pair indices of expert's hits m0 .. m0 + BLOCK_M - 1 ([BLOCK_M]) and which are
+    def _align_compact_kernel(IDS, EXPERTS, LIST, COUNT, num_pairs, num_slots,
+                              BLOCK_P: tl.constexpr, PDL: tl.constexpr = False):
+        """One program: the chosen experts in order of first choice at EXPERTS[:n] (slot j
+        holds the j-th distinct id met in pair order), slot j's pairs in pair order at
+        LIST[j, :COUNT[j]], and COUNT[j] = 0 for the unused slots n .. num_slots - 1. From
+        [BLOCK_P, BLOCK_P] comparisons of every pair with every other (few pairs only)."""
+        _pdl_wait(PDL)
+        pos = tl.arange(0, BLOCK_P)
+        valid = pos < num_pairs
+        ids = tl.load(IDS + pos, mask=valid, other=-1)
+        # same[p, q]: pairs p and q (both real) chose one expert.
+        same = (ids[:, None] == ids[None, :]) & valid[:, None] & valid[None, :]
+        rank = tl.sum((same & (pos[None, :] < pos[:, None])).to(tl.int32), axis=1)
+        first = valid & (rank == 0)
+        # The slot of a first choice: how many first choices come before it.
+        slot_first = tl.cumsum(first.to(tl.int32), axis=0) - 1
+        slot = tl.sum(tl.where(same & first[None, :], slot_first[None, :], 0), axis=1)
+        count = tl.sum(same.to(tl.int32), axis=1)
+        tl.store(LIST + slot.to(tl.int64) * BLOCK_P + rank, pos, mask=valid)
+        tl.store(EXPERTS + slot_first, ids, mask=first)
+        tl.store(COUNT + slot_first, count, mask=first)
+        used = tl.sum(first.to(tl.int32), axis=0)
+        tl.store(COUNT + pos, tl.zeros([BLOCK_P], dtype=tl.int32),
+                 mask=(pos >= used) & (pos < num_slots))
+
+    @triton.jit
+    def _chunk(LIST, slot, m0, count, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
+        """The pair indices of slot's pairs m0 .. m0 + BLOCK_M - 1 ([BLOCK_M]) and which are
         real (the rest read as pair 0, masked everywhere)."""
         want = m0 + tl.arange(0, BLOCK_M)
         valid = want < count
-        pairs = tl.load(LIST + expert.to(tl.int64) * BLOCK_P + want, mask=valid, other=0)
+        pairs = tl.load(LIST + slot.to(tl.int64) * BLOCK_P + want, mask=valid, other=0)
         return pairs.to(tl.int64), valid
 
     @triton.jit
     def _grouped_gate_up_kernel(
-        X, W13, LIST, COUNT, HOUT,
+        X, W13, EXPERTS, LIST, COUNT, HOUT,
         stride_xt, stride_we, stride_wn, stride_wk, stride_ht,
         HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -134,8 +175,9 @@ if triton is not None:
     ):
         # The pair lists are the previous kernel's (the align kernel's) output.
         _pdl_wait(PDL)
-        expert = tl.program_id(0)
-        count = tl.load(COUNT + expert)
+        slot = tl.program_id(0)
+        count = tl.load(COUNT + slot)
+        expert = tl.load(EXPERTS + slot)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < INTER
         ks = tl.arange(0, BLOCK_K)
@@ -145,7 +187,7 @@ if triton is not None:
         up_ptrs = gate_ptrs + INTER * stride_wn
         dtype = HOUT.dtype.element_ty
         for m0 in range(0, count, BLOCK_M):
-            pairs, valid = _chunk(LIST, expert, m0, count, BLOCK_P, BLOCK_M)
+            pairs, valid = _chunk(LIST, slot, m0, count, BLOCK_P, BLOCK_M)
             x_ptrs = X + (pairs // TOPK)[:, None] * stride_xt + ks[None, :]
             acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -166,7 +208,7 @@ if triton is not None:
 
     @triton.jit
     def _grouped_down_kernel(
-        HIN, W2, LIST, COUNT, Y,
+        HIN, W2, EXPERTS, LIST, COUNT, Y,
         stride_ht, stride_we, stride_wn, stride_wk, stride_yt,
         HIDDEN: tl.constexpr, INTER: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -175,8 +217,9 @@ if triton is not None:
     ):
         # h is the previous kernel's (the gate/up kernel's) output.
         _pdl_wait(PDL)
-        expert = tl.program_id(0)
-        count = tl.load(COUNT + expert)
+        slot = tl.program_id(0)
+        count = tl.load(COUNT + slot)
+        expert = tl.load(EXPERTS + slot)
         cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         col_mask = cols < HIDDEN
         ii = tl.arange(0, BLOCK_I)
@@ -185,7 +228,7 @@ if triton is not None:
                   + ii.to(tl.int64)[:, None] * stride_wk)
         dtype = Y.dtype.element_ty
         for m0 in range(0, count, BLOCK_M):
-            pairs, valid = _chunk(LIST, expert, m0, count, BLOCK_P, BLOCK_M)
+            pairs, valid = _chunk(LIST, slot, m0, count, BLOCK_P, BLOCK_M)
             h_ptrs = HIN + pairs[:, None] * stride_ht + ii[None, :]
             acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
             for i0 in range(0, INTER, BLOCK_I):
@@ -203,19 +246,35 @@ def _pow2_at_least(n: int, floor: int) -> int:
     return max(triton.next_power_of_2(n), floor)
 
 
-def align_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each expert's (token, expert) pairs: ``(lists, counts)``, int32, where ``lists[e,
-    :counts[e]]`` are the flat indices ``t * k + j`` of the pairs with ``topk_ids[t, j] == e``,
-    ascending (the rest of the row is unwritten). ``topk_ids`` [T, k], contiguous; one kernel,
-    no host sync."""
+def align_pairs(
+    topk_ids: torch.Tensor, num_experts: int, compact: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (token, expert) pairs by expert, in slots: ``(experts, lists, counts)``, int32, where
+    slot j holds expert ``experts[j]``'s pairs at ``lists[j, :counts[j]]`` (flat indices
+    ``t * k + i`` with ``topk_ids[t, i] == experts[j]``, ascending; the rest of the row is
+    unwritten). Not compact: E slots, slot e for expert e. Compact (default up to
+    ``COMPACT_MAX_PAIRS`` pairs): ``min(E, T * k)`` slots, the chosen experts first in order of
+    first choice, then slots with count 0 (their expert unwritten). ``topk_ids`` [T, k],
+    contiguous; one kernel, no host sync."""
     num_pairs = topk_ids.numel()
+    if compact is None:
+        compact = num_pairs <= COMPACT_MAX_PAIRS
     block_p = _pow2_at_least(num_pairs, 16)
-    lists = torch.empty(num_experts, block_p, dtype=torch.int32, device=topk_ids.device)
-    counts = torch.empty(num_experts, dtype=torch.int32, device=topk_ids.device)
-    _align_kernel[(num_experts,)](
-        topk_ids, lists, counts, num_pairs, BLOCK_P=block_p, **fused.pdl_options(topk_ids.device)
-    )
-    return lists, counts
+    num_slots = min(num_experts, num_pairs) if compact else num_experts
+    device = topk_ids.device
+    experts = torch.empty(num_slots, dtype=torch.int32, device=device)
+    lists = torch.empty(num_slots, block_p, dtype=torch.int32, device=device)
+    counts = torch.empty(num_slots, dtype=torch.int32, device=device)
+    pdl = fused.pdl_options(device)
+    if compact:
+        _align_compact_kernel[(1,)](
+            topk_ids, experts, lists, counts, num_pairs, num_slots, BLOCK_P=block_p, **pdl
+        )
+    else:
+        _align_kernel[(num_experts,)](
+            topk_ids, experts, lists, counts, num_pairs, BLOCK_P=block_p, **pdl
+        )
+    return experts, lists, counts
 
 
 def grouped_moe(
@@ -273,21 +332,21 @@ def grouped_moe(
     block_k = min(tiles["block_k"], _pow2_at_least(hidden, 16))
     block_h = min(tiles["block_h"], _pow2_at_least(hidden, 16))
     block_i = min(tiles["block_i"], _pow2_at_least(inter, 16))
-    pair_list, counts = align_pairs(ids, num_experts)
-    block_p = pair_list.shape[1]
+    experts, pair_list, counts = align_pairs(ids, num_experts)
+    num_slots, block_p = pair_list.shape
     pdl = fused.pdl_options(x.device)
     common = dict(
         INTER=inter, HIDDEN=hidden, BLOCK_P=block_p, BLOCK_M=tiles["block_m"],
         INTERPRET=fused.INTERPRETED, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=tiles["num_warps"], num_stages=tiles["num_stages"], **fused._EXACT, **pdl,
     )  # fmt: skip
-    _grouped_gate_up_kernel[(num_experts, triton.cdiv(inter, block_n))](
-        x, w13, pair_list, counts, h,
+    _grouped_gate_up_kernel[(num_slots, triton.cdiv(inter, block_n))](
+        x, w13, experts, pair_list, counts, h,
         x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
         TOPK=k, BLOCK_N=block_n, BLOCK_K=block_k, **common,
     )  # fmt: skip
-    _grouped_down_kernel[(num_experts, triton.cdiv(hidden, block_h))](
-        h, w2, pair_list, counts, y,
+    _grouped_down_kernel[(num_slots, triton.cdiv(hidden, block_h))](
+        h, w2, experts, pair_list, counts, y,
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
         BLOCK_H=block_h, BLOCK_I=block_i, **common,
     )  # fmt: skip
@@ -296,4 +355,12 @@ def grouped_moe(
     return torch.bmm(weights.unsqueeze(1), y.view(t, k, hidden)).squeeze(1)
 
 
-__all__ = ["ENABLED", "MAX_PAIRS", "align_pairs", "default_tiles", "grouped_moe", "use_grouped"]
+__all__ = [
+    "COMPACT_MAX_PAIRS",
+    "ENABLED",
+    "MAX_PAIRS",
+    "align_pairs",
+    "default_tiles",
+    "grouped_moe",
+    "use_grouped",
+]
