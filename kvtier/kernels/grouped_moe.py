@@ -22,8 +22,9 @@ kernels and the combine:
    [BLOCK_M, BLOCK_N] tile of h per step of BLOCK_K hidden columns (gate and up rows of the same
    columns in the same program, so SiLU-and-mul happens in registers);
 2. down: ``y[pair] = h[pair] W2[e]^T``, a [BLOCK_M, BLOCK_H] tile per step of BLOCK_I;
-3. ``out[t] = sum_j w[t, j] y[t * k + j]`` as FusedExperts combines (one bmm): the same order
-   of additions, no atomics, the same result run to run.
+3. ``out[t] = sum_j w[t, j] y[t * k + j]`` as FusedExperts combines (its bmm: float32 sums
+   of the k products in slot order, rounded once), as a Triton kernel: no atomics, the same
+   result run to run.
 
 Rounding as FusedExperts' loop path (``fused_moe.fused_moe_ref``): each GEMM's output rounded
 to x's dtype, SiLU in float32 then rounded, the product rounded. The GEMMs sum in another order
@@ -239,6 +240,25 @@ if triton is not None:
                 acc = _dot(hv, w, acc, PRECISION, INTERPRET)
             tl.store(Y + pairs[:, None] * stride_yt + cols[None, :],
                      _round(acc, dtype, INTERPRET), mask=valid[:, None] & col_mask[None, :])
+
+    @triton.jit
+    def _combine_kernel(Y, TW, OUT, stride_yt, stride_ot, HIDDEN: tl.constexpr,
+                        TOPK: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+                        PDL: tl.constexpr = False):
+        """out[t, cols] = sum_j w[t, j] * y[t * k + j, cols]: float32 products of the stored
+        values, summed in slot order, rounded once (what FusedExperts' bmm computes)."""
+        # y is the previous kernel's (the down kernel's) output.
+        _pdl_wait(PDL)
+        tok = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < HIDDEN
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(TOPK):
+            w = tl.load(TW + tok * TOPK + j).to(tl.float32)
+            y = tl.load(Y + (tok * TOPK + j) * stride_yt + cols, mask=mask, other=0.0)
+            acc += w * y.to(tl.float32)
+        tl.store(OUT + tok * stride_ot + cols, _round(acc, OUT.dtype.element_ty, INTERPRET),
+                 mask=mask)
 # fmt: on
 
 
@@ -350,9 +370,16 @@ def grouped_moe(
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
         BLOCK_H=block_h, BLOCK_I=block_i, **common,
     )  # fmt: skip
-    # The combine as FusedExperts does it (float32 sums in slot order, rounded once).
-    weights = topk_weights.to(x.dtype)
-    return torch.bmm(weights.unsqueeze(1), y.view(t, k, hidden)).squeeze(1)
+    # The combine: FusedExperts' bmm as a Triton kernel, so that the chain stays one of
+    # PDL launches (a cuBLAS kernel does not let the next one start early).
+    weights = topk_weights.to(x.dtype).contiguous()
+    out = torch.empty(t, hidden, dtype=x.dtype, device=x.device)
+    block = min(_pow2_at_least(hidden, 16), 1024)
+    _combine_kernel[(t, triton.cdiv(hidden, block))](
+        y, weights, out, y.stride(0), out.stride(0), HIDDEN=hidden, TOPK=k, BLOCK=block,
+        INTERPRET=fused.INTERPRETED, num_warps=4, **fused._EXACT, **pdl,
+    )  # fmt: skip
+    return out
 
 
 __all__ = [
