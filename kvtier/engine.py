@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from kvtier.models import ResolvedModel, resolve_model
-from kvtier.sampling_params import SamplingParams
-from kvtier.scheduler.request import Req, ReqOutput
+from kvtier.sampling_params import SamplingParams, check_logprob_args
+from kvtier.scheduler.request import GenerateResult, Req
 from kvtier.scheduler.scheduler import RequestError, Scheduler
 from kvtier.server_args import ServerArgs
 from kvtier.tokenizer import load_tokenizer
@@ -86,6 +86,8 @@ class Engine:
         sampling_params: dict[str, Any] | list[dict[str, Any]] | None,
         input_ids: InputIds,
         stream: bool,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
     ) -> tuple[list[Req], bool]:
         if (prompt is None) == (input_ids is None):
             raise RequestError("give exactly one of prompt and input_ids")
@@ -111,8 +113,16 @@ class Engine:
             params = [SamplingParams.from_dict(p) for p in sampling_params]
         else:
             params = [SamplingParams.from_dict(sampling_params) for _ in ids_list]
+        check_logprob_args(return_logprob, top_logprobs_num)
         reqs = [
-            Req(rid=uuid.uuid4().hex, input_ids=ids, sampling=sp, stream=stream)
+            Req(
+                rid=uuid.uuid4().hex,
+                input_ids=ids,
+                sampling=sp,
+                stream=stream,
+                return_logprob=return_logprob,
+                top_logprobs_num=top_logprobs_num,
+            )
             for ids, sp in zip(ids_list, params)
         ]
         return reqs, single
@@ -135,19 +145,29 @@ class Engine:
         sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
         input_ids: InputIds = None,
         stream: bool = False,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """Generate for one prompt (a dict back) or a batch (a list back).
 
         With ``stream=True`` returns an iterator of incremental outputs: each holds the new
         ``text`` and ``output_ids`` since the previous one (and ``index`` for batches); the last
         one of each request carries ``meta_info["finish_reason"]``.
+
+        ``return_logprob``: ``meta_info`` also holds ``output_token_logprobs``, a ``[logprob,
+        token id, None]`` per output token (under the model's distribution: the raw logits,
+        before temperature, top-k or top-p), and ``output_top_logprobs``, per output token
+        the ``top_logprobs_num`` (at most 20) most likely tokens in that shape, most likely
+        first. Streamed outputs hold those of their new tokens.
         """
         self._check_open()
-        reqs, single = self._make_reqs(prompt, sampling_params, input_ids, stream)
+        reqs, single = self._make_reqs(
+            prompt, sampling_params, input_ids, stream, return_logprob, top_logprobs_num
+        )
         self._submit(reqs)
         if stream:
             return self._stream(reqs, single)
-        results = {r.rid: _Result() for r in reqs}
+        results = {r.rid: GenerateResult() for r in reqs}
         start = time.perf_counter()
         pending = set(results)
         while pending:
@@ -172,11 +192,9 @@ class Engine:
                         continue
                     if out.finished:
                         pending.discard(out.rid)
-                    chunk = {
-                        "text": out.new_text,
-                        "output_ids": out.new_ids,
-                        "meta_info": {**out.meta_info, "e2e_latency": time.perf_counter() - start},
-                    }
+                    part = GenerateResult()
+                    part.add(out)
+                    chunk = part.to_dict(time.perf_counter() - start)
                     if not single:
                         chunk["index"] = index[out.rid]
                     yield chunk
@@ -223,22 +241,3 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-class _Result:
-    def __init__(self) -> None:
-        self.text = ""
-        self.output_ids: list[int] = []
-        self.meta_info: dict[str, Any] = {}
-
-    def add(self, out: ReqOutput) -> None:
-        self.text += out.new_text
-        self.output_ids.extend(out.new_ids)
-        self.meta_info = out.meta_info
-
-    def to_dict(self, e2e: float) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "output_ids": self.output_ids,
-            "meta_info": {**self.meta_info, "e2e_latency": e2e},
-        }

@@ -88,3 +88,25 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The most alternatives a request may ask logprobs of at each position (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+
+
+def check_logprob_args(return_logprob: Any, top_logprobs_num: Any) -> None:
+    """SamplingParamsError naming the argument unless ``return_logprob`` is a bool and
+    ``top_logprobs_num`` an int in [0, MAX_TOP_LOGPROBS], nonzero only with return_logprob."""
+    if not isinstance(return_logprob, bool):
+        raise SamplingParamsError(f"return_logprob must be true or false; got {return_logprob!r}")
+    if (
+        isinstance(top_logprobs_num, bool)
+        or not isinstance(top_logprobs_num, int)
+        or not 0 <= top_logprobs_num <= MAX_TOP_LOGPROBS
+    ):
+        raise SamplingParamsError(
+            f"top_logprobs_num must be an integer in [0, {MAX_TOP_LOGPROBS}]; "
+            f"got {top_logprobs_num!r}"
+        )
+    if top_logprobs_num and not return_logprob:
+        raise SamplingParamsError("top_logprobs_num needs return_logprob")

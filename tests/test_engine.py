@@ -492,3 +492,80 @@ def test_warm_up_fits_any_configuration(kw):
         e.check_integrity()
         out = e.generate(input_ids=[11, 12, 13, 14], sampling_params=GREEDY)
         assert len(out["output_ids"]) == GREEDY["max_new_tokens"]
+
+
+# ---------------------------------------------------------------------------- logprobs
+def _check_logprob_shapes(out, top_n):
+    meta = out["meta_info"]
+    tokens, tops = meta["output_token_logprobs"], meta["output_top_logprobs"]
+    assert [t for _, t, _ in tokens] == out["output_ids"]
+    assert len(tops) == len(tokens) and all(len(top) == top_n for top in tops)
+    for (lp, token, text), top in zip(tokens, tops, strict=True):
+        assert text is None and lp <= 0.0
+        values = [v for v, _, _ in top]
+        assert values == sorted(values, reverse=True)
+        # The sampled token, when among the top ones, carries the same logprob there.
+        assert all(v == lp for v, t, _ in top if t == token)
+    return tokens, tops
+
+
+def test_logprobs_greedy_top_stream_and_batch(engine):
+    p, q = prompts(2, 14, seed=21)
+    kw = {"sampling_params": GREEDY, "return_logprob": True, "top_logprobs_num": 5}
+    one = engine.generate(input_ids=p, **kw)
+    tokens, tops = _check_logprob_shapes(one, 5)
+    # Greedy: each token is the most likely one.
+    assert all(top[0][1] == t and top[0][0] == lp for (lp, t, _), top in zip(tokens, tops))
+    # The log-softmax is normalised: the probabilities of the top 5 sum to at most 1.
+    assert all(sum(math.exp(v) for v, _, _ in top) <= 1.0 + 1e-6 for top in tops)
+    # Streamed: the increments hold their own tokens' logprobs, which add up to the whole.
+    chunks = list(engine.generate(input_ids=p, stream=True, **kw))
+    streamed = [e for c in chunks for e in c["meta_info"]["output_token_logprobs"]]
+    assert [t for _, t, _ in streamed] == one["output_ids"]
+    assert all(abs(a[0] - b[0]) < 1e-5 for a, b in zip(streamed, tokens, strict=True))
+    # In a batch (and with the prefix now cached) the values stay those of the request alone.
+    both = engine.generate(input_ids=[p, q], **kw)
+    assert both[0]["output_ids"] == one["output_ids"]
+    again = both[0]["meta_info"]["output_token_logprobs"]
+    assert all(abs(a[0] - b[0]) < 1e-5 for a, b in zip(again, tokens, strict=True))
+    _check_logprob_shapes(both[1], 5)
+    # Without the option nothing is added.
+    plain = engine.generate(input_ids=p, sampling_params=GREEDY)
+    assert "output_token_logprobs" not in plain["meta_info"]
+    engine.check_integrity()
+
+
+def test_logprobs_of_sampled_tokens_follow_the_raw_distribution(engine):
+    # Sampled at temperature 1.5 among the 5 most likely: every token is in its position's top
+    # 5 with the logprob reported for it, and the values are the raw distribution's (the first
+    # position's top 5 equal a greedy request's, which shares that position).
+    p = prompts(1, 12, seed=22)[0]
+    sp = {"temperature": 1.5, "top_k": 5, "max_new_tokens": 8, "seed": 7, "ignore_eos": True}
+    kw = {"return_logprob": True, "top_logprobs_num": 5}
+    hot = engine.generate(input_ids=p, sampling_params=sp, **kw)
+    tokens, tops = _check_logprob_shapes(hot, 5)
+    assert all(t in {u for _, u, _ in top} for (_, t, _), top in zip(tokens, tops))
+    assert any(top[0][1] != t for (_, t, _), top in zip(tokens, tops))  # not all greedy
+    greedy = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 1}, **kw)
+    first = greedy["meta_info"]["output_top_logprobs"][0]
+    assert [t for _, t, _ in first] == [t for _, t, _ in tops[0]]
+    assert all(abs(a[0] - b[0]) < 1e-5 for a, b in zip(first, tops[0], strict=True))
+    # No top list asked for: empty lists.
+    plain = engine.generate(input_ids=p, sampling_params=sp, return_logprob=True)
+    assert plain["output_ids"] == hot["output_ids"]
+    assert plain["meta_info"]["output_top_logprobs"] == [[] for _ in tokens]
+
+
+def test_logprob_arguments_are_checked(engine):
+    with pytest.raises(SamplingParamsError, match=r"^top_logprobs_num needs return_logprob$"):
+        engine.generate(input_ids=[5, 6], sampling_params=GREEDY, top_logprobs_num=2)
+    with pytest.raises(
+        SamplingParamsError, match=r"^top_logprobs_num must be an integer in \[0, 20\]; got 21$"
+    ):
+        engine.generate(
+            input_ids=[5, 6], sampling_params=GREEDY, return_logprob=True, top_logprobs_num=21
+        )
+    with pytest.raises(SamplingParamsError, match=r"^return_logprob must be true or false"):
+        engine.generate(input_ids=[5, 6], sampling_params=GREEDY, return_logprob=1)
+    assert not engine.scheduler.has_work()
+    engine.check_integrity()

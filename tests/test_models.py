@@ -643,3 +643,41 @@ def test_engine_greedy_matches_hf(hf_cases: dict[str, HFCase], kind: str, page_s
         cached = sum(o["meta_info"]["cached_tokens"] for o in again)
         assert cached == (10 + 5 if page_size == 1 else 10)
         engine.check_integrity()
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe"])
+def test_engine_logprobs_match_hf(hf_cases: dict[str, HFCase], kind: str):
+    """Logprobs the engine returns (greedy and seeded sampling, with their top 4) equal HF's
+    log-softmax over the same sequence, position by position."""
+    import kvtier
+
+    case = hf_cases[kind]
+    with kvtier.Engine(
+        model_path=str(case.directory),
+        dtype="float32",
+        max_total_tokens=4096,
+        skip_tokenizer_init=True,
+        log_level="warning",
+    ) as engine:
+        for sp in (
+            {"temperature": 0, "max_new_tokens": MAX_NEW, "ignore_eos": True},
+            {"temperature": 0.7, "seed": 3, "max_new_tokens": MAX_NEW, "ignore_eos": True},
+        ):
+            outs = engine.generate(
+                input_ids=PROMPTS, sampling_params=sp, return_logprob=True, top_logprobs_num=4
+            )
+            for prompt, out in zip(PROMPTS, outs, strict=True):
+                seq = torch.tensor([prompt + out["output_ids"]])
+                with torch.no_grad():
+                    ref = torch.log_softmax(case.hf(seq).logits[0].float(), dim=-1)
+                meta = out["meta_info"]
+                for i, ((lp, token, _), top) in enumerate(
+                    zip(meta["output_token_logprobs"], meta["output_top_logprobs"], strict=True)
+                ):
+                    row = ref[len(prompt) - 1 + i]
+                    assert token == out["output_ids"][i]
+                    assert abs(lp - row[token].item()) < 1e-4
+                    values, ids = torch.topk(row, 4)
+                    assert [t for _, t, _ in top] == ids.tolist()
+                    assert max(abs(v - w) for (v, _, _), w in zip(top, values.tolist())) < 1e-4
+        engine.check_integrity()

@@ -135,3 +135,25 @@ def test_engine_after_a_stop_in_flight_can_flush(overlapped):
     assert overlapped.flush_cache()
     assert overlapped.scheduler._inflight is None and not overlapped.scheduler.has_work()
     overlapped.check_integrity()
+
+
+def test_logprobs_ride_with_the_steps_run_ahead(overlapped, plain):
+    # Logprobs come back with each step's tokens, also for steps scheduled while the previous
+    # one ran: the same values, aligned with the same tokens, as without overlap.
+    prompts = _prompts(3, seed=5)
+    sp = {"temperature": 0, "max_new_tokens": 9, "ignore_eos": True}
+    kw = {"sampling_params": sp, "return_logprob": True, "top_logprobs_num": 2}
+    before = overlapped.scheduler.counters["decode_steps_ahead"]
+    with_overlap = overlapped.generate(input_ids=prompts, **kw)
+    assert overlapped.scheduler.counters["decode_steps_ahead"] > before
+    without = plain.generate(input_ids=prompts, **kw)
+    for a, b in zip(with_overlap, without, strict=True):
+        assert a["output_ids"] == b["output_ids"]
+        ma, mb = a["meta_info"], b["meta_info"]
+        assert len(ma["output_token_logprobs"]) == 9
+        for x, y in zip(ma["output_token_logprobs"], mb["output_token_logprobs"], strict=True):
+            assert x[1] == y[1] and abs(x[0] - y[0]) < 1e-5
+        assert [[t for _, t, _ in top] for top in ma["output_top_logprobs"]] == [
+            [t for _, t, _ in top] for top in mb["output_top_logprobs"]
+        ]
+    overlapped.check_integrity()

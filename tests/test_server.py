@@ -225,6 +225,57 @@ def test_generate_native_single_batch_and_stream(server, http):
     assert_integrity(server)
 
 
+def test_logprobs_chat_completions_and_native_agree(server, http, oai):
+    # The same greedy continuation through the three APIs: the same tokens and logprobs, top
+    # alternatives most likely first with the chosen token first (greedy); streamed events
+    # carry their own tokens' logprobs.
+    p = ids(16, seed=5)
+    native = http.post(
+        "/generate",
+        json={
+            "input_ids": p,
+            "sampling_params": GREEDY,
+            "return_logprob": True,
+            "top_logprobs_num": 3,
+        },
+    ).json()
+    meta = native["meta_info"]
+    tokens = meta["output_token_logprobs"]
+    assert [t for _, t, _ in tokens] == native["output_ids"]
+    assert all(top[0][:2] == tok[:2] for tok, top in zip(tokens, meta["output_top_logprobs"]))
+
+    kw = {"model": MODEL, "max_tokens": 6, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    comp = oai.completions.create(prompt=p, logprobs=3, **kw).choices[0]
+    assert comp.text == native["text"]
+    lp = comp.logprobs
+    pairs = zip(lp.token_logprobs, tokens, strict=True)
+    assert all(abs(v - w) < 1e-5 for v, (w, _, _) in pairs)
+    assert len(lp.tokens) == len(lp.top_logprobs) == 6 and lp.text_offset[0] == 0
+    assert all(len(top) == 3 for top in lp.top_logprobs)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    streamed = list(oai.completions.create(prompt=p, logprobs=3, stream=True, **kw))
+    tokens_streamed = [t for c in streamed for t in (c.choices[0].logprobs or {}).tokens or []]
+    assert tokens_streamed == lp.tokens
+
+    messages = [{"role": "user", "content": "Which tier holds the prefix?"}]
+    chat_kw = {"model": MODEL, "messages": messages, "max_tokens": 5, "temperature": 0}
+    chat = oai.chat.completions.create(**chat_kw, logprobs=True, top_logprobs=2).choices[0]
+    content = chat.logprobs.content
+    assert len(content) == 5 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.top_logprobs[0].token == c.token for c in content)
+    assert all(c.bytes == list(c.token.encode("utf-8")) for c in content)
+    assert "".join(c.token for c in content) == chat.message.content
+    chunks = list(oai.chat.completions.create(**chat_kw, logprobs=True, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in
+                c.choices[0].logprobs.content]  # fmt: skip
+    assert [e.token for e in streamed] == [c.token for c in content]
+    # (the second request finds the prompt cached: float32 rounding of another order)
+    assert all(abs(e.logprob - c.logprob) < 1e-5 for e, c in zip(streamed, content, strict=True))
+    plain = oai.chat.completions.create(**chat_kw).choices[0]
+    assert plain.logprobs is None
+    assert_integrity(server)
+
+
 def test_32_concurrent_clients_match_requests_sent_alone(server):
     oai = server.openai()
     prompts = [f"Request number {i} asks about KV tiers" for i in range(8)]
@@ -349,6 +400,38 @@ BAD_REQUESTS = [
         {"messages": MSG, "frequency_penalty": 0.5},
         400,
         "frequency_penalty is not supported",
+    ),
+    (
+        "top_logprobs without logprobs",
+        "POST",
+        CHAT,
+        {"messages": MSG, "top_logprobs": 3},
+        400,
+        "top_logprobs needs logprobs=true",
+    ),
+    (
+        "top_logprobs over 20",
+        "POST",
+        CHAT,
+        {"messages": MSG, "logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs must be in [0, 20]; got 21",
+    ),
+    (
+        "completion logprobs over 20",
+        "POST",
+        "/v1/completions",
+        {"prompt": "a", "logprobs": 21},
+        400,
+        "logprobs must be in [0, 20]; got 21",
+    ),
+    (
+        "native top_logprobs_num without return_logprob",
+        "POST",
+        "/generate",
+        {"text": "a", "top_logprobs_num": 2},
+        400,
+        "top_logprobs_num needs return_logprob",
     ),
     (
         "several prompts",

@@ -39,3 +39,20 @@ def sample(
         gen = generators[i] or default_generator
         out[i] = torch.multinomial(probs, 1, generator=gen)[0]
     return out
+
+
+def token_logprobs(
+    logits: torch.Tensor,  # [N, V] float32, the rows of the requests that want logprobs
+    ids: torch.Tensor,  # [N] int64, the tokens sampled from them
+    top_n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities under the model's own distribution (the raw logits, before
+    temperature, top-k or top-p): each sampled token's [N], and the ``top_n`` most likely
+    tokens' values and ids [N, top_n], most likely first."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, ids.view(-1, 1)).view(-1)
+    if top_n == 0:
+        empty = logprobs.new_empty(logprobs.shape[0], 0)
+        return chosen, empty, empty.to(torch.int64)
+    values, order = torch.topk(logprobs, min(top_n, logprobs.shape[-1]), dim=-1, sorted=True)
+    return chosen, values, order

@@ -66,6 +66,12 @@ class Req:
     output_text: str = ""
     sent_text_len: int = 0
     sent_ids_len: int = 0
+    # Logprobs of each output token (return_logprob), and of the top_logprobs_num most likely
+    # tokens at each position as (token id, logprob): aligned with output_ids.
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     num_retractions: int = 0
@@ -103,3 +109,49 @@ class ReqOutput:
     new_text: str
     finished: bool
     meta_info: dict[str, Any]
+    # With return_logprob: the new tokens' logprobs and top alternatives (see Req).
+    new_logprobs: list[float] | None = None
+    new_top_logprobs: list[list[tuple[int, float]]] | None = None
+
+    def logprob_entries(self) -> tuple[list[list[Any]], list[list[list[Any]]]] | None:
+        """SGLang's ``meta_info`` shapes of the new tokens' logprobs: ``[logprob, token id,
+        None]`` per token, and per token a list of those for its top alternatives; None
+        without return_logprob."""
+        if self.new_logprobs is None:
+            return None
+        tokens = [[lp, t, None] for lp, t in zip(self.new_logprobs, self.new_ids, strict=True)]
+        tops = [[[lp, t, None] for t, lp in top] for top in self.new_top_logprobs or []]
+        return tokens, tops
+
+
+@dataclass
+class GenerateResult:
+    """One request's outputs accumulated: ``to_dict`` is what ``Engine.generate`` and the
+    native ``/generate`` return for it (with return_logprob, ``meta_info`` also carries
+    ``output_token_logprobs`` and ``output_top_logprobs`` in SGLang's shapes)."""
+
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    meta_info: dict[str, Any] = field(default_factory=dict)
+    token_logprobs: list[list[Any]] | None = None
+    top_logprobs: list[list[list[Any]]] | None = None
+
+    def add(self, out: ReqOutput) -> None:
+        self.text += out.new_text
+        self.output_ids.extend(out.new_ids)
+        self.meta_info = out.meta_info
+        entries = out.logprob_entries()
+        if entries is not None:
+            if self.token_logprobs is None or self.top_logprobs is None:
+                self.token_logprobs, self.top_logprobs = [], []
+            self.token_logprobs.extend(entries[0])
+            self.top_logprobs.extend(entries[1])
+
+    def to_dict(self, e2e_latency: float | None = None) -> dict[str, Any]:
+        meta = dict(self.meta_info)
+        if e2e_latency is not None:
+            meta["e2e_latency"] = e2e_latency
+        if self.token_logprobs is not None:
+            meta["output_token_logprobs"] = list(self.token_logprobs)
+            meta["output_top_logprobs"] = list(self.top_logprobs or [])
+        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}

@@ -22,8 +22,8 @@ from kvtier.cache.kv_pool import PageAllocator, ReqToPageTable, to_device_async
 from kvtier.cache.radix_cache import IntegrityError, MatchResult, RadixCache
 from kvtier.runner.forward_batch import ForwardMode
 from kvtier.runner.model_runner import ModelRunner
-from kvtier.runner.sampler import sample
-from kvtier.sampling_params import SamplingParams
+from kvtier.runner.sampler import sample, token_logprobs
+from kvtier.sampling_params import SamplingParams, check_logprob_args
 from kvtier.scheduler.batch import ScheduleBatch
 from kvtier.scheduler.detokenizer import Detokenizer, find_stop_string, stop_prefix_overlap
 from kvtier.scheduler.request import FinishReason, Req, ReqOutput
@@ -54,6 +54,17 @@ class _InFlight:
     ids: torch.Tensor | None
     host_ids: torch.Tensor | None
     done: torch.cuda.Event | None
+    # Requests (indices into sampled) that want logprobs, and theirs on the host (landed with
+    # the ids): each one's token logprob [N], top values [N, K] and top ids [N, K].
+    logprob_rows: list[int] | None = None
+    host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of a device tensor, enqueued without waiting."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 class Scheduler:
@@ -149,6 +160,7 @@ class Scheduler:
         if min(req.input_ids) < 0 or max(req.input_ids) >= vocab:
             bad = next(t for t in req.input_ids if not 0 <= t < vocab)
             raise RequestError(f"token id {bad} is outside the vocabulary (size {vocab})")
+        check_logprob_args(req.return_logprob, req.top_logprobs_num)
         if len(self.waiting) >= self.args.max_queued_requests:
             raise QueueFullError(
                 f"{len(self.waiting)} requests are waiting (--max-queued-requests); retry later"
@@ -461,14 +473,22 @@ class Scheduler:
             [r.generator for r in sampled],
             self.generator,
         )
+        rows = [i for i, r in enumerate(sampled) if r.return_logprob] or None
+        logprobs = None
+        if rows is not None:
+            index = to_device_async(torch.tensor(rows, dtype=torch.int64), logits.device)
+            top_n = max(sampled[i].top_logprobs_num for i in rows)
+            logprobs = token_logprobs(logits[index], ids[index], top_n)
         if ids.device.type != "cuda":
-            return _InFlight(batch, sampled, ids, ids, None)
-        # To pinned memory without waiting; the event marks when the copy has landed.
-        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-        host.copy_(ids, non_blocking=True)
+            return _InFlight(batch, sampled, ids, ids, None, rows, logprobs)
+        # To pinned memory without waiting; the event marks when the copies have landed.
+        host = _to_host(ids)
+        host_logprobs = None
+        if logprobs is not None:
+            host_logprobs = (_to_host(logprobs[0]), _to_host(logprobs[1]), _to_host(logprobs[2]))
         done = torch.cuda.Event()
         done.record()
-        return _InFlight(batch, sampled, ids, host, done)
+        return _InFlight(batch, sampled, ids, host, done, rows, host_logprobs)
 
     def _process(self, step: _InFlight) -> None:
         """Take a launched step's results: advance the cursors, cache prefixes, append the
@@ -485,9 +505,16 @@ class Scheduler:
             for req in batch.reqs:
                 if not req.finished:
                     self._cache_prefix(req)
-        for req, token in zip(step.sampled, next_ids):
+        logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = {}
+        if step.logprob_rows is not None and step.host_logprobs is not None:
+            chosen, top_values, top_ids = (t.tolist() for t in step.host_logprobs)
+            for j, i in enumerate(step.logprob_rows):
+                n = step.sampled[i].top_logprobs_num
+                top = list(zip(top_ids[j][:n], top_values[j][:n], strict=True))
+                logprobs[i] = (chosen[j], top)
+        for i, (req, token) in enumerate(zip(step.sampled, next_ids)):
             if not req.finished:
-                self._append_token(req, token)
+                self._append_token(req, token, logprobs.get(i))
 
     def _run(self, batch: ScheduleBatch) -> None:
         """Launch a step and, unless it is a decode step that overlap scheduling leaves in
@@ -613,9 +640,14 @@ class Scheduler:
         self.running.remove(req)
         self.waiting.appendleft(req)
 
-    def _append_token(self, req: Req, token: int) -> None:
+    def _append_token(
+        self, req: Req, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None
+    ) -> None:
         req.tokens.append(token)
         req.output_ids.append(token)
+        if logprob is not None:
+            req.output_logprobs.append(logprob[0])
+            req.output_top_logprobs.append(logprob[1])
         self.counters["generation_tokens"] += 1
         if req.first_token_time is None:
             req.first_token_time = time.perf_counter()
@@ -708,11 +740,16 @@ class Scheduler:
             # Hold back a tail that may be the start of a stop string: if the string completes,
             # it is trimmed from the output and must not have been sent.
             text_end -= stop_prefix_overlap(req.output_text, req.sampling.stop)
-        new_ids = req.output_ids[req.sent_ids_len :]
+        sent = req.sent_ids_len
+        new_ids = req.output_ids[sent:]
         new_text = req.output_text[req.sent_text_len : max(text_end, req.sent_text_len)]
         req.sent_ids_len = len(req.output_ids)
         req.sent_text_len = max(text_end, req.sent_text_len)
-        self._outputs.append(ReqOutput(req.rid, new_ids, new_text, req.finished, req.meta_info()))
+        out = ReqOutput(req.rid, new_ids, new_text, req.finished, req.meta_info())
+        if req.return_logprob:
+            out.new_logprobs = req.output_logprobs[sent:]
+            out.new_top_logprobs = req.output_top_logprobs[sent:]
+        self._outputs.append(out)
 
     # ------------------------------------------------------------------ maintenance
     def warm_up(self) -> None:

@@ -49,6 +49,9 @@ class GenerateReq:
     sampling_params: dict[str, Any]
     # The scheduler sends the new tokens of streamed requests after every step.
     stream: bool
+    # Logprobs of the output tokens and of the top alternatives (see Req).
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
 
 
 @dataclass

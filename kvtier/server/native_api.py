@@ -49,7 +49,7 @@ class _NativeChunks:
     def on_output(self, index: int, out: ReqOutput, e2e: float) -> list[dict[str, Any]]:
         res = self.results[index]
         res.add(out, e2e)
-        event = {"text": res.text, "output_ids": list(res.output_ids), "meta_info": res.meta_info}
+        event = res.to_dict()
         if self.batch:
             event["index"] = index
         return [event]
@@ -73,8 +73,7 @@ async def generate(
     fe = _frontend(request)
     if (body.text is None) == (body.input_ids is None):
         raise APIError(400, "give exactly one of text and input_ids")
-    if body.return_logprob:
-        raise APIError(400, "return_logprob is not supported")
+    fe.check_logprobs(body.return_logprob, body.top_logprobs_num)
     if body.text is not None:
         single = isinstance(body.text, str)
         texts = [body.text] if isinstance(body.text, str) else body.text
@@ -93,7 +92,7 @@ async def generate(
         sp = fe.sampling(p)
         sp.max_new_tokens = fe.check_ids(ids, sp.max_new_tokens, "max_new_tokens")
         items.append((ids, sp))
-    gen = fe.submit(items, rids)
+    gen = fe.submit(items, rids, body.return_logprob, body.top_logprobs_num)
     if body.stream:
         return await sse_response(request, gen, _NativeChunks(n, batch=not single))
     try:

@@ -2,6 +2,9 @@
 
 One choice per request (``n=1``). Without ``max_tokens`` a chat completion may run to the end of
 the context (OpenAI's semantics); a text completion defaults to 16 tokens (OpenAI's default).
+``logprobs`` (chat: with ``top_logprobs``; completions: the number of alternatives) report the
+output tokens' logprobs under the model's raw distribution, each token's text decoded alone;
+prompt logprobs (``echo``) are not supported.
 ``usage.prompt_tokens_details`` carries ``cached_tokens`` and, as an extension,
 ``cached_tokens_by_tier``.
 """
@@ -15,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from kvtier.sampling_params import SamplingParams
+from kvtier.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from kvtier.scheduler.request import ReqOutput
 from kvtier.server.errors import APIError
 from kvtier.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAISamplingFields
@@ -83,26 +86,80 @@ def _finish(meta: dict[str, Any]) -> tuple[str | None, Any]:
     return reason.get("type"), reason.get("matched")
 
 
+def _chat_logprobs(
+    fe: Frontend, tokens: list[list[Any]], tops: list[list[list[Any]]]
+) -> dict[str, Any]:
+    """The chat format: per token its text, logprob, UTF-8 bytes and top alternatives."""
+
+    def entry(logprob: float, token_id: int) -> dict[str, Any]:
+        text = fe.token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for (logprob, token_id, _), top in zip(tokens, tops, strict=True):
+        item = entry(logprob, token_id)
+        item["top_logprobs"] = [entry(lp, t) for lp, t, _ in top]
+        content.append(item)
+    return {"content": content}
+
+
+def _text_logprobs(
+    fe: Frontend, tokens: list[list[Any]], tops: list[list[list[Any]]], offset: int
+) -> dict[str, Any]:
+    """The legacy completions format; ``text_offset`` counts from ``offset`` over the tokens'
+    texts (each token decoded alone)."""
+    texts = [fe.token_text(t) for _, t, _ in tokens]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": texts,
+        "token_logprobs": [lp for lp, _, _ in tokens],
+        "top_logprobs": [{fe.token_text(t): lp for lp, t, _ in top} for top in tops],
+        "text_offset": offsets,
+    }
+
+
 class _Chunks:
-    """Stream events of one OpenAI choice; subclasses say how a piece of text is wrapped."""
+    """Stream events of one OpenAI choice; subclasses say how a piece of text is wrapped and
+    how logprobs are (sent with the next event that has text, or with the last one)."""
 
     object_name = ""
 
-    def __init__(self, rid: str, model: str, include_usage: bool) -> None:
+    def __init__(
+        self, rid: str, model: str, include_usage: bool, fe: Frontend, logprobs: bool = False
+    ) -> None:
         self.id = rid
         self.model = model
         self.created = int(time.time())
         self.include_usage = include_usage
+        self.fe = fe
+        self.logprobs = logprobs
         self.meta: dict[str, Any] = {}
         self.started = False
+        # Logprobs of tokens not yet sent (their text may be held back), and the legacy
+        # format's text offset of the next token.
+        self.pending: tuple[list[list[Any]], list[list[list[Any]]]] = ([], [])
+        self.text_offset = 0
+
+    def _format_logprobs(
+        self, tokens: list[list[Any]], tops: list[list[list[Any]]]
+    ) -> dict[str, Any]:
+        raise NotImplementedError
 
     def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        logprobs = None
+        if self.logprobs:
+            tokens, tops = self.pending
+            logprobs = self._format_logprobs(tokens, tops)
+            self.pending = ([], [])
         c: dict[str, Any] = {
             "id": self.id,
             "object": self.object_name,
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "logprobs": None, **choice}],
+            "choices": [{"index": 0, "logprobs": logprobs, **choice}],
         }
         if self.include_usage:
             c["usage"] = None
@@ -116,6 +173,10 @@ class _Chunks:
 
     def on_output(self, index: int, out: ReqOutput, e2e: float) -> list[dict[str, Any]]:
         events = []
+        entries = out.logprob_entries()
+        if entries is not None:
+            self.pending[0].extend(entries[0])
+            self.pending[1].extend(entries[1])
         if out.new_text or not self.started:
             events.append(self._chunk(self._piece(out.new_text, not self.started)))
             self.started = True
@@ -152,6 +213,11 @@ class _ChatChunks(_Chunks):
     def _end(self) -> dict[str, Any]:
         return {"delta": {}}
 
+    def _format_logprobs(
+        self, tokens: list[list[Any]], tops: list[list[list[Any]]]
+    ) -> dict[str, Any]:
+        return _chat_logprobs(self.fe, tokens, tops)
+
 
 class _TextChunks(_Chunks):
     object_name = "text_completion"
@@ -162,12 +228,25 @@ class _TextChunks(_Chunks):
     def _end(self) -> dict[str, Any]:
         return {"text": ""}
 
+    def _format_logprobs(
+        self, tokens: list[list[Any]], tops: list[list[list[Any]]]
+    ) -> dict[str, Any]:
+        # Offsets continue over the token texts already sent in earlier events.
+        formatted = _text_logprobs(self.fe, tokens, tops, self.text_offset)
+        self.text_offset += sum(len(t) for t in formatted["tokens"])
+        return formatted
+
 
 def _submit_one(
-    fe: Frontend, ids: list[int], sp: SamplingParams, rid: str | None
+    fe: Frontend,
+    ids: list[int],
+    sp: SamplingParams,
+    rid: str | None,
+    logprobs: bool = False,
+    top_logprobs: int = 0,
 ) -> tuple[Generation, str]:
     rid = rid or uuid.uuid4().hex
-    return fe.submit([(ids, sp)], [rid]), rid
+    return fe.submit([(ids, sp)], [rid], logprobs, top_logprobs), rid
 
 
 async def _collect_one(request: Request, gen: Generation) -> Result:
@@ -184,20 +263,28 @@ async def chat_completions(
 ) -> dict[str, Any] | StreamingResponse:
     fe = _frontend(request)
     fe.check_model(body.model)
-    _check_unsupported(body, {"logprobs": body.logprobs, "top_logprobs": body.top_logprobs})
+    _check_unsupported(body, {})
+    top = body.top_logprobs or 0
+    if top and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true")
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]; got {top}")
     ids = fe.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
     if body.max_completion_tokens is not None:
         limit = _max_tokens(body.max_completion_tokens, "max_completion_tokens")
         max_new = fe.check_ids(ids, limit, "max_completion_tokens")
     else:
         max_new = fe.check_ids(ids, _max_tokens(body.max_tokens, "max_tokens"), "max_tokens")
-    gen, rid = _submit_one(fe, ids, _sampling(fe, body, max_new), body.rid)
+    gen, rid = _submit_one(fe, ids, _sampling(fe, body, max_new), body.rid, body.logprobs, top)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _ChatChunks("chatcmpl-" + rid, fe.model.name, usage)
+        chunks = _ChatChunks("chatcmpl-" + rid, fe.model.name, usage, fe, body.logprobs)
         return await sse_response(request, gen, chunks)
     res = await _collect_one(request, gen)
     reason, matched = _finish(res.meta_info)
+    logprobs = None
+    if body.logprobs:
+        logprobs = _chat_logprobs(fe, res.token_logprobs or [], res.top_logprobs or [])
     return {
         "id": "chatcmpl-" + rid,
         "object": "chat.completion",
@@ -207,7 +294,7 @@ async def chat_completions(
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": res.text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": reason,
                 "matched_stop": matched,
             }
@@ -244,19 +331,26 @@ async def completions(
         body,
         {
             "echo": body.echo,
-            "logprobs": body.logprobs is not None,
             "suffix": body.suffix,
             "best_of": body.best_of not in (None, 1),
         },
     )
+    want = body.logprobs is not None
+    top = body.logprobs or 0
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]; got {top}")
     ids = _prompt_ids(fe, body.prompt)
     max_new = fe.check_ids(ids, _max_tokens(body.max_tokens, "max_tokens"), "max_tokens")
-    gen, rid = _submit_one(fe, ids, _sampling(fe, body, max_new), body.rid)
+    gen, rid = _submit_one(fe, ids, _sampling(fe, body, max_new), body.rid, want, top)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return await sse_response(request, gen, _TextChunks("cmpl-" + rid, fe.model.name, usage))
+        chunks = _TextChunks("cmpl-" + rid, fe.model.name, usage, fe, want)
+        return await sse_response(request, gen, chunks)
     res = await _collect_one(request, gen)
     reason, matched = _finish(res.meta_info)
+    logprobs = None
+    if want:
+        logprobs = _text_logprobs(fe, res.token_logprobs or [], res.top_logprobs or [], 0)
     return {
         "id": "cmpl-" + rid,
         "object": "text_completion",
@@ -266,7 +360,7 @@ async def completions(
             {
                 "index": 0,
                 "text": res.text,
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": reason,
                 "matched_stop": matched,
             }

@@ -2,7 +2,7 @@
 misspelt parameter is never silently ignored.
 
 OpenAI parameters this engine does not implement are accepted only at their neutral values
-(``frequency_penalty=0``, ``logprobs=false``, ...) so that clients that always send them work."""
+(``frequency_penalty=0``, ``echo=false``, ...) so that clients that always send them work."""
 
 from __future__ import annotations
 
@@ -110,6 +110,7 @@ class GenerateRequest(_Strict):
     stream: bool = False
     rid: Annotated[str | list[str] | None, _one_of("a string or a list of strings")] = None
     return_logprob: bool = False
+    top_logprobs_num: int = 0
 
 
 class FlushCacheRequest(_Strict):

@@ -99,6 +99,8 @@ class SchedulerLoop:
                 input_ids=list(msg.input_ids),
                 sampling=SamplingParams.from_dict(msg.sampling_params),
                 stream=msg.stream,
+                return_logprob=msg.return_logprob,
+                top_logprobs_num=msg.top_logprobs_num,
             )
             self.scheduler.add_request(req)
         except (RequestError, SamplingParamsError) as e:

@@ -7,13 +7,13 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
 
-from kvtier.sampling_params import SamplingParams, SamplingParamsError
-from kvtier.scheduler.request import ReqOutput
+from kvtier.sampling_params import SamplingParams, SamplingParamsError, check_logprob_args
+from kvtier.scheduler.request import GenerateResult, ReqOutput
 from kvtier.server import ipc
 from kvtier.server.engine_client import EngineClient, RequestFailed, RequestStream
 from kvtier.server.errors import STATUS_OF_FAILURE, APIError, ClientDisconnected
@@ -30,21 +30,14 @@ class ModelInfo:
     vocab_size: int
 
 
-@dataclass
-class Result:
-    """One request's accumulated output, in the shape of ``Engine.generate``."""
+class Result(GenerateResult):
+    """One request's accumulated output, in the shape of ``Engine.generate``, its
+    ``meta_info`` with the end-to-end latency of the last output added."""
 
-    text: str = ""
-    output_ids: list[int] = field(default_factory=list)
-    meta_info: dict[str, Any] = field(default_factory=dict)
-
-    def add(self, out: ReqOutput, e2e: float) -> None:
-        self.text += out.new_text
-        self.output_ids.extend(out.new_ids)
-        self.meta_info = {**out.meta_info, "e2e_latency": e2e}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "output_ids": self.output_ids, "meta_info": self.meta_info}
+    def add(self, out: ReqOutput, e2e: float | None = None) -> None:
+        super().add(out)
+        if e2e is not None:
+            self.meta_info = {**self.meta_info, "e2e_latency": e2e}
 
 
 def api_error(err: RequestFailed) -> APIError:
@@ -146,6 +139,20 @@ class Frontend:
         return max_new_tokens
 
     @staticmethod
+    def check_logprobs(return_logprob: bool, top_logprobs_num: int) -> None:
+        try:
+            check_logprob_args(return_logprob, top_logprobs_num)
+        except SamplingParamsError as e:
+            raise APIError(400, str(e)) from None
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text (special tokens included), for logprob entries; without a
+        tokenizer ``token_id:N``."""
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    @staticmethod
     def sampling(params: dict[str, Any] | None) -> SamplingParams:
         try:
             return SamplingParams.from_dict(params)
@@ -154,13 +161,17 @@ class Frontend:
 
     # ------------------------------------------------------------------ running
     def submit(
-        self, items: list[tuple[list[int], SamplingParams]], rids: list[str] | None = None
+        self,
+        items: list[tuple[list[int], SamplingParams]],
+        rids: list[str] | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
     ) -> Generation:
         rids = rids or [uuid.uuid4().hex for _ in items]
         # Every request streams from the scheduler, also when the HTTP response does not: the
         # API process then sees when each token arrives (TTFT and inter-token metrics).
         reqs = [
-            ipc.GenerateReq(rid, ids, sp.to_dict(), stream=True)
+            ipc.GenerateReq(rid, ids, sp.to_dict(), True, return_logprob, top_logprobs_num)
             for rid, (ids, sp) in zip(rids, items)
         ]
         try:
