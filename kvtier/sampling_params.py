@@ -23,6 +23,16 @@ class SamplingParams:
     seed: int | None = None  # per-request sampling seed: same seed, same tokens
     skip_special_tokens: bool = True
     no_stop_trim: bool = False  # keep the matched stop string in the output text
+    # Penalties on the logits before sampling (greedy too), as SGLang / vLLM apply them:
+    # frequency subtracts f x (times the token was generated), presence p once a token was
+    # generated, repetition divides positive logits of tokens in the prompt or output by r
+    # (multiplies negative ones). min_p drops tokens less likely than min_p x the likeliest
+    # (sampling only); min_new_tokens holds back EOS and stop_token_ids until that many.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -36,6 +46,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling must see the request's tokens (a penalty or min_new_tokens)."""
+        return bool(
+            self.frequency_penalty
+            or self.presence_penalty
+            or self.repetition_penalty != 1.0
+            or self.min_new_tokens
+        )
 
     def validate(self) -> None:
         def number(name: str, kinds: tuple[type, ...]) -> Any:
@@ -62,6 +82,21 @@ class SamplingParams:
         ):
             raise SamplingParamsError(
                 f"stop_token_ids must be a list of token ids; got {self.stop_token_ids!r}"
+            )
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= number(name, (int, float)) <= 2.0:
+                raise SamplingParamsError(f"{name} must be in [-2, 2]; got {getattr(self, name)}")
+        if not 0.0 < number("repetition_penalty", (int, float)) <= 2.0:
+            raise SamplingParamsError(
+                f"repetition_penalty must be in (0, 2]; got {self.repetition_penalty}"
+            )
+        if not 0.0 <= number("min_p", (int, float)) <= 1.0:
+            raise SamplingParamsError(f"min_p must be in [0, 1]; got {self.min_p}")
+        min_new = number("min_new_tokens", (int,))
+        if not 0 <= min_new <= self.max_new_tokens:
+            raise SamplingParamsError(
+                f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}]; "
+                f"got {min_new}"
             )
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)

@@ -569,3 +569,59 @@ def test_logprob_arguments_are_checked(engine):
         engine.generate(input_ids=[5, 6], sampling_params=GREEDY, return_logprob=1)
     assert not engine.scheduler.has_work()
     engine.check_integrity()
+
+
+# ---------------------------------------------------------------------------- penalties
+def test_frequency_and_presence_penalties_steer_greedy_choices(engine):
+    # Greedy with penalties: each token is the argmax of the raw logprobs minus the penalty of
+    # what was generated before it. Checked from the top-20 raw logprobs the request returns:
+    # whenever the best penalized value among them is at least the 20th raw value, no token
+    # outside the list can beat it, so the choice is known exactly.
+    f, pres = 0.5, 0.8
+    sp = {**GREEDY, "max_new_tokens": 16, "frequency_penalty": f, "presence_penalty": pres}
+    decided = 0
+    for p in prompts(3, 18, seed=31):
+        out = engine.generate(
+            input_ids=p, sampling_params=sp, return_logprob=True, top_logprobs_num=20
+        )
+        tops = out["meta_info"]["output_top_logprobs"]
+        for i, (token, top) in enumerate(zip(out["output_ids"], tops, strict=True)):
+            before = out["output_ids"][:i]
+
+            def penalized(t, v, before=before):
+                n = before.count(t)
+                return v - f * n - (pres if n else 0.0)
+
+            best = max(top, key=lambda e: penalized(e[1], e[0]))
+            if penalized(best[1], best[0]) >= top[-1][0]:
+                assert token == best[1]
+                decided += 1
+        plain = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 16})
+        assert len(set(out["output_ids"])) >= len(set(plain["output_ids"]))
+    assert decided >= 40  # of 48 positions
+    engine.check_integrity()
+
+
+def test_min_new_tokens_holds_back_stop_tokens(engine):
+    p = prompts(1, 16, seed=32)[0]
+    first = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 1})
+    stop = first["output_ids"][0]
+    sp = {"temperature": 0, "max_new_tokens": 8, "stop_token_ids": [stop]}
+    stopped = engine.generate(input_ids=p, sampling_params=sp)
+    assert stopped["output_ids"] == [stop]
+    assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    held = engine.generate(input_ids=p, sampling_params={**sp, "min_new_tokens": 3})
+    assert len(held["output_ids"]) >= 3 and stop not in held["output_ids"][:3]
+    engine.check_integrity()
+
+
+def test_repetition_penalty_and_min_p_change_or_keep_outputs(engine):
+    p = prompts(1, 20, seed=33)[0]
+    plain = engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"]
+    # min_p = 1 keeps only the likeliest token: sampling at any temperature is greedy.
+    hot = {"temperature": 2.0, "min_p": 1.0, "max_new_tokens": 12, "ignore_eos": True, "seed": 3}
+    assert engine.generate(input_ids=p, sampling_params=hot)["output_ids"] == plain
+    # The strongest repetition penalty moves the greedy choice off tokens of the prompt.
+    rep = engine.generate(input_ids=p, sampling_params={**GREEDY, "repetition_penalty": 2.0})
+    assert rep["output_ids"] != plain
+    engine.check_integrity()

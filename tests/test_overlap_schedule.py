@@ -157,3 +157,14 @@ def test_logprobs_ride_with_the_steps_run_ahead(overlapped, plain):
             [t for _, t, _ in top] for top in mb["output_top_logprobs"]
         ]
     overlapped.check_integrity()
+
+
+def test_penalized_requests_are_not_scheduled_ahead(overlapped, plain):
+    # A penalty needs the previous token, which a step launched ahead does not have: batches
+    # with a penalized request run one step at a time, with the tokens of running without
+    # overlap.
+    prompts = _prompts(2, seed=6)
+    sp = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True, "frequency_penalty": 1.0}
+    want, _ = _run(plain, [sp, sp], prompts)
+    got, ahead = _run(overlapped, [sp, sp], prompts)
+    assert got == want and ahead == 0

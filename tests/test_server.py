@@ -276,6 +276,50 @@ def test_logprobs_chat_completions_and_native_agree(server, http, oai):
     assert_integrity(server)
 
 
+def test_several_prompts_and_n_choices(server, http, oai):
+    # Completions: a list of prompts, n choices each (choice i * n + j: prompt i, choice j);
+    # greedy choices of a prompt agree with each other and with the prompt sent alone. Seeded
+    # sampling: choice j uses seed + j, so the choices differ and repeat run to run.
+    p, q = ids(10, seed=8), ids(13, seed=9)
+    kw = {"model": MODEL, "max_tokens": 5, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    alone = [oai.completions.create(prompt=x, **kw).choices[0].text for x in (p, q)]
+    out = oai.completions.create(prompt=[p, q], n=2, **kw)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert [c.text for c in out.choices] == [alone[0], alone[0], alone[1], alone[1]]
+    assert out.usage.prompt_tokens == 23 and out.usage.completion_tokens == 20
+    streamed = list(oai.completions.create(prompt=[p, q], n=2, stream=True, **kw))
+    texts = ["", "", "", ""]
+    for c in streamed:
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts == [c.text for c in out.choices]
+
+    messages = [{"role": "user", "content": "Name a cache tier."}]
+    sampled = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": 6,
+        "temperature": 1.0,
+        "extra_body": {"ignore_eos": True},
+    }
+    a = oai.chat.completions.create(**sampled, n=3, seed=11)
+    b = oai.chat.completions.create(**sampled, n=3, seed=11)
+    texts_a = [c.message.content for c in a.choices]
+    assert texts_a == [c.message.content for c in b.choices]
+    assert len(set(texts_a)) > 1
+    one = oai.chat.completions.create(**sampled, seed=12)  # choice 1's seed, alone
+    assert one.choices[0].message.content == texts_a[1]
+    # The prompt counted once, every choice's 6 tokens.
+    assert a.usage.prompt_tokens == one.usage.prompt_tokens
+    assert a.usage.completion_tokens == 18
+    chunks = list(oai.chat.completions.create(**sampled, n=3, seed=11, stream=True))
+    streamed_texts = ["", "", ""]
+    for c in chunks:
+        if c.choices:
+            streamed_texts[c.choices[0].index] += c.choices[0].delta.content or ""
+    assert streamed_texts == texts_a
+    assert_integrity(server)
+
+
 def test_32_concurrent_clients_match_requests_sent_alone(server):
     oai = server.openai()
     prompts = [f"Request number {i} asks about KV tiers" for i in range(8)]
@@ -376,7 +420,8 @@ BAD_REQUESTS = [
         "temperature must be in [0, 100]; got -1",
     ),
     ("top_p zero", "POST", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p must be"),
-    ("n above one", "POST", CHAT, {"messages": MSG, "n": 3}, 400, "n must be 1"),
+    ("n above 64", "POST", CHAT, {"messages": MSG, "n": 65}, 400, "n must be in [1, 64]; got 65"),
+    ("n of 0", "POST", "/v1/completions", {"prompt": "a", "n": 0}, 400, "n must be in [1, 64]"),
     (
         "stop of the wrong type",
         "POST",
@@ -394,12 +439,20 @@ BAD_REQUESTS = [
         "messages.0.content: must be a string or a list of",
     ),
     (
-        "unsupported penalty",
+        "penalty out of range",
         "POST",
         CHAT,
-        {"messages": MSG, "frequency_penalty": 0.5},
+        {"messages": MSG, "frequency_penalty": 3},
         400,
-        "frequency_penalty is not supported",
+        "frequency_penalty must be in [-2, 2]; got 3.0",
+    ),
+    (
+        "min_tokens over max_tokens",
+        "POST",
+        "/v1/completions",
+        {"prompt": "a", "max_tokens": 4, "min_tokens": 5},
+        400,
+        "min_new_tokens must be in [0, max_new_tokens=4]; got 5",
     ),
     (
         "top_logprobs without logprobs",
@@ -434,12 +487,20 @@ BAD_REQUESTS = [
         "top_logprobs_num needs return_logprob",
     ),
     (
-        "several prompts",
+        "too many choices",
         "POST",
         "/v1/completions",
-        {"prompt": ["a", "b"]},
+        {"prompt": ["a", "b"], "n": 40},
         400,
-        "only one prompt per request",
+        "2 prompts x n=40 is 80 choices; at most 64 a request",
+    ),
+    (
+        "an empty prompt among several",
+        "POST",
+        "/v1/completions",
+        {"prompt": [[5, 6], []]},
+        400,
+        "the prompt is empty",
     ),
     (
         "token id outside the vocabulary",

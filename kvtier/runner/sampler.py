@@ -1,14 +1,52 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with optional per-request seeds."""
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, frequency / presence / repetition
+penalties, with optional per-request seeds; logprobs of the sampled tokens."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from kvtier.sampling_params import SamplingParams
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) everything outside the top-k and the top-p nucleus of one row."""
+@dataclass(frozen=True)
+class History:
+    """What a penalized request's next sample depends on besides its logits: its prompt and
+    output so far, and the tokens it may not sample yet (EOS and stop tokens before
+    min_new_tokens)."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    banned: tuple[int, ...] = ()
+
+
+def penalize(row: torch.Tensor, p: SamplingParams, history: History) -> torch.Tensor:
+    """One row of logits with ``p``'s penalties applied (a new tensor)."""
+    row = row.clone()
+    device = row.device
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(
+            sorted(set(history.prompt_ids) | set(history.output_ids)), dtype=torch.int64
+        ).to(device)
+        values = row[seen]
+        r = p.repetition_penalty
+        row[seen] = torch.where(values > 0, values / r, values * r)
+    if (p.frequency_penalty or p.presence_penalty) and history.output_ids:
+        out = torch.tensor(history.output_ids, dtype=torch.int64).to(device)
+        counts = torch.zeros_like(row).index_add_(0, out, torch.ones_like(out, dtype=row.dtype))
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    if history.banned:
+        row[torch.tensor(history.banned, dtype=torch.int64).to(device)] = float("-inf")
+    return row
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> torch.Tensor:
+    """Mask (to -inf) everything outside the top-k and the top-p nucleus of one row, and
+    what is less likely than min_p x the likeliest."""
+    if min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -27,14 +65,24 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     default_generator: torch.Generator,
+    histories: list[History | None] | None = None,
 ) -> torch.Tensor:  # [B] int64
+    """One token a row: greedy (argmax) or sampled with the row's temperature, top-k, top-p
+    and min-p; ``histories[i]`` (needed where ``params[i].penalized``) gives the penalties
+    their tokens. ``logits`` is left as it is."""
+    if histories is not None and any(h is not None for h in histories):
+        rows = [
+            penalize(logits[i], p, h) if h is not None else logits[i]
+            for i, (p, h) in enumerate(zip(params, histories, strict=True))
+        ]
+        logits = torch.stack(rows)
     out = torch.argmax(logits, dim=-1)
     if all(p.greedy for p in params):
         return out
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
+        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
         probs = torch.softmax(row, dim=-1)
         gen = generators[i] or default_generator
         out[i] = torch.multinomial(probs, 1, generator=gen)[0]

@@ -22,7 +22,7 @@ from kvtier.cache.kv_pool import PageAllocator, ReqToPageTable, to_device_async
 from kvtier.cache.radix_cache import IntegrityError, MatchResult, RadixCache
 from kvtier.runner.forward_batch import ForwardMode
 from kvtier.runner.model_runner import ModelRunner
-from kvtier.runner.sampler import sample, token_logprobs
+from kvtier.runner.sampler import History, sample, token_logprobs
 from kvtier.sampling_params import SamplingParams, check_logprob_args
 from kvtier.scheduler.batch import ScheduleBatch
 from kvtier.scheduler.detokenizer import Detokenizer, find_stop_string, stop_prefix_overlap
@@ -472,6 +472,7 @@ class Scheduler:
             [r.sampling for r in sampled],
             [r.generator for r in sampled],
             self.generator,
+            [self._history(r) for r in sampled],
         )
         rows = [i for i, r in enumerate(sampled) if r.return_logprob] or None
         logprobs = None
@@ -489,6 +490,19 @@ class Scheduler:
         done = torch.cuda.Event()
         done.record()
         return _InFlight(batch, sampled, ids, host, done, rows, host_logprobs)
+
+    def _history(self, req: Req) -> History | None:
+        """What a penalized request's sampling needs (None for the others). Its output so far:
+        with overlap scheduling, a step launched ahead does not see the token of the step
+        still in flight, so penalized requests are never scheduled ahead."""
+        sp = req.sampling
+        if not sp.penalized:
+            return None
+        banned: tuple[int, ...] = ()
+        if len(req.output_ids) < sp.min_new_tokens:
+            eos = () if sp.ignore_eos else tuple(sorted(self.eos_ids))
+            banned = eos + tuple(sp.stop_token_ids)
+        return History(req.input_ids, req.output_ids, banned)
 
     def _process(self, step: _InFlight) -> None:
         """Take a launched step's results: advance the cursors, cache prefixes, append the
@@ -546,7 +560,7 @@ class Scheduler:
             return None
         keep: list[int] = []
         for i, req in enumerate(reqs):
-            if req.finished or req.tail_copy is not None:
+            if req.finished or req.tail_copy is not None or req.sampling.penalized:
                 return None
             if (
                 len(req.output_ids) + 1 < req.sampling.max_new_tokens

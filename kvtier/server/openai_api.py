@@ -1,12 +1,15 @@
 """OpenAI-compatible endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
 
-One choice per request (``n=1``). Without ``max_tokens`` a chat completion may run to the end of
-the context (OpenAI's semantics); a text completion defaults to 16 tokens (OpenAI's default).
+``n`` choices per prompt, and for ``/v1/completions`` a list of prompts (choice ``i * n + j`` is
+prompt i's j-th), at most 64 in all; with a ``seed`` choice j samples with seed + j. Without
+``max_tokens`` a chat completion may run to the end of the context (OpenAI's semantics); a text
+completion defaults to 16 tokens (OpenAI's default).
 ``logprobs`` (chat: with ``top_logprobs``; completions: the number of alternatives) report the
 output tokens' logprobs under the model's raw distribution, each token's text decoded alone;
 prompt logprobs (``echo``) are not supported.
-``usage.prompt_tokens_details`` carries ``cached_tokens`` and, as an extension,
-``cached_tokens_by_tier``.
+``usage`` counts each prompt once (its first choice's prompt and cached tokens) and every
+choice's completion tokens; ``usage.prompt_tokens_details`` carries ``cached_tokens`` and, as an
+extension, ``cached_tokens_by_tier``.
 """
 
 from __future__ import annotations
@@ -32,14 +35,11 @@ def _frontend(request: Request) -> Frontend:
     return request.app.state.frontend
 
 
-def _check_unsupported(body: OpenAISamplingFields, extra: dict[str, Any]) -> None:
-    if body.n != 1:
-        raise APIError(
-            400, f"n must be 1 (this server returns one choice per request); got {body.n}"
-        )
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise APIError(400, f"{name} is not supported (only 0)")
+# The most choices (n x prompts) one request may ask for.
+MAX_CHOICES = 64
+
+
+def _check_unsupported(extra: dict[str, Any]) -> None:
     for name, value in extra.items():
         if value:
             raise APIError(400, f"{name} is not supported")
@@ -51,14 +51,22 @@ def _max_tokens(value: int | None, name: str) -> int | None:
     return value
 
 
-def _sampling(fe: Frontend, body: OpenAISamplingFields, max_new_tokens: int) -> SamplingParams:
+def _sampling(
+    fe: Frontend, body: OpenAISamplingFields, max_new_tokens: int, choice: int
+) -> SamplingParams:
     params: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "stop": body.stop or [],
         "stop_token_ids": body.stop_token_ids or [],
-        "seed": body.seed,
+        # Choice j of a prompt samples with seed + j: n choices of one seed still differ.
+        "seed": None if body.seed is None else body.seed + choice,
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
+        "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty,
+        "repetition_penalty": body.repetition_penalty,
+        "min_p": body.min_p,
+        "min_new_tokens": body.min_tokens,
     }
     for name in ("temperature", "top_p", "top_k"):
         if getattr(body, name) is not None:
@@ -66,15 +74,23 @@ def _sampling(fe: Frontend, body: OpenAISamplingFields, max_new_tokens: int) -> 
     return fe.sampling(params)
 
 
-def _usage(meta: dict[str, Any]) -> dict[str, Any]:
-    prompt, completion = meta.get("prompt_tokens", 0), meta.get("completion_tokens", 0)
+def _usage(metas: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    """Each prompt once (its first choice's prompt and cached tokens), every choice's
+    completion tokens."""
+    firsts = metas[::n]
+    prompt = sum(m.get("prompt_tokens", 0) for m in firsts)
+    completion = sum(m.get("completion_tokens", 0) for m in metas)
+    by_tier: dict[str, int] = {}
+    for m in firsts:
+        for tier, tokens in m.get("cached_tokens_by_tier", {}).items():
+            by_tier[tier] = by_tier.get(tier, 0) + tokens
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {
-            "cached_tokens": meta.get("cached_tokens", 0),
-            "cached_tokens_by_tier": meta.get("cached_tokens_by_tier", {}),
+            "cached_tokens": sum(m.get("cached_tokens", 0) for m in firsts),
+            "cached_tokens_by_tier": by_tier,
         },
     }
 
@@ -121,14 +137,34 @@ def _text_logprobs(
     }
 
 
+class _ChoiceState:
+    """Where one choice's stream stands: whether its first event went out, the logprobs of
+    tokens not yet sent (their text may be held back), the legacy format's text offset of its
+    next token, and its last meta_info."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending: tuple[list[list[Any]], list[list[list[Any]]]] = ([], [])
+        self.text_offset = 0
+        self.meta: dict[str, Any] = {}
+
+
 class _Chunks:
-    """Stream events of one OpenAI choice; subclasses say how a piece of text is wrapped and
-    how logprobs are (sent with the next event that has text, or with the last one)."""
+    """Stream events of the choices of one request; subclasses say how a piece of text is
+    wrapped and how logprobs are (sent with the choice's next event that has text, or with
+    its last one)."""
 
     object_name = ""
 
     def __init__(
-        self, rid: str, model: str, include_usage: bool, fe: Frontend, logprobs: bool = False
+        self,
+        rid: str,
+        model: str,
+        include_usage: bool,
+        fe: Frontend,
+        logprobs: bool,
+        num_choices: int,
+        n: int,
     ) -> None:
         self.id = rid
         self.model = model
@@ -136,30 +172,27 @@ class _Chunks:
         self.include_usage = include_usage
         self.fe = fe
         self.logprobs = logprobs
-        self.meta: dict[str, Any] = {}
-        self.started = False
-        # Logprobs of tokens not yet sent (their text may be held back), and the legacy
-        # format's text offset of the next token.
-        self.pending: tuple[list[list[Any]], list[list[list[Any]]]] = ([], [])
-        self.text_offset = 0
+        self.n = n
+        self.states = [_ChoiceState() for _ in range(num_choices)]
 
     def _format_logprobs(
-        self, tokens: list[list[Any]], tops: list[list[list[Any]]]
+        self, state: _ChoiceState, tokens: list[list[Any]], tops: list[list[list[Any]]]
     ) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+    def _chunk(self, index: int, choice: dict[str, Any]) -> dict[str, Any]:
+        state = self.states[index]
         logprobs = None
         if self.logprobs:
-            tokens, tops = self.pending
-            logprobs = self._format_logprobs(tokens, tops)
-            self.pending = ([], [])
+            tokens, tops = state.pending
+            logprobs = self._format_logprobs(state, tokens, tops)
+            state.pending = ([], [])
         c: dict[str, Any] = {
             "id": self.id,
             "object": self.object_name,
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "logprobs": logprobs, **choice}],
+            "choices": [{"index": index, "logprobs": logprobs, **choice}],
         }
         if self.include_usage:
             c["usage"] = None
@@ -172,20 +205,20 @@ class _Chunks:
         raise NotImplementedError
 
     def on_output(self, index: int, out: ReqOutput, e2e: float) -> list[dict[str, Any]]:
+        state = self.states[index]
         events = []
         entries = out.logprob_entries()
         if entries is not None:
-            self.pending[0].extend(entries[0])
-            self.pending[1].extend(entries[1])
-        if out.new_text or not self.started:
-            events.append(self._chunk(self._piece(out.new_text, not self.started)))
-            self.started = True
+            state.pending[0].extend(entries[0])
+            state.pending[1].extend(entries[1])
+        if out.new_text or not state.started:
+            events.append(self._chunk(index, self._piece(out.new_text, not state.started)))
+            state.started = True
         if out.finished:
-            self.meta = out.meta_info
+            state.meta = out.meta_info
             reason, matched = _finish(out.meta_info)
-            events.append(
-                self._chunk({**self._end(), "finish_reason": reason, "matched_stop": matched})
-            )
+            end = {**self._end(), "finish_reason": reason, "matched_stop": matched}
+            events.append(self._chunk(index, end))
         return events
 
     def on_end(self) -> list[dict[str, Any]]:
@@ -198,7 +231,7 @@ class _Chunks:
                 "created": self.created,
                 "model": self.model,
                 "choices": [],
-                "usage": _usage(self.meta),
+                "usage": _usage([st.meta for st in self.states], self.n),
             }
         ]
 
@@ -214,7 +247,7 @@ class _ChatChunks(_Chunks):
         return {"delta": {}}
 
     def _format_logprobs(
-        self, tokens: list[list[Any]], tops: list[list[list[Any]]]
+        self, state: _ChoiceState, tokens: list[list[Any]], tops: list[list[list[Any]]]
     ) -> dict[str, Any]:
         return _chat_logprobs(self.fe, tokens, tops)
 
@@ -229,32 +262,43 @@ class _TextChunks(_Chunks):
         return {"text": ""}
 
     def _format_logprobs(
-        self, tokens: list[list[Any]], tops: list[list[list[Any]]]
+        self, state: _ChoiceState, tokens: list[list[Any]], tops: list[list[list[Any]]]
     ) -> dict[str, Any]:
-        # Offsets continue over the token texts already sent in earlier events.
-        formatted = _text_logprobs(self.fe, tokens, tops, self.text_offset)
-        self.text_offset += sum(len(t) for t in formatted["tokens"])
+        # Offsets continue over the choice's token texts sent in earlier events.
+        formatted = _text_logprobs(self.fe, tokens, tops, state.text_offset)
+        state.text_offset += sum(len(t) for t in formatted["tokens"])
         return formatted
 
 
-def _submit_one(
+def _submit(
     fe: Frontend,
-    ids: list[int],
-    sp: SamplingParams,
-    rid: str | None,
-    logprobs: bool = False,
-    top_logprobs: int = 0,
-) -> tuple[Generation, str]:
-    rid = rid or uuid.uuid4().hex
-    return fe.submit([(ids, sp)], [rid], logprobs, top_logprobs), rid
+    body: OpenAISamplingFields,
+    prompts: list[tuple[list[int], int]],
+    logprobs: bool,
+    top_logprobs: int,
+) -> tuple[Generation, str, int]:
+    """Submit ``n`` choices of each (prompt ids, max new tokens); returns the generation, the
+    response id's suffix and the number of choices."""
+    n = body.n
+    if not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"n must be in [1, {MAX_CHOICES}]; got {n}")
+    if len(prompts) * n > MAX_CHOICES:
+        raise APIError(
+            400,
+            f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most "
+            f"{MAX_CHOICES} a request",
+        )
+    items = [(ids, _sampling(fe, body, max_new, j)) for ids, max_new in prompts for j in range(n)]
+    rid = body.rid or uuid.uuid4().hex
+    rids = [rid] if len(items) == 1 else [f"{rid}-{i}" for i in range(len(items))]
+    return fe.submit(items, rids, logprobs, top_logprobs), rid, len(items)
 
 
-async def _collect_one(request: Request, gen: Generation) -> Result:
+async def _collect(request: Request, gen: Generation) -> list[Result]:
     try:
-        [result] = await unless_disconnected(request, gen.collect())
+        return await unless_disconnected(request, gen.collect())
     finally:
         gen.close()
-    return result
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -263,7 +307,6 @@ async def chat_completions(
 ) -> dict[str, Any] | StreamingResponse:
     fe = _frontend(request)
     fe.check_model(body.model)
-    _check_unsupported(body, {})
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true")
@@ -275,50 +318,50 @@ async def chat_completions(
         max_new = fe.check_ids(ids, limit, "max_completion_tokens")
     else:
         max_new = fe.check_ids(ids, _max_tokens(body.max_tokens, "max_tokens"), "max_tokens")
-    gen, rid = _submit_one(fe, ids, _sampling(fe, body, max_new), body.rid, body.logprobs, top)
+    gen, rid, num = _submit(fe, body, [(ids, max_new)], body.logprobs, top)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _ChatChunks("chatcmpl-" + rid, fe.model.name, usage, fe, body.logprobs)
+        chunks = _ChatChunks(
+            "chatcmpl-" + rid, fe.model.name, usage, fe, body.logprobs, num, body.n
+        )
         return await sse_response(request, gen, chunks)
-    res = await _collect_one(request, gen)
-    reason, matched = _finish(res.meta_info)
-    logprobs = None
-    if body.logprobs:
-        logprobs = _chat_logprobs(fe, res.token_logprobs or [], res.top_logprobs or [])
-    return {
-        "id": "chatcmpl-" + rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": fe.model.name,
-        "choices": [
+    results = await _collect(request, gen)
+    choices = []
+    for index, res in enumerate(results):
+        reason, matched = _finish(res.meta_info)
+        logprobs = None
+        if body.logprobs:
+            logprobs = _chat_logprobs(fe, res.token_logprobs or [], res.top_logprobs or [])
+        choices.append(
             {
-                "index": 0,
+                "index": index,
                 "message": {"role": "assistant", "content": res.text},
                 "logprobs": logprobs,
                 "finish_reason": reason,
                 "matched_stop": matched,
             }
-        ],
-        "usage": _usage(res.meta_info),
+        )
+    return {
+        "id": "chatcmpl-" + rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": fe.model.name,
+        "choices": choices,
+        "usage": _usage([r.meta_info for r in results], body.n),
     }
 
 
-def _prompt_ids(fe: Frontend, prompt: str | list[str] | list[int] | list[list[int]]) -> list[int]:
+def _prompt_ids(
+    fe: Frontend, prompt: str | list[str] | list[int] | list[list[int]]
+) -> list[list[int]]:
+    """The request's prompts as token ids: one text, one list of ids, or a list of either."""
     if isinstance(prompt, str):
-        return fe.encode(prompt)
+        return [fe.encode(prompt)]
     if not prompt:
         raise APIError(400, "the prompt is empty")
-    if len(prompt) > 1 and not isinstance(prompt[0], int):
-        raise APIError(
-            400,
-            f"only one prompt per request is supported; got {len(prompt)} (send them separately)",
-        )
-    first = prompt[0]
-    if isinstance(first, int):
-        return list(prompt)  # type: ignore[arg-type]
-    if isinstance(first, str):
-        return fe.encode(first)
-    return list(first)
+    if isinstance(prompt[0], int):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return [fe.encode(p) if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[union-attr]
 
 
 @router.post("/v1/completions", response_model=None)
@@ -328,7 +371,6 @@ async def completions(
     fe = _frontend(request)
     fe.check_model(body.model)
     _check_unsupported(
-        body,
         {
             "echo": body.echo,
             "suffix": body.suffix,
@@ -339,33 +381,38 @@ async def completions(
     top = body.logprobs or 0
     if not 0 <= top <= MAX_TOP_LOGPROBS:
         raise APIError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]; got {top}")
-    ids = _prompt_ids(fe, body.prompt)
-    max_new = fe.check_ids(ids, _max_tokens(body.max_tokens, "max_tokens"), "max_tokens")
-    gen, rid = _submit_one(fe, ids, _sampling(fe, body, max_new), body.rid, want, top)
+    limit = _max_tokens(body.max_tokens, "max_tokens")
+    prompts = [
+        (ids, fe.check_ids(ids, limit, "max_tokens")) for ids in _prompt_ids(fe, body.prompt)
+    ]
+    gen, rid, num = _submit(fe, body, prompts, want, top)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _TextChunks("cmpl-" + rid, fe.model.name, usage, fe, want)
+        chunks = _TextChunks("cmpl-" + rid, fe.model.name, usage, fe, want, num, body.n)
         return await sse_response(request, gen, chunks)
-    res = await _collect_one(request, gen)
-    reason, matched = _finish(res.meta_info)
-    logprobs = None
-    if want:
-        logprobs = _text_logprobs(fe, res.token_logprobs or [], res.top_logprobs or [], 0)
-    return {
-        "id": "cmpl-" + rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": fe.model.name,
-        "choices": [
+    results = await _collect(request, gen)
+    choices = []
+    for index, res in enumerate(results):
+        reason, matched = _finish(res.meta_info)
+        logprobs = None
+        if want:
+            logprobs = _text_logprobs(fe, res.token_logprobs or [], res.top_logprobs or [], 0)
+        choices.append(
             {
-                "index": 0,
+                "index": index,
                 "text": res.text,
                 "logprobs": logprobs,
                 "finish_reason": reason,
                 "matched_stop": matched,
             }
-        ],
-        "usage": _usage(res.meta_info),
+        )
+    return {
+        "id": "cmpl-" + rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": fe.model.name,
+        "choices": choices,
+        "usage": _usage([r.meta_info for r in results], body.n),
     }
 
 

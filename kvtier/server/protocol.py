@@ -2,7 +2,7 @@
 misspelt parameter is never silently ignored.
 
 OpenAI parameters this engine does not implement are accepted only at their neutral values
-(``frequency_penalty=0``, ``echo=false``, ...) so that clients that always send them work."""
+(``echo=false``, ``suffix`` unset, ``best_of=1``) so that clients that always send them work."""
 
 from __future__ import annotations
 
@@ -70,6 +70,9 @@ class OpenAISamplingFields(_Strict):
     frequency_penalty: float = 0.0
     # SGLang / vLLM extensions
     top_k: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
