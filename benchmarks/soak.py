@@ -396,6 +396,22 @@ class ServerProcess:
         self.log_path.unlink(missing_ok=True)
 
 
+def logprob_problems(meta: dict[str, Any], ids: list[int]) -> list[str]:
+    """What is wrong with a greedy answer's logprobs (top 2 asked for): one entry a token, its
+    id the token's, a logprob <= 0 equal to the top alternative's (greedy)."""
+    try:
+        tokens = meta["output_token_logprobs"]
+        tops = meta["output_top_logprobs"]
+        if [int(t) for _, t, _ in tokens] != ids or len(tops) != len(ids):
+            return ["logprob entries do not line up with the output ids"]
+        for (lp, t, _), top in zip(tokens, tops, strict=True):
+            if len(top) != 2 or lp > 0 or top[0][1] != t or top[0][0] != lp or top[1][0] > lp:
+                return [f"bad logprob entry {[lp, t]} with top {top}"]
+    except (KeyError, TypeError, ValueError) as e:
+        return [f"malformed logprobs ({type(e).__name__}: {e})"]
+    return []
+
+
 def auth_headers(api_key: str | None) -> dict[str, str]:
     """The bearer header for a server started with --api-key (none without a key)."""
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -537,10 +553,15 @@ class Load:
     ) -> list[int] | None:
         """Send one turn; returns the answer's ids, or None after recording an error."""
         max_new = rng.randint(*self.cfg.output_tokens)
-        body = {
+        body: dict[str, Any] = {
             "input_ids": history,
             "sampling_params": {"temperature": 0, "max_new_tokens": max_new, "ignore_eos": True},
         }
+        # One turn in four also asks for logprobs (the tokens do not change): their entries
+        # must line up with the answer.
+        want_logprobs = rng.random() < 0.25
+        if want_logprobs:
+            body.update(return_logprob=True, top_logprobs_num=2)
         where = f"client {cid} conversation {conv} turn {turn}"
         self.sent += 1
         start = self.now()
@@ -573,6 +594,8 @@ class Load:
             problems.append(f"cached_tokens={cached} but by tier {by_tier}")
         if any(not 0 <= t < self.vocab for t in ids):
             problems.append("an output id outside the vocabulary")
+        if want_logprobs:
+            problems += logprob_problems(meta, ids)
         if problems:
             self._error(f"{where}: bad answer: {'; '.join(problems)}")
             return None

@@ -88,6 +88,7 @@ class Engine:
         stream: bool,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        logprob_start_len: int = -1,
     ) -> tuple[list[Req], bool]:
         if (prompt is None) == (input_ids is None):
             raise RequestError("give exactly one of prompt and input_ids")
@@ -122,6 +123,7 @@ class Engine:
                 stream=stream,
                 return_logprob=return_logprob,
                 top_logprobs_num=top_logprobs_num,
+                logprob_start_len=logprob_start_len,
             )
             for ids, sp in zip(ids_list, params)
         ]
@@ -147,6 +149,7 @@ class Engine:
         stream: bool = False,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        logprob_start_len: int = -1,
     ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
         """Generate for one prompt (a dict back) or a batch (a list back).
 
@@ -158,11 +161,21 @@ class Engine:
         token id, None]`` per output token (under the model's distribution: the raw logits,
         before temperature, top-k or top-p), and ``output_top_logprobs``, per output token
         the ``top_logprobs_num`` (at most 20) most likely tokens in that shape, most likely
-        first. Streamed outputs hold those of their new tokens.
+        first. Streamed outputs hold those of their new tokens. ``logprob_start_len`` >= 0
+        (with return_logprob) adds the prompt's from that token on, ``input_token_logprobs``
+        (None for the sequence's first token) and ``input_top_logprobs``, in the first output;
+        those positions are computed, not served from the prefix cache. With
+        ``max_new_tokens`` 0 the request then only scores its prompt.
         """
         self._check_open()
         reqs, single = self._make_reqs(
-            prompt, sampling_params, input_ids, stream, return_logprob, top_logprobs_num
+            prompt,
+            sampling_params,
+            input_ids,
+            stream,
+            return_logprob,
+            top_logprobs_num,
+            logprob_start_len,
         )
         self._submit(reqs)
         if stream:

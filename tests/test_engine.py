@@ -625,3 +625,56 @@ def test_repetition_penalty_and_min_p_change_or_keep_outputs(engine):
     rep = engine.generate(input_ids=p, sampling_params={**GREEDY, "repetition_penalty": 2.0})
     assert rep["output_ids"] != plain
     engine.check_integrity()
+
+
+def test_prompt_logprobs_scoring_only_and_errors(engine):
+    p = prompts(1, 20, seed=34)[0]
+    kw = {"return_logprob": True, "logprob_start_len": 0}
+    first = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 3}, **kw)
+    # Scoring only (max_new_tokens 0): the prompt runs, nothing is generated, and its
+    # positions are recomputed although the prompt is now cached: the same values.
+    score = engine.generate(input_ids=p, sampling_params={"max_new_tokens": 0}, **kw)
+    assert score["output_ids"] == [] and score["meta_info"]["finish_reason"] == {"type": "length"}
+    assert score["meta_info"]["cached_tokens"] == 0
+    a, b = first["meta_info"]["input_token_logprobs"], score["meta_info"]["input_token_logprobs"]
+    assert [t for _, t, _ in a] == p and a[0][0] is None
+    assert all(abs(x[0] - y[0]) < 1e-5 for x, y in zip(a[1:], b[1:], strict=True))
+    # Streamed: the prompt's logprobs come once, with the first output.
+    chunks = list(
+        engine.generate(
+            input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 3}, stream=True, **kw
+        )
+    )
+    with_prompt = [c for c in chunks if "input_token_logprobs" in c["meta_info"]]
+    assert len(with_prompt) == 1 and with_prompt[0] is chunks[0]
+    with pytest.raises(
+        RequestError,
+        match=r"^logprob_start_len must be -1 \(no prompt logprobs\) or in \[0, 20\) \(the "
+        r"prompt has 20 tokens\), with return_logprob; got 20$",
+    ):
+        engine.generate(
+            input_ids=p, sampling_params=GREEDY, return_logprob=True, logprob_start_len=20
+        )
+    with pytest.raises(RequestError, match=r"with return_logprob; got 0$"):
+        engine.generate(input_ids=p, sampling_params=GREEDY, logprob_start_len=0)
+    assert not engine.scheduler.has_work()
+    engine.check_integrity()
+
+
+def test_prompt_logprob_steps_are_capped(engine, monkeypatch):
+    # A request collecting prompt logprobs runs at most PROMPT_LOGPROB_CHUNK prompt tokens a
+    # step (a float32 logits row each): here 8, so a 30-token prompt takes 4 steps.
+    from kvtier.scheduler import scheduler as sched
+
+    monkeypatch.setattr(sched, "PROMPT_LOGPROB_CHUNK", 8)
+    p = prompts(1, 30, seed=35)[0]
+    before = engine.scheduler.counters["forward_steps"]
+    out = engine.generate(
+        input_ids=p,
+        sampling_params={"max_new_tokens": 0},
+        return_logprob=True,
+        logprob_start_len=0,
+    )
+    assert engine.scheduler.counters["forward_steps"] - before == 4
+    assert len(out["meta_info"]["input_token_logprobs"]) == 30
+    engine.check_integrity()

@@ -681,3 +681,51 @@ def test_engine_logprobs_match_hf(hf_cases: dict[str, HFCase], kind: str):
                     assert [t for _, t, _ in top] == ids.tolist()
                     assert max(abs(v - w) for (v, _, _), w in zip(top, values.tolist())) < 1e-4
         engine.check_integrity()
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe"])
+def test_engine_prompt_logprobs_match_hf(hf_cases: dict[str, HFCase], kind: str):
+    """Prompt logprobs (from position 0 and 3, scoring only and with generation) equal HF's
+    log-softmax, in chunks of 4 tokens and after the prompts were cached: the positions they
+    need are computed, not served from the cache."""
+    import kvtier
+
+    case = hf_cases[kind]
+    with kvtier.Engine(
+        model_path=str(case.directory),
+        dtype="float32",
+        page_size=2,
+        chunked_prefill_size=4,
+        max_total_tokens=4096,
+        skip_tokenizer_init=True,
+        log_level="warning",
+    ) as engine:
+        refs = []
+        for prompt in PROMPTS:
+            with torch.no_grad():
+                refs.append(torch.log_softmax(case.hf(torch.tensor([prompt])).logits[0], -1))
+        for start, max_new in ((0, 0), (3, 2), (0, 2)):
+            sp = {"temperature": 0, "max_new_tokens": max_new, "ignore_eos": True}
+            outs = engine.generate(
+                input_ids=PROMPTS,
+                sampling_params=sp,
+                return_logprob=True,
+                top_logprobs_num=3,
+                logprob_start_len=start,
+            )
+            for prompt, ref, out in zip(PROMPTS, refs, outs, strict=True):
+                meta = out["meta_info"]
+                assert len(out["output_ids"]) == max_new
+                entries, tops = meta["input_token_logprobs"], meta["input_top_logprobs"]
+                assert [t for _, t, _ in entries] == prompt[start:]
+                for k, ((lp, token, _), top) in enumerate(zip(entries, tops, strict=True)):
+                    pos = start + k
+                    if pos == 0:
+                        assert lp is None and top == []
+                        continue
+                    row = ref[pos - 1]
+                    assert abs(lp - row[token].item()) < 1e-4
+                    assert [t for _, t, _ in top] == torch.topk(row, 3).indices.tolist()
+                # Prompts sent before were cached, but not up to where their logprobs start.
+                assert meta["cached_tokens"] <= max(start - 1, 0)
+        engine.check_integrity()

@@ -276,6 +276,47 @@ def test_logprobs_chat_completions_and_native_agree(server, http, oai):
     assert_integrity(server)
 
 
+def test_echo_scores_the_prompt(server, http, oai):
+    # lm-eval style loglikelihood: echo, logprobs, max_tokens 0. The prompt's tokens come
+    # back with their logprobs (the first None), equal to the native API's.
+    prompt = "The hierarchical cache keeps prefixes"
+    kw = {"model": MODEL, "temperature": 0, "echo": True, "logprobs": 2}
+    out = oai.completions.create(prompt=prompt, max_tokens=0, **kw).choices[0]
+    assert out.text == prompt and out.finish_reason == "length"
+    lp = out.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v < 0 for v in lp.token_logprobs[1:]) and len(lp.top_logprobs[1]) == 2
+    assert "".join(lp.tokens) == prompt
+    native = http.post(
+        "/generate",
+        json={
+            "text": prompt,
+            "sampling_params": {"max_new_tokens": 0},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+        },
+    ).json()
+    entries = native["meta_info"]["input_token_logprobs"]
+    assert len(entries) == len(lp.tokens)
+    assert all(abs(a - e[0]) < 1e-5 for a, e in zip(lp.token_logprobs[1:], entries[1:]))
+    # With generation: the prompt's entries, then the completion's; streamed the same way.
+    gen = oai.completions.create(
+        prompt=prompt, max_tokens=4, extra_body={"ignore_eos": True}, **kw
+    ).choices[0]
+    assert gen.text.startswith(prompt) and len(gen.logprobs.tokens) == len(lp.tokens) + 4
+    streamed = list(
+        oai.completions.create(
+            prompt=prompt, max_tokens=4, stream=True, extra_body={"ignore_eos": True}, **kw
+        )
+    )
+    assert "".join(c.choices[0].text for c in streamed) == gen.text
+    tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == gen.logprobs.tokens
+    plain = oai.completions.create(prompt=prompt, max_tokens=0, model=MODEL, echo=True)
+    assert plain.choices[0].text == prompt and plain.choices[0].logprobs is None
+    assert_integrity(server)
+
+
 def test_several_prompts_and_n_choices(server, http, oai):
     # Completions: a list of prompts, n choices each (choice i * n + j: prompt i, choice j);
     # greedy choices of a prompt agree with each other and with the prompt sent alone. Seeded

@@ -170,3 +170,23 @@ def test_short_soak_against_a_real_server_passes_every_check(capsys):
     # Half of the verified sample is drawn from turns served partly from L2.
     assert s["verified_samples"] > 0 and s["verified_with_l2_hit"] > 0
     assert s["failed_transfers"] == 0
+
+
+def test_logprob_problems_on_made_up_answers():
+    ok = {
+        "output_token_logprobs": [[-0.5, 7, None], [-1.0, 3, None]],
+        "output_top_logprobs": [
+            [[-0.5, 7, None], [-2.0, 1, None]],
+            [[-1.0, 3, None], [-1.5, 9, None]],
+        ],
+    }
+    assert soak.logprob_problems(ok, [7, 3]) == []
+    assert soak.logprob_problems(ok, [7, 4]) == [
+        "logprob entries do not line up with the output ids"
+    ]
+    not_greedy = {
+        **ok,
+        "output_top_logprobs": [[[-0.4, 8, None], [-0.5, 7, None]], ok["output_top_logprobs"][1]],
+    }
+    assert soak.logprob_problems(not_greedy, [7, 3])[0].startswith("bad logprob entry [-0.5, 7]")
+    assert soak.logprob_problems({}, [7])[0].startswith("malformed logprobs (KeyError")

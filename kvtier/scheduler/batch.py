@@ -35,6 +35,42 @@ class ScheduleBatch:
         req = self.reqs[i]
         return req.kv_len + self.num_new[i] == len(req.tokens)
 
+    def prompt_logprob_positions(self, i: int) -> range:
+        """The positions of request ``i`` this step whose logits give prompt logprobs (each
+        position j the logprob of prompt token j + 1); empty for most requests."""
+        req = self.reqs[i]
+        if self.mode is not ForwardMode.EXTEND or not req.wants_prompt_logprobs:
+            return range(0)
+        start = req.kv_len
+        lo = max(start, req.prompt_logits_from)
+        hi = min(start + self.num_new[i], len(req.input_ids) - 1)
+        return range(lo, max(lo, hi))
+
+    def logit_rows(self) -> tuple[list[int], list[int], list[tuple[int, int, int]]]:
+        """Which rows of the step's tokens get logits: ``(rows, sample_rows, spans)``. ``rows``
+        index the step's tokens (the model's logits_indices); ``sample_rows`` index ``rows``,
+        one for each request that samples, in batch order; ``spans`` are ``(request index,
+        first position, first index into rows)`` of the prompt-logprob positions."""
+        rows: list[int] = []
+        sample_rows: list[int] = []
+        spans: list[tuple[int, int, int]] = []
+        offset = 0
+        for i, (req, n) in enumerate(zip(self.reqs, self.num_new)):
+            start = req.kv_len + self.ahead
+            positions = self.prompt_logprob_positions(i)
+            if positions:
+                spans.append((i, positions.start, len(rows)))
+                rows.extend(offset + p - start for p in positions)
+            offset += n
+            if self.samples(i):
+                sample_rows.append(len(rows))
+                rows.append(offset - 1)
+        return rows, sample_rows, spans
+
+    @property
+    def has_prompt_logprobs(self) -> bool:
+        return any(self.prompt_logprob_positions(i) for i in range(len(self.reqs)))
+
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new)
@@ -64,9 +100,8 @@ class ScheduleBatch:
         long_parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions, slots)
         seq_lens: list[int] = []
         prefix_lens: list[int] = []
-        logits_indices: list[int] = []
-        offset = 0
-        for i, (req, n) in enumerate(zip(self.reqs, self.num_new)):
+        logits_indices = self.logit_rows()[0]
+        for req, n in zip(self.reqs, self.num_new):
             start = req.kv_len + self.ahead
             # Placeholders when the ids come from the device (keeps the one-copy layout).
             ids.extend(req.tokens[start : start + n] if input_ids is None else [0] * n)
@@ -89,9 +124,6 @@ class ScheduleBatch:
                 long_parts.append((pos, pages_t[pos // ps - first_page] * ps + pos % ps))
             seq_lens.append(start + n)
             prefix_lens.append(start)
-            offset += n
-            if self.samples(i):
-                logits_indices.append(offset - 1)
         if long_parts:
             if positions:
                 long_parts.append(_as_tensors(positions, locs))

@@ -72,6 +72,14 @@ class Req:
     top_logprobs_num: int = 0
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # Prompt logprobs (logprob_start_len >= 0, with return_logprob): one entry a prompt token
+    # from that position on, None for the sequence's first token, with top alternatives; sent
+    # once, with the request's first output. Positions whose logits they need are computed, not
+    # taken from the prefix cache (see prompt_logits_from).
+    logprob_start_len: int = -1
+    input_logprobs: list[float | None] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    input_logprobs_sent: bool = False
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     num_retractions: int = 0
@@ -88,6 +96,26 @@ class Req:
     @property
     def finished(self) -> bool:
         return self.finish is not None
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether prompt logprobs are asked for and not all collected yet."""
+        s = self.logprob_start_len
+        return s >= 0 and len(self.input_logprobs) < len(self.input_ids) - s
+
+    @property
+    def prompt_logits_from(self) -> int:
+        """The first position whose logits the prompt logprobs need (position j gives token
+        j + 1's logprob)."""
+        return max(self.logprob_start_len - 1, 0)
+
+    def reset_prompt_logprobs(self) -> None:
+        """Start collecting prompt logprobs afresh (at each admission until complete): the
+        sequence's first token has none."""
+        self.input_logprobs, self.input_top_logprobs = [], []
+        if self.logprob_start_len == 0:
+            self.input_logprobs.append(None)
+            self.input_top_logprobs.append([])
 
     def meta_info(self) -> dict[str, Any]:
         return {
@@ -112,6 +140,10 @@ class ReqOutput:
     # With return_logprob: the new tokens' logprobs and top alternatives (see Req).
     new_logprobs: list[float] | None = None
     new_top_logprobs: list[list[tuple[int, float]]] | None = None
+    # With prompt logprobs, on the request's first output: SGLang's input_token_logprobs and
+    # input_top_logprobs.
+    input_token_logprobs: list[list[Any]] | None = None
+    input_top_logprobs: list[list[list[Any]]] | None = None
 
     def logprob_entries(self) -> tuple[list[list[Any]], list[list[list[Any]]]] | None:
         """SGLang's ``meta_info`` shapes of the new tokens' logprobs: ``[logprob, token id,
@@ -135,11 +167,16 @@ class GenerateResult:
     meta_info: dict[str, Any] = field(default_factory=dict)
     token_logprobs: list[list[Any]] | None = None
     top_logprobs: list[list[list[Any]]] | None = None
+    input_token_logprobs: list[list[Any]] | None = None
+    input_top_logprobs: list[list[list[Any]]] | None = None
 
     def add(self, out: ReqOutput) -> None:
         self.text += out.new_text
         self.output_ids.extend(out.new_ids)
         self.meta_info = out.meta_info
+        if out.input_token_logprobs is not None:
+            self.input_token_logprobs = out.input_token_logprobs
+            self.input_top_logprobs = out.input_top_logprobs
         entries = out.logprob_entries()
         if entries is not None:
             if self.token_logprobs is None or self.top_logprobs is None:
@@ -154,4 +191,7 @@ class GenerateResult:
         if self.token_logprobs is not None:
             meta["output_token_logprobs"] = list(self.token_logprobs)
             meta["output_top_logprobs"] = list(self.top_logprobs or [])
+        if self.input_token_logprobs is not None:
+            meta["input_token_logprobs"] = list(self.input_token_logprobs)
+            meta["input_top_logprobs"] = list(self.input_top_logprobs or [])
         return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}

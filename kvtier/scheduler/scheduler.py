@@ -58,6 +58,13 @@ class _InFlight:
     # the ids): each one's token logprob [N], top values [N, K] and top ids [N, K].
     logprob_rows: list[int] | None = None
     host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # Prompt logprobs: (request, first position, count) spans, and their values as above.
+    prompt_spans: list[tuple[Req, int, int]] | None = None
+    host_prompt_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+# Prompt tokens a step runs for a request that collects prompt logprobs (see _chunk_for).
+PROMPT_LOGPROB_CHUNK = 1024
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -169,7 +176,13 @@ class Scheduler:
             req.generator = torch.Generator(device=self.runner.device).manual_seed(
                 req.sampling.seed
             )
-        if req.sampling.max_new_tokens == 0:
+        s = req.logprob_start_len
+        if s != -1 and (not req.return_logprob or not 0 <= s < n):
+            raise RequestError(
+                f"logprob_start_len must be -1 (no prompt logprobs) or in [0, {n}) (the prompt "
+                f"has {n} tokens), with return_logprob; got {s}"
+            )
+        if req.sampling.max_new_tokens == 0 and s == -1:
             req.finish = FinishReason("length")
             self._emit(req)
             return
@@ -258,6 +271,13 @@ class Scheduler:
         free = self.allocator.num_free
         return free + (self.cache.evictable_pages if self.use_cache else 0)
 
+    @staticmethod
+    def _chunk_for(req: Req, chunk: int) -> int:
+        """The most prompt tokens ``req`` runs in one step: the chunk size, and while it
+        collects prompt logprobs PROMPT_LOGPROB_CHUNK (each of those positions gets a float32
+        logits row: 1024 rows of a 152K vocabulary are 0.6 GB)."""
+        return min(chunk, PROMPT_LOGPROB_CHUNK) if req.wants_prompt_logprobs else chunk
+
     def _schedule_extend(self) -> ScheduleBatch | None:
         chunk = self.args.chunk_size or 1 << 62
         budget = self.args.max_prefill_tokens
@@ -267,7 +287,7 @@ class Scheduler:
         for req in list(self.running):
             if req.pending <= 1 or budget <= 0 or req not in self.running:
                 continue
-            n = min(req.pending, chunk, budget)
+            n = min(req.pending, self._chunk_for(req, chunk), budget)
             if not self._grow_or_retract(req, n, reqs, num_new):
                 continue
             reqs.append(req)
@@ -277,7 +297,7 @@ class Scheduler:
             if len(self.running) >= self.args.max_running_requests:
                 break
             req = self.waiting[0]
-            n = self._admit(req, min(chunk, budget))
+            n = self._admit(req, min(self._chunk_for(req, chunk), budget))
             if n == 0:
                 break
             self.waiting.popleft()
@@ -305,9 +325,15 @@ class Scheduler:
         row = self.table.alloc_row()
         if row is None:
             return 0
+        if req.wants_prompt_logprobs:
+            req.reset_prompt_logprobs()
         if self.use_cache:
-            # The last token is always run, so its logits exist to sample from.
-            prompt = req.tokens[: len(req.tokens) - 1]
+            # The last token is always run, so its logits exist to sample from; positions whose
+            # logits give prompt logprobs are run too.
+            limit = len(req.tokens) - 1
+            if req.wants_prompt_logprobs:
+                limit = min(limit, req.prompt_logits_from)
+            prompt = req.tokens[:limit]
             match = self.cache.match_prefix(prompt)
             self.cache.lock(match.last_device_node)
             tail = self.cache.match_tail(match, prompt)
@@ -457,6 +483,7 @@ class Scheduler:
             batch.mode is ForwardMode.EXTEND
             and wait_layer is None
             and all(n == 1 for n in batch.num_new)
+            and not batch.has_prompt_logprobs
         )
         fb = batch.to_forward_batch(
             pool, self.table, self.runner.attn_backend, input_ids, as_decode=as_decode
@@ -465,8 +492,16 @@ class Scheduler:
         logits = self.runner.forward(fb)
         sampled = [r for i, r in enumerate(batch.reqs) if batch.samples(i)]
         self.counters["forward_steps"] += 1
+        _, sample_rows, spans = batch.logit_rows() if batch.has_prompt_logprobs else ([], [], [])
+        prompt = self._prompt_logprobs(batch, logits, spans) if spans else None
+        if spans:
+            logits = logits[
+                to_device_async(torch.tensor(sample_rows, dtype=torch.int64), logits.device)
+            ]
         if not sampled:
-            return _InFlight(batch, sampled, None, None, None)
+            step = _InFlight(batch, sampled, None, None, None)
+            self._attach_prompt_logprobs(step, prompt)
+            return step
         ids = sample(
             logits,
             [r.sampling for r in sampled],
@@ -481,15 +516,53 @@ class Scheduler:
             top_n = max(sampled[i].top_logprobs_num for i in rows)
             logprobs = token_logprobs(logits[index], ids[index], top_n)
         if ids.device.type != "cuda":
-            return _InFlight(batch, sampled, ids, ids, None, rows, logprobs)
+            step = _InFlight(batch, sampled, ids, ids, None, rows, logprobs)
+            self._attach_prompt_logprobs(step, prompt)
+            return step
         # To pinned memory without waiting; the event marks when the copies have landed.
         host = _to_host(ids)
         host_logprobs = None
         if logprobs is not None:
             host_logprobs = (_to_host(logprobs[0]), _to_host(logprobs[1]), _to_host(logprobs[2]))
-        done = torch.cuda.Event()
-        done.record()
-        return _InFlight(batch, sampled, ids, host, done, rows, host_logprobs)
+        step = _InFlight(batch, sampled, ids, host, None, rows, host_logprobs)
+        self._attach_prompt_logprobs(step, prompt)
+        step.done = torch.cuda.Event()
+        step.done.record()
+        return step
+
+    def _prompt_logprobs(
+        self, batch: ScheduleBatch, logits: torch.Tensor, spans: list[tuple[int, int, int]]
+    ) -> tuple[list[tuple[Req, int, int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The step's prompt logprobs on the device: each span's positions' logits against the
+        prompt tokens that follow them."""
+        rows: list[int] = []
+        targets: list[int] = []
+        out: list[tuple[Req, int, int]] = []
+        for i, first, row in spans:
+            req = batch.reqs[i]
+            count = len(batch.prompt_logprob_positions(i))
+            rows.extend(range(row, row + count))
+            targets.extend(req.input_ids[first + 1 : first + 1 + count])
+            out.append((req, first, count))
+        device = logits.device
+        index = to_device_async(torch.tensor(rows, dtype=torch.int64), device)
+        tokens = to_device_async(torch.tensor(targets, dtype=torch.int64), device)
+        top_n = max(req.top_logprobs_num for req, _, _ in out)
+        return out, token_logprobs(logits[index], tokens, top_n)
+
+    @staticmethod
+    def _attach_prompt_logprobs(
+        step: _InFlight,
+        prompt: tuple[list[tuple[Req, int, int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+        | None,
+    ) -> None:
+        if prompt is None:
+            return
+        spans, values = prompt
+        step.prompt_spans = spans
+        if values[0].device.type == "cuda":
+            values = (_to_host(values[0]), _to_host(values[1]), _to_host(values[2]))
+        step.host_prompt_logprobs = values
 
     def _history(self, req: Req) -> History | None:
         """What a penalized request's sampling needs (None for the others). Its output so far:
@@ -512,6 +585,17 @@ class Scheduler:
             step.done.synchronize()
         next_ids = step.host_ids.tolist() if step.host_ids is not None else []
         batch = step.batch
+        if step.prompt_spans is not None and step.host_prompt_logprobs is not None:
+            chosen, top_values, top_ids = (t.tolist() for t in step.host_prompt_logprobs)
+            k = 0
+            for req, _, count in step.prompt_spans:
+                n = req.top_logprobs_num
+                for j in range(k, k + count):
+                    req.input_logprobs.append(chosen[j])
+                    req.input_top_logprobs.append(
+                        list(zip(top_ids[j][:n], top_values[j][:n], strict=True))
+                    )
+                k += count
         for req, n in zip(batch.reqs, batch.num_new):
             if not req.finished:
                 req.kv_len += n
@@ -527,7 +611,13 @@ class Scheduler:
                 top = list(zip(top_ids[j][:n], top_values[j][:n], strict=True))
                 logprobs[i] = (chosen[j], top)
         for i, (req, token) in enumerate(zip(step.sampled, next_ids)):
-            if not req.finished:
+            if req.finished:
+                continue
+            if req.sampling.max_new_tokens == 0:
+                # Run only for its prompt logprobs: nothing is generated.
+                self.running.remove(req)
+                self._finish(req, FinishReason("length"))
+            else:
                 self._append_token(req, token, logprobs.get(i))
 
     def _run(self, batch: ScheduleBatch) -> None:
@@ -763,6 +853,19 @@ class Scheduler:
         if req.return_logprob:
             out.new_logprobs = req.output_logprobs[sent:]
             out.new_top_logprobs = req.output_top_logprobs[sent:]
+        if (
+            req.logprob_start_len >= 0
+            and not req.input_logprobs_sent
+            and not req.wants_prompt_logprobs
+        ):
+            req.input_logprobs_sent = True
+            ids = req.input_ids[req.logprob_start_len :]
+            out.input_token_logprobs = [
+                [lp, t, None] for lp, t in zip(req.input_logprobs, ids, strict=True)
+            ]
+            out.input_top_logprobs = [
+                [[lp, t, None] for t, lp in top] for top in req.input_top_logprobs
+            ]
         self._outputs.append(out)
 
     # ------------------------------------------------------------------ maintenance

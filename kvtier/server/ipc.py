@@ -52,6 +52,7 @@ class GenerateReq:
     # Logprobs of the output tokens and of the top alternatives (see Req).
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    logprob_start_len: int = -1
 
 
 @dataclass

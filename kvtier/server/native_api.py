@@ -92,7 +92,7 @@ async def generate(
         sp = fe.sampling(p)
         sp.max_new_tokens = fe.check_ids(ids, sp.max_new_tokens, "max_new_tokens")
         items.append((ids, sp))
-    gen = fe.submit(items, rids, body.return_logprob, body.top_logprobs_num)
+    gen = fe.submit(items, rids, body.return_logprob, body.top_logprobs_num, body.logprob_start_len)
     if body.stream:
         return await sse_response(request, gen, _NativeChunks(n, batch=not single))
     try:

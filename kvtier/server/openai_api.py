@@ -6,7 +6,8 @@ prompt i's j-th), at most 64 in all; with a ``seed`` choice j samples with seed 
 completion defaults to 16 tokens (OpenAI's default).
 ``logprobs`` (chat: with ``top_logprobs``; completions: the number of alternatives) report the
 output tokens' logprobs under the model's raw distribution, each token's text decoded alone;
-prompt logprobs (``echo``) are not supported.
+``echo`` puts the prompt before each completion, with ``logprobs`` the prompt tokens' too (the
+first one's None), and allows ``max_tokens=0`` (score the prompt only).
 ``usage`` counts each prompt once (its first choice's prompt and cached tokens) and every
 choice's completion tokens; ``usage.prompt_tokens_details`` carries ``cached_tokens`` and, as an
 extension, ``cached_tokens_by_tier``.
@@ -132,7 +133,11 @@ def _text_logprobs(
     return {
         "tokens": texts,
         "token_logprobs": [lp for lp, _, _ in tokens],
-        "top_logprobs": [{fe.token_text(t): lp for lp, t, _ in top} for top in tops],
+        # The sequence's first token (echo) has no logprob and no alternatives: None.
+        "top_logprobs": [
+            None if lp is None else {fe.token_text(t): v for v, t, _ in top}
+            for (lp, _, _), top in zip(tokens, tops, strict=True)
+        ],
         "text_offset": offsets,
     }
 
@@ -198,7 +203,7 @@ class _Chunks:
             c["usage"] = None
         return c
 
-    def _piece(self, text: str, first: bool) -> dict[str, Any]:
+    def _piece(self, index: int, text: str, first: bool) -> dict[str, Any]:
         raise NotImplementedError
 
     def _end(self) -> dict[str, Any]:
@@ -207,12 +212,16 @@ class _Chunks:
     def on_output(self, index: int, out: ReqOutput, e2e: float) -> list[dict[str, Any]]:
         state = self.states[index]
         events = []
+        if self.logprobs and out.input_token_logprobs is not None:
+            state.pending[0].extend(out.input_token_logprobs)
+            state.pending[1].extend(out.input_top_logprobs or [])
         entries = out.logprob_entries()
         if entries is not None:
             state.pending[0].extend(entries[0])
             state.pending[1].extend(entries[1])
         if out.new_text or not state.started:
-            events.append(self._chunk(index, self._piece(out.new_text, not state.started)))
+            piece = self._piece(index, out.new_text, not state.started)
+            events.append(self._chunk(index, piece))
             state.started = True
         if out.finished:
             state.meta = out.meta_info
@@ -239,7 +248,7 @@ class _Chunks:
 class _ChatChunks(_Chunks):
     object_name = "chat.completion.chunk"
 
-    def _piece(self, text: str, first: bool) -> dict[str, Any]:
+    def _piece(self, index: int, text: str, first: bool) -> dict[str, Any]:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
         return {"delta": delta, "finish_reason": None}
 
@@ -255,7 +264,12 @@ class _ChatChunks(_Chunks):
 class _TextChunks(_Chunks):
     object_name = "text_completion"
 
-    def _piece(self, text: str, first: bool) -> dict[str, Any]:
+    # echo: each prompt's text, sent before its choices' first tokens.
+    echo: list[str] | None = None
+
+    def _piece(self, index: int, text: str, first: bool) -> dict[str, Any]:
+        if first and self.echo is not None:
+            text = self.echo[index // self.n] + text
         return {"text": text, "finish_reason": None}
 
     def _end(self) -> dict[str, Any]:
@@ -276,6 +290,7 @@ def _submit(
     prompts: list[tuple[list[int], int]],
     logprobs: bool,
     top_logprobs: int,
+    logprob_start_len: int = -1,
 ) -> tuple[Generation, str, int]:
     """Submit ``n`` choices of each (prompt ids, max new tokens); returns the generation, the
     response id's suffix and the number of choices."""
@@ -291,7 +306,7 @@ def _submit(
     items = [(ids, _sampling(fe, body, max_new, j)) for ids, max_new in prompts for j in range(n)]
     rid = body.rid or uuid.uuid4().hex
     rids = [rid] if len(items) == 1 else [f"{rid}-{i}" for i in range(len(items))]
-    return fe.submit(items, rids, logprobs, top_logprobs), rid, len(items)
+    return fe.submit(items, rids, logprobs, top_logprobs, logprob_start_len), rid, len(items)
 
 
 async def _collect(request: Request, gen: Generation) -> list[Result]:
@@ -364,31 +379,41 @@ def _prompt_ids(
     return [fe.encode(p) if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[union-attr]
 
 
+def _echo_texts(
+    fe: Frontend, prompt: str | list[str] | list[int] | list[list[int]], ids: list[list[int]]
+) -> list[str]:
+    """Each prompt as echoed: as sent when text, decoded when token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt[0], int):
+        return [fe.detokenize(ids[0])]
+    return [p if isinstance(p, str) else fe.detokenize(i) for p, i in zip(prompt, ids, strict=True)]
+
+
 @router.post("/v1/completions", response_model=None)
 async def completions(
     body: CompletionRequest, request: Request
 ) -> dict[str, Any] | StreamingResponse:
     fe = _frontend(request)
     fe.check_model(body.model)
-    _check_unsupported(
-        {
-            "echo": body.echo,
-            "suffix": body.suffix,
-            "best_of": body.best_of not in (None, 1),
-        },
-    )
+    _check_unsupported({"suffix": body.suffix, "best_of": body.best_of not in (None, 1)})
     want = body.logprobs is not None
     top = body.logprobs or 0
     if not 0 <= top <= MAX_TOP_LOGPROBS:
         raise APIError(400, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]; got {top}")
-    limit = _max_tokens(body.max_tokens, "max_tokens")
-    prompts = [
-        (ids, fe.check_ids(ids, limit, "max_tokens")) for ids in _prompt_ids(fe, body.prompt)
-    ]
-    gen, rid, num = _submit(fe, body, prompts, want, top)
+    if body.echo and body.max_tokens == 0:
+        limit: int | None = 0  # score the prompt only
+    else:
+        limit = _max_tokens(body.max_tokens, "max_tokens")
+    prompt_ids = _prompt_ids(fe, body.prompt)
+    prompts = [(ids, fe.check_ids(ids, limit, "max_tokens")) for ids in prompt_ids]
+    echo = _echo_texts(fe, body.prompt, prompt_ids) if body.echo else None
+    start = 0 if body.echo and want else -1
+    gen, rid, num = _submit(fe, body, prompts, want, top, start)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _TextChunks("cmpl-" + rid, fe.model.name, usage, fe, want, num, body.n)
+        chunks.echo = echo
         return await sse_response(request, gen, chunks)
     results = await _collect(request, gen)
     choices = []
@@ -396,11 +421,13 @@ async def completions(
         reason, matched = _finish(res.meta_info)
         logprobs = None
         if want:
-            logprobs = _text_logprobs(fe, res.token_logprobs or [], res.top_logprobs or [], 0)
+            tokens = (res.input_token_logprobs or []) + (res.token_logprobs or [])
+            tops = (res.input_top_logprobs or []) + (res.top_logprobs or [])
+            logprobs = _text_logprobs(fe, tokens, tops, 0)
         choices.append(
             {
                 "index": index,
-                "text": res.text,
+                "text": (echo[index // body.n] if echo else "") + res.text,
                 "logprobs": logprobs,
                 "finish_reason": reason,
                 "matched_stop": matched,

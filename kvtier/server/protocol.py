@@ -114,6 +114,7 @@ class GenerateRequest(_Strict):
     rid: Annotated[str | list[str] | None, _one_of("a string or a list of strings")] = None
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    logprob_start_len: int = -1
 
 
 class FlushCacheRequest(_Strict):

@@ -101,6 +101,7 @@ class SchedulerLoop:
                 stream=msg.stream,
                 return_logprob=msg.return_logprob,
                 top_logprobs_num=msg.top_logprobs_num,
+                logprob_start_len=msg.logprob_start_len,
             )
             self.scheduler.add_request(req)
         except (RequestError, SamplingParamsError) as e:

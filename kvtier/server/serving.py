@@ -145,6 +145,10 @@ class Frontend:
         except SamplingParamsError as e:
             raise APIError(400, str(e)) from None
 
+    def detokenize(self, ids: list[int]) -> str:
+        """Token ids as text, special tokens included (echo of a prompt sent as ids)."""
+        return str(self._need_tokenizer().decode(ids, skip_special_tokens=False))
+
     def token_text(self, token_id: int) -> str:
         """One token as text (special tokens included), for logprob entries; without a
         tokenizer ``token_id:N``."""
@@ -166,12 +170,15 @@ class Frontend:
         rids: list[str] | None = None,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        logprob_start_len: int = -1,
     ) -> Generation:
         rids = rids or [uuid.uuid4().hex for _ in items]
         # Every request streams from the scheduler, also when the HTTP response does not: the
         # API process then sees when each token arrives (TTFT and inter-token metrics).
         reqs = [
-            ipc.GenerateReq(rid, ids, sp.to_dict(), True, return_logprob, top_logprobs_num)
+            ipc.GenerateReq(
+                rid, ids, sp.to_dict(), True, return_logprob, top_logprobs_num, logprob_start_len
+            )
             for rid, (ids, sp) in zip(rids, items)
         ]
         try:
