@@ -229,7 +229,7 @@ def test_logprobs_chat_completions_and_native_agree(server, http, oai):
     # The same greedy continuation through the three APIs: the same tokens and logprobs, top
     # alternatives most likely first with the chosen token first (greedy); streamed events
     # carry their own tokens' logprobs.
-    p = ids(16, seed=5)
+    p = ids(16, seed=51)
     native = http.post(
         "/generate",
         json={
@@ -242,7 +242,22 @@ def test_logprobs_chat_completions_and_native_agree(server, http, oai):
     meta = native["meta_info"]
     tokens = meta["output_token_logprobs"]
     assert [t for _, t, _ in tokens] == native["output_ids"]
+    assert all(text is None for _, _, text in tokens)
     assert all(top[0][:2] == tok[:2] for tok, top in zip(tokens, meta["output_top_logprobs"]))
+
+    with_text = http.post(
+        "/generate",
+        json={
+            "input_ids": p,
+            "sampling_params": GREEDY,
+            "return_logprob": True,
+            "top_logprobs_num": 3,
+            "return_text_in_logprobs": True,
+        },
+    ).json()["meta_info"]
+    texts = [text for _, _, text in with_text["output_token_logprobs"]]
+    assert "".join(texts) == native["text"]
+    assert all(isinstance(e[2], str) for top in with_text["output_top_logprobs"] for e in top)
 
     kw = {"model": MODEL, "max_tokens": 6, "temperature": 0, "extra_body": {"ignore_eos": True}}
     comp = oai.completions.create(prompt=p, logprobs=3, **kw).choices[0]
@@ -641,6 +656,34 @@ def test_client_disconnect_aborts_and_frees_pages(server, http):
     s = wait_idle(server)
     assert s["requests_aborted"] == before + 2
     assert s["device_free_pages"] + s["device_cached_pages"] == s["device_total_pages"]
+    assert_integrity(server)
+
+
+def test_abort_request_by_id_ends_its_stream(server, http):
+    # POST /abort_request stops a request another connection is streaming: that stream ends
+    # with finish reason "abort" (not hanging), its pages are freed; an unknown id is a 404.
+    before = stats(server)["requests_aborted"]
+    body = {
+        "input_ids": ids(25, seed=61),
+        "sampling_params": {**GREEDY, "max_new_tokens": 400},
+        "stream": True,
+        "rid": "to-abort",
+    }
+    with http.stream("POST", "/generate", json=body) as r:
+        lines = r.iter_lines()
+        next_data(lines)
+        with server.http() as other:
+            assert other.post("/abort_request", json={"rid": "to-abort"}).json() == {
+                "success": True
+            }
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert events[-1]["meta_info"]["finish_reason"] == {"type": "abort", "message": "aborted"}
+    assert len(events[-1]["output_ids"]) < 400
+    r = http.post("/abort_request", json={"rid": "to-abort"})
+    assert r.status_code == 404
+    assert r.json()["error"]["message"] == "no request with id 'to-abort' is in flight"
+    s = wait_idle(server)
+    assert s["requests_aborted"] == before + 1
     assert_integrity(server)
 
 

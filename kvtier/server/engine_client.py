@@ -158,6 +158,15 @@ class EngineClient:
         if self._streams.pop(rid, None) is not None:
             self._send_abort(rid)
 
+    def request_abort(self, rid: str) -> bool:
+        """Ask the scheduler to stop request ``rid`` (POST /abort_request): its stream stays
+        open and ends with the scheduler's output, finish reason "abort". False when no
+        request with that id is in flight here."""
+        if rid not in self._streams:
+            return False
+        self._send_abort(rid)
+        return True
+
     def abort_all(self, message: str) -> None:
         """Fail every request in flight with ``message`` (HTTP 503) and abort them."""
         for rid in list(self._streams):

@@ -19,7 +19,7 @@ from kvtier.scheduler.request import ReqOutput
 from kvtier.server import ipc
 from kvtier.server.engine_client import ControlError, RequestFailed
 from kvtier.server.errors import APIError
-from kvtier.server.protocol import FlushCacheRequest, GenerateRequest
+from kvtier.server.protocol import AbortRequest, FlushCacheRequest, GenerateRequest
 from kvtier.server.serving import Frontend, Result, api_error, unless_disconnected
 from kvtier.server.streaming import sse_response
 
@@ -39,17 +39,37 @@ async def _control(fe: Frontend, kind: str, **payload: Any) -> Any:
         raise APIError(400, str(e)) from None
 
 
+_LOGPROB_KEYS = ("output_token_logprobs", "input_token_logprobs")
+_TOP_LOGPROB_KEYS = ("output_top_logprobs", "input_top_logprobs")
+
+
+def _with_token_text(fe: Frontend, result: dict[str, Any]) -> dict[str, Any]:
+    """``return_text_in_logprobs``: each logprob entry's third field, the token's text."""
+    meta = result["meta_info"]
+    for key in _LOGPROB_KEYS:
+        if key in meta:
+            meta[key] = [[lp, t, fe.token_text(t)] for lp, t, _ in meta[key]]
+    for key in _TOP_LOGPROB_KEYS:
+        if key in meta:
+            meta[key] = [[[lp, t, fe.token_text(t)] for lp, t, _ in top] for top in meta[key]]
+    return result
+
+
 class _NativeChunks:
     """Cumulative events per request, as SGLang's ``/generate`` streams them."""
 
-    def __init__(self, n: int, batch: bool) -> None:
+    def __init__(self, n: int, batch: bool, fe: Frontend, token_text: bool) -> None:
         self.results = [Result() for _ in range(n)]
         self.batch = batch
+        self.fe = fe
+        self.token_text = token_text
 
     def on_output(self, index: int, out: ReqOutput, e2e: float) -> list[dict[str, Any]]:
         res = self.results[index]
         res.add(out, e2e)
         event = res.to_dict()
+        if self.token_text:
+            event = _with_token_text(self.fe, event)
         if self.batch:
             event["index"] = index
         return [event]
@@ -93,13 +113,16 @@ async def generate(
         sp.max_new_tokens = fe.check_ids(ids, sp.max_new_tokens, "max_new_tokens")
         items.append((ids, sp))
     gen = fe.submit(items, rids, body.return_logprob, body.top_logprobs_num, body.logprob_start_len)
+    token_text = body.return_text_in_logprobs
     if body.stream:
-        return await sse_response(request, gen, _NativeChunks(n, batch=not single))
+        return await sse_response(request, gen, _NativeChunks(n, not single, fe, token_text))
     try:
         results = await unless_disconnected(request, gen.collect())
     finally:
         gen.close()
     dicts = [r.to_dict() for r in results]
+    if token_text:
+        dicts = [_with_token_text(fe, d) for d in dicts]
     return dicts[0] if single else dicts
 
 
@@ -164,6 +187,15 @@ async def flush_cache(request: Request, body: FlushCacheRequest | None = None) -
     else:
         msg = "Cache flushed."
     return {"success": True, "message": msg}
+
+
+@router.post("/abort_request")
+async def abort_request(request: Request, body: AbortRequest) -> dict[str, Any]:
+    """Stop a request in flight by its id; its own response then ends with finish reason
+    "abort" (streamed or not) and its pages are freed. 404 for an unknown id."""
+    if not _frontend(request).client.request_abort(body.rid):
+        raise APIError(404, f"no request with id {body.rid!r} is in flight", "not_found")
+    return {"success": True}
 
 
 @router.get("/metrics")

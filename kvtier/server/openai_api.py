@@ -309,6 +309,24 @@ def _submit(
     return fe.submit(items, rids, logprobs, top_logprobs, logprob_start_len), rid, len(items)
 
 
+def _response(
+    rid: str,
+    object_name: str,
+    fe: Frontend,
+    choices: list[dict[str, Any]],
+    results: list[Result],
+    n: int,
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": object_name,
+        "created": int(time.time()),
+        "model": fe.model.name,
+        "choices": choices,
+        "usage": _usage([r.meta_info for r in results], n),
+    }
+
+
 async def _collect(request: Request, gen: Generation) -> list[Result]:
     try:
         return await unless_disconnected(request, gen.collect())
@@ -356,14 +374,7 @@ async def chat_completions(
                 "matched_stop": matched,
             }
         )
-    return {
-        "id": "chatcmpl-" + rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": fe.model.name,
-        "choices": choices,
-        "usage": _usage([r.meta_info for r in results], body.n),
-    }
+    return _response("chatcmpl-" + rid, "chat.completion", fe, choices, results, body.n)
 
 
 def _prompt_ids(
@@ -433,14 +444,7 @@ async def completions(
                 "matched_stop": matched,
             }
         )
-    return {
-        "id": "cmpl-" + rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": fe.model.name,
-        "choices": choices,
-        "usage": _usage([r.meta_info for r in results], body.n),
-    }
+    return _response("cmpl-" + rid, "text_completion", fe, choices, results, body.n)
 
 
 @router.get("/v1/models")

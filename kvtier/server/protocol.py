@@ -115,6 +115,13 @@ class GenerateRequest(_Strict):
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
+    return_text_in_logprobs: bool = False
+
+
+class AbortRequest(_Strict):
+    """SGLang's ``/abort_request``: the id of a request in flight (``rid`` at submission)."""
+
+    rid: str
 
 
 class FlushCacheRequest(_Strict):
