@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"tests tests2 check tier_io ttft engine diag server"}
+STEPS=${STEPS:-"tests tests1b tests2 check tier_io ttft engine diag server"}
 # Also: decode (bench_engine's decode rows only), ab (decode without PDL, then without overlap scheduling), engine8b (bench_engine on
 # Qwen3-8B), profile (where prefill / decode time goes), hitprof
 # (a tier hit and a GPU hit at 1K and 64K tokens), moe, gmoe, attn, dattn, gemv (kernel sweeps),
@@ -23,11 +23,13 @@ step() {  # step NAME SECONDS CMD...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
-# The GPU tests in two steps (together they take longer than one call may run): tests the
-# engine and cache paths, tests2 the kernels and models. --durations shows where time goes.
-step tests "${T_TESTS:-300}" python3 -m pytest -q -p no:cacheprovider --durations=10 \
-  tests/test_engine.py tests/test_hicache_engine.py tests/test_kv_io.py tests/test_faults.py \
-  tests/test_overlap_schedule.py
+# The GPU tests in three steps (together they take longer than one call may run): tests the
+# engine (with the API features: logprobs, penalties), tests1b the cache paths, tests2 the
+# kernels and models. --durations shows where time goes.
+step tests "${T_TESTS:-240}" python3 -m pytest -q -p no:cacheprovider --durations=10 \
+  tests/test_engine.py tests/test_overlap_schedule.py tests/test_sampler.py
+step tests1b "${T_TESTS1B:-300}" python3 -m pytest -q -p no:cacheprovider --durations=10 \
+  tests/test_hicache_engine.py tests/test_kv_io.py tests/test_faults.py
 step tests2 "${T_TESTS2:-300}" python3 -m pytest -q -p no:cacheprovider --durations=10 \
   tests/test_triton_attention.py tests/test_fused_kernels.py tests/test_models.py \
   tests/test_gemv.py tests/test_fused_moe.py tests/test_pdl.py

@@ -535,6 +535,22 @@ BAD_REQUESTS = [
         "logprobs must be in [0, 20]; got 21",
     ),
     (
+        "logprob_start_len past the prompt",
+        "POST",
+        "/generate",
+        {"input_ids": [5, 6, 7], "return_logprob": True, "logprob_start_len": 3},
+        400,
+        "logprob_start_len must be -1 (no prompt logprobs) or in [0, 3) (the prompt has 3 tokens)",
+    ),
+    (
+        "unknown abort id field",
+        "POST",
+        "/abort_request",
+        {"id": "x"},
+        400,
+        "rid: Field required",
+    ),
+    (
         "native top_logprobs_num without return_logprob",
         "POST",
         "/generate",
