@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
                 "fused": bench(fused, args.rep),
                 "fused_graph": bench(as_graph(fused), args.rep),
                 "major_graph": bench(as_graph(expert_major), args.rep),
+                "major_ptd_graph": bench(
+                    as_graph(lambda: expert_major(per_token_down=True)), args.rep
+                ),
             }
             row: dict[str, Any] = {
                 "tokens": t,
@@ -274,6 +277,7 @@ def print_report(rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], check
         ("grouped_graph_us", "grouped graph us", fmt_float(1)),
         ("fused_graph_us", "fused graph us", fmt_float(1)),
         ("major_graph_us", "major graph us", fmt_float(1)),
+        ("major_ptd_graph_us", "major+per-token down us", fmt_float(1)),
         ("grouped_graph_gbps", "grouped GB/s", fmt_float(0)),
         ("fused_graph_gbps", "fused GB/s", fmt_float(0)),
         ("major_graph_gbps", "major GB/s", fmt_float(0)),
@@ -292,7 +296,8 @@ def print_report(rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], check
     print(
         "GB/s: the needed bytes (each distinct routed expert once) over the graph time; "
         "'fused MB' is what the fused kernels stream (every pair reads its expert); 'major': "
-        "the expert-major kernels (grouped_moe)."
+        "the expert-major kernels (grouped_moe); 'major+per-token down': their gate/up "
+        "kernel, then fused_moe_small's down kernel."
     )
     if sweeps:
         print("\nsweep (graph replays of fused_moe_small; one kernel's tiles, the other at its")

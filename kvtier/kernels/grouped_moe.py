@@ -54,6 +54,10 @@ ENABLED: bool = triton is not None and os.environ.get("KVTIER_GROUPED_MOE", "1")
 MAX_PAIRS = 2048
 
 
+# The down projection as fused_moe's per-token kernel (see grouped_moe); KVTIER_MOE_PER_TOKEN_DOWN
+# (read at import) for A/B runs.
+PER_TOKEN_DOWN: bool = os.environ.get("KVTIER_MOE_PER_TOKEN_DOWN", "0") != "0"
+
 # Up to this many pairs one program aligns them all and the GEMM grids get one row of programs
 # a chosen expert (at most T * k rows, not E): at batch 1, 8 rows of programs instead of 128
 # rows of which 120 would only exit.
@@ -311,6 +315,7 @@ def grouped_moe(
     block_i: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    per_token_down: bool | None = None,
 ) -> torch.Tensor:
     """``FusedExperts.forward(x, topk_ids, topk_weights)`` by the expert-major kernels: ``x``
     [T, H], ``w13`` [E, 2I, H] (gate rows, then up rows), ``w2`` [E, H, I], ``topk_ids`` /
@@ -320,7 +325,12 @@ def grouped_moe(
     ``block_n`` columns of h and ``block_k`` hidden columns (gate/up kernel), ``block_h`` output
     columns and ``block_i`` columns of h (down kernel); each left None comes from
     ``default_tiles(T * k, E)``. ValueError names an argument that does not fit. On CPU tensors
-    the kernels need Triton's interpreter (TRITON_INTERPRET=1)."""
+    the kernels need Triton's interpreter (TRITON_INTERPRET=1).
+
+    ``per_token_down`` (default: ``PER_TOKEN_DOWN``): the down projection and the combine as
+    fused_moe_small's per-token kernel (a token's k experts in one program row, the combine
+    inside: one kernel instead of two, each expert read once per token) after the
+    expert-major gate/up kernel."""
     what = "grouped_moe"
     fused_moe.check_runnable(what, x)
     t, hidden, num_experts, inter, k = fused_moe.check_moe_args(
@@ -346,7 +356,6 @@ def grouped_moe(
     ids = topk_ids.contiguous()
     num_pairs = t * k
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     # tl.dot's operands need >= 16 along each dimension: tiles are at least that, masked.
     block_n = min(tiles["block_n"], _pow2_at_least(inter, 16))
     block_k = min(tiles["block_k"], _pow2_at_least(hidden, 16))
@@ -365,6 +374,9 @@ def grouped_moe(
         x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
         TOPK=k, BLOCK_N=block_n, BLOCK_K=block_k, **common,
     )  # fmt: skip
+    if PER_TOKEN_DOWN if per_token_down is None else per_token_down:
+        return fused_moe.down_and_combine(h, w2, ids, topk_weights.to(x.dtype))
+    y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _grouped_down_kernel[(num_slots, triton.cdiv(hidden, block_h))](
         h, w2, experts, pair_list, counts, y,
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
