@@ -500,7 +500,10 @@ class Scheduler:
             ]
         if not sampled:
             step = _InFlight(batch, sampled, None, None, None)
-            self._attach_prompt_logprobs(step, prompt)
+            if self._attach_prompt_logprobs(step, prompt):
+                # Device-to-host copies in flight: _process waits for them.
+                step.done = torch.cuda.Event()
+                step.done.record()
             return step
         ids = sample(
             logits,
@@ -555,14 +558,18 @@ class Scheduler:
         step: _InFlight,
         prompt: tuple[list[tuple[Req, int, int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
         | None,
-    ) -> None:
+    ) -> bool:
+        """Put the step's prompt logprobs on it (copies to the host enqueued when they are on
+        the GPU: then True, and the step needs a ``done`` event recorded after this call)."""
         if prompt is None:
-            return
+            return False
         spans, values = prompt
         step.prompt_spans = spans
-        if values[0].device.type == "cuda":
+        on_device = values[0].device.type == "cuda"
+        if on_device:
             values = (_to_host(values[0]), _to_host(values[1]), _to_host(values[2]))
         step.host_prompt_logprobs = values
+        return on_device
 
     def _history(self, req: Req) -> History | None:
         """What a penalized request's sampling needs (None for the others). Its output so far:
