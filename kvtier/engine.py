@@ -7,13 +7,15 @@ with kvtier.Engine(model_path="builtin:tiny-qwen3") as llm:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from array import array
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from kvtier.async_driver import AsyncDriver
 from kvtier.models import ResolvedModel, resolve_model
 from kvtier.sampling_params import SamplingParams, check_logprob_args
 from kvtier.scheduler.request import GenerateResult, Req
@@ -78,6 +80,7 @@ class Engine:
             self.scheduler.warm_up()
         self.tokenizer = self.scheduler.detok.tokenizer
         self._closed = False
+        self._driver = AsyncDriver(self.scheduler)
 
     # ------------------------------------------------------------------ generation
     def _make_reqs(
@@ -177,14 +180,16 @@ class Engine:
             top_logprobs_num,
             logprob_start_len,
         )
-        self._submit(reqs)
+        with self._driver.lock:
+            self._check_no_async()
+            self._submit(reqs)
         if stream:
             return self._stream(reqs, single)
         results = {r.rid: GenerateResult() for r in reqs}
         start = time.perf_counter()
         pending = set(results)
         while pending:
-            for out in self.scheduler.step():
+            for out in self._step():
                 res = results.get(out.rid)
                 if res is None:
                     continue
@@ -200,7 +205,7 @@ class Engine:
         pending = set(index)
         try:
             while pending:
-                for out in self.scheduler.step():
+                for out in self._step():
                     if out.rid not in index:
                         continue
                     if out.finished:
@@ -213,10 +218,91 @@ class Engine:
                     yield chunk
         finally:
             # A consumer that stops early aborts what it no longer reads.
-            for rid in pending:
-                self.scheduler.abort_request(rid)
-            if pending:
-                self.scheduler.step()
+            with self._driver.lock:
+                for rid in pending:
+                    self.scheduler.abort_request(rid)
+                if pending:
+                    self.scheduler.step()
+
+    # ------------------------------------------------------------------ asyncio
+    async def async_generate(
+        self,
+        prompt: Prompt = None,
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        input_ids: InputIds = None,
+        stream: bool = False,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        logprob_start_len: int = -1,
+    ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
+        """``generate`` for asyncio code (as ``sglang.Engine.async_generate``): any number of
+        calls may be in flight at once, from any event loop; they are batched together by one
+        driver thread. With ``stream=True`` returns an async iterator of the increments.
+        Cancelling the call (or leaving the iterator) aborts its requests. While such calls
+        are in flight the synchronous methods that step the engine raise RuntimeError."""
+        self._check_open()
+        reqs, single = self._make_reqs(
+            prompt,
+            sampling_params,
+            input_ids,
+            stream,
+            return_logprob,
+            top_logprobs_num,
+            logprob_start_len,
+        )
+        outputs: asyncio.Queue[Any] = asyncio.Queue()
+        self._driver.submit(reqs, outputs)
+        if stream:
+            return self._astream(reqs, single, outputs)
+        results = {r.rid: GenerateResult() for r in reqs}
+        pending = set(results)
+        start = time.perf_counter()
+        try:
+            while pending:
+                out = await outputs.get()
+                if isinstance(out, BaseException):
+                    raise out
+                results[out.rid].add(out)
+                if out.finished:
+                    pending.discard(out.rid)
+        finally:
+            self._driver.abort(sorted(pending))
+        dicts = [results[r.rid].to_dict(time.perf_counter() - start) for r in reqs]
+        return dicts[0] if single else dicts
+
+    async def _astream(
+        self, reqs: list[Req], single: bool, outputs: asyncio.Queue[Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        index = {r.rid: i for i, r in enumerate(reqs)}
+        pending = set(index)
+        start = time.perf_counter()
+        try:
+            while pending:
+                out = await outputs.get()
+                if isinstance(out, BaseException):
+                    raise out
+                if out.finished:
+                    pending.discard(out.rid)
+                part = GenerateResult()
+                part.add(out)
+                chunk = part.to_dict(time.perf_counter() - start)
+                if not single:
+                    chunk["index"] = index[out.rid]
+                yield chunk
+        finally:
+            self._driver.abort(sorted(pending))
+
+    def _step(self) -> list[Any]:
+        """One scheduler step for a synchronous caller (see AsyncDriver's invariants)."""
+        with self._driver.lock:
+            return self.scheduler.step()
+
+    def _check_no_async(self) -> None:
+        if self._driver.busy:
+            raise RuntimeError(
+                "async_generate requests are in flight: await them before calling the "
+                "synchronous methods"
+            )
 
     # ------------------------------------------------------------------ control
     def flush_cache(self, tier: str | None = None) -> bool:
@@ -224,13 +310,16 @@ class Engine:
         requests are in flight) or only the GPU copies of prefixes that have an L2 copy
         (``tier="device"``), so that the next requests are served from L2."""
         self._check_open()
-        return self.scheduler.flush_cache(tier)
+        with self._driver.lock:
+            return self.scheduler.flush_cache(tier)
 
     def get_stats(self) -> dict[str, Any]:
-        return self.scheduler.stats()
+        with self._driver.lock:
+            return self.scheduler.stats()
 
     def check_integrity(self) -> None:
-        self.scheduler.check_integrity()
+        with self._driver.lock:
+            self.scheduler.check_integrity()
 
     def get_server_info(self) -> dict[str, Any]:
         import dataclasses
@@ -241,9 +330,11 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self.scheduler.abort_request(req.rid)
-        self.scheduler.close()
+        self._driver.close()
+        with self._driver.lock:
+            for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+                self.scheduler.abort_request(req.rid)
+            self.scheduler.close()
 
     def _check_open(self) -> None:
         if self._closed:
