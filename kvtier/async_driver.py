@@ -54,19 +54,22 @@ class AsyncDriver:
 
     def close(self) -> None:
         """Abort what is in flight, let it finish, and stop the thread."""
-        if self._thread is not None:
+        thread = self._thread
+        if thread is not None:
             self._put("stop", None)
-            self._thread.join()
-            self._thread = None
+            thread.join()
+            with self._state_lock:
+                self._thread = None
 
     # ------------------------------------------------------------------ the thread
     def _put(self, kind: str, payload: Any) -> None:
         with self._state_lock:
             self._pending += 1
+            # Callers on several threads (event loops) may be first at once: one thread only.
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kvtier-driver", daemon=True)
+                self._thread.start()
         self._inbox.put((kind, payload))
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="kvtier-driver", daemon=True)
-            self._thread.start()
 
     def _take(self, block: bool) -> tuple[str, Any] | None:
         try:

@@ -118,3 +118,27 @@ def test_synchronous_calls_refused_while_async_ones_run(engine):
     out = asyncio.run(main())
     assert len(out["output_ids"]) == 200
     engine.check_integrity()
+
+
+def test_event_loops_on_several_threads_share_one_driver(engine):
+    # Two threads, each with its own event loop, call at once: one driver thread serves both.
+    import threading
+
+    ps = prompts(4, seed=5)
+    want = [engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"] for p in ps]
+    got: dict[int, list[int]] = {}
+
+    def worker(i):
+        async def main():
+            return await engine.async_generate(input_ids=ps[i], sampling_params=GREEDY)
+
+        got[i] = asyncio.run(main())["output_ids"]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(4)] == want
+    assert sum(t.name == "kvtier-driver" for t in threading.enumerate()) == 1
+    engine.check_integrity()
