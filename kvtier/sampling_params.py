@@ -33,6 +33,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     min_new_tokens: int = 0
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias; keys may
+    # come as strings of ids), each in [-100, 100].
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -41,6 +44,13 @@ class SamplingParams:
             self.stop = []
         if self.stop_token_ids is None:
             self.stop_token_ids = []
+        if isinstance(self.logit_bias, dict):
+            try:
+                self.logit_bias = {int(k): v for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise SamplingParamsError(
+                    f"logit_bias keys must be token ids; got {list(self.logit_bias)!r}"
+                ) from None
         self.validate()
 
     @property
@@ -92,6 +102,23 @@ class SamplingParams:
             )
         if not 0.0 <= number("min_p", (int, float)) <= 1.0:
             raise SamplingParamsError(f"min_p must be in [0, 1]; got {self.min_p}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise SamplingParamsError(
+                    f"logit_bias must map token ids to numbers; got {self.logit_bias!r}"
+                )
+            for token, bias in self.logit_bias.items():
+                if token < 0:
+                    raise SamplingParamsError(f"logit_bias token id {token} is negative")
+                if (
+                    isinstance(bias, bool)
+                    or not isinstance(bias, (int, float))
+                    or not (-100.0 <= bias <= 100.0)
+                ):
+                    raise SamplingParamsError(
+                        f"logit_bias values must be numbers in [-100, 100]; got {bias!r} for "
+                        f"token {token}"
+                    )
         min_new = number("min_new_tokens", (int,))
         if not 0 <= min_new <= self.max_new_tokens:
             raise SamplingParamsError(

@@ -678,3 +678,12 @@ def test_prompt_logprob_steps_are_capped(engine, monkeypatch):
     assert engine.scheduler.counters["forward_steps"] - before == 4
     assert len(out["meta_info"]["input_token_logprobs"]) == 30
     engine.check_integrity()
+
+
+def test_logit_bias_steers_greedy_tokens(engine):
+    p = prompts(1, 12, seed=36)[0]
+    out = engine.generate(input_ids=p, sampling_params={**GREEDY, "logit_bias": {777: 100}})
+    assert out["output_ids"] == [777] * GREEDY["max_new_tokens"]
+    with pytest.raises(RequestError, match=r"^logit_bias token id 999999 is outside the vocab"):
+        engine.generate(input_ids=p, sampling_params={**GREEDY, "logit_bias": {999999: 1}})
+    engine.check_integrity()

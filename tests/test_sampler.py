@@ -76,3 +76,16 @@ def test_token_logprobs_are_the_log_softmax():
     assert torch.equal(values, ref.gather(1, ids))
     _, none, no_ids = token_logprobs(logits, torch.tensor([1, 0]), 0)
     assert none.shape == no_ids.shape == (2, 0)
+
+
+def test_logit_bias_forces_and_bans_tokens():
+    logits = ROW.unsqueeze(0)
+    gen = torch.Generator().manual_seed(0)
+    assert sample(logits, [params(logit_bias={4: 100.0})], [None], gen).tolist() == [4]
+    # Keys as OpenAI sends them (strings); banning the likeliest leaves the next one.
+    assert sample(logits, [params(logit_bias={"3": -100})], [None], gen).tolist() == [0]
+    assert ROW.tolist() == [2.0, -1.0, 0.5, 3.0, -2.0, 1.0]
+    with pytest.raises(SamplingParamsError, match=r"^logit_bias values must be numbers in"):
+        params(logit_bias={1: 101})
+    with pytest.raises(SamplingParamsError, match=r"^logit_bias keys must be token ids"):
+        params(logit_bias={"a": 1})

@@ -332,6 +332,19 @@ def test_echo_scores_the_prompt(server, http, oai):
     assert_integrity(server)
 
 
+def test_logit_bias_through_openai(server, http, oai):
+    # OpenAI's logit_bias (token ids as strings): +100 makes greedy pick that token each time,
+    # as the native API's sampling_params do.
+    p = ids(9, seed=71)
+    sp = {**GREEDY, "max_new_tokens": 3, "logit_bias": {"777": 100}}
+    native = http.post("/generate", json={"input_ids": p, "sampling_params": sp}).json()
+    assert native["output_ids"] == [777, 777, 777]
+    kw = {"model": MODEL, "max_tokens": 3, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    out = oai.completions.create(prompt=p, logit_bias={"777": 100}, **kw)
+    assert out.choices[0].text == native["text"]
+    assert_integrity(server)
+
+
 def test_several_prompts_and_n_choices(server, http, oai):
     # Completions: a list of prompts, n choices each (choice i * n + j: prompt i, choice j);
     # greedy choices of a prompt agree with each other and with the prompt sent alone. Seeded

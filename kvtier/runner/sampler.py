@@ -68,14 +68,21 @@ def sample(
     histories: list[History | None] | None = None,
 ) -> torch.Tensor:  # [B] int64
     """One token a row: greedy (argmax) or sampled with the row's temperature, top-k, top-p
-    and min-p; ``histories[i]`` (needed where ``params[i].penalized``) gives the penalties
-    their tokens. ``logits`` is left as it is."""
+    and min-p, after its logit_bias; ``histories[i]`` (needed where ``params[i].penalized``)
+    gives the penalties their tokens. ``logits`` is left as it is."""
     if histories is not None and any(h is not None for h in histories):
         rows = [
             penalize(logits[i], p, h) if h is not None else logits[i]
             for i, (p, h) in enumerate(zip(params, histories, strict=True))
         ]
         logits = torch.stack(rows)
+    if any(p.logit_bias for p in params):
+        logits = logits.clone()
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.int64).to(logits.device)
+                bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+                logits[i].index_add_(0, ids, bias.to(logits.device))
     out = torch.argmax(logits, dim=-1)
     if all(p.greedy for p in params):
         return out

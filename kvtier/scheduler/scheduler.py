@@ -168,6 +168,11 @@ class Scheduler:
             bad = next(t for t in req.input_ids if not 0 <= t < vocab)
             raise RequestError(f"token id {bad} is outside the vocabulary (size {vocab})")
         check_logprob_args(req.return_logprob, req.top_logprobs_num)
+        bias = req.sampling.logit_bias
+        if bias and max(bias) >= vocab:
+            raise RequestError(
+                f"logit_bias token id {max(bias)} is outside the vocabulary (size {vocab})"
+            )
         if len(self.waiting) >= self.args.max_queued_requests:
             raise QueueFullError(
                 f"{len(self.waiting)} requests are waiting (--max-queued-requests); retry later"

@@ -68,6 +68,7 @@ def _sampling(
         "repetition_penalty": body.repetition_penalty,
         "min_p": body.min_p,
         "min_new_tokens": body.min_tokens,
+        "logit_bias": body.logit_bias,
     }
     for name in ("temperature", "top_p", "top_k"):
         if getattr(body, name) is not None:

@@ -68,6 +68,7 @@ class OpenAISamplingFields(_Strict):
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
     # SGLang / vLLM extensions
     top_k: int | None = None
     min_p: float = 0.0
