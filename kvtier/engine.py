@@ -18,7 +18,7 @@ from typing import Any
 from kvtier.async_driver import AsyncDriver
 from kvtier.models import ResolvedModel, resolve_model
 from kvtier.sampling_params import SamplingParams, check_logprob_args
-from kvtier.scheduler.request import GenerateResult, Req
+from kvtier.scheduler.request import GenerateResult, Req, ReqOutput
 from kvtier.scheduler.scheduler import RequestError, Scheduler
 from kvtier.server_args import ServerArgs
 from kvtier.tokenizer import load_tokenizer
@@ -36,6 +36,16 @@ def _check_int_ids(ids: list[Any]) -> None:
         array("q", ids)
     except (TypeError, OverflowError):
         raise RequestError("input_ids must be a list of ints or a list of such lists") from None
+
+
+def _chunk(out: ReqOutput, index: int | None, start: float) -> dict[str, Any]:
+    """A streamed increment in ``generate``'s shape (``index`` in a batch)."""
+    part = GenerateResult()
+    part.add(out)
+    chunk = part.to_dict(time.perf_counter() - start)
+    if index is not None:
+        chunk["index"] = index
+    return chunk
 
 
 def setup_logging(level: str) -> None:
@@ -210,12 +220,7 @@ class Engine:
                         continue
                     if out.finished:
                         pending.discard(out.rid)
-                    part = GenerateResult()
-                    part.add(out)
-                    chunk = part.to_dict(time.perf_counter() - start)
-                    if not single:
-                        chunk["index"] = index[out.rid]
-                    yield chunk
+                    yield _chunk(out, None if single else index[out.rid], start)
         finally:
             # A consumer that stops early aborts what it no longer reads.
             with self._driver.lock:
@@ -283,12 +288,7 @@ class Engine:
                     raise out
                 if out.finished:
                     pending.discard(out.rid)
-                part = GenerateResult()
-                part.add(out)
-                chunk = part.to_dict(time.perf_counter() - start)
-                if not single:
-                    chunk["index"] = index[out.rid]
-                yield chunk
+                yield _chunk(out, None if single else index[out.rid], start)
         finally:
             self._driver.abort(sorted(pending))
 
