@@ -184,6 +184,12 @@ def test_completions_all_prompt_forms_agree(oai, http):
     stop = want.strip()[1:3]
     stopped = oai.completions.create(prompt=prompt, stop=[stop], **kw).choices[0]
     assert stopped.text == want[: want.index(stop)] and stopped.finish_reason == "stop"
+    kept = oai.completions.create(
+        prompt=prompt,
+        stop=[stop],
+        **{**kw, "extra_body": {"ignore_eos": True, "include_stop_str_in_output": True}},
+    ).choices[0]
+    assert kept.text == want[: want.index(stop) + len(stop)]
     ids_prompt = ids(12, seed=1)
     by_ids = oai.completions.create(prompt=ids_prompt, **kw)
     native = http.post("/generate", json={"input_ids": ids_prompt, "sampling_params": GREEDY})

@@ -69,6 +69,7 @@ def _sampling(
         "min_p": body.min_p,
         "min_new_tokens": body.min_tokens,
         "logit_bias": body.logit_bias,
+        "no_stop_trim": body.include_stop_str_in_output,
     }
     for name in ("temperature", "top_p", "top_k"):
         if getattr(body, name) is not None:

@@ -74,6 +74,7 @@ class OpenAISamplingFields(_Strict):
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
