@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,20 +47,26 @@ class ScheduleBatch:
         hi = min(start + self.num_new[i], len(req.input_ids) - 1)
         return range(lo, max(lo, hi))
 
-    def logit_rows(self) -> tuple[list[int], list[int], list[tuple[int, int, int]]]:
+    @functools.cached_property
+    def logit_plan(self) -> tuple[list[int], list[int], list[tuple[int, int, int, int]]]:
         """Which rows of the step's tokens get logits: ``(rows, sample_rows, spans)``. ``rows``
         index the step's tokens (the model's logits_indices); ``sample_rows`` index ``rows``,
         one for each request that samples, in batch order; ``spans`` are ``(request index,
-        first position, first index into rows)`` of the prompt-logprob positions."""
-        rows: list[int] = []
+        first position, count, first index into rows)`` of the prompt-logprob positions.
+        Computed once, for the launch (the cursors move when the step is processed)."""
+        if self.mode is ForwardMode.DECODE:
+            # Every request of a decode step runs its last token and samples from it.
+            rows = list(range(len(self.reqs)))
+            return rows, rows, []
+        rows = []
         sample_rows: list[int] = []
-        spans: list[tuple[int, int, int]] = []
+        spans: list[tuple[int, int, int, int]] = []
         offset = 0
         for i, (req, n) in enumerate(zip(self.reqs, self.num_new)):
             start = req.kv_len + self.ahead
             positions = self.prompt_logprob_positions(i)
             if positions:
-                spans.append((i, positions.start, len(rows)))
+                spans.append((i, positions.start, len(positions), len(rows)))
                 rows.extend(offset + p - start for p in positions)
             offset += n
             if self.samples(i):
@@ -69,7 +76,7 @@ class ScheduleBatch:
 
     @property
     def has_prompt_logprobs(self) -> bool:
-        return any(self.prompt_logprob_positions(i) for i in range(len(self.reqs)))
+        return bool(self.logit_plan[2])
 
     @property
     def num_tokens(self) -> int:
@@ -100,7 +107,7 @@ class ScheduleBatch:
         long_parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (positions, slots)
         seq_lens: list[int] = []
         prefix_lens: list[int] = []
-        logits_indices = self.logit_rows()[0]
+        logits_indices = self.logit_plan[0]
         for req, n in zip(self.reqs, self.num_new):
             start = req.kv_len + self.ahead
             # Placeholders when the ids come from the device (keeps the one-copy layout).

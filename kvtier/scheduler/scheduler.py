@@ -497,7 +497,7 @@ class Scheduler:
         logits = self.runner.forward(fb)
         sampled = [r for i, r in enumerate(batch.reqs) if batch.samples(i)]
         self.counters["forward_steps"] += 1
-        _, sample_rows, spans = batch.logit_rows() if batch.has_prompt_logprobs else ([], [], [])
+        _, sample_rows, spans = batch.logit_plan
         prompt = self._prompt_logprobs(batch, logits, spans) if spans else None
         if spans:
             logits = logits[
@@ -510,12 +510,16 @@ class Scheduler:
                 step.done = torch.cuda.Event()
                 step.done.record()
             return step
+        # Histories only when some request is penalized (most steps have none).
+        histories = None
+        if any(r.sampling.penalized for r in sampled):
+            histories = [self._history(r) for r in sampled]
         ids = sample(
             logits,
             [r.sampling for r in sampled],
             [r.generator for r in sampled],
             self.generator,
-            [self._history(r) for r in sampled],
+            histories,
         )
         rows = [i for i, r in enumerate(sampled) if r.return_logprob] or None
         logprobs = None
@@ -539,16 +543,15 @@ class Scheduler:
         return step
 
     def _prompt_logprobs(
-        self, batch: ScheduleBatch, logits: torch.Tensor, spans: list[tuple[int, int, int]]
+        self, batch: ScheduleBatch, logits: torch.Tensor, spans: list[tuple[int, int, int, int]]
     ) -> tuple[list[tuple[Req, int, int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The step's prompt logprobs on the device: each span's positions' logits against the
         prompt tokens that follow them."""
         rows: list[int] = []
         targets: list[int] = []
         out: list[tuple[Req, int, int]] = []
-        for i, first, row in spans:
+        for i, first, count, row in spans:
             req = batch.reqs[i]
-            count = len(batch.prompt_logprob_positions(i))
             rows.extend(range(row, row + count))
             targets.extend(req.input_ids[first + 1 : first + 1 + count])
             out.append((req, first, count))
