@@ -166,9 +166,6 @@ def main(argv: list[str] | None = None) -> None:
                 "fused": bench(fused, args.rep),
                 "fused_graph": bench(as_graph(fused), args.rep),
                 "major_graph": bench(as_graph(expert_major), args.rep),
-                "major_ptd_graph": bench(
-                    as_graph(lambda: expert_major(per_token_down=True)), args.rep
-                ),
             }
             row: dict[str, Any] = {
                 "tokens": t,
@@ -193,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.sweep:
                 sweeps += sweep(t, fused, args.rep, default_tiles(t))
             if args.sweep_grouped:
-                sweeps += sweep_grouped(t, k, expert_major, args.rep)
+                sweeps += sweep_grouped(t, expert_major, args.rep)
         rows.append(row)
         print(f"T={t}: {distinct} distinct experts of {t * k} pairs", file=sys.stderr)
 
@@ -233,28 +230,20 @@ def sweep(
 
 # The expert-major kernels' tiles the sweep times: (block_m, block_n, block_k) of gate/up and
 # (block_m, block_h, block_i) of down, each at 3 and 4 pipeline stages; four warps for 16 rows,
-# eight for more (as default_tiles). Narrow column blocks where the pairs are few (compact
-# alignment: one program row a chosen expert).
+# eight for more (as default_tiles).
 GROUPED_GATE_UP = ((16, 32, 128), (16, 64, 64), (16, 64, 128), (16, 128, 64), (32, 32, 128),
                    (32, 64, 64), (32, 64, 128), (64, 32, 128), (64, 64, 64))  # fmt: skip
 GROUPED_DOWN = ((16, 64, 128), (16, 128, 64), (16, 128, 128), (32, 64, 128), (32, 128, 64),
                 (32, 128, 128), (64, 64, 128), (64, 128, 64))  # fmt: skip
-COMPACT_GATE_UP = ((16, 16, 128), (16, 16, 256), (16, 32, 64), (16, 32, 128), (16, 64, 128))
-COMPACT_DOWN = ((16, 16, 128), (16, 32, 128), (16, 32, 256), (16, 64, 64), (16, 64, 128))
 
 
-def sweep_grouped(t: int, k: int, fn: Callable[..., object], rep: int) -> list[dict[str, Any]]:
+def sweep_grouped(t: int, fn: Callable[..., object], rep: int) -> list[dict[str, Any]]:
     """grouped_moe's tiles, each kernel's on its own (the other at its defaults), fastest
     first; graph replays. block_m applies to both kernels, so its rows time both at it."""
-    from kvtier.kernels.grouped_moe import COMPACT_MAX_PAIRS
-
     out: list[dict[str, Any]] = []
-    compact = t * k <= COMPACT_MAX_PAIRS
-    gate_up_tiles = COMPACT_GATE_UP if compact else GROUPED_GATE_UP
-    down_tiles = COMPACT_DOWN if compact else GROUPED_DOWN
     for kernel, keys, tiles in (
-        ("major_gate_up", ("block_m", "block_n", "block_k"), gate_up_tiles),
-        ("major_down", ("block_m", "block_h", "block_i"), down_tiles),
+        ("major_gate_up", ("block_m", "block_n", "block_k"), GROUPED_GATE_UP),
+        ("major_down", ("block_m", "block_h", "block_i"), GROUPED_DOWN),
     ):
         results = []
         for tile in tiles:
@@ -277,7 +266,6 @@ def print_report(rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], check
         ("grouped_graph_us", "grouped graph us", fmt_float(1)),
         ("fused_graph_us", "fused graph us", fmt_float(1)),
         ("major_graph_us", "major graph us", fmt_float(1)),
-        ("major_ptd_graph_us", "major+per-token down us", fmt_float(1)),
         ("grouped_graph_gbps", "grouped GB/s", fmt_float(0)),
         ("fused_graph_gbps", "fused GB/s", fmt_float(0)),
         ("major_graph_gbps", "major GB/s", fmt_float(0)),
@@ -296,8 +284,7 @@ def print_report(rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], check
     print(
         "GB/s: the needed bytes (each distinct routed expert once) over the graph time; "
         "'fused MB' is what the fused kernels stream (every pair reads its expert); 'major': "
-        "the expert-major kernels (grouped_moe); 'major+per-token down': their gate/up "
-        "kernel, then fused_moe_small's down kernel."
+        "the expert-major kernels (grouped_moe)."
     )
     if sweeps:
         print("\nsweep (graph replays of fused_moe_small; one kernel's tiles, the other at its")

@@ -68,7 +68,6 @@ and removed.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 
@@ -342,10 +341,10 @@ def check_runnable(what: str, x: torch.Tensor) -> None:
 
 
 def _launch_shape(
-    t: int, hidden: int, k: int, inter: int, tiles: dict[str, int | None]
+    x: torch.Tensor, k: int, inter: int, tiles: dict[str, int | None]
 ) -> tuple[tuple[int, int], tuple[int, int], dict[str, int]]:
-    """Both kernels' grids and (capped) blocks for T tokens of width ``hidden``; tiles left
-    None come from default_tiles(T)."""
+    """Both kernels' grids and (capped) blocks; tiles left None come from default_tiles(T)."""
+    t, hidden = x.shape
     full = default_tiles(t)
     full.update({key: v for key, v in tiles.items() if v is not None})
     blocks = {
@@ -397,7 +396,7 @@ def fused_moe_small(
     tiles = dict(
         block_n=block_n, block_k=block_k, block_h=block_h, block_i=block_i, num_warps=num_warps
     )
-    gate_up_grid, down_grid, blocks = _launch_shape(t, hidden, k, inter, tiles)
+    gate_up_grid, down_grid, blocks = _launch_shape(x, k, inter, tiles)
     common = dict(
         HIDDEN=hidden, INTER=inter, TOPK=k, INTERPRET=fused.INTERPRETED,
         num_warps=blocks["num_warps"], **fused._EXACT, **fused.pdl_options(x.device),
@@ -408,52 +407,11 @@ def fused_moe_small(
         x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
         BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"], **common,
     )  # fmt: skip
-    _launch_down(h, w2, ids, weights, out, down_grid, blocks, common)
-    return out
-
-
-def _launch_down(
-    h: torch.Tensor,
-    w2: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    out: torch.Tensor,
-    grid: tuple[int, int],
-    blocks: dict[str, int],
-    common: dict[str, Any],
-) -> None:
-    _down_kernel[grid](
+    _down_kernel[down_grid](
         h, w2, ids, weights, out,
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
         BLOCK_H=blocks["BLOCK_H"], BLOCK_I=blocks["BLOCK_I"], **common,
     )  # fmt: skip
-
-
-def down_and_combine(
-    h: torch.Tensor,
-    w2: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    *,
-    block_h: int | None = None,
-    block_i: int | None = None,
-    num_warps: int | None = None,
-) -> torch.Tensor:
-    """fused_moe_small's second kernel alone: ``out[t] = sum_j w[t, j] * (h[t * k + j] @
-    W2[ids[t, j]]^T)`` from a given ``h`` [T * k, I] (each token's k experts in one program
-    row; the combine inside). For the expert-major gate/up kernel's output (grouped_moe)."""
-    t, k = topk_ids.shape
-    hidden, inter = w2.shape[1], w2.shape[2]
-    out = torch.empty(t, hidden, dtype=h.dtype, device=h.device)
-    tiles = dict(block_n=None, block_k=None, block_h=block_h, block_i=block_i, num_warps=num_warps)
-    _, down_grid, blocks = _launch_shape(t, hidden, k, inter, tiles)
-    common = dict(
-        HIDDEN=hidden, INTER=inter, TOPK=k, INTERPRET=fused.INTERPRETED,
-        num_warps=blocks["num_warps"], **fused._EXACT, **fused.pdl_options(h.device),
-    )  # fmt: skip
-    _launch_down(
-        h, w2, topk_ids.contiguous(), topk_weights.contiguous(), out, down_grid, blocks, common
-    )
     return out
 
 
@@ -463,7 +421,6 @@ __all__ = [
     "check_moe_args",
     "check_runnable",
     "default_tiles",
-    "down_and_combine",
     "fused_moe_ref",
     "fused_moe_small",
     "use_fused",

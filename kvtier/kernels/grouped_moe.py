@@ -1,9 +1,5 @@
 """Expert-major MoE kernels for mid-size batches (decode at batch ~9-256 of a top-8 model).
 
-Experiment (branch exp/moe-align2, not run on a GPU): main's version has no align kernel, every
-GEMM program scans all the ids itself, which won up to T = 64 and lost at T = 128 (run 8 in
-docs/benchmarks.md). This version lists each expert's pairs once, to take the kernels to T = 256.
-
 ``fused_moe.fused_moe_small`` gives every (token, expert) pair its own programs: each pair
 streams its expert's weights, which is right while the pairs are few (batch 1: 8 pairs, 8
 experts) but reads an expert as often as it was chosen once T * k grows (T = 32 on Qwen3-30B-A3B:
@@ -33,6 +29,12 @@ inputs tl.dot runs in IEEE float32 (not TF32).
 
 CUDA-graph safe: grids come from E and the weight shapes, the expert ids are read on the device,
 outputs are ``torch.empty``. Whether FusedExperts takes these kernels: ``use_grouped``.
+
+Measured (H200, docs/benchmarks.md run 9; Qwen3-30B-A3B's layer, graph replays): 203.1 / 263.6
+/ 297.2 / 333.5 / 351.1 us at T = 16 / 32 / 64 / 128 / 256 against the grouped GEMMs' 340.0 /
+440.0 / 478.2 / 497.6 / 507.1; engine decode at batch 32 / 64 / 128 17.51 / 24.16 / 31.13 ms a
+step against 26.38 / 33.71 / 38.93 with the grouped GEMMs. A version without the align kernel
+(every GEMM program scanning the ids) lost from T = 128 (run 8).
 """
 
 from __future__ import annotations
@@ -54,16 +56,6 @@ ENABLED: bool = triton is not None and os.environ.get("KVTIER_GROUPED_MOE", "1")
 MAX_PAIRS = 2048
 
 
-# The down projection as fused_moe's per-token kernel (see grouped_moe); KVTIER_MOE_PER_TOKEN_DOWN
-# (read at import) for A/B runs.
-PER_TOKEN_DOWN: bool = os.environ.get("KVTIER_MOE_PER_TOKEN_DOWN", "0") != "0"
-
-# Up to this many pairs one program aligns them all and the GEMM grids get one row of programs
-# a chosen expert (at most T * k rows, not E): at batch 1, 8 rows of programs instead of 128
-# rows of which 120 would only exit.
-COMPACT_MAX_PAIRS = 64
-
-
 def use_grouped(x: torch.Tensor, num_pairs: int) -> bool:
     """Whether FusedExperts.forward takes these kernels for these inputs (after fused_moe's
     small-batch kernels, which take T * k <= fused_moe.MAX_PAIRS)."""
@@ -71,25 +63,17 @@ def use_grouped(x: torch.Tensor, num_pairs: int) -> bool:
 
 
 def default_tiles(num_pairs: int, num_experts: int) -> dict[str, int]:
-    """Tiles by T * k and E (not measured on a GPU in this form). Up to ``COMPACT_MAX_PAIRS``
-    pairs (a program row a chosen expert): narrow column blocks, so that batch 1's 8 experts
-    still give 384 gate/up and 512 down programs. Past that ``block_m`` is four times the mean
-    pairs an expert, a power of two in [16, 64] (16: tl.dot's smallest), so that nearly every
-    expert's pairs fit one row block and its weights stream once (a second block re-reads
-    them): with E = 128, k = 8, 16 up to T = 64, 32 at T = 128, 64 from T = 256 (the scan
-    version's sweep at T = 128 had 32 rows ahead of 16: 650.9 against 855.7 us). From 32 rows
-    8 warps (ptxas for sm_90: 124 registers a thread for gate/up at 32 rows against 212 at 4
-    warps; no spills either way). The wide tiles from an H200 sweep (bench_moe.py
-    --sweep-grouped, 2026-12-01, run 8; graph replays of the whole layer, one kernel's tiles
-    swept, the other's at defaults) of the scan version: at T = 32 gate/up [16 pairs, 64
-    columns, 128 hidden] at 4 stages 275.2 us (of 14 tiles: 277.1 for 32 columns), down
-    [16, 128 output columns, 128] 264.8 (64 columns: 274.7)."""
-    if num_pairs <= COMPACT_MAX_PAIRS:
-        return {
-            "block_m": 16, "block_n": 16, "block_k": 128, "block_h": 32, "block_i": 128,
-            "num_warps": 4, "num_stages": 4,
-        }  # fmt: skip
-    block_m = min(max(1 << (max(4 * num_pairs // max(num_experts, 1), 1) - 1).bit_length(), 16), 64)
+    """Tiles by T * k and E. ``block_m`` is twice the mean pairs an expert, a power of two in
+    [16, 64] (16: tl.dot's smallest), so that most experts' pairs fit one row block and their
+    weights stream once (a second block re-reads them): with E = 128, k = 8, 16 rows up to
+    T = 128, 32 at T = 256. From 32 rows 8 warps (ptxas for sm_90: 124 registers a thread for
+    gate/up at 32 rows against 212 at 4 warps; no spills either way). From the H200 sweeps
+    (bench_moe.py --sweep-grouped, graph replays of the whole layer, one kernel's tiles swept
+    with the other's at defaults; docs/benchmarks.md runs 8 and 9): at T = 128 16 rows took
+    305.6-306.3 us against 315.4-332.2 at 32 rows (run 9), and the column blocks below were
+    within a microsecond of the best there; at T = 32 (run 8, the scan version) gate/up
+    [16, 64, 128] at 4 stages 275.2 us, down [16, 128, 128] 264.8."""
+    block_m = min(max(1 << (max(2 * num_pairs // max(num_experts, 1), 1) - 1).bit_length(), 16), 64)
     return {
         "block_m": block_m,
         "block_n": 64,
@@ -133,32 +117,6 @@ if triton is not None:
         tl.store(LIST + expert.to(tl.int64) * BLOCK_P + rank, pos, mask=hit != 0)
         tl.store(COUNT + expert, tl.sum(hit, axis=0))
         tl.store(EXPERTS + expert, expert)
-
-    @triton.jit
-    def _align_compact_kernel(IDS, EXPERTS, LIST, COUNT, num_pairs, num_slots,
-                              BLOCK_P: tl.constexpr, PDL: tl.constexpr = False):
-        """One program: the chosen experts in order of first choice at EXPERTS[:n] (slot j
-        holds the j-th distinct id met in pair order), slot j's pairs in pair order at
-        LIST[j, :COUNT[j]], and COUNT[j] = 0 for the unused slots n .. num_slots - 1. From
-        [BLOCK_P, BLOCK_P] comparisons of every pair with every other (few pairs only)."""
-        _pdl_wait(PDL)
-        pos = tl.arange(0, BLOCK_P)
-        valid = pos < num_pairs
-        ids = tl.load(IDS + pos, mask=valid, other=-1)
-        # same[p, q]: pairs p and q (both real) chose one expert.
-        same = (ids[:, None] == ids[None, :]) & valid[:, None] & valid[None, :]
-        rank = tl.sum((same & (pos[None, :] < pos[:, None])).to(tl.int32), axis=1)
-        first = valid & (rank == 0)
-        # The slot of a first choice: how many first choices come before it.
-        slot_first = tl.cumsum(first.to(tl.int32), axis=0) - 1
-        slot = tl.sum(tl.where(same & first[None, :], slot_first[None, :], 0), axis=1)
-        count = tl.sum(same.to(tl.int32), axis=1)
-        tl.store(LIST + slot.to(tl.int64) * BLOCK_P + rank, pos, mask=valid)
-        tl.store(EXPERTS + slot_first, ids, mask=first)
-        tl.store(COUNT + slot_first, count, mask=first)
-        used = tl.sum(first.to(tl.int32), axis=0)
-        tl.store(COUNT + pos, tl.zeros([BLOCK_P], dtype=tl.int32),
-                 mask=(pos >= used) & (pos < num_slots))
 
     @triton.jit
     def _chunk(LIST, slot, m0, count, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -271,33 +229,21 @@ def _pow2_at_least(n: int, floor: int) -> int:
 
 
 def align_pairs(
-    topk_ids: torch.Tensor, num_experts: int, compact: bool | None = None
+    topk_ids: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The (token, expert) pairs by expert, in slots: ``(experts, lists, counts)``, int32, where
-    slot j holds expert ``experts[j]``'s pairs at ``lists[j, :counts[j]]`` (flat indices
-    ``t * k + i`` with ``topk_ids[t, i] == experts[j]``, ascending; the rest of the row is
-    unwritten). Not compact: E slots, slot e for expert e. Compact (default up to
-    ``COMPACT_MAX_PAIRS`` pairs): ``min(E, T * k)`` slots, the chosen experts first in order of
-    first choice, then slots with count 0 (their expert unwritten). ``topk_ids`` [T, k],
-    contiguous; one kernel, no host sync."""
+    slot e holds expert ``experts[e] = e``'s pairs at ``lists[e, :counts[e]]`` (flat indices
+    ``t * k + i`` with ``topk_ids[t, i] == e``, ascending; the rest of the row is unwritten).
+    ``topk_ids`` [T, k], contiguous; one kernel, no host sync."""
     num_pairs = topk_ids.numel()
-    if compact is None:
-        compact = num_pairs <= COMPACT_MAX_PAIRS
     block_p = _pow2_at_least(num_pairs, 16)
-    num_slots = min(num_experts, num_pairs) if compact else num_experts
     device = topk_ids.device
-    experts = torch.empty(num_slots, dtype=torch.int32, device=device)
-    lists = torch.empty(num_slots, block_p, dtype=torch.int32, device=device)
-    counts = torch.empty(num_slots, dtype=torch.int32, device=device)
-    pdl = fused.pdl_options(device)
-    if compact:
-        _align_compact_kernel[(1,)](
-            topk_ids, experts, lists, counts, num_pairs, num_slots, BLOCK_P=block_p, **pdl
-        )
-    else:
-        _align_kernel[(num_experts,)](
-            topk_ids, experts, lists, counts, num_pairs, BLOCK_P=block_p, **pdl
-        )
+    experts = torch.empty(num_experts, dtype=torch.int32, device=device)
+    lists = torch.empty(num_experts, block_p, dtype=torch.int32, device=device)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=device)
+    _align_kernel[(num_experts,)](
+        topk_ids, experts, lists, counts, num_pairs, BLOCK_P=block_p, **fused.pdl_options(device)
+    )
     return experts, lists, counts
 
 
@@ -315,7 +261,6 @@ def grouped_moe(
     block_i: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    per_token_down: bool | None = None,
 ) -> torch.Tensor:
     """``FusedExperts.forward(x, topk_ids, topk_weights)`` by the expert-major kernels: ``x``
     [T, H], ``w13`` [E, 2I, H] (gate rows, then up rows), ``w2`` [E, H, I], ``topk_ids`` /
@@ -325,12 +270,7 @@ def grouped_moe(
     ``block_n`` columns of h and ``block_k`` hidden columns (gate/up kernel), ``block_h`` output
     columns and ``block_i`` columns of h (down kernel); each left None comes from
     ``default_tiles(T * k, E)``. ValueError names an argument that does not fit. On CPU tensors
-    the kernels need Triton's interpreter (TRITON_INTERPRET=1).
-
-    ``per_token_down`` (default: ``PER_TOKEN_DOWN``): the down projection and the combine as
-    fused_moe_small's per-token kernel (a token's k experts in one program row, the combine
-    inside: one kernel instead of two, each expert read once per token) after the
-    expert-major gate/up kernel."""
+    the kernels need Triton's interpreter (TRITON_INTERPRET=1)."""
     what = "grouped_moe"
     fused_moe.check_runnable(what, x)
     t, hidden, num_experts, inter, k = fused_moe.check_moe_args(
@@ -374,8 +314,6 @@ def grouped_moe(
         x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
         TOPK=k, BLOCK_N=block_n, BLOCK_K=block_k, **common,
     )  # fmt: skip
-    if PER_TOKEN_DOWN if per_token_down is None else per_token_down:
-        return fused_moe.down_and_combine(h, w2, ids, topk_weights.to(x.dtype))
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     _grouped_down_kernel[(num_slots, triton.cdiv(hidden, block_h))](
         h, w2, experts, pair_list, counts, y,
@@ -395,7 +333,6 @@ def grouped_moe(
 
 
 __all__ = [
-    "COMPACT_MAX_PAIRS",
     "ENABLED",
     "MAX_PAIRS",
     "align_pairs",
