@@ -229,11 +229,12 @@ def sweep(
 
 
 # The expert-major kernels' tiles the sweep times: (block_m, block_n, block_k) of gate/up and
-# (block_m, block_h, block_i) of down, each at 3 and 4 pipeline stages, four warps.
-GROUPED_GATE_UP = ((16, 32, 128), (16, 64, 64), (16, 64, 128), (16, 64, 256), (16, 128, 64),
-                   (16, 128, 128), (32, 64, 128))  # fmt: skip
-GROUPED_DOWN = ((16, 32, 128), (16, 64, 64), (16, 64, 128), (16, 64, 256), (16, 128, 64),
-                (16, 128, 128), (32, 64, 128))  # fmt: skip
+# (block_m, block_h, block_i) of down, each at 3 and 4 pipeline stages; four warps for 16 rows,
+# eight for more (as default_tiles).
+GROUPED_GATE_UP = ((16, 32, 128), (16, 64, 64), (16, 64, 128), (16, 128, 64), (32, 32, 128),
+                   (32, 64, 64), (32, 64, 128), (64, 32, 128), (64, 64, 64))  # fmt: skip
+GROUPED_DOWN = ((16, 64, 128), (16, 128, 64), (16, 128, 128), (32, 64, 128), (32, 128, 64),
+                (32, 128, 128), (64, 64, 128), (64, 128, 64))  # fmt: skip
 
 
 def sweep_grouped(t: int, fn: Callable[..., object], rep: int) -> list[dict[str, Any]]:
@@ -248,10 +249,11 @@ def sweep_grouped(t: int, fn: Callable[..., object], rep: int) -> list[dict[str,
         for tile in tiles:
             for stages in (3, 4):
                 opts = dict(zip(keys, tile, strict=True)) | {"num_stages": stages}
+                opts["num_warps"] = 8 if opts["block_m"] >= 32 else 4
                 results.append((bench(as_graph(lambda o=opts: fn(**o)), max(20, rep // 4)), opts))
         results.sort(key=lambda r: r[0])
         for ms, opts in results:
-            out.append({"tokens": t, "kernel": kernel, "us": ms * 1e3, **opts, "num_warps": 4})
+            out.append({"tokens": t, "kernel": kernel, "us": ms * 1e3, **opts})
     return out
 
 

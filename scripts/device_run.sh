@@ -64,15 +64,18 @@ step hitprof "${T_HITPROF:-150}" bash -c "python3 scripts/profile_step.py --toke
   python3 scripts/profile_step.py --tokens 65536"
 step moe "${T_MOE:-90}" python3 benchmarks/bench_moe.py --check --sweep --tokens 1 4 16 32
 # The expert-major MoE kernels (grouped_moe): CUDA tests, the layer against the other paths
-# (with --check), their tile sweep, then engine decode without and with them.
-step gmoe "${T_GMOE:-400}" bash -c "python3 -m pytest -q -p no:cacheprovider \
+# (with --check) and their tile sweep.
+step gmoe "${T_GMOE:-300}" bash -c "python3 -m pytest -q -p no:cacheprovider \
   tests/test_grouped_moe.py; \
   python3 benchmarks/bench_moe.py --check --tokens ${GMOE_TOKENS:-4 8 16 32 64 128 256} \
   --output $OUT/moe_grouped.json; \
-  python3 benchmarks/bench_moe.py --sweep-grouped --tokens ${GMOE_SWEEP:-32 128} --rep 100; \
-  KVTIER_GROUPED_MOE=0 python3 benchmarks/bench_engine.py --prefill '' \
-  --decode-batch ${GMOE_DBS:-16,64,128} --output $OUT/bench_engine_no_gmoe.json; \
-  python3 benchmarks/bench_engine.py --prefill '' --decode-batch ${GMOE_DBS:-16,64,128} \
+  python3 benchmarks/bench_moe.py --sweep-grouped --tokens ${GMOE_SWEEP:-32 128 256} --rep 100"
+# Engine decode without and with the expert-major kernels (the torch grouped GEMMs past 64
+# pairs, then the default).
+step gmoe_e2e "${T_GMOE_E2E:-300}" bash -c "KVTIER_GROUPED_MOE=0 python3 \
+  benchmarks/bench_engine.py --prefill '' --decode-batch ${GMOE_DBS:-16,32,64,128} \
+  --output $OUT/bench_engine_no_gmoe.json; \
+  python3 benchmarks/bench_engine.py --prefill '' --decode-batch ${GMOE_DBS:-16,32,64,128} \
   --output $OUT/bench_engine_gmoe.json"
 step attn "${T_ATTN:-150}" bash -c "python3 benchmarks/bench_attention.py --mode extend \
   --extend-tokens 8192 --prefix-lens 0 8192 73728 ${ATTN_ARGS:---sweep} --check --rep 50 && \

@@ -24,6 +24,28 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL = {"block_m": 16, "block_n": 16, "block_k": 16, "block_h": 16, "block_i": 16}
 
 
+IDS = [[5, 1, 5], [1, 5, 0], [7, 7, 7], [2, 3, 4]]
+
+
+def _slot_lists(experts, lists, counts):
+    """{expert: its pairs} over the slots with pairs."""
+    return {
+        int(e): lists[j, :n].tolist()
+        for j, (e, n) in enumerate(zip(experts.tolist(), counts.tolist(), strict=True))
+        if n
+    }
+
+
+def test_align_pairs_one_slot_an_expert():
+    ids = torch.tensor(IDS, device=DEVICE)
+    experts, lists, counts = grouped_moe.align_pairs(ids, 9)
+    assert lists.shape == (9, 16) and lists.dtype == torch.int32
+    assert experts.tolist() == list(range(9))
+    assert counts.tolist() == [1, 2, 1, 1, 1, 3, 0, 3, 0]
+    want = {0: [5], 1: [1, 3], 2: [9], 3: [10], 4: [11], 5: [0, 2, 4], 7: [6, 7, 8]}
+    assert _slot_lists(experts, lists, counts) == want
+
+
 @pytest.mark.parametrize(
     ("t", "k", "num_experts"),
     # 1 pair; 2 experts x 20 pairs (chunks of 16: a full one and a partial one); 24 pairs over
@@ -48,6 +70,16 @@ def test_bf16_within_an_ulp_or_two_of_reference():
     scale = ref.float().abs().max().item()
     assert (out.float() - ref.float()).abs().max().item() <= scale * 2.0**-6
     assert (out == ref).float().mean().item() > 0.8
+
+
+def test_default_tiles_by_pairs_per_expert():
+    # Twice the mean pairs an expert, a power of two in [16, 64] (E = 128, k = 8); 32 rows and
+    # more with 8 warps.
+    tiles = [grouped_moe.default_tiles(t * 8, 128) for t in (9, 64, 128, 256, 512, 1024)]
+    assert [(x["block_m"], x["num_warps"]) for x in tiles] == [
+        (16, 4), (16, 4), (16, 4), (32, 8), (64, 8), (64, 8)
+    ]  # fmt: skip
+    assert grouped_moe.default_tiles(80, 8)["block_m"] == 32
 
 
 def test_default_tiles_and_repeated_expert_in_a_token():

@@ -83,7 +83,8 @@ ENABLED: bool = triton is not None and os.environ.get("KVTIER_FUSED_MOE", "1") !
 # grows the expert-major kernels (grouped_moe), which read each chosen expert once per 16 pairs,
 # win; benchmarks/bench_moe.py times all the paths. H200, run 8: T = 16 at k = 8 (128 pairs)
 # 232.4 us here against 195.4 expert-major (T = 4 and 8 were not timed against it).
-MAX_PAIRS = 64
+# KVTIER_FUSED_MOE_MAX_PAIRS (read at import) sets it, for A/B runs (0: never).
+MAX_PAIRS = int(os.environ.get("KVTIER_FUSED_MOE_MAX_PAIRS", "64"))
 
 
 def use_fused(x: torch.Tensor, num_pairs: int) -> bool:
