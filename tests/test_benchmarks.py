@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -23,6 +24,7 @@ BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
 kb = importlib.import_module("kvcache_benchmark")
 tio = importlib.import_module("bench_tier_io")
+bench_engine = importlib.import_module("bench_engine")
 
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU defaults")
 
@@ -233,3 +235,20 @@ def test_bench_tier_io_smoke(tmp_path, capsys):
 def test_bench_tier_io_refuses_a_cpu_without_smoke(capsys):
     assert tio.main([]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_decode_bytes_count_each_routed_expert_once():
+    # A toy MoE: 2 layers, 16 experts of 3 * 4 * 2 = 24 params, top-2, 100 active params of
+    # which 2 * 2 * 24 are routed experts; 10 KV bytes a token.
+    cfg = SimpleNamespace(
+        active_param_count=100, is_moe=True, hidden_size=4, moe_intermediate_size=2,
+        num_hidden_layers=2, is_moe_layer=lambda i: True, num_experts=16, num_experts_per_tok=2,
+    )  # fmt: skip
+    # Batch 1 reads exactly its k experts a layer: the active params, in bf16.
+    assert bench_engine.decode_bytes(cfg, 1, 8, 10) == pytest.approx(100 * 2 + 1 * 8 * 10)
+    # Batch 4: 16 (1 - (14/16)^4) = 6.6191... distinct experts expected a layer, not 8.
+    touched = 16 * (1 - (14 / 16) ** 4)
+    want = (4 + 2 * touched * 24) * 2 + 4 * 8 * 10
+    assert bench_engine.decode_bytes(cfg, 4, 8, 10) == pytest.approx(want)
+    # Never more than every expert once.
+    assert bench_engine.decode_bytes(cfg, 1000, 0, 10) <= (4 + 2 * 16 * 24) * 2

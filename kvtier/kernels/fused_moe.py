@@ -81,10 +81,11 @@ tl = fused.tl
 ENABLED: bool = triton is not None and os.environ.get("KVTIER_FUSED_MOE", "1") != "0"
 # Largest T * k that takes the fused path. Each pair reads its expert's weights, so once T * k
 # grows the expert-major kernels (grouped_moe), which read each chosen expert once per 16 pairs,
-# win; benchmarks/bench_moe.py times all the paths. H200, run 8: T = 16 at k = 8 (128 pairs)
-# 232.4 us here against 195.4 expert-major (T = 4 and 8 were not timed against it).
-# KVTIER_FUSED_MOE_MAX_PAIRS (read at import) sets it, for A/B runs (0: never).
-MAX_PAIRS = int(os.environ.get("KVTIER_FUSED_MOE_MAX_PAIRS", "64"))
+# win; benchmarks/bench_moe.py times all the paths. H200, run 9 (Qwen3-30B-A3B's layer, k = 8):
+# T = 4 (32 pairs) 88.9 us here against 90.5 expert-major, T = 8 (64 pairs) 146.4 against
+# 137.8, T = 16 230.0 against 192.9. KVTIER_FUSED_MOE_MAX_PAIRS (read at import) sets it, for
+# A/B runs (0: never).
+MAX_PAIRS = int(os.environ.get("KVTIER_FUSED_MOE_MAX_PAIRS", "32"))
 
 
 def use_fused(x: torch.Tensor, num_pairs: int) -> bool:
