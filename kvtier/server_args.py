@@ -39,6 +39,8 @@ MEM_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 TIERS = ("dram", "xmem", "peer")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 PREFILL_ATTENTION_BACKENDS = ("auto", "triton", "cudnn")
+# One format under SGLang's name and vLLM's (kvtier.server.tool_parser).
+TOOL_CALL_PARSERS = ("qwen25", "hermes")
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,13 @@ class ServerArgs:
         None, "require 'Authorization: Bearer KEY' on every endpoint but /health"
     )
     max_request_body_bytes: int = _opt(32 * 1024 * 1024, "largest accepted HTTP request body")
+    tool_call_parser: str | None = _opt(
+        None,
+        "answer chat requests that carry tools with OpenAI tool_calls parsed from the output: "
+        "qwen25 (SGLang's name) or hermes (vLLM's), the <tool_call>{JSON}</tool_call> format of "
+        "Qwen2.5 / Qwen3 models; without it such requests are refused",
+        choices=TOOL_CALL_PARSERS,
+    )
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:

@@ -39,7 +39,14 @@ GREEDY = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
 @pytest.fixture(scope="module")
 def launched():
     servers = {
-        "server": ServerProcess("--context-length", "512", "--max-request-body-bytes", "65536"),
+        "server": ServerProcess(
+            "--context-length",
+            "512",
+            "--max-request-body-bytes",
+            "65536",
+            "--tool-call-parser",
+            "qwen25",
+        ),
         "aux": ServerProcess(
             "--max-running-requests",
             "1",
@@ -167,6 +174,56 @@ def test_chat_completion_stream_and_not(oai):
     a, b = (oai.chat.completions.create(**sampled) for _ in range(2))
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.usage.completion_tokens <= 6
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+def test_chat_with_tools_and_a_tool_history(oai, aux):
+    # A coding agent's turn: the tools, and an earlier call with its result. The builtin
+    # model's template renders neither (a real model's does), so the prompt, and the greedy
+    # answer, equal those of the same conversation without tools; the tiny model writes no
+    # call, so the answer is content only, streamed or not.
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+    ]
+    kw = {"model": MODEL, "messages": history, "max_tokens": 6, "temperature": 0}
+    plain = oai.chat.completions.create(**kw)
+    with_tools = oai.chat.completions.create(**kw, tools=TOOLS, tool_choice="auto")
+    assert with_tools.choices[0].message.content == plain.choices[0].message.content
+    assert with_tools.choices[0].message.tool_calls is None
+    assert with_tools.choices[0].finish_reason == plain.choices[0].finish_reason
+    assert with_tools.usage.prompt_tokens == plain.usage.prompt_tokens
+    chunks = list(oai.chat.completions.create(**kw, tools=TOOLS, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == (
+        plain.choices[0].message.content
+    )
+    with pytest.raises(openai.BadRequestError, match="tool_choice required is not supported"):
+        oai.chat.completions.create(**kw, tools=TOOLS, tool_choice="required")
+    # A server started without --tool-call-parser refuses tools, naming the flag.
+    with pytest.raises(openai.BadRequestError, match="--tool-call-parser qwen25"):
+        aux.openai().chat.completions.create(**kw, tools=TOOLS)
 
 
 def test_completions_all_prompt_forms_agree(oai, http):

@@ -37,7 +37,9 @@ def create_app(args: ServerArgs, client: EngineClient, tokenizer: Any, model: Mo
             logger.info("the engine was shut down")
 
     app = FastAPI(title="kvtier", version="0.1.0", lifespan=lifespan)
-    app.state.frontend = Frontend(client, tokenizer, metrics, model)
+    app.state.frontend = Frontend(
+        client, tokenizer, metrics, model, tool_call_parser=args.tool_call_parser
+    )
     app.state.server_args = args
     app.state.server_state = state
     app.include_router(openai_api.router)

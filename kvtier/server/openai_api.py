@@ -8,6 +8,11 @@ completion defaults to 16 tokens (OpenAI's default).
 output tokens' logprobs under the model's raw distribution, each token's text decoded alone;
 ``echo`` puts the prompt before each completion, with ``logprobs`` the prompt tokens' too (the
 first one's None), and allows ``max_tokens=0`` (score the prompt only).
+With ``tools`` (and ``--tool-call-parser``) a chat completion's calls come back as OpenAI's
+``tool_calls`` (finish reason ``tool_calls``), parsed out of the text by ``tool_parser``; streamed,
+content goes out as it is generated and each call in one delta once its closing tag arrived.
+``tool_choice`` "auto" (the default with tools) and "none" (the tools are not shown to the model)
+are served; "required" and a named function would need constrained decoding and are refused.
 ``usage`` counts each prompt once (its first choice's prompt and cached tokens) and every
 choice's completion tokens; ``usage.prompt_tokens_details`` carries ``cached_tokens`` and, as an
 extension, ``cached_tokens_by_tier``.
@@ -15,6 +20,7 @@ extension, ``cached_tokens_by_tier``.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -25,9 +31,15 @@ from fastapi.responses import StreamingResponse
 from kvtier.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from kvtier.scheduler.request import ReqOutput
 from kvtier.server.errors import APIError
-from kvtier.server.protocol import ChatCompletionRequest, CompletionRequest, OpenAISamplingFields
+from kvtier.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    OpenAISamplingFields,
+)
 from kvtier.server.serving import Frontend, Generation, Result, unless_disconnected
 from kvtier.server.streaming import sse_response
+from kvtier.server.tool_parser import StreamingToolParser, ToolCall, parse
 
 router = APIRouter()
 
@@ -154,6 +166,7 @@ class _ChoiceState:
         self.pending: tuple[list[list[Any]], list[list[list[Any]]]] = ([], [])
         self.text_offset = 0
         self.meta: dict[str, Any] = {}
+        self.num_calls = 0
 
 
 class _Chunks:
@@ -211,6 +224,13 @@ class _Chunks:
     def _end(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _split(self, index: int, text: str, finished: bool) -> tuple[str, list[ToolCall]]:
+        """The text to send now and the tool calls completed (none unless parsing calls)."""
+        return text, []
+
+    def _call_piece(self, index: int, call: ToolCall, call_index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
     def on_output(self, index: int, out: ReqOutput, e2e: float) -> list[dict[str, Any]]:
         state = self.states[index]
         events = []
@@ -221,13 +241,19 @@ class _Chunks:
         if entries is not None:
             state.pending[0].extend(entries[0])
             state.pending[1].extend(entries[1])
-        if out.new_text or not state.started:
-            piece = self._piece(index, out.new_text, not state.started)
+        text, calls = self._split(index, out.new_text, out.finished)
+        if text or not state.started:
+            piece = self._piece(index, text, not state.started)
             events.append(self._chunk(index, piece))
             state.started = True
+        for call in calls:
+            events.append(self._chunk(index, self._call_piece(index, call, state.num_calls)))
+            state.num_calls += 1
         if out.finished:
             state.meta = out.meta_info
             reason, matched = _finish(out.meta_info)
+            if state.num_calls and reason == "stop":
+                reason = "tool_calls"
             end = {**self._end(), "finish_reason": reason, "matched_stop": matched}
             events.append(self._chunk(index, end))
         return events
@@ -249,6 +275,24 @@ class _Chunks:
 
 class _ChatChunks(_Chunks):
     object_name = "chat.completion.chunk"
+
+    # One parser a choice when the request's tool calls are parsed.
+    parsers: list[StreamingToolParser] | None = None
+
+    def _split(self, index: int, text: str, finished: bool) -> tuple[str, list[ToolCall]]:
+        if self.parsers is None:
+            return text, []
+        parser = self.parsers[index]
+        text, calls = parser.feed(text)
+        if finished:
+            text += parser.finish()
+        return text, calls
+
+    def _call_piece(self, index: int, call: ToolCall, call_index: int) -> dict[str, Any]:
+        # The whole call in one delta: its arguments arrive complete (clients concatenate
+        # argument pieces, so one piece is the degenerate case of OpenAI's stream format).
+        delta = {"tool_calls": [{"index": call_index, **call.to_dict()}]}
+        return {"delta": delta, "finish_reason": None}
 
     def _piece(self, index: int, text: str, first: bool) -> dict[str, Any]:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
@@ -336,6 +380,73 @@ async def _collect(request: Request, gen: Generation) -> list[Result]:
         gen.close()
 
 
+def _template_message(m: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates take it (Hugging Face's convention): text content, an
+    assistant's calls with their arguments as an object where they parse as one."""
+    msg: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.name is not None:
+        msg["name"] = m.name
+    if m.tool_call_id is not None:
+        msg["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for call in m.tool_calls:
+            try:
+                args: Any = json.loads(call.function.arguments)
+            except json.JSONDecodeError:
+                args = call.function.arguments
+            calls.append(
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": args},
+                }
+            )
+        msg["tool_calls"] = calls
+    return msg
+
+
+def _chat_message(
+    text: str, reason: str | None, parse_calls: bool, max_calls: int | None
+) -> tuple[dict[str, Any], str | None]:
+    """A finished choice's message and finish reason: with ``parse_calls`` the text's tool
+    calls become ``tool_calls`` (the reason ``tool_calls`` when the model stopped by itself)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if not parse_calls:
+        return message, reason
+    content, calls = parse(text, max_calls)
+    message["content"] = content
+    if calls:
+        message["tool_calls"] = [call.to_dict() for call in calls]
+        if reason == "stop":
+            reason = "tool_calls"
+    return message, reason
+
+
+def _tools(fe: Frontend, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+    """The tool definitions to show the model, None when the request's calls are not parsed;
+    400 for what this server does not serve."""
+    choice = body.tool_choice
+    if choice is not None and not body.tools:
+        raise APIError(400, "tool_choice needs tools")
+    if not body.tools or choice == "none":
+        return None
+    if choice is not None and choice != "auto":
+        shown = "required" if choice == "required" else "a named function"
+        raise APIError(
+            400,
+            f"tool_choice {shown} is not supported (it needs constrained decoding): use "
+            "'auto', which lets the model choose",
+        )
+    if fe.tool_call_parser is None:
+        raise APIError(
+            400,
+            "tools need a tool-call parser: start the server with --tool-call-parser qwen25 "
+            "(or hermes)",
+        )
+    return [tool.model_dump(exclude_none=True) for tool in body.tools]
+
+
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request
@@ -347,7 +458,9 @@ async def chat_completions(
         raise APIError(400, "top_logprobs needs logprobs=true")
     if not 0 <= top <= MAX_TOP_LOGPROBS:
         raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]; got {top}")
-    ids = fe.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+    tools = _tools(fe, body)
+    ids = fe.encode_chat([_template_message(m) for m in body.messages], tools)
+    max_calls = None if body.parallel_tool_calls else 1
     if body.max_completion_tokens is not None:
         limit = _max_tokens(body.max_completion_tokens, "max_completion_tokens")
         max_new = fe.check_ids(ids, limit, "max_completion_tokens")
@@ -359,6 +472,8 @@ async def chat_completions(
         chunks = _ChatChunks(
             "chatcmpl-" + rid, fe.model.name, usage, fe, body.logprobs, num, body.n
         )
+        if tools is not None:
+            chunks.parsers = [StreamingToolParser(max_calls) for _ in range(num)]
         return await sse_response(request, gen, chunks)
     results = await _collect(request, gen)
     choices = []
@@ -367,10 +482,11 @@ async def chat_completions(
         logprobs = None
         if body.logprobs:
             logprobs = _chat_logprobs(fe, res.token_logprobs or [], res.top_logprobs or [])
+        message, reason = _chat_message(res.text, reason, tools is not None, max_calls)
         choices.append(
             {
                 "index": index,
-                "message": {"role": "assistant", "content": res.text},
+                "message": message,
                 "logprobs": logprobs,
                 "finish_reason": reason,
                 "matched_stop": matched,

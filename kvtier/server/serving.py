@@ -77,12 +77,18 @@ class Generation:
 
 class Frontend:
     def __init__(
-        self, client: EngineClient, tokenizer: Any, metrics: Metrics, model: ModelInfo
+        self,
+        client: EngineClient,
+        tokenizer: Any,
+        metrics: Metrics,
+        model: ModelInfo,
+        tool_call_parser: str | None = None,
     ) -> None:
         self.client = client
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.model = model
+        self.tool_call_parser = tool_call_parser
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ inputs
@@ -104,14 +110,20 @@ class Frontend:
     def encode(self, text: str) -> list[int]:
         return list(self._need_tokenizer().encode(text))
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The conversation through the tokenizer's chat template, with the tools' definitions
+        (OpenAI's objects) where given: the template decides how the model sees them."""
         tok = self._need_tokenizer()
         if not messages:
             raise APIError(400, "messages must not be empty")
         if getattr(tok, "chat_template", None) is None:
             raise APIError(400, "the model's tokenizer has no chat template: use /v1/completions")
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(
+                messages, tools=tools, tokenize=False, add_generation_prompt=True
+            )
         except Exception as e:  # the template itself may reject a conversation
             raise APIError(400, f"the chat template rejected the messages: {e}") from e
         # The template already wrote every special token.

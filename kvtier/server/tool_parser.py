@@ -1,0 +1,142 @@
+"""Tool calls in generated text, for the OpenAI chat API's ``tools``.
+
+Models of the Qwen2.5 / Qwen3 family (and Hermes-style fine-tunes) call a tool by writing one
+JSON object a call between tags::
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+``parse`` splits a finished text into its content (what lies outside the calls) and the calls;
+``StreamingToolParser`` does the same over a stream of text pieces, holding back only what may
+still become a call (a possible start tag, or an unfinished call), so that content reaches the
+client as it is generated. A block whose body is not a JSON object with a string ``name`` is
+left in the content as written: the model's text is never dropped.
+
+This is SGLang's ``--tool-call-parser qwen25`` and vLLM's ``--tool-call-parser hermes`` format,
+the names ``--tool-call-parser`` takes here (``server_args.TOOL_CALL_PARSERS``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+START = "<tool_call>"
+END = "</tool_call>"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One parsed call: its id (``call_`` + 24 hex digits, as OpenAI's), the function's name,
+    and its arguments as a JSON string (what the API returns)."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+def _call_from_body(body: str) -> ToolCall | None:
+    """The call a block's body holds, or None when it is not ``{"name": str, "arguments":
+    object or JSON string}`` (``parameters`` accepted for ``arguments``, as some models write)."""
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(
+        id="call_" + uuid.uuid4().hex[:24],
+        name=obj["name"],
+        arguments=json.dumps(args, ensure_ascii=False),
+    )
+
+
+def _partial_start(text: str) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of START (0 if none):
+    those characters may begin a call and are held back."""
+    for n in range(min(len(text), len(START) - 1), 0, -1):
+        if START.startswith(text[-n:]):
+            return n
+    return 0
+
+
+class StreamingToolParser:
+    """Feed text pieces in order; each ``feed`` returns ``(content, calls)``: the content now
+    known to lie outside every call, and the calls completed by this piece. ``finish`` returns
+    what was held back (an unfinished call comes back as text). At most ``max_calls`` calls are
+    parsed (``parallel_tool_calls=false``: 1); blocks past it stay in the content."""
+
+    def __init__(self, max_calls: int | None = None) -> None:
+        self.max_calls = max_calls
+        self.calls: list[ToolCall] = []
+        self._buf = ""  # held back: a partial start tag, or a call from its start tag on
+
+    def _open(self) -> bool:
+        return self.max_calls is None or len(self.calls) < self.max_calls
+
+    def feed(self, piece: str) -> tuple[str, list[ToolCall]]:
+        text = self._buf + piece
+        self._buf = ""
+        content: list[str] = []
+        found: list[ToolCall] = []
+        while text:
+            if not self._open():
+                content.append(text)
+                break
+            start = text.find(START)
+            if start < 0:
+                keep = _partial_start(text)
+                content.append(text[: len(text) - keep])
+                self._buf = text[len(text) - keep :]
+                break
+            end = text.find(END, start + len(START))
+            if end < 0:
+                content.append(text[:start])
+                self._buf = text[start:]
+                break
+            call = _call_from_body(text[start + len(START) : end].strip())
+            stop = end + len(END)
+            if call is None:
+                content.append(text[:stop])
+            else:
+                content.append(text[:start])
+                found.append(call)
+                self.calls.append(call)
+            text = text[stop:]
+        return "".join(content), found
+
+    def finish(self) -> str:
+        rest, self._buf = self._buf, ""
+        return rest
+
+
+def parse(text: str, max_calls: int | None = None) -> tuple[str | None, list[ToolCall]]:
+    """A finished text's content and calls. The content is what lies outside the parsed
+    calls, stripped of surrounding whitespace when there are calls (the model writes newlines
+    around them); None when nothing is left, as OpenAI returns it."""
+    parser = StreamingToolParser(max_calls)
+    content, calls = parser.feed(text)
+    content += parser.finish()
+    if calls:
+        content = content.strip()
+    return (content or None), calls
+
+
+__all__ = ["END", "START", "StreamingToolParser", "ToolCall", "parse"]

@@ -1,0 +1,299 @@
+"""Tool calls of the OpenAI chat API: the parser (whole texts and streams split anywhere), the
+stream's events, the finished message, the chat template's inputs, request validation."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from kvtier.scheduler.request import ReqOutput
+from kvtier.server import openai_api
+from kvtier.server.errors import APIError
+from kvtier.server.protocol import ChatCompletionRequest
+from kvtier.server.serving import Frontend, ModelInfo
+from kvtier.server.tool_parser import StreamingToolParser, parse
+
+WEATHER = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n'
+    "</tool_call>"
+)
+TIME = '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}\n</tool_call>'
+TEXT = "Let me check.\n" + WEATHER + "\n" + TIME
+
+
+def named(calls):
+    return [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+def test_parse_content_and_calls():
+    content, calls = parse(TEXT)
+    assert content == "Let me check."
+    # Arguments given as an object or as a JSON string both come back as JSON text.
+    assert named(calls) == [
+        ("get_weather", {"city": "Paris", "unit": "C"}),
+        ("get_time", {"tz": "CET"}),
+    ]
+    assert calls[0].arguments == '{"city": "Paris", "unit": "C"}'
+    assert all(re.fullmatch(r"call_[0-9a-f]{24}", c.id) for c in calls)
+    assert calls[0].id != calls[1].id
+    assert calls[0].to_dict() == {
+        "id": calls[0].id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'},
+    }
+
+
+def test_parse_without_calls_keeps_the_text_as_is():
+    assert parse("  no tools here\n") == ("  no tools here\n", [])
+    assert parse("") == (None, [])
+    # Only calls: no content (None, as OpenAI returns it).
+    content, calls = parse(WEATHER)
+    assert content is None and named(calls) == [("get_weather", {"city": "Paris", "unit": "C"})]
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        "<tool_call>not json</tool_call>",
+        '<tool_call>["a list"]</tool_call>',
+        '<tool_call>{"arguments": {}}</tool_call>',  # no name
+        '<tool_call>{"name": "f", "arguments": [1]}</tool_call>',  # arguments not an object
+        '<tool_call>{"name": "f", "arguments": "not json"}</tool_call>',
+    ],
+)
+def test_malformed_blocks_stay_in_the_content(block):
+    content, calls = parse("a " + block + " b")
+    assert calls == [] and content == "a " + block + " b"
+
+
+def test_parameters_alias_and_missing_arguments():
+    _, calls = parse('<tool_call>{"name": "f", "parameters": {"x": 1}}</tool_call>')
+    assert named(calls) == [("f", {"x": 1})]
+    _, calls = parse('<tool_call>{"name": "g"}</tool_call>')
+    assert named(calls) == [("g", {})]
+
+
+def test_max_calls_leaves_later_blocks_in_the_content():
+    content, calls = parse(TEXT, max_calls=1)
+    assert named(calls) == [("get_weather", {"city": "Paris", "unit": "C"})]
+    assert content == "Let me check.\n\n" + TIME
+
+
+def test_unfinished_call_comes_back_as_text():
+    text = 'ok <tool_call>{"name": "f", "argu'
+    assert parse(text) == (text, [])
+
+
+def stream(pieces, max_calls=None):
+    parser = StreamingToolParser(max_calls)
+    content, calls = [], []
+    for piece in pieces:
+        c, found = parser.feed(piece)
+        content.append(c)
+        calls += found
+    content.append(parser.finish())
+    return content, calls
+
+
+@pytest.mark.parametrize("text", [TEXT, "plain <tool text", "x <tool_call>bad</tool_call> y"])
+def test_any_split_of_a_stream_gives_the_whole_parse(text):
+    whole_content, whole_calls = parse(text)
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1, 7):
+            content, calls = stream([text[:i], text[i:j], text[j:]])
+            assert named(calls) == named(whole_calls)
+            joined = "".join(content)
+            assert (joined.strip() if whole_calls else joined) == (whole_content or "")
+
+
+def test_stream_holds_back_only_a_possible_start_tag():
+    parser = StreamingToolParser()
+    assert parser.feed("Hello <tool") == ("Hello ", [])
+    assert parser.feed("box> x <") == ("<toolbox> x ", [])
+    assert parser.feed("tool_call>") == ("", [])  # inside a call: held
+    content, calls = parser.feed('{"name": "f", "arguments": {}}</tool_call> bye')
+    assert content == " bye" and named(calls) == [("f", {})]
+    assert parser.finish() == ""
+
+
+# ---------------------------------------------------------------------------- the API layer
+class _Tok:
+    def decode(self, ids, skip_special_tokens=False):
+        return f"<{ids[0]}>"
+
+
+def _chunks(num=1, parse_calls=True, max_calls=None):
+    fe = Frontend(None, _Tok(), None, ModelInfo("m", "m", 100, 100))
+    chunks = openai_api._ChatChunks("chatcmpl-x", "m", False, fe, False, num, 1)
+    if parse_calls:
+        chunks.parsers = [StreamingToolParser(max_calls) for _ in range(num)]
+    return chunks
+
+
+def _out(text, finished=False, reason="stop"):
+    meta = {"finish_reason": {"type": reason}} if finished else {}
+    return ReqOutput("r", [1], text, finished, meta)
+
+
+def test_stream_events_carry_content_then_each_call():
+    chunks = _chunks()
+    pieces = ["Let me", " check.\n<tool", '_call>\n{"name": "get_weather", "arguments": {"city":']
+    pieces += [' "Paris", "unit": "C"}}\n</tool_call>\n' + TIME[:30], TIME[30:]]
+    events = []
+    for i, piece in enumerate(pieces):
+        events += chunks.on_output(0, _out(piece, finished=i == len(pieces) - 1), 0.0)
+    deltas = [e["choices"][0]["delta"] for e in events]
+    reasons = [e["choices"][0]["finish_reason"] for e in events]
+    assert deltas[0] == {"role": "assistant", "content": "Let me"}
+    assert deltas[1] == {"content": " check.\n"}
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert [c["index"] for c in calls] == [0, 1]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "C"}),
+        ("get_time", {"tz": "CET"}),
+    ]
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    # The newline between the calls went out as content; the stream ends with tool_calls.
+    assert {"content": "\n"} in deltas
+    assert deltas[-1] == {} and reasons[-1] == "tool_calls" and set(reasons[:-1]) == {None}
+
+
+def test_stream_cut_by_length_keeps_its_reason_and_text():
+    chunks = _chunks()
+    events = chunks.on_output(0, _out("a <tool_call>{", finished=True, reason="length"), 0.0)
+    assert [e["choices"][0]["delta"] for e in events] == [
+        {"role": "assistant", "content": "a <tool_call>{"},
+        {},
+    ]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_stream_without_parsing_sends_text_unchanged():
+    chunks = _chunks(parse_calls=False)
+    events = chunks.on_output(0, _out(WEATHER, finished=True), 0.0)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": WEATHER}
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_finished_message():
+    message, reason = openai_api._chat_message(TEXT, "stop", True, None)
+    assert reason == "tool_calls" and message["content"] == "Let me check."
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather", "get_time"]
+    # Cut by length after a complete call: the calls, the reason kept.
+    message, reason = openai_api._chat_message(WEATHER, "length", True, None)
+    assert reason == "length" and message["content"] is None and len(message["tool_calls"]) == 1
+    # Not parsing (no tools): the text as written.
+    assert openai_api._chat_message(TEXT, "stop", False, None) == (
+        {"role": "assistant", "content": TEXT},
+        "stop",
+    )
+    message, reason = openai_api._chat_message("hi", "stop", True, None)
+    assert message == {"role": "assistant", "content": "hi"} and reason == "stop"
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+def _request(**kw):
+    body = {"messages": [{"role": "user", "content": "hi"}], **kw}
+    return ChatCompletionRequest.model_validate(body)
+
+
+def _frontend(parser="qwen25"):
+    return Frontend(None, None, None, ModelInfo("m", "m", 100, 100), tool_call_parser=parser)
+
+
+def test_tools_reach_the_template_in_openai_form():
+    fe = _frontend()
+    assert openai_api._tools(fe, _request(tools=TOOLS)) == TOOLS
+    assert openai_api._tools(fe, _request(tools=TOOLS, tool_choice="auto")) == TOOLS
+    # "none": the model is not shown the tools, nothing is parsed.
+    assert openai_api._tools(fe, _request(tools=TOOLS, tool_choice="none")) is None
+    assert openai_api._tools(fe, _request()) is None
+
+
+@pytest.mark.parametrize(
+    ("kw", "parser", "message"),
+    [
+        ({"tools": TOOLS}, None, "tools need a tool-call parser: start the server with "
+         "--tool-call-parser qwen25 (or hermes)"),
+        ({"tools": TOOLS, "tool_choice": "required"}, "qwen25", "tool_choice required is not "
+         "supported (it needs constrained decoding): use 'auto', which lets the model choose"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+         "qwen25", "tool_choice a named function is not supported (it needs constrained "
+         "decoding): use 'auto', which lets the model choose"),
+        ({"tool_choice": "auto"}, "qwen25", "tool_choice needs tools"),
+    ],
+)  # fmt: skip
+def test_tool_requests_refused_with_the_reason(kw, parser, message):
+    with pytest.raises(APIError) as err:
+        openai_api._tools(_frontend(parser), _request(**kw))
+    assert err.value.status == 400 and err.value.message == message
+
+
+def test_template_messages_carry_calls_and_results():
+    body = _request(
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
+        ]
+    )
+    msgs = [openai_api._template_message(m) for m in body.messages]
+    assert msgs[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+            }
+        ],
+    }
+    assert msgs[2] == {"role": "tool", "content": "18 C", "tool_call_id": "call_1"}
+
+
+def test_encode_chat_renders_the_tools_with_the_template():
+    from kvtier.models.builtin import builtin_dir
+    from kvtier.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(builtin_dir("builtin:tiny-qwen3"))
+    tok.chat_template = (
+        "{%- for t in tools or [] %}[tool {{ t.function.name }}]{%- endfor %}"
+        "{%- for m in messages %}{{ m.role }}: {{ m.content }};{%- endfor %}"
+    )
+    fe = Frontend(None, tok, None, ModelInfo("m", "m", 100, 100), tool_call_parser="qwen25")
+    ids = fe.encode_chat([{"role": "user", "content": "hi"}], TOOLS)
+    assert tok.decode(ids) == "[tool get_weather]user: hi;"
+    assert tok.decode(fe.encode_chat([{"role": "user", "content": "hi"}])) == "user: hi;"
+
+
+def test_bad_tool_definitions_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"tools\.0\.type"):
+        _request(tools=[{"type": "retrieval", "function": {"name": "f"}}])
+    with pytest.raises(ValueError, match="tool_choice"):
+        _request(tools=TOOLS, tool_choice="sometimes")
