@@ -13,6 +13,7 @@ HTTP load never delays a step. They talk over two ZeroMQ ipc:// sockets in a tem
     native_api.py           /generate, /health, /get_server_info, /get_model_info,
                             /flush_cache, /metrics, /debug/check_integrity
     streaming.py            server-sent events
+    tool_parser.py          tool calls out of generated text (--tool-call-parser)
     protocol.py             pydantic request bodies
     middleware.py           503 while draining, 401 API key, 413 body size
     errors.py               {"error": {"message", "type", "code"}} for every failure
