@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,8 +37,16 @@ class SamplingParams:
     # Added to the logits of these token ids before sampling (OpenAI's logit_bias; keys may
     # come as strings of ids), each in [-100, 100].
     logit_bias: dict[int, float] | None = None
+    # Structured output (at most one; see kvtier.scheduler.grammar): a JSON schema (text, or an
+    # object), a regular expression, or an EBNF grammar (xgrammar's dialect of GBNF) the
+    # output must match.
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.json_schema, dict):
+            self.json_schema = json.dumps(self.json_schema)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         elif self.stop is None:
@@ -56,6 +65,18 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    def constraint(self) -> tuple[str, str]:
+        """(parameter name, text) of the request's structured-output constraint."""
+        for name in ("json_schema", "regex", "ebnf"):
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        raise ValueError("no constraint")
+
+    @property
+    def constrained(self) -> bool:
+        return self.json_schema is not None or self.regex is not None or self.ebnf is not None
 
     @property
     def penalized(self) -> bool:
@@ -125,6 +146,22 @@ class SamplingParams:
                 f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}]; "
                 f"got {min_new}"
             )
+        given = [n for n in ("json_schema", "regex", "ebnf") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise SamplingParamsError(f"give at most one of json_schema, regex, ebnf; got {given}")
+        for name in given:
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise SamplingParamsError(f"{name} must be a non-empty string")
+        if given and self.min_new_tokens:
+            raise SamplingParamsError(
+                f"min_new_tokens cannot be combined with {given[0]} (the grammar decides where "
+                "the output may end)"
+            )
+        if self.json_schema is not None:
+            try:
+                json.loads(self.json_schema)
+            except json.JSONDecodeError as e:
+                raise SamplingParamsError(f"json_schema is not valid JSON: {e}") from None
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):

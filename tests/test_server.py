@@ -226,6 +226,35 @@ def test_chat_with_tools_and_a_tool_history(oai, aux):
         aux.openai().chat.completions.create(**kw, tools=TOOLS)
 
 
+def test_structured_output_through_openai(oai):
+    pytest.importorskip("xgrammar")
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
+        "required": ["ok", "color"],
+        "additionalProperties": False,
+    }
+    kw = {"model": MODEL, "messages": [{"role": "user", "content": "JSON?"}], "max_tokens": 64}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    out = oai.chat.completions.create(**kw, temperature=0, response_format=fmt)
+    value = json.loads(out.choices[0].message.content)
+    assert set(value) == {"ok", "color"} and out.choices[0].finish_reason == "stop"
+    # Any object: the tiny model's greedy keys run to the token limit, but inside an object.
+    out = oai.chat.completions.create(**kw, temperature=0, response_format={"type": "json_object"})
+    assert out.choices[0].message.content.startswith('{"')
+    assert out.choices[0].finish_reason == "length"
+    text = oai.completions.create(
+        model=MODEL, prompt="Yes or no:", max_tokens=16, extra_body={"regex": "(yes|no)!"}
+    )
+    assert text.choices[0].text in ("yes!", "no!")
+    with pytest.raises(openai.BadRequestError, match="regex does not compile"):
+        oai.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body={"regex": "(a"})
+    with pytest.raises(openai.BadRequestError, match=r"needs json_schema\.schema"):
+        oai.chat.completions.create(**kw, response_format={"type": "json_schema"})
+    with pytest.raises(openai.BadRequestError, match="give at most one of"):
+        oai.chat.completions.create(**kw, response_format=fmt, extra_body={"regex": "a"})
+
+
 def test_completions_all_prompt_forms_agree(oai, http):
     prompt = "The hierarchical cache"
     token_ids = http.post("/generate", json={"text": prompt, "sampling_params": GREEDY}).json()

@@ -62,6 +62,8 @@ class Req:
     admitted: bool = False
     finish: FinishReason | None = None
     generator: torch.Generator | None = None
+    # Structured output: the xgrammar matcher that follows the output tokens (see grammar.py).
+    grammar: Any = None
     # Detokenized output so far and how much of it was already returned.
     output_text: str = ""
     sent_text_len: int = 0

@@ -26,6 +26,7 @@ from kvtier.runner.sampler import History, sample, token_logprobs
 from kvtier.sampling_params import SamplingParams, check_logprob_args
 from kvtier.scheduler.batch import ScheduleBatch
 from kvtier.scheduler.detokenizer import Detokenizer, find_stop_string, stop_prefix_overlap
+from kvtier.scheduler.grammar import GrammarError, Grammars
 from kvtier.scheduler.request import FinishReason, Req, ReqOutput
 from kvtier.server_args import ServerArgs, ServerArgsError
 
@@ -89,6 +90,8 @@ class Scheduler:
         self.use_cache = not args.disable_radix_cache
         self.eos_ids = set(runner.eos_token_ids)
         self.detok = Detokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        self._grammars: Grammars | None = None  # built with the first constrained request
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.generator = torch.Generator(device=pool.device).manual_seed(args.random_seed)
@@ -181,6 +184,8 @@ class Scheduler:
             req.generator = torch.Generator(device=self.runner.device).manual_seed(
                 req.sampling.seed
             )
+        if req.sampling.constrained:
+            req.grammar = self._grammar_matcher(req.sampling)
         s = req.logprob_start_len
         if s != -1 and (not req.return_logprob or not 0 <= s < n):
             raise RequestError(
@@ -192,6 +197,16 @@ class Scheduler:
             self._emit(req)
             return
         self.waiting.append(req)
+
+    def _grammar_matcher(self, sp: SamplingParams) -> Any:
+        try:
+            if self._grammars is None:
+                self._grammars = Grammars(
+                    self.tokenizer, self.runner.vocab_size, sorted(self.eos_ids)
+                )
+            return self._grammars.matcher(sp)
+        except GrammarError as e:
+            raise RequestError(str(e)) from None
 
     def abort_request(self, rid: str) -> bool:
         for req in self.waiting:
@@ -514,8 +529,16 @@ class Scheduler:
         histories = None
         if any(r.sampling.penalized for r in sampled):
             histories = [self._history(r) for r in sampled]
+        # Structured output: constrained rows masked to what their grammar allows (a copy:
+        # logprobs stay the raw logits').
+        constrained = [i for i, r in enumerate(sampled) if r.grammar is not None]
+        sample_logits = logits
+        if constrained:
+            assert self._grammars is not None
+            matchers = [sampled[i].grammar for i in constrained]
+            sample_logits = self._grammars.mask(logits, constrained, matchers)
         ids = sample(
-            logits,
+            sample_logits,
             [r.sampling for r in sampled],
             [r.generator for r in sampled],
             self.generator,
@@ -665,7 +688,12 @@ class Scheduler:
             return None
         keep: list[int] = []
         for i, req in enumerate(reqs):
-            if req.finished or req.tail_copy is not None or req.sampling.penalized:
+            if (
+                req.finished
+                or req.tail_copy is not None
+                or req.sampling.penalized
+                or req.grammar is not None
+            ):
                 return None
             if (
                 len(req.output_ids) + 1 < req.sampling.max_new_tokens
@@ -768,6 +796,14 @@ class Scheduler:
             req.output_logprobs.append(logprob[0])
             req.output_top_logprobs.append(logprob[1])
         self.counters["generation_tokens"] += 1
+        if req.grammar is not None and not req.grammar.accept_token(token):
+            # The mask allowed only tokens the grammar accepts: a refusal is a bug, reported
+            # on the request rather than by stopping the server.
+            self.running.remove(req)
+            message = f"structured output: the grammar refused token {token}"
+            logger.error("request %s: %s", req.rid, message)
+            self._finish(req, FinishReason("abort", message=message))
+            return
         if req.first_token_time is None:
             req.first_token_time = time.perf_counter()
         searched_from = len(req.output_text)
@@ -784,6 +820,8 @@ class Scheduler:
         if token in sp.stop_token_ids:
             return FinishReason("stop", matched=token)
         if not sp.ignore_eos and token in self.eos_ids:
+            return FinishReason("stop", matched=token)
+        if req.grammar is not None and req.grammar.is_terminated():
             return FinishReason("stop", matched=token)
         if sp.stop:
             hit = find_stop_string(req, searched_from)

@@ -86,7 +86,27 @@ def _sampling(
     for name in ("temperature", "top_p", "top_k"):
         if getattr(body, name) is not None:
             params[name] = getattr(body, name)
+    params.update(_constraint(body))
     return fe.sampling(params)
+
+
+def _constraint(body: OpenAISamplingFields) -> dict[str, str]:
+    """SGLang's sampling parameters for the request's structured-output fields."""
+    out: dict[str, str] = {}
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        out["json_schema"] = json.dumps({"type": "object"})
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise APIError(400, "response_format json_schema needs json_schema.schema")
+        out["json_schema"] = json.dumps(fmt.json_schema.schema_)
+    if body.regex is not None:
+        out["regex"] = body.regex
+    if body.ebnf is not None:
+        out["ebnf"] = body.ebnf
+    if len(out) > 1:
+        raise APIError(400, f"give at most one of response_format, regex, ebnf; got {sorted(out)}")
+    return out
 
 
 def _usage(metas: list[dict[str, Any]], n: int) -> dict[str, Any]:

@@ -70,6 +70,19 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
+class JSONSchemaFormat(_Strict):
+    name: str | None = None
+    description: str | None = None
+    # "schema" would shadow a BaseModel attribute: the field takes it as its alias.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class OpenAISamplingFields(_Strict):
     """Fields shared by chat and text completions."""
 
@@ -95,6 +108,10 @@ class OpenAISamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     rid: str | None = None
+    # Structured output: OpenAI's response_format, SGLang's regex / ebnf.
+    response_format: ResponseFormat | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
 
 class FunctionDefinition(_Strict):

@@ -1,0 +1,102 @@
+"""Structured output: a request's ``json_schema``, ``regex`` or ``ebnf`` (SGLang's sampling
+parameters; OpenAI's ``response_format`` maps onto ``json_schema``) constrains which tokens it
+may sample.
+
+xgrammar (``pip install 'kvtier[structured]'``, the library SGLang and vLLM use) compiles the
+constraint against the tokenizer's vocabulary once (compiled grammars are cached by their
+text); each request then owns a matcher that follows its tokens. Before sampling, a step's
+constrained rows get the matchers' allowed-token bitmasks, filled on the host and applied on the
+logits' device as a -inf fill: greedy and sampled requests alike can only produce text the
+constraint accepts, and only end (EOS) where it is complete. Logprobs stay those of the raw
+logits. JSON is written as ``json.dumps`` writes it (", " and ": " between items, no other
+whitespace): with any whitespace allowed, a model can pad with blanks until its token budget
+runs out (the tiny test model does). A constrained request's mask depends on its previous
+token, so overlap scheduling never launches its next step ahead (as for penalties).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+
+from kvtier.sampling_params import SamplingParams
+
+
+class GrammarError(ValueError):
+    """A constraint cannot be served; the message names the parameter."""
+
+
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError:
+        return None
+    return xgrammar
+
+
+def available() -> bool:
+    return _xgrammar() is not None
+
+
+class Grammars:
+    """Compiles constraints for one tokenizer and masks logits rows with matchers' bitmasks.
+    ``vocab_size`` is the model's (its logits' width, which may exceed the tokenizer's)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+        xgr = _xgrammar()
+        if xgr is None:
+            raise GrammarError(
+                "json_schema / regex / ebnf need xgrammar: pip install 'kvtier[structured]'"
+            )
+        if tokenizer is None:
+            raise GrammarError(
+                "json_schema / regex / ebnf need a tokenizer (not --skip-tokenizer-init)"
+            )
+        self._xgr = xgr
+        info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids)
+        )
+        self.vocab_size = vocab_size
+        self._compiler = xgr.GrammarCompiler(info)
+        self._lock = threading.Lock()  # the compiler's cache is shared with async callers
+
+    def matcher(self, sp: SamplingParams) -> Any:
+        """A fresh matcher of ``sp``'s constraint; GrammarError naming the parameter when it
+        does not compile."""
+        kind, text = sp.constraint()
+        try:
+            with self._lock:
+                if kind == "json_schema":
+                    compiled = self._compiler.compile_json_schema(text, any_whitespace=False)
+                elif kind == "regex":
+                    compiled = self._compiler.compile_regex(text)
+                else:
+                    compiled = self._compiler.compile_grammar(text)
+        except Exception as e:  # xgrammar reports a bad constraint with its own exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GrammarError(f"{kind} does not compile: {first}") from None
+        return self._xgr.GrammarMatcher(compiled)
+
+    def mask(self, logits: torch.Tensor, rows: list[int], matchers: list[Any]) -> torch.Tensor:
+        """``logits`` [B, V] with each of ``rows`` limited to what its matcher allows (a new
+        tensor; the others unchanged)."""
+        words = (self.vocab_size + 31) // 32
+        bitmask = torch.empty(len(rows), words, dtype=torch.int32)
+        for j, m in enumerate(matchers):
+            m.fill_next_token_bitmask(bitmask, j)
+        # Bit b of word w allows token 32 w + b.
+        shifts = torch.arange(32, dtype=torch.int32)
+        allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)
+        allowed = allowed[:, : logits.shape[-1]].to(torch.bool)
+        out = logits.clone()
+        index = torch.tensor(rows, dtype=torch.int64)
+        if logits.device.type != "cpu":
+            allowed = allowed.pin_memory().to(logits.device, non_blocking=True)
+            index = index.to(logits.device)
+        out[index] = out[index].masked_fill(~allowed, float("-inf"))
+        return out
+
+
+__all__ = ["GrammarError", "Grammars", "available"]

@@ -1,0 +1,153 @@
+"""Structured output (json_schema / regex / ebnf through xgrammar): the mask is exactly the
+tokens the grammar allows, outputs match their constraint and end where it is complete,
+constrained and free requests share batches (with and without overlap scheduling), errors name
+the parameter, nothing leaks."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+pytest.importorskip("xgrammar")
+
+from engine_utils import make_engine
+
+from kvtier.models.builtin import builtin_dir
+from kvtier.sampling_params import SamplingParams, SamplingParamsError
+from kvtier.scheduler import grammar
+from kvtier.scheduler.scheduler import RequestError
+from kvtier.tokenizer import load_tokenizer
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
+    "required": ["ok", "color"],
+    "additionalProperties": False,
+}
+REGEX = r"(yes|no), [0-9]{3}"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with make_engine() as e:
+        yield e
+
+
+def test_mask_allows_exactly_the_tokens_the_grammar_can_start_with():
+    import torch
+
+    tok = load_tokenizer(builtin_dir("builtin:tiny-qwen3"))
+    vocab = len(tok)
+    g = grammar.Grammars(tok, vocab, [tok.convert_tokens_to_ids("<|im_end|>")])
+    m = g.matcher(SamplingParams(regex="ab|ac"))
+    logits = torch.zeros(2, vocab)
+    out = g.mask(logits, [1], [m])
+    assert torch.equal(out[0], logits[0]) and torch.equal(logits, torch.zeros(2, vocab))
+    allowed = set(torch.nonzero(out[1] == 0).flatten().tolist())
+    want = set()
+    for t in range(vocab):
+        text = tok.decode([t])
+        if text and any(w.startswith(text) for w in ("ab", "ac")) and t not in tok.all_special_ids:
+            want.add(t)
+    assert allowed == want and len(want) >= 2
+    assert torch.isinf(out[1][sorted(set(range(vocab)) - want)]).all()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_output_parses_and_ends(engine, temperature):
+    sp = {"temperature": temperature, "seed": 5, "max_new_tokens": 64, "json_schema": SCHEMA}
+    out = engine.generate(prompt="Answer in JSON:", sampling_params=sp)
+    value = json.loads(out["text"])
+    assert set(value) == {"ok", "color"}
+    assert isinstance(value["ok"], bool) and value["color"] in ("red", "green")
+    # Written as json.dumps writes it; it ended itself (an end token), not by length.
+    assert out["text"] == json.dumps(value)
+    assert out["meta_info"]["finish_reason"]["type"] == "stop"
+    again = engine.generate(prompt="Answer in JSON:", sampling_params=sp)
+    assert again["output_ids"] == out["output_ids"]
+    engine.check_integrity()
+
+
+def test_regex_and_ebnf(engine):
+    for seed in range(3):
+        sp = {"temperature": 1.0, "seed": seed, "max_new_tokens": 32, "regex": REGEX}
+        out = engine.generate(prompt="Say yes or no:", sampling_params=sp)
+        assert re.fullmatch(REGEX, out["text"]), out["text"]
+        assert out["meta_info"]["finish_reason"]["type"] == "stop"
+    ebnf = 'root ::= ("yes" | "no") " " digit digit\ndigit ::= [0-9]'
+    out = engine.generate(prompt="x", sampling_params={"temperature": 0, "ebnf": ebnf})
+    assert re.fullmatch(r"(yes|no) [0-9]{2}", out["text"]), out["text"]
+    assert out["meta_info"]["finish_reason"]["type"] == "stop"
+    # The budget ends it first: the text so far is a prefix the grammar accepts.
+    sp = {"temperature": 0, "max_new_tokens": 3, "regex": "[a-z]{20}"}
+    out = engine.generate(prompt="x", sampling_params=sp)
+    assert out["meta_info"]["finish_reason"]["type"] == "length"
+    assert re.fullmatch(r"[a-z]+", out["text"]) and len(out["output_ids"]) == 3
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_constrained_and_free_requests_share_batches(overlap):
+    prompts = ["Answer in JSON:", "A free one", "Say yes or no:"]
+    params = [
+        {"temperature": 0, "max_new_tokens": 64, "json_schema": SCHEMA},
+        {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True},
+        {"temperature": 0, "max_new_tokens": 32, "regex": REGEX},
+    ]
+    with make_engine(disable_overlap_schedule=not overlap) as e:
+        alone = [e.generate(prompt=p, sampling_params=s) for p, s in zip(prompts, params)]
+        together = e.generate(prompt=prompts, sampling_params=params)
+        assert [o["output_ids"] for o in together] == [o["output_ids"] for o in alone]
+        json.loads(together[0]["text"])
+        assert re.fullmatch(REGEX, together[2]["text"])
+        e.check_integrity()
+    with make_engine() as plain:
+        free = plain.generate(prompt=prompts[1], sampling_params=params[1])
+    assert free["output_ids"] == alone[1]["output_ids"]
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"regex": "(unclosed"}, "regex does not compile: "),
+        ({"ebnf": "root ::= undefined_rule"}, "ebnf does not compile: "),
+    ],
+)
+def test_constraints_that_do_not_compile_are_request_errors(engine, params, message):
+    with pytest.raises(RequestError, match="^" + re.escape(message)):
+        engine.generate(prompt="x", sampling_params={"max_new_tokens": 4, **params})
+    engine.check_integrity()
+    assert engine.generate(prompt="x", sampling_params={"max_new_tokens": 2})["output_ids"]
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"json_schema": "{not json"}, "json_schema is not valid JSON: "),
+        ({"regex": "a", "ebnf": 'root ::= "a"'}, "give at most one of json_schema, regex, ebnf; "
+         "got ['regex', 'ebnf']"),
+        ({"regex": ""}, "regex must be a non-empty string"),
+        ({"regex": "a", "min_new_tokens": 2}, "min_new_tokens cannot be combined with regex "
+         "(the grammar decides where the output may end)"),
+    ],
+)  # fmt: skip
+def test_bad_constraint_parameters(params, message):
+    with pytest.raises(SamplingParamsError, match="^" + re.escape(message)):
+        SamplingParams.from_dict(params)
+
+
+def test_json_schema_as_an_object_is_taken_as_its_text():
+    assert SamplingParams(json_schema=SCHEMA).json_schema == json.dumps(SCHEMA)
+    assert SamplingParams(regex="a").constraint() == ("regex", "a")
+    assert not SamplingParams().constrained
+
+
+def test_without_xgrammar_or_a_tokenizer_the_error_says_why(monkeypatch):
+    with make_engine(skip_tokenizer_init=True) as e, pytest.raises(RequestError, match="tokenizer"):
+        e.generate(input_ids=[5, 6], sampling_params={"regex": "a"})
+    monkeypatch.setattr(grammar, "_xgrammar", lambda: None)
+    with make_engine() as e:
+        with pytest.raises(RequestError, match=re.escape("pip install 'kvtier[structured]'")):
+            e.generate(prompt="x", sampling_params={"regex": "a"})
+        e.check_integrity()
