@@ -219,11 +219,49 @@ def test_chat_with_tools_and_a_tool_history(oai, aux):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == (
         plain.choices[0].message.content
     )
-    with pytest.raises(openai.BadRequestError, match="tool_choice required is not supported"):
-        oai.chat.completions.create(**kw, tools=TOOLS, tool_choice="required")
     # A server started without --tool-call-parser refuses tools, naming the flag.
     with pytest.raises(openai.BadRequestError, match="--tool-call-parser qwen25"):
         aux.openai().chat.completions.create(**kw, tools=TOOLS)
+
+
+def test_forced_tool_calls(oai):
+    # tool_choice "required" / a named function: the output is constrained to the calls (no
+    # parser needed), so even the tiny random model calls a declared tool with valid arguments.
+    pytest.importorskip("xgrammar")
+    pick = {
+        "type": "function",
+        "function": {
+            "name": "pick",
+            "parameters": {
+                "type": "object",
+                "properties": {"color": {"enum": ["red", "green"]}, "ok": {"type": "boolean"}},
+                "required": ["color", "ok"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    kw = {"model": MODEL, "messages": [{"role": "user", "content": "Pick."}], "max_tokens": 64}
+    named = {"type": "function", "function": {"name": "pick"}}
+    # (The tiny model would list calls until the token limit: one call at most.)
+    for choice in (named, "required"):
+        out = oai.chat.completions.create(
+            **kw, temperature=0, tools=[pick], tool_choice=choice, parallel_tool_calls=False
+        )
+        (call,) = out.choices[0].message.tool_calls
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "pick" and call.id.startswith("call_")
+        assert args["color"] in ("red", "green") and isinstance(args["ok"], bool)
+        assert out.choices[0].finish_reason == "tool_calls"
+        assert out.choices[0].message.content is None
+        if choice is named:
+            named_args = args
+    chunks = list(
+        oai.chat.completions.create(
+            **kw, temperature=0, tools=[pick], tool_choice=named, stream=True
+        )
+    )
+    calls = [d.tool_calls[0] for c in chunks if (d := c.choices[0].delta).tool_calls]
+    assert len(calls) == 1 and json.loads(calls[0].function.arguments) == named_args
 
 
 def test_structured_output_through_openai(oai):

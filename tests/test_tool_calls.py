@@ -95,8 +95,9 @@ def stream(pieces, max_calls=None):
         c, found = parser.feed(piece)
         content.append(c)
         calls += found
-    content.append(parser.finish())
-    return content, calls
+    rest, more = parser.finish()
+    content.append(rest)
+    return content, calls + more
 
 
 @pytest.mark.parametrize("text", [TEXT, "plain <tool text", "x <tool_call>bad</tool_call> y"])
@@ -117,7 +118,7 @@ def test_stream_holds_back_only_a_possible_start_tag():
     assert parser.feed("tool_call>") == ("", [])  # inside a call: held
     content, calls = parser.feed('{"name": "f", "arguments": {}}</tool_call> bye')
     assert content == " bye" and named(calls) == [("f", {})]
-    assert parser.finish() == ""
+    assert parser.finish() == ("", [])
 
 
 # ---------------------------------------------------------------------------- the API layer
@@ -179,20 +180,72 @@ def test_stream_without_parsing_sends_text_unchanged():
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def _plan(forced=None, max_calls=None):
+    return openai_api._ToolPlan(TOOLS, forced, max_calls)
+
+
 def test_finished_message():
-    message, reason = openai_api._chat_message(TEXT, "stop", True, None)
+    message, reason = openai_api._chat_message(TEXT, "stop", _plan())
     assert reason == "tool_calls" and message["content"] == "Let me check."
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather", "get_time"]
     # Cut by length after a complete call: the calls, the reason kept.
-    message, reason = openai_api._chat_message(WEATHER, "length", True, None)
+    message, reason = openai_api._chat_message(WEATHER, "length", _plan())
     assert reason == "length" and message["content"] is None and len(message["tool_calls"]) == 1
     # Not parsing (no tools): the text as written.
-    assert openai_api._chat_message(TEXT, "stop", False, None) == (
+    assert openai_api._chat_message(TEXT, "stop", None) == (
         {"role": "assistant", "content": TEXT},
         "stop",
     )
-    message, reason = openai_api._chat_message("hi", "stop", True, None)
+    message, reason = openai_api._chat_message("hi", "stop", _plan())
     assert message == {"role": "assistant", "content": "hi"} and reason == "stop"
+
+
+def test_forced_calls_schema_and_parse():
+    from kvtier.server.tool_parser import ForcedCallParser, forced_schema
+
+    params = TOOLS[0]["function"]["parameters"]
+    assert forced_schema(TOOLS, "get_weather", 1) == params
+    schema = forced_schema(TOOLS, None, 2)
+    assert schema["type"] == "array" and (schema["minItems"], schema["maxItems"]) == (1, 2)
+    assert schema["items"]["anyOf"] == [
+        {
+            "type": "object",
+            "properties": {"name": {"enum": ["get_weather"]}, "parameters": params},
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+    ]
+    # A named function: the output is its arguments.
+    message, reason = openai_api._chat_message('{"city": "Oslo"}', "stop", _plan("get_weather"))
+    assert message["content"] is None and reason == "tool_calls"
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == [
+        ("get_weather", '{"city": "Oslo"}')
+    ]
+    # "required": a list of calls.
+    text = '[{"name": "get_weather", "parameters": {"city": "Rome"}}]'
+    message, reason = openai_api._chat_message(text, "stop", _plan("required"))
+    assert message["tool_calls"][0]["function"]["arguments"] == '{"city": "Rome"}'
+    # Cut short: the text as content, no calls.
+    message, reason = openai_api._chat_message('{"city": "Os', "length", _plan("get_weather"))
+    assert message == {"role": "assistant", "content": '{"city": "Os'} and reason == "length"
+    parser = ForcedCallParser(None)
+    assert parser.feed("[]") == ("", []) and parser.finish() == ("[]", [])
+
+
+def test_forced_call_streams_whole_at_the_end():
+    chunks = _chunks()
+    chunks.parsers = [_plan("get_weather").parser()]
+    events = chunks.on_output(0, _out('{"city": '), 0.0)
+    events += chunks.on_output(0, _out('"Oslo"}', finished=True), 0.0)
+    deltas = [e["choices"][0]["delta"] for e in events]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    call = deltas[1]["tool_calls"][0]
+    assert (call["index"], call["function"]["name"], call["function"]["arguments"]) == (
+        0,
+        "get_weather",
+        '{"city": "Oslo"}',
+    )
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
 TOOLS = [
@@ -216,13 +269,26 @@ def _frontend(parser="qwen25"):
     return Frontend(None, None, None, ModelInfo("m", "m", 100, 100), tool_call_parser=parser)
 
 
-def test_tools_reach_the_template_in_openai_form():
+def test_tool_plans():
     fe = _frontend()
-    assert openai_api._tools(fe, _request(tools=TOOLS)) == TOOLS
-    assert openai_api._tools(fe, _request(tools=TOOLS, tool_choice="auto")) == TOOLS
+    plan = openai_api._tool_plan(fe, _request(tools=TOOLS))
+    assert plan == openai_api._ToolPlan(TOOLS, None, None) and plan.constraint() is None
+    assert openai_api._tool_plan(fe, _request(tools=TOOLS, tool_choice="auto")) == plan
+    single = openai_api._tool_plan(fe, _request(tools=TOOLS, parallel_tool_calls=False))
+    assert single.max_calls == 1
     # "none": the model is not shown the tools, nothing is parsed.
-    assert openai_api._tools(fe, _request(tools=TOOLS, tool_choice="none")) is None
-    assert openai_api._tools(fe, _request()) is None
+    assert openai_api._tool_plan(fe, _request(tools=TOOLS, tool_choice="none")) is None
+    assert openai_api._tool_plan(fe, _request()) is None
+    # Forced calls need no parser: the output is constrained to them.
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    plan = openai_api._tool_plan(_frontend(None), _request(tools=TOOLS, tool_choice=named))
+    assert plan.forced == "get_weather"
+    assert json.loads(plan.constraint()["json_schema"]) == TOOLS[0]["function"]["parameters"]
+    plan = openai_api._tool_plan(_frontend(None), _request(tools=TOOLS, tool_choice="required"))
+    assert json.loads(plan.constraint()["json_schema"])["type"] == "array"
+
+
+NAMED_F = {"type": "function", "function": {"name": "f"}}
 
 
 @pytest.mark.parametrize(
@@ -230,17 +296,17 @@ def test_tools_reach_the_template_in_openai_form():
     [
         ({"tools": TOOLS}, None, "tools need a tool-call parser: start the server with "
          "--tool-call-parser qwen25 (or hermes)"),
-        ({"tools": TOOLS, "tool_choice": "required"}, "qwen25", "tool_choice required is not "
-         "supported (it needs constrained decoding): use 'auto', which lets the model choose"),
-        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "f"}}},
-         "qwen25", "tool_choice a named function is not supported (it needs constrained "
-         "decoding): use 'auto', which lets the model choose"),
+        ({"tools": TOOLS, "tool_choice": NAMED_F}, "qwen25",
+         "tool_choice names the function 'f', which is not in tools"),
+        ({"tools": TOOLS, "tool_choice": "required", "regex": "a"}, "qwen25",
+         "tool_choice required or a named function cannot be combined with response_format, "
+         "regex or ebnf (it constrains the output itself)"),
         ({"tool_choice": "auto"}, "qwen25", "tool_choice needs tools"),
     ],
 )  # fmt: skip
 def test_tool_requests_refused_with_the_reason(kw, parser, message):
     with pytest.raises(APIError) as err:
-        openai_api._tools(_frontend(parser), _request(**kw))
+        openai_api._tool_plan(_frontend(parser), _request(**kw))
     assert err.value.status == 400 and err.value.message == message
 
 

@@ -11,8 +11,9 @@ first one's None), and allows ``max_tokens=0`` (score the prompt only).
 With ``tools`` (and ``--tool-call-parser``) a chat completion's calls come back as OpenAI's
 ``tool_calls`` (finish reason ``tool_calls``), parsed out of the text by ``tool_parser``; streamed,
 content goes out as it is generated and each call in one delta once its closing tag arrived.
-``tool_choice`` "auto" (the default with tools) and "none" (the tools are not shown to the model)
-are served; "required" and a named function would need constrained decoding and are refused.
+``tool_choice`` "auto" (the default with tools) parses what the model writes; "none" does not
+show it the tools; "required" and a named function constrain the output to JSON of the calls
+(structured output, no parser needed; such calls come whole, at the end of a stream).
 ``usage`` counts each prompt once (its first choice's prompt and cached tokens) and every
 choice's completion tokens; ``usage.prompt_tokens_details`` carries ``cached_tokens`` and, as an
 extension, ``cached_tokens_by_tier``.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -39,7 +41,13 @@ from kvtier.server.protocol import (
 )
 from kvtier.server.serving import Frontend, Generation, Result, unless_disconnected
 from kvtier.server.streaming import sse_response
-from kvtier.server.tool_parser import StreamingToolParser, ToolCall, parse
+from kvtier.server.tool_parser import (
+    ForcedCallParser,
+    StreamingToolParser,
+    ToolCall,
+    forced_schema,
+    parse,
+)
 
 router = APIRouter()
 
@@ -65,8 +73,14 @@ def _max_tokens(value: int | None, name: str) -> int | None:
 
 
 def _sampling(
-    fe: Frontend, body: OpenAISamplingFields, max_new_tokens: int, choice: int
+    fe: Frontend,
+    body: OpenAISamplingFields,
+    max_new_tokens: int,
+    choice: int,
+    constraint: dict[str, str] | None = None,
 ) -> SamplingParams:
+    """SGLang's sampling parameters of a request's choice; ``constraint`` (a forced tool
+    call's schema) replaces the request's own structured-output fields."""
     params: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "stop": body.stop or [],
@@ -86,7 +100,7 @@ def _sampling(
     for name in ("temperature", "top_p", "top_k"):
         if getattr(body, name) is not None:
             params[name] = getattr(body, name)
-    params.update(_constraint(body))
+    params.update(constraint if constraint is not None else _constraint(body))
     return fe.sampling(params)
 
 
@@ -297,7 +311,7 @@ class _ChatChunks(_Chunks):
     object_name = "chat.completion.chunk"
 
     # One parser a choice when the request's tool calls are parsed.
-    parsers: list[StreamingToolParser] | None = None
+    parsers: list[StreamingToolParser | ForcedCallParser] | None = None
 
     def _split(self, index: int, text: str, finished: bool) -> tuple[str, list[ToolCall]]:
         if self.parsers is None:
@@ -305,7 +319,9 @@ class _ChatChunks(_Chunks):
         parser = self.parsers[index]
         text, calls = parser.feed(text)
         if finished:
-            text += parser.finish()
+            rest, more = parser.finish()
+            text += rest
+            calls = calls + more
         return text, calls
 
     def _call_piece(self, index: int, call: ToolCall, call_index: int) -> dict[str, Any]:
@@ -357,6 +373,7 @@ def _submit(
     logprobs: bool,
     top_logprobs: int,
     logprob_start_len: int = -1,
+    constraint: dict[str, str] | None = None,
 ) -> tuple[Generation, str, int]:
     """Submit ``n`` choices of each (prompt ids, max new tokens); returns the generation, the
     response id's suffix and the number of choices."""
@@ -369,7 +386,11 @@ def _submit(
             f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; at most "
             f"{MAX_CHOICES} a request",
         )
-    items = [(ids, _sampling(fe, body, max_new, j)) for ids, max_new in prompts for j in range(n)]
+    items = [
+        (ids, _sampling(fe, body, max_new, j, constraint))
+        for ids, max_new in prompts
+        for j in range(n)
+    ]
     rid = body.rid or uuid.uuid4().hex
     rids = [rid] if len(items) == 1 else [f"{rid}-{i}" for i in range(len(items))]
     return fe.submit(items, rids, logprobs, top_logprobs, logprob_start_len), rid, len(items)
@@ -426,15 +447,38 @@ def _template_message(m: ChatMessage) -> dict[str, Any]:
     return msg
 
 
+@dataclass(frozen=True)
+class _ToolPlan:
+    """How a chat request's tools are served: the definitions shown to the model, and either
+    the model's own calls parsed (``forced`` None: tool_choice "auto") or its output
+    constrained to the calls (``forced``: "required", or the named function)."""
+
+    tools: list[dict[str, Any]]
+    forced: str | None
+    max_calls: int | None
+
+    def parser(self) -> StreamingToolParser | ForcedCallParser:
+        if self.forced is None:
+            return StreamingToolParser(self.max_calls)
+        return ForcedCallParser(None if self.forced == "required" else self.forced)
+
+    def constraint(self) -> dict[str, str] | None:
+        """The structured-output parameter of a forced call (None: the request's own)."""
+        if self.forced is None:
+            return None
+        name = None if self.forced == "required" else self.forced
+        return {"json_schema": json.dumps(forced_schema(self.tools, name, self.max_calls))}
+
+
 def _chat_message(
-    text: str, reason: str | None, parse_calls: bool, max_calls: int | None
+    text: str, reason: str | None, plan: _ToolPlan | None
 ) -> tuple[dict[str, Any], str | None]:
-    """A finished choice's message and finish reason: with ``parse_calls`` the text's tool
-    calls become ``tool_calls`` (the reason ``tool_calls`` when the model stopped by itself)."""
+    """A finished choice's message and finish reason: with tools the text's calls become
+    ``tool_calls`` (the reason ``tool_calls`` when the model stopped by itself)."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
-    if not parse_calls:
+    if plan is None:
         return message, reason
-    content, calls = parse(text, max_calls)
+    content, calls = parse(text, parser=plan.parser())
     message["content"] = content
     if calls:
         message["tool_calls"] = [call.to_dict() for call in calls]
@@ -443,28 +487,37 @@ def _chat_message(
     return message, reason
 
 
-def _tools(fe: Frontend, body: ChatCompletionRequest) -> list[dict[str, Any]] | None:
-    """The tool definitions to show the model, None when the request's calls are not parsed;
-    400 for what this server does not serve."""
+def _tool_plan(fe: Frontend, body: ChatCompletionRequest) -> _ToolPlan | None:
+    """How the request's tools are served (None: no tools, or tool_choice "none"); 400 for
+    what cannot be."""
     choice = body.tool_choice
     if choice is not None and not body.tools:
         raise APIError(400, "tool_choice needs tools")
     if not body.tools or choice == "none":
         return None
-    if choice is not None and choice != "auto":
-        shown = "required" if choice == "required" else "a named function"
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    max_calls = None if body.parallel_tool_calls else 1
+    if choice is None or choice == "auto":
+        if fe.tool_call_parser is None:
+            raise APIError(
+                400,
+                "tools need a tool-call parser: start the server with --tool-call-parser "
+                "qwen25 (or hermes)",
+            )
+        return _ToolPlan(tools, None, max_calls)
+    if body.response_format is not None or body.regex is not None or body.ebnf is not None:
         raise APIError(
             400,
-            f"tool_choice {shown} is not supported (it needs constrained decoding): use "
-            "'auto', which lets the model choose",
+            "tool_choice required or a named function cannot be combined with "
+            "response_format, regex or ebnf (it constrains the output itself)",
         )
-    if fe.tool_call_parser is None:
-        raise APIError(
-            400,
-            "tools need a tool-call parser: start the server with --tool-call-parser qwen25 "
-            "(or hermes)",
-        )
-    return [tool.model_dump(exclude_none=True) for tool in body.tools]
+    if choice == "required":
+        return _ToolPlan(tools, "required", max_calls)
+    assert not isinstance(choice, str)
+    name = choice.function.name
+    if name not in [t["function"]["name"] for t in tools]:
+        raise APIError(400, f"tool_choice names the function {name!r}, which is not in tools")
+    return _ToolPlan(tools, name, 1)
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -478,22 +531,23 @@ async def chat_completions(
         raise APIError(400, "top_logprobs needs logprobs=true")
     if not 0 <= top <= MAX_TOP_LOGPROBS:
         raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]; got {top}")
-    tools = _tools(fe, body)
-    ids = fe.encode_chat([_template_message(m) for m in body.messages], tools)
-    max_calls = None if body.parallel_tool_calls else 1
+    plan = _tool_plan(fe, body)
+    messages = [_template_message(m) for m in body.messages]
+    ids = fe.encode_chat(messages, plan.tools if plan is not None else None)
     if body.max_completion_tokens is not None:
         limit = _max_tokens(body.max_completion_tokens, "max_completion_tokens")
         max_new = fe.check_ids(ids, limit, "max_completion_tokens")
     else:
         max_new = fe.check_ids(ids, _max_tokens(body.max_tokens, "max_tokens"), "max_tokens")
-    gen, rid, num = _submit(fe, body, [(ids, max_new)], body.logprobs, top)
+    constraint = plan.constraint() if plan is not None else None
+    gen, rid, num = _submit(fe, body, [(ids, max_new)], body.logprobs, top, constraint=constraint)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _ChatChunks(
             "chatcmpl-" + rid, fe.model.name, usage, fe, body.logprobs, num, body.n
         )
-        if tools is not None:
-            chunks.parsers = [StreamingToolParser(max_calls) for _ in range(num)]
+        if plan is not None:
+            chunks.parsers = [plan.parser() for _ in range(num)]
         return await sse_response(request, gen, chunks)
     results = await _collect(request, gen)
     choices = []
@@ -502,7 +556,7 @@ async def chat_completions(
         logprobs = None
         if body.logprobs:
             logprobs = _chat_logprobs(fe, res.token_logprobs or [], res.top_logprobs or [])
-        message, reason = _chat_message(res.text, reason, tools is not None, max_calls)
+        message, reason = _chat_message(res.text, reason, plan)
         choices.append(
             {
                 "index": index,

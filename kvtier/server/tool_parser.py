@@ -13,6 +13,11 @@ still become a call (a possible start tag, or an unfinished call), so that conte
 client as it is generated. A block whose body is not a JSON object with a string ``name`` is
 left in the content as written: the model's text is never dropped.
 
+``tool_choice`` "required" or a named function is served by constraining the output instead
+(``forced_schema``: a JSON schema for the scheduler's structured output) to JSON that is the
+calls themselves, as vLLM does: a named function's arguments object, or for "required" a list
+of ``{"name", "parameters"}`` objects; ``ForcedCallParser`` reads them when the output ends.
+
 This is SGLang's ``--tool-call-parser qwen25`` and vLLM's ``--tool-call-parser hermes`` format,
 the names ``--tool-call-parser`` takes here (``server_args.TOOL_CALL_PARSERS``).
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 START = "<tool_call>"
 END = "</tool_call>"
@@ -44,6 +50,14 @@ class ToolCall:
         }
 
 
+def make_call(name: str, args: dict[str, object]) -> ToolCall:
+    return ToolCall(
+        id="call_" + uuid.uuid4().hex[:24],
+        name=name,
+        arguments=json.dumps(args, ensure_ascii=False),
+    )
+
+
 def _call_from_body(body: str) -> ToolCall | None:
     """The call a block's body holds, or None when it is not ``{"name": str, "arguments":
     object or JSON string}`` (``parameters`` accepted for ``arguments``, as some models write)."""
@@ -61,11 +75,7 @@ def _call_from_body(body: str) -> ToolCall | None:
             return None
     if not isinstance(args, dict):
         return None
-    return ToolCall(
-        id="call_" + uuid.uuid4().hex[:24],
-        name=obj["name"],
-        arguments=json.dumps(args, ensure_ascii=False),
-    )
+    return make_call(obj["name"], args)
 
 
 def _partial_start(text: str) -> int:
@@ -122,21 +132,95 @@ class StreamingToolParser:
             text = text[stop:]
         return "".join(content), found
 
-    def finish(self) -> str:
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """What was held back, as content (no call completes at the end)."""
         rest, self._buf = self._buf, ""
-        return rest
+        return rest, []
 
 
-def parse(text: str, max_calls: int | None = None) -> tuple[str | None, list[ToolCall]]:
-    """A finished text's content and calls. The content is what lies outside the parsed
-    calls, stripped of surrounding whitespace when there are calls (the model writes newlines
-    around them); None when nothing is left, as OpenAI returns it."""
-    parser = StreamingToolParser(max_calls)
+def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
+    return tool["function"].get("parameters") or {"type": "object"}
+
+
+def forced_schema(
+    tools: list[dict[str, Any]], name: str | None, max_calls: int | None
+) -> dict[str, Any]:
+    """The JSON schema of a forced call's output (OpenAI tool definitions): the named
+    function's parameters, or (``name`` None: "required") a list of 1 to ``max_calls`` calls
+    of any of the tools."""
+    if name is not None:
+        return next(_parameters(t) for t in tools if t["function"]["name"] == name)
+    one_of = [
+        {
+            "type": "object",
+            "properties": {"name": {"enum": [t["function"]["name"]]}, "parameters": _parameters(t)},
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    schema: dict[str, Any] = {"type": "array", "items": {"anyOf": one_of}, "minItems": 1}
+    if max_calls is not None:
+        schema["maxItems"] = max_calls
+    return schema
+
+
+class ForcedCallParser:
+    """The calls of an output constrained by ``forced_schema``: nothing while it streams (a
+    call is only known whole), the calls when it ends; text that does not parse (cut by the
+    token limit) comes back as content."""
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self._buf: list[str] = []
+
+    def feed(self, piece: str) -> tuple[str, list[ToolCall]]:
+        self._buf.append(piece)
+        return "", []
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        text = "".join(self._buf)
+        self._buf = []
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text, []
+        if self.name is not None:
+            return ("", [make_call(self.name, value)]) if isinstance(value, dict) else (text, [])
+        calls = [
+            make_call(c["name"], c["parameters"])
+            for c in value
+            if isinstance(c, dict) and isinstance(c.get("parameters"), dict)
+        ]
+        return ("", calls) if calls and len(calls) == len(value) else (text, [])
+
+
+def parse(
+    text: str,
+    max_calls: int | None = None,
+    parser: StreamingToolParser | ForcedCallParser | None = None,
+) -> tuple[str | None, list[ToolCall]]:
+    """A finished text's content and calls (by ``parser``, default the tag format's). The
+    content is what lies outside the parsed calls, stripped of surrounding whitespace when
+    there are calls (the model writes newlines around them); None when nothing is left, as
+    OpenAI returns it."""
+    parser = parser or StreamingToolParser(max_calls)
     content, calls = parser.feed(text)
-    content += parser.finish()
+    rest, more = parser.finish()
+    content += rest
+    calls += more
     if calls:
         content = content.strip()
     return (content or None), calls
 
 
-__all__ = ["END", "START", "StreamingToolParser", "ToolCall", "parse"]
+__all__ = [
+    "END",
+    "START",
+    "ForcedCallParser",
+    "StreamingToolParser",
+    "ToolCall",
+    "forced_schema",
+    "make_call",
+    "parse",
+]
