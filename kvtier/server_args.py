@@ -41,6 +41,8 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton")
 PREFILL_ATTENTION_BACKENDS = ("auto", "triton", "cudnn")
 # One format under SGLang's name and vLLM's (kvtier.server.tool_parser).
 TOOL_CALL_PARSERS = ("qwen25", "hermes")
+# kvtier.server.reasoning_parser.MODES.
+REASONING_PARSERS = ("qwen3", "qwen3-thinking")
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,13 @@ class ServerArgs:
         "qwen25 (SGLang's name) or hermes (vLLM's), the <tool_call>{JSON}</tool_call> format of "
         "Qwen2.5 / Qwen3 models; without it such requests are refused",
         choices=TOOL_CALL_PARSERS,
+    )
+    reasoning_parser: str | None = _opt(
+        None,
+        "return a reasoning model's thinking (<think>...</think>) as reasoning_content in chat "
+        "completions: qwen3 (the output opens with <think> when the model thinks) or "
+        "qwen3-thinking (the template opened it: Qwen3 Thinking-2507 models)",
+        choices=REASONING_PARSERS,
     )
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
 

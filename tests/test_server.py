@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -46,6 +47,8 @@ def launched():
             "65536",
             "--tool-call-parser",
             "qwen25",
+            "--reasoning-parser",
+            "qwen3",
         ),
         "aux": ServerProcess(
             "--max-running-requests",
@@ -222,6 +225,49 @@ def test_chat_with_tools_and_a_tool_history(oai, aux):
     # A server started without --tool-call-parser refuses tools, naming the flag.
     with pytest.raises(openai.BadRequestError, match="--tool-call-parser qwen25"):
         aux.openai().chat.completions.create(**kw, tools=TOOLS)
+
+
+def test_reasoning_and_tool_calls_end_to_end(oai):
+    # A regex makes even the tiny random model write what a reasoning model writes, thinking
+    # then an answer, or a tool call: the parsers take them apart, streamed or not.
+    pytest.importorskip("xgrammar")
+    kw = {"model": MODEL, "messages": [{"role": "user", "content": "Think."}], "temperature": 0}
+    think = {"regex": r"<think>\n[a-z]{1,6}\n</think>\n\n(yes|no)"}
+    out = oai.chat.completions.create(**kw, max_tokens=48, extra_body=think)
+    msg = out.choices[0].message
+    assert msg.content in ("yes", "no") and re.fullmatch("[a-z]{1,6}", msg.reasoning_content)
+    chunks = list(oai.chat.completions.create(**kw, max_tokens=48, extra_body=think, stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == (
+        msg.reasoning_content
+    )
+    assert "".join(d.content or "" for d in deltas) == msg.content
+    whole = oai.chat.completions.create(
+        **kw, max_tokens=48, extra_body={**think, "separate_reasoning": False}
+    )
+    assert whole.choices[0].message.content == (
+        f"<think>\n{msg.reasoning_content}\n</think>\n\n{msg.content}"
+    )
+    call = {
+        "regex": r'Sure\.\n<tool_call>\n\{"name": "get_weather", "arguments": '
+        r'\{"city": "(Paris|Rome)"\}\}\n</tool_call>'
+    }
+    out = oai.chat.completions.create(**kw, max_tokens=160, tools=TOOLS, extra_body=call)
+    msg = out.choices[0].message
+    assert msg.content == "Sure." and out.choices[0].finish_reason == "tool_calls"
+    (tool_call,) = msg.tool_calls
+    assert tool_call.function.name == "get_weather"
+    assert json.loads(tool_call.function.arguments)["city"] in ("Paris", "Rome")
+    chunks = list(
+        oai.chat.completions.create(**kw, max_tokens=160, tools=TOOLS, extra_body=call, stream=True)
+    )
+    deltas = [c.choices[0].delta for c in chunks]
+    assert "".join(d.content or "" for d in deltas).strip() == "Sure."
+    streamed = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    assert [(t.function.name, t.function.arguments) for t in streamed] == [
+        ("get_weather", tool_call.function.arguments)
+    ]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_forced_tool_calls(oai):

@@ -38,7 +38,12 @@ def create_app(args: ServerArgs, client: EngineClient, tokenizer: Any, model: Mo
 
     app = FastAPI(title="kvtier", version="0.1.0", lifespan=lifespan)
     app.state.frontend = Frontend(
-        client, tokenizer, metrics, model, tool_call_parser=args.tool_call_parser
+        client,
+        tokenizer,
+        metrics,
+        model,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
     app.state.server_args = args
     app.state.server_state = state

@@ -8,6 +8,9 @@ completion defaults to 16 tokens (OpenAI's default).
 output tokens' logprobs under the model's raw distribution, each token's text decoded alone;
 ``echo`` puts the prompt before each completion, with ``logprobs`` the prompt tokens' too (the
 first one's None), and allows ``max_tokens=0`` (score the prompt only).
+With ``--reasoning-parser`` a reasoning model's thinking comes back as ``reasoning_content``
+(streamed as such deltas), unless the request sets ``separate_reasoning: false``;
+``chat_template_kwargs`` reach the chat template (e.g. ``{"enable_thinking": false}``).
 With ``tools`` (and ``--tool-call-parser``) a chat completion's calls come back as OpenAI's
 ``tool_calls`` (finish reason ``tool_calls``), parsed out of the text by ``tool_parser``; streamed,
 content goes out as it is generated and each call in one delta once its closing tag arrived.
@@ -39,6 +42,7 @@ from kvtier.server.protocol import (
     CompletionRequest,
     OpenAISamplingFields,
 )
+from kvtier.server.reasoning_parser import ReasoningParser, split
 from kvtier.server.serving import Frontend, Generation, Result, unless_disconnected
 from kvtier.server.streaming import sse_response
 from kvtier.server.tool_parser import (
@@ -258,9 +262,13 @@ class _Chunks:
     def _end(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _split(self, index: int, text: str, finished: bool) -> tuple[str, list[ToolCall]]:
-        """The text to send now and the tool calls completed (none unless parsing calls)."""
-        return text, []
+    def _split(self, index: int, text: str, finished: bool) -> tuple[str, str, list[ToolCall]]:
+        """The reasoning and the text to send now, and the tool calls completed (no reasoning
+        and no calls unless the chat API parses them)."""
+        return "", text, []
+
+    def _reasoning_piece(self, index: int, text: str, first: bool) -> dict[str, Any]:
+        raise NotImplementedError
 
     def _call_piece(self, index: int, call: ToolCall, call_index: int) -> dict[str, Any]:
         raise NotImplementedError
@@ -275,7 +283,12 @@ class _Chunks:
         if entries is not None:
             state.pending[0].extend(entries[0])
             state.pending[1].extend(entries[1])
-        text, calls = self._split(index, out.new_text, out.finished)
+        reasoning, text, calls = self._split(index, out.new_text, out.finished)
+        if reasoning:
+            events.append(
+                self._chunk(index, self._reasoning_piece(index, reasoning, not state.started))
+            )
+            state.started = True
         if text or not state.started:
             piece = self._piece(index, text, not state.started)
             events.append(self._chunk(index, piece))
@@ -310,19 +323,36 @@ class _Chunks:
 class _ChatChunks(_Chunks):
     object_name = "chat.completion.chunk"
 
-    # One parser a choice when the request's tool calls are parsed.
+    # One parser a choice when the request's tool calls are parsed, and when its reasoning is.
     parsers: list[StreamingToolParser | ForcedCallParser] | None = None
+    reasoning: list[ReasoningParser] | None = None
 
-    def _split(self, index: int, text: str, finished: bool) -> tuple[str, list[ToolCall]]:
-        if self.parsers is None:
-            return text, []
-        parser = self.parsers[index]
-        text, calls = parser.feed(text)
-        if finished:
-            rest, more = parser.finish()
-            text += rest
-            calls = calls + more
-        return text, calls
+    def _split(self, index: int, text: str, finished: bool) -> tuple[str, str, list[ToolCall]]:
+        thinking = ""
+        if self.reasoning is not None:
+            parser = self.reasoning[index]
+            thinking, text = parser.feed(text)
+            if finished:
+                more_thinking, rest = parser.finish()
+                thinking += more_thinking
+                text += rest
+        calls: list[ToolCall] = []
+        if self.parsers is not None:
+            calls_parser = self.parsers[index]
+            text, calls = calls_parser.feed(text)
+            if finished:
+                rest, more = calls_parser.finish()
+                text += rest
+                calls = calls + more
+        return thinking, text, calls
+
+    def _reasoning_piece(self, index: int, text: str, first: bool) -> dict[str, Any]:
+        delta = (
+            {"role": "assistant", "reasoning_content": text}
+            if first
+            else {"reasoning_content": text}
+        )
+        return {"delta": delta, "finish_reason": None}
 
     def _call_piece(self, index: int, call: ToolCall, call_index: int) -> dict[str, Any]:
         # The whole call in one delta: its arguments arrive complete (clients concatenate
@@ -471,11 +501,17 @@ class _ToolPlan:
 
 
 def _chat_message(
-    text: str, reason: str | None, plan: _ToolPlan | None
+    text: str, reason: str | None, plan: _ToolPlan | None, reasoning: str | None = None
 ) -> tuple[dict[str, Any], str | None]:
-    """A finished choice's message and finish reason: with tools the text's calls become
+    """A finished choice's message and finish reason: with a reasoning parser (``reasoning``,
+    its mode) the thinking goes to ``reasoning_content``; with tools the text's calls become
     ``tool_calls`` (the reason ``tool_calls`` when the model stopped by itself)."""
     message: dict[str, Any] = {"role": "assistant", "content": text}
+    if reasoning is not None:
+        thought, text = split(text, reasoning)
+        message["content"] = text
+        if thought is not None:
+            message["reasoning_content"] = thought
     if plan is None:
         return message, reason
     content, calls = parse(text, parser=plan.parser())
@@ -533,7 +569,12 @@ async def chat_completions(
         raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]; got {top}")
     plan = _tool_plan(fe, body)
     messages = [_template_message(m) for m in body.messages]
-    ids = fe.encode_chat(messages, plan.tools if plan is not None else None)
+    ids = fe.encode_chat(
+        messages, plan.tools if plan is not None else None, body.chat_template_kwargs
+    )
+    # The thinking of a reasoning model, when the server parses it and the request wants it
+    # apart (SGLang's separate_reasoning).
+    reasoning = fe.reasoning_parser if body.separate_reasoning else None
     if body.max_completion_tokens is not None:
         limit = _max_tokens(body.max_completion_tokens, "max_completion_tokens")
         max_new = fe.check_ids(ids, limit, "max_completion_tokens")
@@ -548,6 +589,8 @@ async def chat_completions(
         )
         if plan is not None:
             chunks.parsers = [plan.parser() for _ in range(num)]
+        if reasoning is not None:
+            chunks.reasoning = [ReasoningParser(reasoning) for _ in range(num)]
         return await sse_response(request, gen, chunks)
     results = await _collect(request, gen)
     choices = []
@@ -556,7 +599,7 @@ async def chat_completions(
         logprobs = None
         if body.logprobs:
             logprobs = _chat_logprobs(fe, res.token_logprobs or [], res.top_logprobs or [])
-        message, reason = _chat_message(res.text, reason, plan)
+        message, reason = _chat_message(res.text, reason, plan, reasoning)
         choices.append(
             {
                 "index": index,

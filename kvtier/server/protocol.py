@@ -143,6 +143,10 @@ class ChatCompletionRequest(OpenAISamplingFields):
         _one_of('"none", "auto", "required" or {"type": "function", "function": {"name": ...}}'),
     ] = None
     parallel_tool_calls: bool = True
+    # SGLang / vLLM: variables of the chat template (e.g. {"enable_thinking": false}), and
+    # whether a reasoning model's thinking goes to reasoning_content (--reasoning-parser).
+    chat_template_kwargs: dict[str, Any] | None = None
+    separate_reasoning: bool = True
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False

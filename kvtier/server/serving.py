@@ -83,12 +83,14 @@ class Frontend:
         metrics: Metrics,
         model: ModelInfo,
         tool_call_parser: str | None = None,
+        reasoning_parser: str | None = None,
     ) -> None:
         self.client = client
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.model = model
         self.tool_call_parser = tool_call_parser
+        self.reasoning_parser = reasoning_parser
         self.started_at = time.time()
 
     # ------------------------------------------------------------------ inputs
@@ -111,18 +113,30 @@ class Frontend:
         return list(self._need_tokenizer().encode(text))
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """The conversation through the tokenizer's chat template, with the tools' definitions
-        (OpenAI's objects) where given: the template decides how the model sees them."""
+        (OpenAI's objects) where given: the template decides how the model sees them.
+        ``template_kwargs`` are the template's own variables (e.g. Qwen3's enable_thinking)."""
         tok = self._need_tokenizer()
         if not messages:
             raise APIError(400, "messages must not be empty")
+        reserved = {"messages", "tools", "tokenize", "add_generation_prompt"}
+        clash = sorted(reserved & set(template_kwargs or {}))
+        if clash:
+            raise APIError(400, f"chat_template_kwargs may not set {', '.join(clash)}")
         if getattr(tok, "chat_template", None) is None:
             raise APIError(400, "the model's tokenizer has no chat template: use /v1/completions")
         try:
             text = tok.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=True
+                messages,
+                tools=tools,
+                tokenize=False,
+                add_generation_prompt=True,
+                **(template_kwargs or {}),
             )
         except Exception as e:  # the template itself may reject a conversation
             raise APIError(400, f"the chat template rejected the messages: {e}") from e
