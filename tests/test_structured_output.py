@@ -107,6 +107,23 @@ def test_constrained_and_free_requests_share_batches(overlap):
     assert free["output_ids"] == alone[1]["output_ids"]
 
 
+def test_retraction_keeps_the_grammar_state():
+    # 6 requests x 70 tokens do not fit in 160 slots: decode retracts and recomputes; each
+    # matcher keeps following its request's tokens, so outputs equal those of a pool that fits
+    # them, and stay digits (the token limit ends them inside the pattern).
+    sp = {"temperature": 0, "max_new_tokens": 40, "regex": "[0-9]{300}"}
+    prompts = [[10 + 7 * i + j for j in range(30)] for i in range(6)]
+    with make_engine() as e:
+        want = [e.generate(input_ids=p, sampling_params=sp)["output_ids"] for p in prompts]
+    with make_engine(max_total_tokens=160, page_size=4) as e:
+        got = e.generate(input_ids=prompts, sampling_params=sp)
+        assert [g["output_ids"] for g in got] == want
+        assert all(re.fullmatch("[0-9]+", g["text"]) for g in got)
+        assert all(len(g["output_ids"]) == 40 for g in got)
+        assert e.get_stats()["retractions"] > 0
+        e.check_integrity()
+
+
 @pytest.mark.parametrize(
     ("params", "message"),
     [
