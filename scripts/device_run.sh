@@ -2,7 +2,9 @@
 # One batched run on the lent H200 machine (see ../.library/device): correctness on CUDA, tier IO
 # bandwidth, the TTFT sweep, the recompute speed and diagnostics, each step bounded, logs under
 # $OUT. Steps are chosen with STEPS (default: all, in this order). Usage there:
-#   STEPS="tests check tier_io ttft" bash scripts/device_run.sh   (with .whl carried)
+#   STEPS="tests check tier_io ttft" bash scripts/device_run.sh   (with .whl carried: from
+#   ../shared/tools/device-wheels fastapi uvicorn pyzmq openai xgrammar, less the nvidia_* and
+#   cuda_* wheels xgrammar's torch requirement pulls in)
 # T_<STEP> overrides a step's time limit in seconds; GPU_HIT=" " also times GPU hits in ttft.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -24,10 +26,11 @@ step() {  # step NAME SECONDS CMD...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt"
 cat "$OUT/gpu.txt"
 # The GPU tests in three steps (together they take longer than one call may run): tests the
-# engine (with the API features: logprobs, penalties), tests1b the cache paths, tests2 the
+# engine (with the API features: logprobs, penalties, structured output), tests1b the cache paths, tests2 the
 # kernels and models. --durations shows where time goes.
 step tests "${T_TESTS:-240}" python3 -m pytest -q -p no:cacheprovider --durations=10 \
-  tests/test_engine.py tests/test_overlap_schedule.py tests/test_sampler.py
+  tests/test_engine.py tests/test_overlap_schedule.py tests/test_sampler.py \
+  tests/test_structured_output.py tests/test_tool_calls.py tests/test_reasoning.py
 step tests1b "${T_TESTS1B:-300}" python3 -m pytest -q -p no:cacheprovider --durations=10 \
   tests/test_hicache_engine.py tests/test_kv_io.py tests/test_faults.py
 step tests2 "${T_TESTS2:-300}" python3 -m pytest -q -p no:cacheprovider --durations=10 \
