@@ -39,6 +39,7 @@ MEM_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 TIERS = ("dram", "xmem", "peer")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 PREFILL_ATTENTION_BACKENDS = ("auto", "triton", "cudnn")
+SCHEDULE_POLICIES = ("fcfs", "lpm")
 # One format under SGLang's name and vLLM's (kvtier.server.tool_parser).
 TOOL_CALL_PARSERS = ("qwen25", "hermes")
 # kvtier.server.reasoning_parser.MODES.
@@ -85,6 +86,13 @@ class ServerArgs:
     max_queued_requests: int = _opt(4096, "waiting requests before new ones are refused")
     chunked_prefill_size: int = _opt(8192, "max prompt tokens per prefill step (-1: no chunking)")
     max_prefill_tokens: int = _opt(16384, "max new tokens in one prefill batch")
+    schedule_policy: str = _opt(
+        "fcfs",
+        "order in which waiting requests are admitted: fcfs, or lpm (longest cached prefix "
+        "first, GPU and L2, arrival order among equals; as SGLang's, first come first served "
+        "while more than 128 wait)",
+        choices=SCHEDULE_POLICIES,
+    )
     disable_radix_cache: bool = _opt(False, "do not reuse prefixes across requests")
 
     # --- hierarchical cache ---

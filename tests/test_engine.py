@@ -692,3 +692,34 @@ def test_logit_bias_steers_greedy_tokens(engine):
     with pytest.raises(RequestError, match=r"^logit_bias token id 999999 is outside the vocab"):
         engine.generate(input_ids=p, sampling_params={**GREEDY, "logit_bias": {999999: 1}})
     engine.check_integrity()
+
+
+# ---------------------------------------------------------------------------- schedule policy
+@pytest.mark.parametrize(("policy", "want"), [("fcfs", ["b", "c", "d"]), ("lpm", ["d", "c", "b"])])
+def test_schedule_policy_orders_admission(policy, want):
+    """With one request running at a time, admission order is completion order: lpm admits the
+    waiting request with the longest cached prefix first (d shares 16 tokens with the cached
+    prompt, c 8, b none), fcfs in arrival order."""
+    from kvtier.sampling_params import SamplingParams
+    from kvtier.scheduler.request import Req
+
+    base = prompts(1, 24, seed=31)[0]
+    other = prompts(1, 24, seed=32)[0]
+    with make(page_size=4, max_running_requests=1, schedule_policy=policy) as e:
+        e.generate(input_ids=base, sampling_params=GREEDY)
+        sched = e.scheduler
+        sp = SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True)
+        for rid, ids in (("b", other), ("c", base[:8] + other[8:]), ("d", base[:16] + other)):
+            sched.add_request(Req(rid=rid, input_ids=ids, sampling=sp))
+        done = []
+        while sched.has_work():
+            done += [o.rid for o in sched.step() if o.finished]
+        assert done == want
+        e.check_integrity()
+
+
+def test_schedule_policy_is_checked():
+    from kvtier.server_args import ServerArgs
+
+    with pytest.raises(ServerArgsError, match="--schedule-policy must be one of fcfs, lpm"):
+        ServerArgs(schedule_policy="random")

@@ -32,6 +32,9 @@ from kvtier.server_args import ServerArgs, ServerArgsError
 
 logger = logging.getLogger(__name__)
 
+# --schedule-policy lpm orders at most this many waiting requests (SGLang's limit as well).
+LPM_MAX_WAITING = 128
+
 # Share of a running request's remaining max_new_tokens that admission keeps free for it, so
 # that new prompts do not take the pages running requests are about to decode into.
 NEW_TOKEN_RESERVE_RATIO = 0.3
@@ -298,6 +301,20 @@ class Scheduler:
         logits row: 1024 rows of a 152K vocabulary are 0.6 GB)."""
         return min(chunk, PROMPT_LOGPROB_CHUNK) if req.wants_prompt_logprobs else chunk
 
+    def _order_waiting(self) -> None:
+        """--schedule-policy lpm: the waiting requests with the longest cached prefix (on the
+        GPU or in L2) first, arrival order among equals (a stable sort), so that prefixes
+        still cached are used before more admissions evict them. Each match is a walk of the
+        request's tokens: past LPM_MAX_WAITING waiting requests, first come first served."""
+        if not self.use_cache or not 1 < len(self.waiting) <= LPM_MAX_WAITING:
+            return
+
+        def cached(req: Req) -> int:
+            match = self.cache.match_prefix(req.tokens[: len(req.tokens) - 1])
+            return match.device_len + match.host_len
+
+        self.waiting = deque(sorted(self.waiting, key=lambda r: -cached(r)))
+
     def _schedule_extend(self) -> ScheduleBatch | None:
         chunk = self.args.chunk_size or 1 << 62
         budget = self.args.max_prefill_tokens
@@ -313,6 +330,12 @@ class Scheduler:
             reqs.append(req)
             num_new.append(n)
             budget -= n
+        if (
+            self.args.schedule_policy == "lpm"
+            and budget > 0
+            and len(self.running) < self.args.max_running_requests
+        ):
+            self._order_waiting()
         while self.waiting and budget > 0:
             if len(self.running) >= self.args.max_running_requests:
                 break
