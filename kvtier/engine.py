@@ -13,6 +13,7 @@ import time
 import uuid
 from array import array
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 from kvtier.async_driver import AsyncDriver
@@ -20,7 +21,7 @@ from kvtier.models import ResolvedModel, resolve_model
 from kvtier.sampling_params import SamplingParams, check_logprob_args
 from kvtier.scheduler.request import GenerateResult, Req, ReqOutput
 from kvtier.scheduler.scheduler import RequestError, Scheduler
-from kvtier.server_args import ServerArgs
+from kvtier.server_args import ServerArgs, ServerArgsError
 from kvtier.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,21 @@ def build_tokenizer(args: ServerArgs, resolved: ResolvedModel) -> Any:
             args.model_path,
         )
         return None
-    return load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    if args.chat_template is not None:
+        tokenizer.chat_template = read_chat_template(args.chat_template)
+    return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """--chat-template: a file's text when ``value`` names a file, else the template itself
+    (it must then look like Jinja: a value that is neither is a mistyped path)."""
+    path = Path(value)
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ServerArgsError(f"--chat-template {value!r} is neither a file nor a Jinja template")
 
 
 def build_scheduler(args: ServerArgs) -> Scheduler:

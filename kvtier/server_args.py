@@ -71,6 +71,9 @@ class ServerArgs:
         '"original_max_position_embeddings": 32768}}\' with --context-length 131072',
     )
     skip_tokenizer_init: bool = _opt(False, "take and return token ids only")
+    chat_template: str | None = _opt(
+        None, "the chat template to use instead of the tokenizer's: a file, or the Jinja text"
+    )
     random_seed: int = _opt(0, "seed of dummy weights and of sampling without a request seed")
     served_model_name: str | None = _opt(None, "model name reported by the API")
 

@@ -723,3 +723,19 @@ def test_schedule_policy_is_checked():
 
     with pytest.raises(ServerArgsError, match="--schedule-policy must be one of fcfs, lpm"):
         ServerArgs(schedule_policy="random")
+
+
+def test_chat_template_flag(tmp_path):
+    from kvtier.engine import read_chat_template
+
+    template = "{%- for m in messages %}<{{ m.role }}>{{ m.content }}{%- endfor %}"
+    path = tmp_path / "t.jinja"
+    path.write_text(template)
+    assert read_chat_template(str(path)) == template
+    assert read_chat_template(template) == template
+    with pytest.raises(ServerArgsError, match=r"--chat-template 'no/such\.jinja' is neither"):
+        read_chat_template("no/such.jinja")
+    with make(chat_template=str(path)) as e:
+        tok = e.tokenizer
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        assert text == "<user>hi"
