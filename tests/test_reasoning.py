@@ -9,7 +9,7 @@ pytest.importorskip("fastapi")
 
 from kvtier import server_args
 from kvtier.scheduler.request import ReqOutput
-from kvtier.server import openai_api, reasoning_parser
+from kvtier.server import chat, openai_api, reasoning_parser
 from kvtier.server.errors import APIError
 from kvtier.server.reasoning_parser import ReasoningParser, split
 from kvtier.server.serving import Frontend, ModelInfo
@@ -60,7 +60,7 @@ def test_stream_events_reasoning_then_answer_then_call():
     fe = Frontend(None, _Tok(), None, ModelInfo("m", "m", 100, 100))
     chunks = openai_api._ChatChunks("chatcmpl-x", "m", False, fe, False, 1, 1)
     chunks.reasoning = [ReasoningParser("qwen3")]
-    chunks.parsers = [openai_api._ToolPlan([], None, None).parser()]
+    chunks.parsers = [chat.ToolPlan([], None, None).parser()]
     pieces = ["<think>\nHm", "m.\n</think>\n\nOk.", '<tool_call>{"name": "f", "arguments": {}}']
     pieces.append("</tool_call>")
     events = []
@@ -77,14 +77,14 @@ def test_stream_events_reasoning_then_answer_then_call():
 
 def test_finished_message_with_reasoning():
     text = "<think>\nHmm.\n</think>\n\nIt is 4."
-    message, reason = openai_api._chat_message(text, "stop", None, "qwen3")
+    message, reason = chat.chat_message(text, "stop", None, "qwen3")
     assert message == {"role": "assistant", "content": "It is 4.", "reasoning_content": "Hmm."}
     assert reason == "stop"
     # Without thinking: no reasoning_content field.
-    message, _ = openai_api._chat_message("It is 4.", "stop", None, "qwen3")
+    message, _ = chat.chat_message("It is 4.", "stop", None, "qwen3")
     assert message == {"role": "assistant", "content": "It is 4."}
     # Not parsing: the text as written.
-    message, _ = openai_api._chat_message(text, "stop", None, None)
+    message, _ = chat.chat_message(text, "stop", None, None)
     assert message == {"role": "assistant", "content": text}
 
 

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("fastapi")
 
 from kvtier.scheduler.request import ReqOutput
-from kvtier.server import openai_api
+from kvtier.server import chat, openai_api
 from kvtier.server.errors import APIError
 from kvtier.server.protocol import ChatCompletionRequest
 from kvtier.server.serving import Frontend, ModelInfo
@@ -181,22 +181,22 @@ def test_stream_without_parsing_sends_text_unchanged():
 
 
 def _plan(forced=None, max_calls=None):
-    return openai_api._ToolPlan(TOOLS, forced, max_calls)
+    return chat.ToolPlan(TOOLS, forced, max_calls)
 
 
 def test_finished_message():
-    message, reason = openai_api._chat_message(TEXT, "stop", _plan())
+    message, reason = chat.chat_message(TEXT, "stop", _plan())
     assert reason == "tool_calls" and message["content"] == "Let me check."
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather", "get_time"]
     # Cut by length after a complete call: the calls, the reason kept.
-    message, reason = openai_api._chat_message(WEATHER, "length", _plan())
+    message, reason = chat.chat_message(WEATHER, "length", _plan())
     assert reason == "length" and message["content"] is None and len(message["tool_calls"]) == 1
     # Not parsing (no tools): the text as written.
-    assert openai_api._chat_message(TEXT, "stop", None) == (
+    assert chat.chat_message(TEXT, "stop", None) == (
         {"role": "assistant", "content": TEXT},
         "stop",
     )
-    message, reason = openai_api._chat_message("hi", "stop", _plan())
+    message, reason = chat.chat_message("hi", "stop", _plan())
     assert message == {"role": "assistant", "content": "hi"} and reason == "stop"
 
 
@@ -216,17 +216,17 @@ def test_forced_calls_schema_and_parse():
         }
     ]
     # A named function: the output is its arguments.
-    message, reason = openai_api._chat_message('{"city": "Oslo"}', "stop", _plan("get_weather"))
+    message, reason = chat.chat_message('{"city": "Oslo"}', "stop", _plan("get_weather"))
     assert message["content"] is None and reason == "tool_calls"
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == [
         ("get_weather", '{"city": "Oslo"}')
     ]
     # "required": a list of calls.
     text = '[{"name": "get_weather", "parameters": {"city": "Rome"}}]'
-    message, reason = openai_api._chat_message(text, "stop", _plan("required"))
+    message, reason = chat.chat_message(text, "stop", _plan("required"))
     assert message["tool_calls"][0]["function"]["arguments"] == '{"city": "Rome"}'
     # Cut short: the text as content, no calls.
-    message, reason = openai_api._chat_message('{"city": "Os', "length", _plan("get_weather"))
+    message, reason = chat.chat_message('{"city": "Os', "length", _plan("get_weather"))
     assert message == {"role": "assistant", "content": '{"city": "Os'} and reason == "length"
     parser = ForcedCallParser(None)
     assert parser.feed("[]") == ("", []) and parser.finish() == ("[]", [])
@@ -271,20 +271,20 @@ def _frontend(parser="qwen25"):
 
 def test_tool_plans():
     fe = _frontend()
-    plan = openai_api._tool_plan(fe, _request(tools=TOOLS))
-    assert plan == openai_api._ToolPlan(TOOLS, None, None) and plan.constraint() is None
-    assert openai_api._tool_plan(fe, _request(tools=TOOLS, tool_choice="auto")) == plan
-    single = openai_api._tool_plan(fe, _request(tools=TOOLS, parallel_tool_calls=False))
+    plan = chat.tool_plan(fe, _request(tools=TOOLS))
+    assert plan == chat.ToolPlan(TOOLS, None, None) and plan.constraint() is None
+    assert chat.tool_plan(fe, _request(tools=TOOLS, tool_choice="auto")) == plan
+    single = chat.tool_plan(fe, _request(tools=TOOLS, parallel_tool_calls=False))
     assert single.max_calls == 1
     # "none": the model is not shown the tools, nothing is parsed.
-    assert openai_api._tool_plan(fe, _request(tools=TOOLS, tool_choice="none")) is None
-    assert openai_api._tool_plan(fe, _request()) is None
+    assert chat.tool_plan(fe, _request(tools=TOOLS, tool_choice="none")) is None
+    assert chat.tool_plan(fe, _request()) is None
     # Forced calls need no parser: the output is constrained to them.
     named = {"type": "function", "function": {"name": "get_weather"}}
-    plan = openai_api._tool_plan(_frontend(None), _request(tools=TOOLS, tool_choice=named))
+    plan = chat.tool_plan(_frontend(None), _request(tools=TOOLS, tool_choice=named))
     assert plan.forced == "get_weather"
     assert json.loads(plan.constraint()["json_schema"]) == TOOLS[0]["function"]["parameters"]
-    plan = openai_api._tool_plan(_frontend(None), _request(tools=TOOLS, tool_choice="required"))
+    plan = chat.tool_plan(_frontend(None), _request(tools=TOOLS, tool_choice="required"))
     assert json.loads(plan.constraint()["json_schema"])["type"] == "array"
 
 
@@ -306,7 +306,7 @@ NAMED_F = {"type": "function", "function": {"name": "f"}}
 )  # fmt: skip
 def test_tool_requests_refused_with_the_reason(kw, parser, message):
     with pytest.raises(APIError) as err:
-        openai_api._tool_plan(_frontend(parser), _request(**kw))
+        chat.tool_plan(_frontend(parser), _request(**kw))
     assert err.value.status == 400 and err.value.message == message
 
 
@@ -328,7 +328,7 @@ def test_template_messages_carry_calls_and_results():
             {"role": "tool", "tool_call_id": "call_1", "content": "18 C"},
         ]
     )
-    msgs = [openai_api._template_message(m) for m in body.messages]
+    msgs = [chat.template_message(m) for m in body.messages]
     assert msgs[1] == {
         "role": "assistant",
         "content": "",

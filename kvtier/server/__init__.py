@@ -10,6 +10,7 @@ HTTP load never delays a step. They talk over two ZeroMQ ipc:// sockets in a tem
     engine_client.py        asyncio client: per-request queues, control calls, death watch
     serving.py              shared by endpoints: validation, submission, disconnect -> abort
     openai_api.py           /v1/chat/completions, /v1/completions, /v1/models
+    chat.py                 chat messages for templates, tools, a choice's final message
     native_api.py           /generate, /health, /get_server_info, /get_model_info,
                             /flush_cache, /metrics, /debug/check_integrity
     streaming.py            server-sent events

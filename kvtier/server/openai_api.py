@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -35,22 +34,20 @@ from fastapi.responses import StreamingResponse
 
 from kvtier.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from kvtier.scheduler.request import ReqOutput
+from kvtier.server.chat import chat_message, template_message, tool_plan
 from kvtier.server.errors import APIError
 from kvtier.server.protocol import (
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     OpenAISamplingFields,
 )
-from kvtier.server.reasoning_parser import ReasoningParser, split
+from kvtier.server.reasoning_parser import ReasoningParser
 from kvtier.server.serving import Frontend, Generation, Result, unless_disconnected
 from kvtier.server.streaming import sse_response
 from kvtier.server.tool_parser import (
     ForcedCallParser,
     StreamingToolParser,
     ToolCall,
-    forced_schema,
-    parse,
 )
 
 router = APIRouter()
@@ -451,111 +448,6 @@ async def _collect(request: Request, gen: Generation) -> list[Result]:
         gen.close()
 
 
-def _template_message(m: ChatMessage) -> dict[str, Any]:
-    """A message as chat templates take it (Hugging Face's convention): text content, an
-    assistant's calls with their arguments as an object where they parse as one."""
-    msg: dict[str, Any] = {"role": m.role, "content": m.text()}
-    if m.name is not None:
-        msg["name"] = m.name
-    if m.tool_call_id is not None:
-        msg["tool_call_id"] = m.tool_call_id
-    if m.tool_calls:
-        calls = []
-        for call in m.tool_calls:
-            try:
-                args: Any = json.loads(call.function.arguments)
-            except json.JSONDecodeError:
-                args = call.function.arguments
-            calls.append(
-                {
-                    "id": call.id,
-                    "type": "function",
-                    "function": {"name": call.function.name, "arguments": args},
-                }
-            )
-        msg["tool_calls"] = calls
-    return msg
-
-
-@dataclass(frozen=True)
-class _ToolPlan:
-    """How a chat request's tools are served: the definitions shown to the model, and either
-    the model's own calls parsed (``forced`` None: tool_choice "auto") or its output
-    constrained to the calls (``forced``: "required", or the named function)."""
-
-    tools: list[dict[str, Any]]
-    forced: str | None
-    max_calls: int | None
-
-    def parser(self) -> StreamingToolParser | ForcedCallParser:
-        if self.forced is None:
-            return StreamingToolParser(self.max_calls)
-        return ForcedCallParser(None if self.forced == "required" else self.forced)
-
-    def constraint(self) -> dict[str, str] | None:
-        """The structured-output parameter of a forced call (None: the request's own)."""
-        if self.forced is None:
-            return None
-        name = None if self.forced == "required" else self.forced
-        return {"json_schema": json.dumps(forced_schema(self.tools, name, self.max_calls))}
-
-
-def _chat_message(
-    text: str, reason: str | None, plan: _ToolPlan | None, reasoning: str | None = None
-) -> tuple[dict[str, Any], str | None]:
-    """A finished choice's message and finish reason: with a reasoning parser (``reasoning``,
-    its mode) the thinking goes to ``reasoning_content``; with tools the text's calls become
-    ``tool_calls`` (the reason ``tool_calls`` when the model stopped by itself)."""
-    message: dict[str, Any] = {"role": "assistant", "content": text}
-    if reasoning is not None:
-        thought, text = split(text, reasoning)
-        message["content"] = text
-        if thought is not None:
-            message["reasoning_content"] = thought
-    if plan is None:
-        return message, reason
-    content, calls = parse(text, parser=plan.parser())
-    message["content"] = content
-    if calls:
-        message["tool_calls"] = [call.to_dict() for call in calls]
-        if reason == "stop":
-            reason = "tool_calls"
-    return message, reason
-
-
-def _tool_plan(fe: Frontend, body: ChatCompletionRequest) -> _ToolPlan | None:
-    """How the request's tools are served (None: no tools, or tool_choice "none"); 400 for
-    what cannot be."""
-    choice = body.tool_choice
-    if choice is not None and not body.tools:
-        raise APIError(400, "tool_choice needs tools")
-    if not body.tools or choice == "none":
-        return None
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
-    max_calls = None if body.parallel_tool_calls else 1
-    if choice is None or choice == "auto":
-        if fe.tool_call_parser is None:
-            raise APIError(
-                400,
-                "tools need a tool-call parser: start the server with --tool-call-parser "
-                "qwen25 (or hermes)",
-            )
-        return _ToolPlan(tools, None, max_calls)
-    if body.response_format is not None or body.regex is not None or body.ebnf is not None:
-        raise APIError(
-            400,
-            "tool_choice required or a named function cannot be combined with "
-            "response_format, regex or ebnf (it constrains the output itself)",
-        )
-    if choice == "required":
-        return _ToolPlan(tools, "required", max_calls)
-    assert not isinstance(choice, str)
-    name = choice.function.name
-    if name not in [t["function"]["name"] for t in tools]:
-        raise APIError(400, f"tool_choice names the function {name!r}, which is not in tools")
-    return _ToolPlan(tools, name, 1)
-
-
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request
@@ -567,8 +459,8 @@ async def chat_completions(
         raise APIError(400, "top_logprobs needs logprobs=true")
     if not 0 <= top <= MAX_TOP_LOGPROBS:
         raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]; got {top}")
-    plan = _tool_plan(fe, body)
-    messages = [_template_message(m) for m in body.messages]
+    plan = tool_plan(fe, body)
+    messages = [template_message(m) for m in body.messages]
     ids = fe.encode_chat(
         messages, plan.tools if plan is not None else None, body.chat_template_kwargs
     )
@@ -599,7 +491,7 @@ async def chat_completions(
         logprobs = None
         if body.logprobs:
             logprobs = _chat_logprobs(fe, res.token_logprobs or [], res.top_logprobs or [])
-        message, reason = _chat_message(res.text, reason, plan, reasoning)
+        message, reason = chat_message(res.text, reason, plan, reasoning)
         choices.append(
             {
                 "index": index,
