@@ -8,7 +8,8 @@ the answer joins the history. A client starts a new conversation when one ends, 
 ``--duration`` seconds have passed or it has held ``--conversations`` conversations.
 
 Checks (any failure makes the exit code 1):
-  - no error responses, and every answer has the shape asked for;
+  - no error responses, and every answer has the shape asked for (a share of turns, with
+    ``--constrained-fraction``, is constrained by a regex to digits: those answers are digits);
   - a sample of (history -> answer) pairs, biased to turns served from L2, is re-run on a
     recompute reference (an in-process ``kvtier.Engine`` with ``disable_radix_cache``, or a
     server started with ``--disable-radix-cache``) and must match token for token;
@@ -40,6 +41,7 @@ import asyncio
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import socket
@@ -117,6 +119,9 @@ class SoakConfig:
     prompt_tokens: tuple[int, int] = (8, 24)
     user_tokens: tuple[int, int] = (4, 12)
     output_tokens: tuple[int, int] = (8, 16)
+    # Turns whose answer a regex constrains to digits (structured output; needs xgrammar on
+    # the server): the grammar masks ride in batches of free requests under eviction.
+    constrained_fraction: float = 0.125
     seed: int = 0
     verify_samples: int = 64
     reference: str = "engine"  # engine | server | url | none
@@ -133,6 +138,11 @@ class SoakConfig:
     max_errors: int = 100
     json_path: Path | None = None
     quiet: bool = False
+
+
+# A constrained turn's regex: digits, more than any answer here holds, so that ignore_eos turns
+# still end by length (the grammar never completes).
+DIGITS = "[0-9]{4096}"
 
 
 def _token_range(text: str) -> tuple[int, int]:
@@ -206,6 +216,12 @@ def parse_args(argv: Sequence[str] | None = None) -> SoakConfig:
         default=d.output_tokens,
         help="max_new_tokens per turn (always generated: ignore_eos)",
     )
+    p.add_argument(
+        "--constrained-fraction",
+        type=float,
+        default=d.constrained_fraction,
+        help="share of turns constrained to digits by a regex (0: none; needs xgrammar)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--verify-samples",
@@ -267,6 +283,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SoakConfig:
         p.error("need 0 <= --warmup-fraction < 1 and 0 < --window-fraction <= 0.5")
     if ns.output_tokens[0] < 1:
         p.error("--output-tokens must be >= 1")
+    if not 0 <= ns.constrained_fraction <= 1:
+        p.error("--constrained-fraction must be in [0, 1]")
     if ns.prompt_tokens[1] + ns.shared_prefix < 1:
         p.error("the first turn needs at least one token")
     return SoakConfig(
@@ -284,6 +302,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SoakConfig:
         prompt_tokens=ns.prompt_tokens,
         user_tokens=ns.user_tokens,
         output_tokens=ns.output_tokens,
+        constrained_fraction=ns.constrained_fraction,
         seed=ns.seed,
         verify_samples=ns.verify_samples,
         reference=ns.reference,
@@ -396,16 +415,22 @@ class ServerProcess:
         self.log_path.unlink(missing_ok=True)
 
 
-def logprob_problems(meta: dict[str, Any], ids: list[int]) -> list[str]:
+def logprob_problems(meta: dict[str, Any], ids: list[int], constrained: bool = False) -> list[str]:
     """What is wrong with a greedy answer's logprobs (top 2 asked for): one entry a token, its
-    id the token's, a logprob <= 0 equal to the top alternative's (greedy)."""
+    id the token's, a logprob <= 0 equal to the top alternative's (greedy). Logprobs are the
+    raw distribution's: under a constraint the token is the likeliest allowed one, so its
+    logprob is only at most the top alternative's."""
     try:
         tokens = meta["output_token_logprobs"]
         tops = meta["output_top_logprobs"]
         if [int(t) for _, t, _ in tokens] != ids or len(tops) != len(ids):
             return ["logprob entries do not line up with the output ids"]
         for (lp, t, _), top in zip(tokens, tops, strict=True):
-            if len(top) != 2 or lp > 0 or top[0][1] != t or top[0][0] != lp or top[1][0] > lp:
+            if len(top) != 2 or lp > 0 or top[1][0] > top[0][0]:
+                return [f"bad logprob entry {[lp, t]} with top {top}"]
+            if constrained and lp > top[0][0]:
+                return [f"logprob {lp} of token {t} above the top alternative's {top[0]}"]
+            if not constrained and (top[0][1] != t or top[0][0] != lp or top[1][0] > lp):
                 return [f"bad logprob entry {[lp, t]} with top {top}"]
     except (KeyError, TypeError, ValueError) as e:
         return [f"malformed logprobs ({type(e).__name__}: {e})"]
@@ -430,6 +455,7 @@ class TurnRecord:
     prompt_tokens: int
     completion_tokens: int
     cached_by_tier: dict[str, int]
+    constrained: bool = False  # its answer was constrained by a regex
 
 
 @dataclass
@@ -441,6 +467,7 @@ class Sample:
     max_new_tokens: int
     l2_tokens: int
     where: str  # client/conversation/turn, for the report
+    regex: str | None = None  # the turn's constraint, replayed by the reference
 
 
 @dataclass
@@ -562,6 +589,9 @@ class Load:
         want_logprobs = rng.random() < 0.25
         if want_logprobs:
             body.update(return_logprob=True, top_logprobs_num=2)
+        regex = DIGITS if rng.random() < self.cfg.constrained_fraction else None
+        if regex is not None:
+            body["sampling_params"]["regex"] = regex
         where = f"client {cid} conversation {conv} turn {turn}"
         self.sent += 1
         start = self.now()
@@ -595,15 +625,19 @@ class Load:
         if any(not 0 <= t < self.vocab for t in ids):
             problems.append("an output id outside the vocabulary")
         if want_logprobs:
-            problems += logprob_problems(meta, ids)
+            problems += logprob_problems(meta, ids, constrained=regex is not None)
+        if regex is not None and not re.fullmatch("[0-9]*", str(out.get("text"))):
+            problems.append(f"a digits-only answer reads {str(out.get('text'))[:60]!r}")
         if problems:
             self._error(f"{where}: bad answer: {'; '.join(problems)}")
             return None
         self.result.turns.append(
-            TurnRecord(cid, conv, turn, start, end, len(history), len(ids), by_tier)
+            TurnRecord(
+                cid, conv, turn, start, end, len(history), len(ids), by_tier, regex is not None
+            )
         )
         l2 = sum(v for k, v in by_tier.items() if k != "device")
-        sample = Sample(list(history), ids, max_new, l2, where)
+        sample = Sample(list(history), ids, max_new, l2, where, regex)
         if l2:
             self.l2_samples.add(sample)
         self.any_samples.add(sample)
@@ -881,11 +915,23 @@ def _reference_engine_kwargs(info: dict[str, Any], samples: Sequence[Sample]) ->
     kw.update(
         disable_radix_cache=True,
         enable_hierarchical_cache=False,
-        skip_tokenizer_init=True,
+        # Token ids only, unless a sample's constraint needs the tokenizer.
+        skip_tokenizer_init=all(s.regex is None for s in samples),
         log_level="warning",
         max_total_tokens=max(4096, REFERENCE_CHUNK * (longest + page)),
     )
     return kw
+
+
+def _reference_params(s: Sample) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "temperature": 0,
+        "max_new_tokens": s.max_new_tokens,
+        "ignore_eos": True,
+    }
+    if s.regex is not None:
+        params["regex"] = s.regex
+    return params
 
 
 def reference_by_engine(info: dict[str, Any], samples: Sequence[Sample]) -> list[list[int]]:
@@ -897,10 +943,7 @@ def reference_by_engine(info: dict[str, Any], samples: Sequence[Sample]) -> list
             chunk = samples[i : i + REFERENCE_CHUNK]
             res = engine.generate(
                 input_ids=[s.input_ids for s in chunk],
-                sampling_params=[
-                    {"temperature": 0, "max_new_tokens": s.max_new_tokens, "ignore_eos": True}
-                    for s in chunk
-                ],
+                sampling_params=[_reference_params(s) for s in chunk],
             )
             outs.extend(list(r["output_ids"]) for r in res)
     return outs
@@ -920,11 +963,7 @@ async def reference_by_http(
                     "/generate",
                     json={
                         "input_ids": s.input_ids,
-                        "sampling_params": {
-                            "temperature": 0,
-                            "max_new_tokens": s.max_new_tokens,
-                            "ignore_eos": True,
-                        },
+                        "sampling_params": _reference_params(s),
                     },
                 )
                 r.raise_for_status()
@@ -1258,6 +1297,7 @@ def build_report(cfg: SoakConfig, data: RunData) -> SoakReport:
         "clients": cfg.clients,
         "turns_per_conversation": cfg.turns,
         "requests_served": len(turns),
+        "constrained_turns": sum(t.constrained for t in turns),
         "conversations_started": result.conversations_started,
         "conversations_completed": result.conversations_completed,
         "conversations_cut": result.conversations_cut,
