@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from kvtier.cache.kv_pool import to_device_async
 from kvtier.sampling_params import SamplingParams
 
 
@@ -86,15 +87,15 @@ class Grammars:
         bitmask = torch.empty(len(rows), words, dtype=torch.int32)
         for j, m in enumerate(matchers):
             m.fill_next_token_bitmask(bitmask, j)
-        # Bit b of word w allows token 32 w + b.
-        shifts = torch.arange(32, dtype=torch.int32)
+        # The packed words cross to the device (4 bytes a 32 tokens) and unpack there: bit b
+        # of word w allows token 32 w + b.
+        device = logits.device
+        bitmask = to_device_async(bitmask, device)
+        index = to_device_async(torch.tensor(rows, dtype=torch.int64), device)
+        shifts = torch.arange(32, dtype=torch.int32, device=device)
         allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(len(rows), -1)
         allowed = allowed[:, : logits.shape[-1]].to(torch.bool)
         out = logits.clone()
-        index = torch.tensor(rows, dtype=torch.int64)
-        if logits.device.type != "cpu":
-            allowed = allowed.pin_memory().to(logits.device, non_blocking=True)
-            index = index.to(logits.device)
         out[index] = out[index].masked_fill(~allowed, float("-inf"))
         return out
 
