@@ -331,11 +331,19 @@ def test_structured_output_through_openai(oai):
         model=MODEL, prompt="Yes or no:", max_tokens=16, extra_body={"regex": "(yes|no)!"}
     )
     assert text.choices[0].text in ("yes!", "no!")
+    # vLLM's names too.
+    pick = oai.chat.completions.create(
+        **kw, temperature=0, extra_body={"guided_choice": ["alpha.", "beta?"]}
+    )
+    assert pick.choices[0].message.content in ("alpha.", "beta?")
     with pytest.raises(openai.BadRequestError, match="regex does not compile"):
         oai.completions.create(model=MODEL, prompt="x", max_tokens=4, extra_body={"regex": "(a"})
     with pytest.raises(openai.BadRequestError, match=r"needs json_schema\.schema"):
         oai.chat.completions.create(**kw, response_format={"type": "json_schema"})
-    with pytest.raises(openai.BadRequestError, match="give at most one of"):
+    with pytest.raises(
+        openai.BadRequestError,
+        match="give at most one structured-output field; got response_format, regex",
+    ):
         oai.chat.completions.create(**kw, response_format=fmt, extra_body={"regex": "a"})
 
 

@@ -299,8 +299,8 @@ NAMED_F = {"type": "function", "function": {"name": "f"}}
         ({"tools": TOOLS, "tool_choice": NAMED_F}, "qwen25",
          "tool_choice names the function 'f', which is not in tools"),
         ({"tools": TOOLS, "tool_choice": "required", "regex": "a"}, "qwen25",
-         "tool_choice required or a named function cannot be combined with response_format, "
-         "regex or ebnf (it constrains the output itself)"),
+         "tool_choice required or a named function cannot be combined with regex (it "
+         "constrains the output itself)"),
         ({"tool_choice": "auto"}, "qwen25", "tool_choice needs tools"),
     ],
 )  # fmt: skip
@@ -363,3 +363,32 @@ def test_bad_tool_definitions_are_refused_by_name():
         _request(tools=[{"type": "retrieval", "function": {"name": "f"}}])
     with pytest.raises(ValueError, match="tool_choice"):
         _request(tools=TOOLS, tool_choice="sometimes")
+
+
+# ---------------------------------------------------------------------------- structured fields
+def test_structured_output_fields_map_to_one_sampling_parameter():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    cases = [
+        ({"response_format": fmt}, {"json_schema": json.dumps(schema)}),
+        ({"response_format": {"type": "json_object"}}, {"json_schema": '{"type": "object"}'}),
+        ({"response_format": {"type": "text"}}, {}),
+        ({"guided_json": schema}, {"json_schema": json.dumps(schema)}),
+        ({"guided_json": '{"type": "string"}'}, {"json_schema": '{"type": "string"}'}),
+        ({"regex": "a+"}, {"regex": "a+"}),
+        ({"guided_regex": "b+"}, {"regex": "b+"}),
+        ({"guided_choice": ["yes", "n.o (x)"]}, {"regex": r"(yes|n\.o \(x\))"}),
+        ({"ebnf": 'root ::= "a"'}, {"ebnf": 'root ::= "a"'}),
+        ({"guided_grammar": 'root ::= "b"'}, {"ebnf": 'root ::= "b"'}),
+        ({}, {}),
+    ]
+    for kw, want in cases:
+        assert openai_api._constraint(_request(**kw)) == want, kw
+    with pytest.raises(
+        APIError, match=r"^give at most one structured-output field; got guided_json, guided_regex$"
+    ):
+        openai_api._constraint(_request(guided_json=schema, guided_regex="a"))
+    with pytest.raises(APIError, match=r"^guided_choice must list at least one string$"):
+        openai_api._constraint(_request(guided_choice=[]))
+    with pytest.raises(APIError, match=r"^response_format json_schema needs json_schema\.schema$"):
+        openai_api._constraint(_request(response_format={"type": "json_schema"}))

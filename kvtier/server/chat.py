@@ -110,11 +110,12 @@ def tool_plan(fe: Frontend, body: ChatCompletionRequest) -> ToolPlan | None:
                 "qwen25 (or hermes)",
             )
         return ToolPlan(tools, None, max_calls)
-    if body.response_format is not None or body.regex is not None or body.ebnf is not None:
+    fields = body.structured_output_fields()
+    if fields:
         raise APIError(
             400,
             "tool_choice required or a named function cannot be combined with "
-            "response_format, regex or ebnf (it constrains the output itself)",
+            f"{', '.join(fields)} (it constrains the output itself)",
         )
     if choice == "required":
         return ToolPlan(tools, "required", max_calls)

@@ -105,23 +105,53 @@ def _sampling(
     return fe.sampling(params)
 
 
+# Characters with a meaning in a regular expression: escaped in guided_choice's strings.
+_REGEX_SPECIAL = frozenset("\\.^$|?*+()[]{}/")
+
+
+def _regex_literal(text: str) -> str:
+    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in text)
+
+
 def _constraint(body: OpenAISamplingFields) -> dict[str, str]:
-    """SGLang's sampling parameters for the request's structured-output fields."""
-    out: dict[str, str] = {}
+    """SGLang's sampling parameter (json_schema, regex or ebnf) for the request's
+    structured-output field: OpenAI's response_format, SGLang's regex / ebnf, vLLM's
+    guided_json / guided_regex / guided_choice / guided_grammar. At most one."""
+    given: list[tuple[str, str, str]] = []  # (request field, parameter, value)
     fmt = body.response_format
     if fmt is not None and fmt.type == "json_object":
-        out["json_schema"] = json.dumps({"type": "object"})
+        given.append(("response_format", "json_schema", json.dumps({"type": "object"})))
     elif fmt is not None and fmt.type == "json_schema":
         if fmt.json_schema is None or fmt.json_schema.schema_ is None:
             raise APIError(400, "response_format json_schema needs json_schema.schema")
-        out["json_schema"] = json.dumps(fmt.json_schema.schema_)
-    if body.regex is not None:
-        out["regex"] = body.regex
-    if body.ebnf is not None:
-        out["ebnf"] = body.ebnf
-    if len(out) > 1:
-        raise APIError(400, f"give at most one of response_format, regex, ebnf; got {sorted(out)}")
-    return out
+        given.append(("response_format", "json_schema", json.dumps(fmt.json_schema.schema_)))
+    if body.guided_json is not None:
+        schema = body.guided_json
+        given.append(
+            (
+                "guided_json",
+                "json_schema",
+                schema if isinstance(schema, str) else json.dumps(schema),
+            )
+        )
+    if body.guided_choice is not None:
+        if not body.guided_choice:
+            raise APIError(400, "guided_choice must list at least one string")
+        alternatives = "|".join(_regex_literal(c) for c in body.guided_choice)
+        given.append(("guided_choice", "regex", f"({alternatives})"))
+    for field_name, param in (
+        ("regex", "regex"),
+        ("guided_regex", "regex"),
+        ("ebnf", "ebnf"),
+        ("guided_grammar", "ebnf"),
+    ):
+        value = getattr(body, field_name)
+        if value is not None:
+            given.append((field_name, param, value))
+    if len(given) > 1:
+        names = ", ".join(field_name for field_name, _, _ in given)
+        raise APIError(400, f"give at most one structured-output field; got {names}")
+    return {param: value for _, param, value in given}
 
 
 def _usage(metas: list[dict[str, Any]], n: int) -> dict[str, Any]:

@@ -108,10 +108,20 @@ class OpenAISamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     rid: str | None = None
-    # Structured output: OpenAI's response_format, SGLang's regex / ebnf.
+    # Structured output: OpenAI's response_format, SGLang's regex / ebnf, vLLM's guided_*.
     response_format: ResponseFormat | None = None
     regex: str | None = None
     ebnf: str | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured_output_fields(self) -> list[str]:
+        """The structured-output fields the request sets."""
+        names = ("response_format", "regex", "ebnf", "guided_json", "guided_regex")
+        names += ("guided_choice", "guided_grammar")
+        return [n for n in names if getattr(self, n) is not None]
 
 
 class FunctionDefinition(_Strict):
