@@ -37,10 +37,6 @@ def _xgrammar() -> Any:
     return xgrammar
 
 
-def available() -> bool:
-    return _xgrammar() is not None
-
-
 class Grammars:
     """Compiles constraints for one tokenizer and masks logits rows with matchers' bitmasks.
     ``vocab_size`` is the model's (its logits' width, which may exceed the tokenizer's)."""
@@ -100,4 +96,4 @@ class Grammars:
         return out
 
 
-__all__ = ["GrammarError", "Grammars", "available"]
+__all__ = ["GrammarError", "Grammars"]
