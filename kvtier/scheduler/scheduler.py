@@ -330,10 +330,13 @@ class Scheduler:
             reqs.append(req)
             num_new.append(n)
             budget -= n
+        # Ordering walks every waiting prompt: only when an admission is possible at all
+        # (room for a request and a page beyond the running requests' reserve).
         if (
             self.args.schedule_policy == "lpm"
             and budget > 0
             and len(self.running) < self.args.max_running_requests
+            and self._available_pages() > self._reserved_pages()
         ):
             self._order_waiting()
         while self.waiting and budget > 0:
