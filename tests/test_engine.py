@@ -2,6 +2,7 @@
 retraction, stopping, sampling, streaming and bad input; greedy output never depends on how the
 KV was obtained."""
 
+import importlib.util
 import json
 import math
 import random
@@ -417,6 +418,9 @@ def test_warm_up_leaves_no_trace(reference, caplog):
         # The second turn (16 tokens) again, after its GPU copy was dropped: all but its last
         # token come back from L2.
         assert "warm-up: 15 tokens served from L2" in caplog.messages
+        # The structured-output compiler is ready when xgrammar is installed.
+        has_xgrammar = importlib.util.find_spec("xgrammar") is not None
+        assert (e.scheduler._grammars is not None) == has_xgrammar
         stats = e.get_stats()
         assert stats["device_cached_pages"] == 0
         assert stats["device_free_pages"] == stats["device_total_pages"]
