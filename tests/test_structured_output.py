@@ -168,3 +168,54 @@ def test_without_xgrammar_or_a_tokenizer_the_error_says_why(monkeypatch):
         with pytest.raises(RequestError, match=re.escape("pip install 'kvtier[structured]'")):
             e.generate(prompt="x", sampling_params={"regex": "a"})
         e.check_integrity()
+
+
+def test_compile_runs_beside_the_loop(engine, monkeypatch):
+    """A constraint is matched against the vocabulary on the compile thread: while it compiles
+    its request waits apart and others run to the end; then it runs; an abort or a failure in
+    the thread ends it with the reason; nothing is held."""
+    import threading
+
+    from kvtier.sampling_params import SamplingParams
+    from kvtier.scheduler.request import Req
+
+    sched = engine.scheduler
+    sched._grammars_for_requests()  # built before the patch below
+    release = threading.Event()
+    real = grammar.Grammars.matcher
+
+    def slow(self, sp):
+        release.wait(10)
+        if sp.regex == "fail":
+            raise grammar.GrammarError("regex does not compile: failed in the thread")
+        return real(self, sp)
+
+    monkeypatch.setattr(grammar.Grammars, "matcher", slow)
+    free = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    for rid, sp in (
+        ("slow", SamplingParams(max_new_tokens=32, temperature=0, regex=REGEX)),
+        ("gone", SamplingParams(max_new_tokens=8, regex="[a-z]+")),
+        ("fail", SamplingParams(max_new_tokens=8, regex="fail")),
+        ("free", free),
+    ):
+        sched.add_request(Req(rid=rid, input_ids=[11, 12, 13], sampling=sp))
+    assert sched.stats()["num_waiting"] == 4
+    assert sched.abort_request("gone")
+    done = {}
+    while "free" not in done:
+        done.update({o.rid: o for o in sched.step() if o.finished})
+    assert set(done) == {"gone", "free"} and len(sched._compiling) == 2
+    assert done["gone"].meta_info["finish_reason"] == {"type": "abort", "message": "aborted"}
+    assert not sched.flush_cache()  # refused while requests wait for their grammar
+    sched.check_integrity()
+    release.set()
+    while sched.has_work():
+        done.update({o.rid: o for o in sched.step() if o.finished})
+    assert done["fail"].meta_info["finish_reason"] == {
+        "type": "abort",
+        "message": "regex does not compile: failed in the thread",
+    }
+    # The slow one ran once its matcher was ready, to the end of its pattern.
+    assert re.fullmatch(REGEX, done["slow"].new_text), done["slow"].new_text
+    assert done["slow"].meta_info["finish_reason"]["type"] == "stop"
+    sched.check_integrity()

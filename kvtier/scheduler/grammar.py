@@ -12,11 +12,17 @@ logits. JSON is written as ``json.dumps`` writes it (", " and ": " between items
 whitespace): with any whitespace allowed, a model can pad with blanks until its token budget
 runs out (the tiny test model does). A constrained request's mask depends on its previous
 token, so overlap scheduling never launches its next step ahead (as for penalties).
+
+A constraint is parsed when its request is added (an invalid one is refused there, naming the
+parameter) and matched against the vocabulary on a compile thread; the request waits for its
+matcher apart from the queue, so a slow compile holds up no other request.
 """
 
 from __future__ import annotations
 
+import re
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -27,6 +33,13 @@ from kvtier.sampling_params import SamplingParams
 
 class GrammarError(ValueError):
     """A constraint cannot be served; the message names the parameter."""
+
+
+def _reason(e: Exception) -> str:
+    """xgrammar's message without its log prefix ("[12:00:00] /path/file.cc:94: ")."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", first)
 
 
 def _xgrammar() -> Any:
@@ -58,6 +71,23 @@ class Grammars:
         self.vocab_size = vocab_size
         self._compiler = xgr.GrammarCompiler(info)
         self._lock = threading.Lock()  # the compiler's cache is shared with async callers
+        self._pool: ThreadPoolExecutor | None = None
+
+    def check(self, sp: SamplingParams) -> None:
+        """Parse ``sp``'s constraint without the vocabulary (fast): GrammarError naming the
+        parameter when it is not valid. What compiles then is matched against the tokens in
+        the background (``submit``)."""
+        kind, text = sp.constraint()
+        grammar = self._xgr.Grammar
+        try:
+            if kind == "json_schema":
+                grammar.from_json_schema(text, any_whitespace=False)
+            elif kind == "regex":
+                grammar.from_regex(text)
+            else:
+                grammar.from_ebnf(text)
+        except Exception as e:  # xgrammar reports a bad constraint with its own exception types
+            raise GrammarError(f"{kind} does not compile: {_reason(e)}") from None
 
     def matcher(self, sp: SamplingParams) -> Any:
         """A fresh matcher of ``sp``'s constraint; GrammarError naming the parameter when it
@@ -72,9 +102,20 @@ class Grammars:
                 else:
                     compiled = self._compiler.compile_grammar(text)
         except Exception as e:  # xgrammar reports a bad constraint with its own exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise GrammarError(f"{kind} does not compile: {first}") from None
+            raise GrammarError(f"{kind} does not compile: {_reason(e)}") from None
         return self._xgr.GrammarMatcher(compiled)
+
+    def submit(self, sp: SamplingParams) -> Future[Any]:
+        """``matcher(sp)`` on the compile thread: the engine loop goes on stepping while a
+        large schema is matched against the vocabulary (as SGLang compiles grammars)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvtier-grammar")
+        return self._pool.submit(self.matcher, sp)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def mask(self, logits: torch.Tensor, rows: list[int], matchers: list[Any]) -> torch.Tensor:
         """``logits`` [B, V] with each of ``rows`` limited to what its matcher allows (a new

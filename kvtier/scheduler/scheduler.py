@@ -12,6 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,8 @@ class Scheduler:
         self.detok = Detokenizer(tokenizer)
         self.tokenizer = tokenizer
         self._grammars: Grammars | None = None  # built with the first constrained request
+        # Constrained requests whose matcher the compile thread is building (not yet queued).
+        self._compiling: list[tuple[Req, futures.Future[Any]]] = []
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.generator = torch.Generator(device=pool.device).manual_seed(args.random_seed)
@@ -179,16 +182,20 @@ class Scheduler:
             raise RequestError(
                 f"logit_bias token id {max(bias)} is outside the vocabulary (size {vocab})"
             )
-        if len(self.waiting) >= self.args.max_queued_requests:
+        queued = len(self.waiting) + len(self._compiling)
+        if queued >= self.args.max_queued_requests:
             raise QueueFullError(
-                f"{len(self.waiting)} requests are waiting (--max-queued-requests); retry later"
+                f"{queued} requests are waiting (--max-queued-requests); retry later"
             )
         if req.sampling.seed is not None:
             req.generator = torch.Generator(device=self.runner.device).manual_seed(
                 req.sampling.seed
             )
         if req.sampling.constrained:
-            req.grammar = self._grammar_matcher(req.sampling)
+            try:
+                self._grammars_for_requests().check(req.sampling)
+            except GrammarError as e:
+                raise RequestError(str(e)) from None
         s = req.logprob_start_len
         if s != -1 and (not req.return_logprob or not 0 <= s < n):
             raise RequestError(
@@ -199,19 +206,54 @@ class Scheduler:
             req.finish = FinishReason("length")
             self._emit(req)
             return
+        if req.sampling.constrained:
+            # Matched against the vocabulary on the compile thread; queued when ready.
+            assert self._grammars is not None
+            self._compiling.append((req, self._grammars.submit(req.sampling)))
+            return
         self.waiting.append(req)
 
-    def _grammar_matcher(self, sp: SamplingParams) -> Any:
+    def _grammars_for_requests(self) -> Grammars:
+        """The structured-output compiler (built with the first constrained request unless
+        the warm-up built it); RequestError when there can be none. Raises GrammarError's
+        message as a RequestError."""
         try:
             if self._grammars is None:
                 self._grammars = Grammars(
                     self.tokenizer, self.runner.vocab_size, sorted(self.eos_ids)
                 )
-            return self._grammars.matcher(sp)
+            return self._grammars
         except GrammarError as e:
             raise RequestError(str(e)) from None
 
+    def _take_compiled(self) -> None:
+        """Queue the constrained requests whose matcher is ready (a constraint that failed to
+        compile finishes its request with the reason). With nothing else to run, waits a
+        little for one instead of spinning."""
+        if not self._compiling:
+            return
+        if not (self.waiting or self.running or self._inflight):
+            futures.wait([f for _, f in self._compiling], 0.05, futures.FIRST_COMPLETED)
+        pending = []
+        for req, future in self._compiling:
+            if not future.done():
+                pending.append((req, future))
+                continue
+            try:
+                req.grammar = future.result()
+            except GrammarError as e:
+                self._finish(req, FinishReason("abort", message=str(e)))
+                continue
+            self.waiting.append(req)
+        self._compiling = pending
+
     def abort_request(self, rid: str) -> bool:
+        for req, future in self._compiling:
+            if req.rid == rid:
+                self._compiling.remove((req, future))
+                future.cancel()
+                self._finish(req, FinishReason("abort", message="aborted"))
+                return True
         for req in self.waiting:
             if req.rid == rid:
                 self.waiting.remove(req)
@@ -225,7 +267,7 @@ class Scheduler:
         return False
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._inflight)
+        return bool(self.waiting or self.running or self._inflight or self._compiling)
 
     def step(self) -> list[ReqOutput]:
         """Run one forward pass (if there is work) and return what it produced.
@@ -235,6 +277,7 @@ class Scheduler:
         results, so the host's work per step (sampling results, stop checks, detokenizing,
         scheduling, the next step's inputs) overlaps the device's."""
         self.cache.poll()
+        self._take_compiled()
         prev, self._inflight = self._inflight, None
         if prev is not None:
             ahead = self._schedule_ahead(prev)
@@ -1039,7 +1082,7 @@ class Scheduler:
             return True
         if tier not in (None, "all"):
             raise ValueError(f"unknown cache tier {tier!r}; use 'device' or 'all'")
-        if self.waiting or self.running:
+        if self.waiting or self.running or self._compiling:
             return False
         if self._inflight is not None:
             # A step ahead whose requests all stopped meanwhile: nothing of it is kept.
@@ -1053,6 +1096,8 @@ class Scheduler:
         return self.args.hicache_tier if self.args.enable_hierarchical_cache else "l2"
 
     def close(self) -> None:
+        if self._grammars is not None:
+            self._grammars.close()
         self.cache.close()
 
     def check_integrity(self) -> None:
@@ -1065,7 +1110,7 @@ class Scheduler:
                 raise IntegrityError(f"running request {req.rid} has no table row")
             if self.use_cache and req.cached_len and req.last_node is None:
                 raise IntegrityError(f"request {req.rid} shares pages without a lock")
-        for req in self.waiting:
+        for req in [*self.waiting, *(r for r, _ in self._compiling)]:
             if req.pages or req.row is not None:
                 raise IntegrityError(f"waiting request {req.rid} holds pages")
         if self._inflight is not None:
@@ -1101,7 +1146,7 @@ class Scheduler:
         pool = self.runner.kv_pool
         return {
             "num_running": len(self.running),
-            "num_waiting": len(self.waiting),
+            "num_waiting": len(self.waiting) + len(self._compiling),
             "page_size": self.page_size,
             "device_total_pages": self.allocator.capacity,
             "device_free_pages": self.allocator.num_free,
