@@ -1041,14 +1041,12 @@ class Scheduler:
         from_l2 = self.cached_tokens_by_tier.get(self.l2_name, 0)
         if self.args.enable_hierarchical_cache:
             logger.info("warm-up: %d tokens served from L2", from_l2)
-        if self.tokenizer is not None and self._grammars is None:
+        if self.tokenizer is not None:
             # The grammar compiler's vocabulary index (about a second for a 150K vocabulary),
             # so that the first structured-output request does not stall every running one.
             try:
-                self._grammars = Grammars(
-                    self.tokenizer, self.runner.vocab_size, sorted(self.eos_ids)
-                )
-            except GrammarError as e:
+                self._grammars_for_requests()
+            except RequestError as e:
                 logger.info("warm-up: no structured output (%s)", e)
         self.flush_cache()  # waits for the warm-up's backups, then empties both tiers
         self.counters = dict.fromkeys(self.counters, 0)

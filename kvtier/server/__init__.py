@@ -16,6 +16,7 @@ HTTP load never delays a step. They talk over two ZeroMQ ipc:// sockets in a tem
     streaming.py            server-sent events
     tool_parser.py          tool calls out of generated text (--tool-call-parser)
     reasoning_parser.py     a reasoning model's thinking apart (--reasoning-parser)
+    text_stream.py          what those two stream parsers share
     protocol.py             pydantic request bodies
     middleware.py           503 while draining, 401 API key, 413 body size
     errors.py               {"error": {"message", "type", "code"}} for every failure

@@ -34,6 +34,7 @@ from fastapi.responses import StreamingResponse
 
 from kvtier.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from kvtier.scheduler.request import ReqOutput
+from kvtier.server import text_stream
 from kvtier.server.chat import chat_message, template_message, tool_plan
 from kvtier.server.errors import APIError
 from kvtier.server.protocol import (
@@ -357,20 +358,10 @@ class _ChatChunks(_Chunks):
     def _split(self, index: int, text: str, finished: bool) -> tuple[str, str, list[ToolCall]]:
         thinking = ""
         if self.reasoning is not None:
-            parser = self.reasoning[index]
-            thinking, text = parser.feed(text)
-            if finished:
-                more_thinking, rest = parser.finish()
-                thinking += more_thinking
-                text += rest
+            thinking, text = text_stream.run(self.reasoning[index], text, finished)
         calls: list[ToolCall] = []
         if self.parsers is not None:
-            calls_parser = self.parsers[index]
-            text, calls = calls_parser.feed(text)
-            if finished:
-                rest, more = calls_parser.finish()
-                text += rest
-                calls = calls + more
+            text, calls = text_stream.run(self.parsers[index], text, finished)
         return thinking, text, calls
 
     def _reasoning_piece(self, index: int, text: str, first: bool) -> dict[str, Any]:

@@ -15,18 +15,12 @@ streaming parser holds back only what may still be one of the tags.
 
 from __future__ import annotations
 
+from kvtier.server.text_stream import held_prefix, run
+
 START = "<think>"
 END = "</think>"
 # The names --reasoning-parser accepts (server_args.REASONING_PARSERS, kept equal by a test).
 MODES = ("qwen3", "qwen3-thinking")
-
-
-def _held(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``tag``."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ReasoningParser:
@@ -70,7 +64,7 @@ class ReasoningParser:
                 if end < 0:
                     # Held: a possible closing tag, and trailing whitespace (it may be the
                     # newline before the tag).
-                    keep = _held(text, END)
+                    keep = held_prefix(text, END)
                     body = text[: len(text) - keep]
                     keep += len(body) - len(body.rstrip())
                     reasoning.append(text[: len(text) - keep])
@@ -94,9 +88,8 @@ class ReasoningParser:
 def split(text: str, mode: str) -> tuple[str | None, str]:
     """A finished text's (reasoning, content); reasoning None when the model did not think."""
     parser = ReasoningParser(mode)
-    reasoning, content = parser.feed(text)
-    r2, c2 = parser.finish()
-    return (reasoning + r2 if parser.thought else None), content + c2
+    reasoning, content = run(parser, text, finished=True)
+    return (reasoning if parser.thought else None), content
 
 
 __all__ = ["END", "MODES", "START", "ReasoningParser", "split"]

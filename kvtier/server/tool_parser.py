@@ -29,6 +29,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from kvtier.server.text_stream import held_prefix, run
+
 START = "<tool_call>"
 END = "</tool_call>"
 
@@ -78,15 +80,6 @@ def _call_from_body(body: str) -> ToolCall | None:
     return make_call(obj["name"], args)
 
 
-def _partial_start(text: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of START (0 if none):
-    those characters may begin a call and are held back."""
-    for n in range(min(len(text), len(START) - 1), 0, -1):
-        if START.startswith(text[-n:]):
-            return n
-    return 0
-
-
 class StreamingToolParser:
     """Feed text pieces in order; each ``feed`` returns ``(content, calls)``: the content now
     known to lie outside every call, and the calls completed by this piece. ``finish`` returns
@@ -112,7 +105,7 @@ class StreamingToolParser:
                 break
             start = text.find(START)
             if start < 0:
-                keep = _partial_start(text)
+                keep = held_prefix(text, START)
                 content.append(text[: len(text) - keep])
                 self._buf = text[len(text) - keep :]
                 break
@@ -204,11 +197,7 @@ def parse(
     content is what lies outside the parsed calls, stripped of surrounding whitespace when
     there are calls (the model writes newlines around them); None when nothing is left, as
     OpenAI returns it."""
-    parser = parser or StreamingToolParser(max_calls)
-    content, calls = parser.feed(text)
-    rest, more = parser.finish()
-    content += rest
-    calls += more
+    content, calls = run(parser or StreamingToolParser(max_calls), text, finished=True)
     if calls:
         content = content.strip()
     return (content or None), calls
