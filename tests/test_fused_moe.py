@@ -90,16 +90,34 @@ def test_default_tiles_and_repeated_experts():
 
 
 def test_default_tiles():
-    # One-warp programs: the configuration measured on the H200 (bench_moe.py --sweep times
-    # 1 against 4 warps).
+    # The H200 sweeps' choice (fused_moe.default_tiles' docstring): below 16 tokens the gate/up
+    # kernel takes a whole row of H in four warps, the down kernel one warp.
     assert fused_moe.default_tiles(1) == {
-        "block_n": 4, "block_k": 256, "block_h": 2, "block_i": 128, "num_warps": 1
+        "block_n": 4, "block_k": 2048, "block_h": 2, "block_i": 128, "num_warps": 4,
+        "down_warps": 1,
     }  # fmt: skip
     assert fused_moe.default_tiles(4) == fused_moe.default_tiles(1)
     assert fused_moe.default_tiles(16) == {
-        "block_n": 4, "block_k": 128, "block_h": 2, "block_i": 128, "num_warps": 1
+        "block_n": 4, "block_k": 128, "block_h": 2, "block_i": 128, "num_warps": 1,
+        "down_warps": 1,
     }  # fmt: skip
     assert fused_moe.default_tiles(32) == fused_moe.default_tiles(16)
+
+
+def test_tiles_override_and_down_warps(monkeypatch):
+    # KVTIER_FUSED_MOE_TILES' entries (parsed at import) replace the defaults at every T; the
+    # down kernel's warps are its own argument, and neither changes the result's math.
+    monkeypatch.setattr(fused_moe, "_TILES_OVERRIDE", {"num_warps": 2, "block_k": 16})
+    assert fused_moe.default_tiles(1)["num_warps"] == 2
+    assert fused_moe.default_tiles(1)["block_k"] == 16
+    assert fused_moe.default_tiles(32)["num_warps"] == 2
+    x, w13, w2, ids, weights = _inputs(3, 2, 40, 24, torch.float32, seed=5, device=DEVICE)
+    tiles = {**SMALL_TILES, "num_warps": 1}
+    one = fused_moe_small(x, w13, w2, ids, weights, **tiles, down_warps=1)
+    two = fused_moe_small(x, w13, w2, ids, weights, **tiles, down_warps=2)
+    ref = fused_moe_ref(x, w13, w2, ids, weights)
+    torch.testing.assert_close(one, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_experts_path_unchanged_with_switch_off(monkeypatch):
@@ -191,7 +209,7 @@ _COMPILE_CHECK = textwrap.dedent(
                     stride_we=H * I, stride_wn=I, stride_wk=1, stride_ot=H)
         c = dict(HIDDEN=H, INTER=I, TOPK=K, BLOCK_H=tiles["block_h"],
                  BLOCK_I=tiles["block_i"], INTERPRET=False, PDL=True)
-        return compile_(M._down_kernel, args, c, tiles["num_warps"])
+        return compile_(M._down_kernel, args, c, tiles["down_warps"])
 
     # PDL at the default tiles (one warp a program): the gate/up kernel reads nothing before its
     # wait (the ids are the previous kernel's output); the down kernel issues its ids / weights

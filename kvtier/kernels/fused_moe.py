@@ -11,7 +11,8 @@ while the 8 experts' weights (75 MB) take ~20 us to read at HBM rate. Here:
    ``h = silu(gate) * up`` [T * k, I]. Pairs are the fast grid axis, so the pairs of one row
    block run together and pairs that share an expert read the same slab at about the same time
    (L2 hits rather than a second HBM read). The H loop prefetches by hand: the
-   next step's tiles are loaded before this step's products, two steps in flight.
+   next step's tiles are loaded before this step's products, two steps in flight (at decode
+   batch sizes the default step is all of H: the whole slab's loads are issued at once).
 2. ``_down_kernel``, grid (T, cdiv(H, BLOCK_H)): each program takes all k slots of its token at
    once, [k, BLOCK_H, BLOCK_I] tiles (slot j's rows of ``w2[e_tj]``), forms
    ``h[t, j] @ w2[e_tj, rows].T`` per slot in float32, rounds it, and accumulates
@@ -35,8 +36,9 @@ SiLU itself is the same function torch's CUDA kernel evaluates. A sum's tree fol
 register layout, which Triton derives from the tile shapes and num_warps: the same tiles give
 the same result, other tiles may differ in last bits. Prefetching does not change it.
 
-One warp a program by default (``default_tiles``): the configuration measured below (the
-bench's ``--sweep`` times it against four warps at the same tiles).
+Tiles and warps by token count (``default_tiles``): up to T = 16 the gate/up kernel takes a
+whole row of H in one step in four warps, the down kernel one warp a program; from T = 16 both
+one warp a program.
 
 Programmatic dependent launch (``fused.pdl_options``, Hopper): the gate/up kernel waits for the
 previous kernel first (the router's ids). The down kernel reads its token's ids and weights and
@@ -67,6 +69,7 @@ and removed.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -86,6 +89,8 @@ ENABLED: bool = triton is not None and os.environ.get("KVTIER_FUSED_MOE", "1") !
 # 137.8, T = 16 230.0 against 192.9. KVTIER_FUSED_MOE_MAX_PAIRS (read at import) sets it, for
 # A/B runs (0: never).
 MAX_PAIRS = int(os.environ.get("KVTIER_FUSED_MOE_MAX_PAIRS", "32"))
+# Entries that replace default_tiles' for every T (JSON, e.g. '{"num_warps": 1}'), for A/B runs.
+_TILES_OVERRIDE: dict[str, int] = json.loads(os.environ.get("KVTIER_FUSED_MOE_TILES", "{}"))
 
 
 def use_fused(x: torch.Tensor, num_pairs: int) -> bool:
@@ -271,19 +276,30 @@ def _block(n: int, cap: int) -> int:
 
 
 def default_tiles(num_tokens: int) -> dict[str, int]:
-    """Tiles by token count, one warp a program. Chosen by a GPU sweep (H200, ``bench_moe.py
-    --sweep``, 2026-12-01, run 8 in docs/benchmarks.md; graph replays of both kernels, one at
-    its swept tiles, the other at these): gate/up [4, 256] tiles of gate rows and of up rows,
-    two steps in flight (T = 1: 34.4 us; [2, 256] and [2, 512] tied at 34.3, [8, 128] 39.2);
-    down every slot's expert at once, [k, 2, 128] a step (T = 1: [k, 1, 128] 33.4 us, within a
-    microsecond of it at every T, not taken). From T = 16 the gate/up tile is [4, 128]:
-    T = 16 233.9 us against 243.2 for [4, 256] and 271.5 for [8, 128] (the previous choice,
-    which at four warps measured 243.7); T = 32 388.7 against 413.6 and 465.7 (four warps:
-    421.0). Register counts (ptxas for sm_90): ~180 a thread for gate/up, ~200 for down, no
-    spills."""
-    tiles = {"block_n": 4, "block_k": 256, "block_h": 2, "block_i": 128, "num_warps": 1}
+    """Tiles by token count: ``num_warps`` the gate/up kernel's warps a program,
+    ``down_warps`` the down kernel's. Chosen by GPU sweeps (H200, graph replays of both
+    kernels, one at its swept tiles, the other at these; docs/benchmarks.md).
+
+    Below T = 16 (run 10, ``scripts/probe_moe_tiles.py``): gate/up [4, 2048] tiles of gate
+    rows and of up rows in four warps, the whole row in one step (T = 1: 32.7 us against 33.5
+    for run 8's [4, 256] in one warp; T = 4: 82.8 against 85.9; [4, 2048] in eight warps and
+    [2, 2048] in four within a microsecond; [8, 1024] in four 38.3 / 105.1). Down every slot's
+    expert at once, [k, 2, 128] a step in one warp (run 8; in run 10 no other tile, in one to
+    eight warps, beat it by more than 0.5 us).
+
+    From T = 16 (run 8, ``bench_moe.py --sweep``) gate/up [4, 128] in one warp: T = 16 233.9 us
+    against 243.2 for [4, 256] and 271.5 for [8, 128] (four warps: 243.7); T = 32 388.7 against
+    413.6 and 465.7 (four warps: 421.0). Register counts (ptxas for sm_90, run 8's one-warp
+    tiles): ~180 a thread for gate/up, ~200 for down, no spills.
+    ``KVTIER_FUSED_MOE_TILES`` (JSON, read at import) replaces entries for every T, for A/B
+    runs."""
+    tiles = {
+        "block_n": 4, "block_k": 2048, "block_h": 2, "block_i": 128, "num_warps": 4,
+        "down_warps": 1,
+    }  # fmt: skip
     if num_tokens >= 16:
-        tiles.update(block_k=128)
+        tiles.update(block_k=128, num_warps=1)
+    tiles.update(_TILES_OVERRIDE)
     return tiles
 
 
@@ -354,6 +370,7 @@ def _launch_shape(
         "BLOCK_H": _block(hidden, full["block_h"]),
         "BLOCK_I": _block(inter, full["block_i"]),
         "num_warps": full["num_warps"],
+        "down_warps": full["down_warps"],
     }
     gate_up_grid = (t * k, triton.cdiv(inter, blocks["BLOCK_N"]))
     down_grid = (t, triton.cdiv(hidden, blocks["BLOCK_H"]))
@@ -372,6 +389,7 @@ def fused_moe_small(
     block_h: int | None = None,
     block_i: int | None = None,
     num_warps: int | None = None,
+    down_warps: int | None = None,
 ) -> torch.Tensor:
     """``FusedExperts.forward(x, topk_ids, topk_weights)`` for small T * k: ``x`` [T, H],
     ``w13`` [E, 2I, H] (gate rows, then up rows), ``w2`` [E, H, I], ``topk_ids`` /
@@ -379,9 +397,10 @@ def fused_moe_small(
 
     Tiles (powers of two, capped to the problem): ``block_n`` gate/up rows x ``block_k`` hidden
     columns per step of kernel 1, ``block_h`` output rows x ``block_i`` columns (of each of the
-    k slots' experts) per step of kernel 2; each one left None comes from ``default_tiles(T)``.
-    ValueError names an argument whose shape does not fit. On CPU tensors the kernels need
-    Triton's interpreter (TRITON_INTERPRET=1).
+    k slots' experts) per step of kernel 2, ``num_warps`` / ``down_warps`` each kernel's warps
+    a program; each one left None comes from ``default_tiles(T)``. ValueError names an
+    argument whose shape does not fit. On CPU tensors the kernels need Triton's interpreter
+    (TRITON_INTERPRET=1).
     """
     what = "fused_moe_small"
     check_runnable(what, x)
@@ -395,8 +414,9 @@ def fused_moe_small(
     weights = topk_weights.contiguous()
     h = torch.empty(t * k, inter, dtype=x.dtype, device=x.device)
     tiles = dict(
-        block_n=block_n, block_k=block_k, block_h=block_h, block_i=block_i, num_warps=num_warps
-    )
+        block_n=block_n, block_k=block_k, block_h=block_h, block_i=block_i, num_warps=num_warps,
+        down_warps=down_warps,
+    )  # fmt: skip
     gate_up_grid, down_grid, blocks = _launch_shape(x, k, inter, tiles)
     common = dict(
         HIDDEN=hidden, INTER=inter, TOPK=k, INTERPRET=fused.INTERPRETED,
@@ -408,6 +428,7 @@ def fused_moe_small(
         x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
         BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"], **common,
     )  # fmt: skip
+    common["num_warps"] = blocks["down_warps"]
     _down_kernel[down_grid](
         h, w2, ids, weights, out,
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
