@@ -127,6 +127,11 @@ class ServerArgs:
         "Hopper or newer in bf16/fp16",
         choices=PREFILL_ATTENTION_BACKENDS,
     )
+    triton_attention_num_kv_splits: int = _opt(
+        64,
+        "most KV splits of one sequence in the triton backend's decode attention (as SGLang's "
+        "flag); the split heuristic fills the GPU up to it",
+    )
     disable_cuda_graph: bool = _opt(False, "run without CUDA graphs (decode and piecewise)")
     disable_overlap_schedule: bool = _opt(
         False,
@@ -254,6 +259,7 @@ class ServerArgs:
         positive("max_total_tokens", allow_none=True)
         positive("context_length", allow_none=True)
         positive("cuda_graph_max_bs")
+        positive("triton_attention_num_kv_splits")
         if (
             not isinstance(self.piecewise_cuda_graph_max_tokens, int)
             or isinstance(self.piecewise_cuda_graph_max_tokens, bool)

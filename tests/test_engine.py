@@ -305,6 +305,21 @@ def test_bad_engine_arguments_name_the_flag():
         make(mem_fraction_static=1.5)
     with pytest.raises(ServerArgsError, match="--hicache-write-policy must be one of"):
         make(enable_hierarchical_cache=True, hicache_write_policy="sometimes")
+    with pytest.raises(
+        ServerArgsError, match="--triton-attention-num-kv-splits must be a positive integer; got 0"
+    ):
+        make(triton_attention_num_kv_splits=0)
+
+
+def test_triton_attention_num_kv_splits_bounds_decode_splits():
+    from kvtier.runner.model_runner import make_attention_backend
+
+    cpu = torch.device("cpu")
+    backend = make_attention_backend("triton", cpu, "auto", 8)
+    assert backend.max_kv_splits == 8
+    # Batch 1, 4 kv heads, 4096 keys: the heuristic wants 64 splits, the flag caps them.
+    assert backend.num_kv_splits_for(1, 4, 4096, cpu) == 8
+    assert make_attention_backend("triton", cpu).num_kv_splits_for(1, 4, 4096, cpu) == 64
 
 
 def test_json_model_override_args():

@@ -22,10 +22,11 @@ CPU_DEFAULT_KV_TOKENS = 32768
 
 
 def make_attention_backend(
-    name: str, device: torch.device, prefill: str = "auto"
+    name: str, device: torch.device, prefill: str = "auto", max_kv_splits: int = 64
 ) -> AttentionBackend:
     """The backend named by --attention-backend; ``prefill`` (--prefill-attention-backend) picks
-    the Triton backend's path for long prefill chunks."""
+    the Triton backend's path for long prefill chunks, ``max_kv_splits``
+    (--triton-attention-num-kv-splits) bounds its decode splits."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
@@ -35,7 +36,7 @@ def make_attention_backend(
     from kvtier.attention.triton_backend import TritonAttention
 
     dense = {"auto": None, "triton": False, "cudnn": True}[prefill]
-    return TritonAttention(dense_prefill=dense)
+    return TritonAttention(max_kv_splits, dense_prefill=dense)
 
 
 class ModelRunner:
@@ -60,7 +61,10 @@ class ModelRunner:
             device=self.device,
         )
         self.attn_backend = make_attention_backend(
-            args.attention_backend, self.device, args.prefill_attention_backend
+            args.attention_backend,
+            self.device,
+            args.prefill_attention_backend,
+            args.triton_attention_num_kv_splits,
         )
         ps = args.page_size
         # Columns of the request-to-page table: a request never outgrows the context or the pool.
