@@ -17,8 +17,9 @@ come from HBM as they do when a decode step walks 48 layers.
 --check compares the fused outputs with the grouped path's (ulps). --sweep times, in graph
 replays of fused_moe_small, the gate/up kernel's tiles (block_n x block_k) with the down kernel
 at its defaults, then the down kernel's (block_h x block_i) with the gate/up kernel at its
-defaults (the two kernels' times add up, so each is tuned on its own), all in one-warp programs
-(the default), and num_warps 1 (the default) against 4 at the default tiles. --sweep-grouped
+defaults (the two kernels' times add up, so each is tuned on its own), the swept kernel in
+one-warp programs, then the default tiles with the gate/up kernel in 1 and 4 warps
+(scripts/probe_moe_tiles.py sweeps tiles in several warps). --sweep-grouped
 times the expert-major kernels' tiles the same way (gate/up tiles with the down kernel at its
 defaults, then the down tiles), at each T of --tokens.
 
@@ -211,17 +212,22 @@ def main(argv: list[str] | None = None) -> None:
 def sweep(
     t: int, fused: Callable[..., object], rep: int, defaults: dict[str, int]
 ) -> list[dict[str, Any]]:
-    """Each kernel's tiles of fused_moe_small, fastest first (graph replays; the other kernel
-    at its defaults, one warp a program), then the default tiles with num_warps 1 and 4."""
+    """Each kernel's one-warp tiles of fused_moe_small, fastest first (graph replays; the other
+    kernel at its defaults), then the default tiles with the gate/up kernel in 1 and 4 warps
+    (``scripts/probe_moe_tiles.py`` sweeps tiles in several warps)."""
     out: list[dict[str, Any]] = []
-    for kernel, options in (("gate_up", gate_up_options()), ("down", down_options())):
+    for kernel, options, warps_key in (
+        ("gate_up", gate_up_options(), "num_warps"),
+        ("down", down_options(), "down_warps"),
+    ):
         results = []
         for opts in options:
+            opts = {**opts, warps_key: 1}
             fn = as_graph(lambda opts=opts: fused(**opts))
             results.append((bench(fn, max(20, rep // 4)), opts))
         results.sort(key=lambda r: r[0])
         for ms, opts in results:
-            out.append({"tokens": t, "kernel": kernel, "us": ms * 1e3, **opts, "num_warps": 1})
+            out.append({"tokens": t, "kernel": kernel, "us": ms * 1e3, **opts})
     for warps in (1, 4):
         ms = bench(as_graph(lambda warps=warps: fused(num_warps=warps)), max(20, rep // 4))
         out.append({"tokens": t, "kernel": "both", "us": ms * 1e3, **defaults, "num_warps": warps})
@@ -288,8 +294,9 @@ def print_report(rows: list[dict[str, Any]], sweeps: list[dict[str, Any]], check
     )
     if sweeps:
         print("\nsweep (graph replays of fused_moe_small; one kernel's tiles, the other at its")
-        print("defaults; 'both': the default tiles at 1 and 4 warps; major_*: grouped_moe's):")
-        keys = ("block_m", "block_n", "block_k", "block_h", "block_i", "num_stages")
+        print("defaults; 'both': the default tiles, gate/up at 1 and 4 warps; major_*:")
+        print("grouped_moe's):")
+        keys = ("block_m", "block_n", "block_k", "block_h", "block_i", "num_stages", "down_warps")
         tile_cols = [
             ("tokens", "T", fmt_str),
             ("kernel", "kernel", fmt_str),
