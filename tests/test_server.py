@@ -263,10 +263,13 @@ def test_reasoning_and_tool_calls_end_to_end(oai):
     )
     deltas = [c.choices[0].delta for c in chunks]
     assert "".join(d.content or "" for d in deltas).strip() == "Sure."
-    streamed = [d.tool_calls[0] for d in deltas if d.tool_calls]
-    assert [(t.function.name, t.function.arguments) for t in streamed] == [
-        ("get_weather", tool_call.function.arguments)
-    ]
+    # The call streams: its id and name first, then its arguments piece by piece, which join
+    # to the unstreamed call's.
+    pieces = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    assert len(pieces) > 2 and {p.index for p in pieces} == {0}
+    assert (pieces[0].function.name, pieces[0].function.arguments) == ("get_weather", "")
+    assert pieces[0].id.startswith("call_") and all(p.id is None for p in pieces[1:])
+    assert "".join(p.function.arguments for p in pieces) == tool_call.function.arguments
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 

@@ -13,9 +13,10 @@ pytest.importorskip("fastapi")
 from kvtier.scheduler.request import ReqOutput
 from kvtier.server import chat, openai_api
 from kvtier.server.errors import APIError
+from kvtier.server.json_stream import CanonicalJson, JsonStreamError
 from kvtier.server.protocol import ChatCompletionRequest
 from kvtier.server.serving import Frontend, ModelInfo
-from kvtier.server.tool_parser import StreamingToolParser, parse
+from kvtier.server.tool_parser import IncrementalToolParser, StreamingToolParser, parse
 
 WEATHER = (
     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n'
@@ -131,8 +132,23 @@ def _chunks(num=1, parse_calls=True, max_calls=None):
     fe = Frontend(None, _Tok(), None, ModelInfo("m", "m", 100, 100))
     chunks = openai_api._ChatChunks("chatcmpl-x", "m", False, fe, False, num, 1)
     if parse_calls:
-        chunks.parsers = [StreamingToolParser(max_calls) for _ in range(num)]
+        chunks.parsers = [_plan(max_calls=max_calls).stream_parser() for _ in range(num)]
     return chunks
+
+
+def _assembled(deltas):
+    """OpenAI stream deltas' tool calls joined as a client joins them: by index, the first
+    piece's id and name, the arguments concatenated."""
+    calls = {}
+    for d in deltas:
+        for c in d.get("tool_calls", []):
+            if c["index"] not in calls:
+                assert set(c) == {"index", "id", "type", "function"}, c
+                calls[c["index"]] = {"id": c["id"], "name": c["function"]["name"], "args": ""}
+            else:
+                assert set(c) == {"index", "function"} and set(c["function"]) == {"arguments"}
+            calls[c["index"]]["args"] += c["function"]["arguments"]
+    return [calls[i] for i in sorted(calls)]
 
 
 def _out(text, finished=False, reason="stop"):
@@ -151,16 +167,154 @@ def test_stream_events_carry_content_then_each_call():
     reasons = [e["choices"][0]["finish_reason"] for e in events]
     assert deltas[0] == {"role": "assistant", "content": "Let me"}
     assert deltas[1] == {"content": " check.\n"}
-    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
-    assert [c["index"] for c in calls] == [0, 1]
-    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
-        ("get_weather", {"city": "Paris", "unit": "C"}),
-        ("get_time", {"tz": "CET"}),
+    # get_weather is announced once its name is written, its arguments follow piece by piece;
+    # get_time (arguments as a JSON string) arrives whole when its block ends.
+    pieces = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert [
+        (p["index"], p["function"].get("name"), p["function"]["arguments"]) for p in pieces
+    ] == [
+        (0, "get_weather", ""),
+        (0, None, '{"city": '),
+        (0, None, '"Paris", "unit": "C"}'),
+        (1, "get_time", '{"tz": "CET"}'),
     ]
-    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
+    calls = _assembled(deltas)
+    assert [(c["name"], c["args"]) for c in calls] == [
+        (c.name, c.arguments) for c in parse(TEXT)[1]
+    ]
+    assert all(c["id"].startswith("call_") for c in calls) and calls[0]["id"] != calls[1]["id"]
     # The newline between the calls went out as content; the stream ends with tool_calls.
     assert {"content": "\n"} in deltas
     assert deltas[-1] == {} and reasons[-1] == "tool_calls" and set(reasons[:-1]) == {None}
+
+
+def _incremental(pieces, max_calls=None):
+    parser = IncrementalToolParser(max_calls)
+    content, deltas = [], []
+    for piece in pieces:
+        c, found = parser.feed(piece)
+        content.append(c)
+        deltas += found
+    rest, more = parser.finish()
+    content.append(rest)
+    return "".join(content), [{"tool_calls": [d.to_dict()]} for d in deltas + more], parser
+
+
+SPACED = (
+    'Sure.<tool_call>\n{ "name" : "write_file" ,\n "arguments" : {"path":"a.py",\n'
+    '  "content": "def f():\\n    return \\"\\u00e9\\ud83d\\ude00\\"\\n", "mode": 420,'
+    ' "opts": {"force": true, "tags": [], "ratio": 1.50E1}}}\n</tool_call>\nDone.'
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [TEXT, SPACED, WEATHER + WEATHER, "x <tool_call>bad</tool_call> y", "plain <tool text"],
+)
+def test_incremental_stream_joins_to_the_whole_parse(text):
+    # Split anywhere, the streamed pieces join to the finished text's parse: the same content
+    # and, call by call, the same name and arguments (json.dumps of the parsed arguments).
+    whole_content, whole_calls = parse(text)
+    for i in range(0, len(text) + 1, 3):
+        for j in range(i, len(text) + 1, 11):
+            content, deltas, parser = _incremental([text[:i], text[i:j], text[j:]])
+            calls = _assembled(deltas)
+            assert [(c["name"], c["args"]) for c in calls] == [
+                (c.name, c.arguments) for c in whole_calls
+            ]
+            assert [(c.id, c.name, c.arguments) for c in parser.calls] == [
+                (c["id"], c["name"], c["args"]) for c in calls
+            ]
+            assert (content.strip() if whole_calls else content) == (whole_content or "")
+
+
+def test_incremental_stream_sends_arguments_as_they_are_written():
+    # One character at a time: the call is announced when its name is complete, and the
+    # arguments' string streams character by character, long before the block ends.
+    text = SPACED
+    parser = IncrementalToolParser()
+    seen = []
+    for n, ch in enumerate(text):
+        _, deltas = parser.feed(ch)
+        seen += [(n, d) for d in deltas]
+    first_n, first = seen[0]
+    assert (first.name, first.arguments, first.id is not None) == ("write_file", "", True)
+    assert text[: first_n + 1].endswith('"arguments" : {')
+    args = [(n, d.arguments) for n, d in seen[1:]]
+    assert len(args) > 20  # piece by piece
+    end = text.index("</tool_call>")
+    assert all(n < end for n, _ in args)  # every piece before the end tag
+    assert "".join(a for _, a in args) == parse(text)[1][0].arguments
+
+
+def test_incremental_stream_broken_or_cut_calls():
+    # Not JSON after the call was announced: it ends with the arguments sent so far, and the
+    # rest of its block is not sent as content.
+    content, deltas, _ = _incremental(
+        ['a <tool_call>{"name": "f", "arguments": {"x": 1, ', "oops}</tool_call> b"]
+    )
+    assert content == "a  b"
+    assert [(c["name"], c["args"]) for c in _assembled(deltas)] == [("f", '{"x": 1')]
+    # Cut by the token limit inside the arguments: the call, cut short; no content.
+    content, deltas, _ = _incremental(['<tool_call>{"name": "f", "arguments": {"x": "ab'])
+    assert content == "" and _assembled(deltas)[0]["args"] == '{"x": "ab'
+    # Cut before the name is complete: the text, as StreamingToolParser gives it back.
+    text = 'ok <tool_call>{"name": "f'
+    assert _incremental([text])[:2] == (text, [])
+    # Another key order: the call arrives whole at the end.
+    content, deltas, _ = _incremental(
+        ['<tool_call>{"arguments": {"x": 1},', ' "name": "f"}</tool_call>']
+    )
+    assert content == "" and len(deltas) == 1
+    assert _assembled(deltas) == [{"id": deltas[0]["tool_calls"][0]["id"], "name": "f",
+                                   "args": '{"x": 1}'}]  # fmt: skip
+    # parallel_tool_calls=false: later blocks stay content.
+    content, deltas, _ = _incremental([WEATHER + " and " + WEATHER], max_calls=1)
+    assert content == " and " + WEATHER and len(_assembled(deltas)) == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": 1, "b": [1, 2, {"c": null}], "d": true, "e": false}',
+        ' { "s" : "tab\\there \\"q\\" \\\\ \\/ \\u00e9 \\ud83d\\ude00 \\ud83d x é" } ',
+        '{"n": [0, -0, 1.5, -2.25e10, 1E5, 3e-2, 12345678901234567890, -0.0, 1e400]}',
+        '{"x": [NaN, Infinity, -Infinity]}',
+        '[[], [[]], {}, "", {"": ""}]',
+        '"\\u0001"',
+    ],
+)
+def test_canonical_json_matches_json_dumps_in_any_split(text):
+    want = json.dumps(json.loads(text), ensure_ascii=False)
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1, 5):
+            c = CanonicalJson()
+            got = c.feed(text[:i]) + c.feed(text[i:j]) + c.feed(text[j:] + "}x")
+            assert c.done and got == want and c.rest.endswith("}x")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"a": 1,}', "expected a key, got '}'"),
+        ("[1,]", "expected a value, got ']'"),
+        ('{"a" 1}', "expected ':', got '1'"),
+        ('{"a": tru}', "not a JSON number or literal: 'tru'"),
+        ('{"a": 01}', "not a JSON number or literal: '01'"),
+        ('{"a": "x\ny"}', "raw control character '\\n' in a string"),
+        ('{"a": "\\x"}', "invalid escape \\x"),
+        ('{"a": nan}', "not a JSON number or literal: 'nan'"),
+        ('{"a": 1', "the JSON value is unfinished"),
+    ],
+)
+def test_canonical_json_refuses_what_json_loads_refuses(text, message):
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    c = CanonicalJson()
+    with pytest.raises(JsonStreamError) as err:
+        c.feed(text)
+        c.close()
+    assert str(err.value) == message
 
 
 def test_stream_cut_by_length_keeps_its_reason_and_text():

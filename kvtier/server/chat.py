@@ -14,6 +14,7 @@ from kvtier.server.reasoning_parser import split
 from kvtier.server.serving import Frontend
 from kvtier.server.tool_parser import (
     ForcedCallParser,
+    IncrementalToolParser,
     StreamingToolParser,
     forced_schema,
     parse,
@@ -57,9 +58,17 @@ class ToolPlan:
     max_calls: int | None
 
     def parser(self) -> StreamingToolParser | ForcedCallParser:
+        """The parser of a finished text."""
         if self.forced is None:
             return StreamingToolParser(self.max_calls)
         return ForcedCallParser(None if self.forced == "required" else self.forced)
+
+    def stream_parser(self) -> IncrementalToolParser | ForcedCallParser:
+        """The parser of a streamed completion: the model's own calls stream their arguments
+        (forced calls still arrive whole at the end)."""
+        if self.forced is None:
+            return IncrementalToolParser(self.max_calls)
+        return self.parser()
 
     def constraint(self) -> dict[str, str] | None:
         """The structured-output parameter of a forced call (None: the request's own)."""

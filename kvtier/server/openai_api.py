@@ -13,7 +13,8 @@ With ``--reasoning-parser`` a reasoning model's thinking comes back as ``reasoni
 ``chat_template_kwargs`` reach the chat template (e.g. ``{"enable_thinking": false}``).
 With ``tools`` (and ``--tool-call-parser``) a chat completion's calls come back as OpenAI's
 ``tool_calls`` (finish reason ``tool_calls``), parsed out of the text by ``tool_parser``; streamed,
-content goes out as it is generated and each call in one delta once its closing tag arrived.
+content goes out as it is generated, a call's id and name as soon as its name is written and its
+arguments as they are (``tool_parser.IncrementalToolParser``).
 ``tool_choice`` "auto" (the default with tools) parses what the model writes; "none" does not
 show it the tools; "required" and a named function constrain the output to JSON of the calls
 (structured output, no parser needed; such calls come whole, at the end of a stream).
@@ -46,8 +47,9 @@ from kvtier.server.reasoning_parser import ReasoningParser
 from kvtier.server.serving import Frontend, Generation, Result, unless_disconnected
 from kvtier.server.streaming import sse_response
 from kvtier.server.tool_parser import (
+    CallDelta,
     ForcedCallParser,
-    StreamingToolParser,
+    IncrementalToolParser,
     ToolCall,
 )
 
@@ -290,15 +292,17 @@ class _Chunks:
     def _end(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _split(self, index: int, text: str, finished: bool) -> tuple[str, str, list[ToolCall]]:
-        """The reasoning and the text to send now, and the tool calls completed (no reasoning
-        and no calls unless the chat API parses them)."""
+    def _split(
+        self, index: int, text: str, finished: bool
+    ) -> tuple[str, str, list[ToolCall | CallDelta]]:
+        """The reasoning and the text to send now, and the tool calls or pieces of calls to
+        send (no reasoning and no calls unless the chat API parses them)."""
         return "", text, []
 
     def _reasoning_piece(self, index: int, text: str, first: bool) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _call_piece(self, index: int, call: ToolCall, call_index: int) -> dict[str, Any]:
+    def _call_piece(self, index: int, delta: CallDelta) -> dict[str, Any]:
         raise NotImplementedError
 
     def on_output(self, index: int, out: ReqOutput, e2e: float) -> list[dict[str, Any]]:
@@ -322,8 +326,10 @@ class _Chunks:
             events.append(self._chunk(index, piece))
             state.started = True
         for call in calls:
-            events.append(self._chunk(index, self._call_piece(index, call, state.num_calls)))
-            state.num_calls += 1
+            # Whole calls (forced ones) are numbered here; streamed pieces carry their index.
+            delta = call if isinstance(call, CallDelta) else CallDelta.whole(state.num_calls, call)
+            events.append(self._chunk(index, self._call_piece(index, delta)))
+            state.num_calls = max(state.num_calls, delta.index + 1)
         if out.finished:
             state.meta = out.meta_info
             reason, matched = _finish(out.meta_info)
@@ -352,14 +358,16 @@ class _ChatChunks(_Chunks):
     object_name = "chat.completion.chunk"
 
     # One parser a choice when the request's tool calls are parsed, and when its reasoning is.
-    parsers: list[StreamingToolParser | ForcedCallParser] | None = None
+    parsers: list[IncrementalToolParser | ForcedCallParser] | None = None
     reasoning: list[ReasoningParser] | None = None
 
-    def _split(self, index: int, text: str, finished: bool) -> tuple[str, str, list[ToolCall]]:
+    def _split(
+        self, index: int, text: str, finished: bool
+    ) -> tuple[str, str, list[ToolCall | CallDelta]]:
         thinking = ""
         if self.reasoning is not None:
             thinking, text = text_stream.run(self.reasoning[index], text, finished)
-        calls: list[ToolCall] = []
+        calls: list[ToolCall | CallDelta] = []
         if self.parsers is not None:
             text, calls = text_stream.run(self.parsers[index], text, finished)
         return thinking, text, calls
@@ -372,11 +380,10 @@ class _ChatChunks(_Chunks):
         )
         return {"delta": delta, "finish_reason": None}
 
-    def _call_piece(self, index: int, call: ToolCall, call_index: int) -> dict[str, Any]:
-        # The whole call in one delta: its arguments arrive complete (clients concatenate
-        # argument pieces, so one piece is the degenerate case of OpenAI's stream format).
-        delta = {"tool_calls": [{"index": call_index, **call.to_dict()}]}
-        return {"delta": delta, "finish_reason": None}
+    def _call_piece(self, index: int, delta: CallDelta) -> dict[str, Any]:
+        # A call's first piece carries its id and name, later ones more of its arguments
+        # (clients concatenate them); a whole call is one piece.
+        return {"delta": {"tool_calls": [delta.to_dict()]}, "finish_reason": None}
 
     def _piece(self, index: int, text: str, first: bool) -> dict[str, Any]:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
@@ -501,7 +508,7 @@ async def chat_completions(
             "chatcmpl-" + rid, fe.model.name, usage, fe, body.logprobs, num, body.n
         )
         if plan is not None:
-            chunks.parsers = [plan.parser() for _ in range(num)]
+            chunks.parsers = [plan.stream_parser() for _ in range(num)]
         if reasoning is not None:
             chunks.reasoning = [ReasoningParser(reasoning) for _ in range(num)]
         return await sse_response(request, gen, chunks)

@@ -13,6 +13,17 @@ still become a call (a possible start tag, or an unfinished call), so that conte
 client as it is generated. A block whose body is not a JSON object with a string ``name`` is
 left in the content as written: the model's text is never dropped.
 
+``IncrementalToolParser`` is what a streamed chat completion uses: a call whose body begins
+``{"name": "...", "arguments": {`` (the order the Qwen chat template asks for) is announced as
+soon as its name is complete and its arguments follow as they are written, re-serialised on the
+way (``json_stream.CanonicalJson``), so that the pieces join to the arguments ``parse`` gives
+for the same text: a long argument (a file's content) streams instead of arriving whole at the
+end. Other bodies (another key order, arguments as a JSON string) arrive whole when the block
+ends, as ``StreamingToolParser`` sends them. Once a call is announced it stays a call: a body
+that stops being JSON after that point ends the call with the arguments sent so far (the rest
+of the block is not sent), and a stream cut inside it (the token limit) leaves the call cut
+short, with the finish reason ``length``, as OpenAI's stream does.
+
 ``tool_choice`` "required" or a named function is served by constraining the output instead
 (``forced_schema``: a JSON schema for the scheduler's structured output) to JSON that is the
 calls themselves, as vLLM does: a named function's arguments object, or for "required" a list
@@ -25,10 +36,12 @@ the names ``--tool-call-parser`` takes here (``server_args.TOOL_CALL_PARSERS``).
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from kvtier.server.json_stream import CanonicalJson, JsonStreamError
 from kvtier.server.text_stream import held_prefix, run
 
 START = "<tool_call>"
@@ -52,12 +65,47 @@ class ToolCall:
         }
 
 
+@dataclass(frozen=True)
+class CallDelta:
+    """A piece of a streamed call: the call's position among the choice's calls (``index``),
+    text to append to its arguments, and on its first piece its id and name."""
+
+    index: int
+    arguments: str
+    id: str | None = None
+    name: str | None = None
+
+    @classmethod
+    def whole(cls, index: int, call: ToolCall) -> CallDelta:
+        return cls(index, call.arguments, call.id, call.name)
+
+    def to_dict(self) -> dict[str, object]:
+        """OpenAI's ``delta.tool_calls[i]``: id, type and name only on a call's first piece."""
+        if self.id is None:
+            return {"index": self.index, "function": {"arguments": self.arguments}}
+        return {
+            "index": self.index,
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+def _json_string(literal: str) -> str | None:
+    """The value of a JSON string literal (quotes included), None when it is not one."""
+    try:
+        value = json.loads(literal)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _new_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
 def make_call(name: str, args: dict[str, object]) -> ToolCall:
-    return ToolCall(
-        id="call_" + uuid.uuid4().hex[:24],
-        name=name,
-        arguments=json.dumps(args, ensure_ascii=False),
-    )
+    return ToolCall(id=_new_id(), name=name, arguments=json.dumps(args, ensure_ascii=False))
 
 
 def _call_from_body(body: str) -> ToolCall | None:
@@ -129,6 +177,142 @@ class StreamingToolParser:
         """What was held back, as content (no call completes at the end)."""
         rest, self._buf = self._buf, ""
         return rest, []
+
+
+# The start of a body whose arguments can stream: the name (a whole JSON string), then the
+# arguments object's first character.
+_HEADER = re.compile(
+    r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*\{'
+)
+# Bodies longer than this without that start arrive whole (a name is short).
+_HEADER_LIMIT = 1024
+
+
+class IncrementalToolParser:
+    """``StreamingToolParser`` for a stream that sends calls as ``CallDelta`` pieces (see the
+    module docstring): ``feed`` returns ``(content, deltas)``."""
+
+    def __init__(self, max_calls: int | None = None) -> None:
+        self.max_calls = max_calls
+        self.calls: list[ToolCall] = []  # completed calls
+        self._buf = ""  # held back: a partial start tag, or a block's body not yet read
+        self._in_block = False
+        self._whole = False  # this block arrives whole, when it ends
+        self._call: list[str] | None = None  # announced: [id, name, arguments sent so far]
+        self._args: CanonicalJson | None = None  # None once the arguments stopped parsing
+        self._tail = ""  # the body after the arguments object (or after they broke)
+        self._scanned = 0  # how much of the held body (or tail) was searched for the end tag
+
+    def _open(self) -> bool:
+        return self.max_calls is None or len(self.calls) < self.max_calls
+
+    def feed(self, piece: str) -> tuple[str, list[CallDelta]]:
+        text = self._buf + piece
+        self._buf = ""
+        content: list[str] = []
+        deltas: list[CallDelta] = []
+        while text:
+            if not self._in_block:
+                if not self._open():
+                    content.append(text)
+                    break
+                start = text.find(START)
+                if start < 0:
+                    keep = held_prefix(text, START)
+                    content.append(text[: len(text) - keep])
+                    self._buf = text[len(text) - keep :]
+                    break
+                content.append(text[:start])
+                text = text[start + len(START) :]
+                self._in_block, self._whole, self._scanned = True, False, 0
+            text = self._block(text, content, deltas)
+        return "".join(content), deltas
+
+    def _block(self, text: str, content: list[str], deltas: list[CallDelta]) -> str:
+        """Reads ``text`` inside a block; returns what follows the block (empty while it goes
+        on)."""
+        if self._call is None:
+            body = self._buf_body(text)
+            # Only the new text can complete the end tag: scan from just before it.
+            end = body.find(END, max(0, self._scanned - len(END) + 1))
+            self._scanned = len(body)
+            match = None if self._whole or end >= 0 else _HEADER.match(body)
+            name = _json_string(match.group(1)) if match is not None else None
+            if name is None:
+                if end >= 0:
+                    self._end_whole(body[:end], content, deltas)
+                    return body[end + len(END) :]
+                self._whole = self._whole or match is not None or len(body) > _HEADER_LIMIT
+                self._buf = body
+                return ""
+            call_id = _new_id()
+            self._call = [call_id, name, ""]
+            self._args = CanonicalJson()
+            deltas.append(CallDelta(len(self.calls), "", call_id, name))
+            text = body[match.end() - 1 :]  # from the arguments' "{"
+            self._scanned = 0
+        return self._stream_arguments(text, deltas)
+
+    def _buf_body(self, text: str) -> str:
+        body, self._buf = self._buf + text, ""
+        return body
+
+    def _stream_arguments(self, text: str, deltas: list[CallDelta]) -> str:
+        assert self._call is not None
+        # The end tag can only follow the arguments object: look for it in what comes after.
+        if self._args is not None and not self._args.done:
+            try:
+                out = self._args.feed(text)
+            except JsonStreamError:
+                out, self._args = "", None  # the whole piece goes to the tail below
+            else:
+                text = self._args.rest if self._args.done else ""
+            self._send(out, deltas)
+        if self._args is None or self._args.done:
+            self._tail += text
+            end = self._tail.find(END, max(0, self._scanned - len(END) + 1))
+            self._scanned = len(self._tail)
+            if end < 0:
+                # Nothing of the tail is sent (it closes the body, or the call broke).
+                return ""
+            rest = self._tail[end + len(END) :]
+            self._end_streamed(deltas)
+            return rest
+        return ""
+
+    def _send(self, out: str, deltas: list[CallDelta]) -> None:
+        if out:
+            assert self._call is not None
+            self._call[2] += out
+            deltas.append(CallDelta(len(self.calls), out))
+
+    def _end_whole(self, body: str, content: list[str], deltas: list[CallDelta]) -> None:
+        call = _call_from_body(body.strip())
+        if call is None:
+            content.append(START + body + END)
+        else:
+            deltas.append(CallDelta.whole(len(self.calls), call))
+            self.calls.append(call)
+        self._in_block = False
+
+    def _end_streamed(self, deltas: list[CallDelta]) -> None:
+        assert self._call is not None
+        call_id, name, sent = self._call
+        self._call, self._args, self._tail = None, None, ""
+        self.calls.append(ToolCall(call_id, name, sent))
+        self._in_block = False
+
+    def finish(self) -> tuple[str, list[CallDelta]]:
+        """What was held back: an unfinished block not yet announced comes back as text; an
+        announced one ends as sent (cut short)."""
+        rest, self._buf = self._buf, ""
+        if not self._in_block:
+            return rest, []
+        if self._call is None:
+            self._in_block = False
+            return START + rest, []
+        self._end_streamed([])
+        return "", []
 
 
 def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +390,9 @@ def parse(
 __all__ = [
     "END",
     "START",
+    "CallDelta",
     "ForcedCallParser",
+    "IncrementalToolParser",
     "StreamingToolParser",
     "ToolCall",
     "forced_schema",
