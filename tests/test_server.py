@@ -309,8 +309,12 @@ def test_forced_tool_calls(oai):
             **kw, temperature=0, tools=[pick], tool_choice=named, stream=True
         )
     )
-    calls = [d.tool_calls[0] for c in chunks if (d := c.choices[0].delta).tool_calls]
-    assert len(calls) == 1 and json.loads(calls[0].function.arguments) == named_args
+    # Streamed, the named call is announced first and its arguments follow in pieces.
+    pieces = [d.tool_calls[0] for c in chunks if (d := c.choices[0].delta).tool_calls]
+    assert len(pieces) > 2 and {p.index for p in pieces} == {0}
+    assert (pieces[0].function.name, pieces[0].function.arguments) == ("pick", "")
+    assert json.loads("".join(p.function.arguments for p in pieces)) == named_args
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_structured_output_through_openai(oai):

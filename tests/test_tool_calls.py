@@ -402,6 +402,29 @@ def test_forced_call_streams_whole_at_the_end():
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_named_forced_call_streams_its_arguments():
+    chunks = _chunks()
+    chunks.parsers = [_plan("get_weather").stream_parser()]
+    events = chunks.on_output(0, _out('{ "city" :'), 0.0)
+    events += chunks.on_output(0, _out(' "Oslo" }', finished=True), 0.0)
+    deltas = [e["choices"][0]["delta"] for e in events]
+    pieces = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert [(p["function"].get("name"), p["function"]["arguments"]) for p in pieces] == [
+        ("get_weather", ""),
+        (None, '{"city": '),
+        (None, '"Oslo"}'),
+    ]
+    assert (
+        _assembled(deltas)[0]["args"]
+        == chat.chat_message('{ "city" : "Oslo" }', "stop", _plan("get_weather"))[0]["tool_calls"][
+            0
+        ]["function"]["arguments"]
+    )
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # "required" still streams whole at the end (its parser reads the list when it ends).
+    assert isinstance(_plan("required").stream_parser(), type(_plan("required").parser()))
+
+
 TOOLS = [
     {
         "type": "function",

@@ -14,6 +14,7 @@ from kvtier.server.reasoning_parser import split
 from kvtier.server.serving import Frontend
 from kvtier.server.tool_parser import (
     ForcedCallParser,
+    IncrementalForcedCall,
     IncrementalToolParser,
     StreamingToolParser,
     forced_schema,
@@ -63,11 +64,13 @@ class ToolPlan:
             return StreamingToolParser(self.max_calls)
         return ForcedCallParser(None if self.forced == "required" else self.forced)
 
-    def stream_parser(self) -> IncrementalToolParser | ForcedCallParser:
-        """The parser of a streamed completion: the model's own calls stream their arguments
-        (forced calls still arrive whole at the end)."""
+    def stream_parser(self) -> IncrementalToolParser | IncrementalForcedCall | ForcedCallParser:
+        """The parser of a streamed completion: the model's own calls and a call forced by
+        name stream their arguments; "required" calls arrive whole at the end."""
         if self.forced is None:
             return IncrementalToolParser(self.max_calls)
+        if self.forced != "required":
+            return IncrementalForcedCall(self.forced)
         return self.parser()
 
     def constraint(self) -> dict[str, str] | None:

@@ -27,7 +27,8 @@ short, with the finish reason ``length``, as OpenAI's stream does.
 ``tool_choice`` "required" or a named function is served by constraining the output instead
 (``forced_schema``: a JSON schema for the scheduler's structured output) to JSON that is the
 calls themselves, as vLLM does: a named function's arguments object, or for "required" a list
-of ``{"name", "parameters"}`` objects; ``ForcedCallParser`` reads them when the output ends.
+of ``{"name", "parameters"}`` objects; ``ForcedCallParser`` reads them when the output ends
+(streamed, ``IncrementalForcedCall`` sends a named function's call as it is written).
 
 This is SGLang's ``--tool-call-parser qwen25`` and vLLM's ``--tool-call-parser hermes`` format,
 the names ``--tool-call-parser`` takes here (``server_args.TOOL_CALL_PARSERS``).
@@ -198,10 +199,11 @@ class IncrementalToolParser:
         self._buf = ""  # held back: a partial start tag, or a block's body not yet read
         self._in_block = False
         self._whole = False  # this block arrives whole, when it ends
-        self._call: list[str] | None = None  # announced: [id, name, arguments sent so far]
+        self._call: tuple[str, str] | None = None  # the announced call's id and name
+        self._sent: list[str] = []  # the pieces of its arguments sent so far
         self._args: CanonicalJson | None = None  # None once the arguments stopped parsing
-        self._tail = ""  # the body after the arguments object (or after they broke)
-        self._scanned = 0  # how much of the held body (or tail) was searched for the end tag
+        self._tail = ""  # after the arguments object (or their break): a partial end tag
+        self._scanned = 0  # how much of the held body was searched for the end tag
 
     def _open(self) -> bool:
         return self.max_calls is None or len(self.calls) < self.max_calls
@@ -246,11 +248,10 @@ class IncrementalToolParser:
                 self._buf = body
                 return ""
             call_id = _new_id()
-            self._call = [call_id, name, ""]
+            self._call, self._sent = (call_id, name), []
             self._args = CanonicalJson()
             deltas.append(CallDelta(len(self.calls), "", call_id, name))
             text = body[match.end() - 1 :]  # from the arguments' "{"
-            self._scanned = 0
         return self._stream_arguments(text, deltas)
 
     def _buf_body(self, text: str) -> str:
@@ -269,21 +270,20 @@ class IncrementalToolParser:
                 text = self._args.rest if self._args.done else ""
             self._send(out, deltas)
         if self._args is None or self._args.done:
-            self._tail += text
-            end = self._tail.find(END, max(0, self._scanned - len(END) + 1))
-            self._scanned = len(self._tail)
+            # Nothing of the tail is sent (it closes the body, or the call broke): only a
+            # partial end tag is kept between pieces.
+            tail = self._tail + text
+            end = tail.find(END)
             if end < 0:
-                # Nothing of the tail is sent (it closes the body, or the call broke).
+                self._tail = tail[len(tail) - held_prefix(tail, END) :]
                 return ""
-            rest = self._tail[end + len(END) :]
             self._end_streamed(deltas)
-            return rest
+            return tail[end + len(END) :]
         return ""
 
     def _send(self, out: str, deltas: list[CallDelta]) -> None:
         if out:
-            assert self._call is not None
-            self._call[2] += out
+            self._sent.append(out)
             deltas.append(CallDelta(len(self.calls), out))
 
     def _end_whole(self, body: str, content: list[str], deltas: list[CallDelta]) -> None:
@@ -297,9 +297,9 @@ class IncrementalToolParser:
 
     def _end_streamed(self, deltas: list[CallDelta]) -> None:
         assert self._call is not None
-        call_id, name, sent = self._call
-        self._call, self._args, self._tail = None, None, ""
-        self.calls.append(ToolCall(call_id, name, sent))
+        call_id, name = self._call
+        self.calls.append(ToolCall(call_id, name, "".join(self._sent)))
+        self._call, self._sent, self._args, self._tail = None, [], None, ""
         self._in_block = False
 
     def finish(self) -> tuple[str, list[CallDelta]]:
@@ -372,6 +372,41 @@ class ForcedCallParser:
         return ("", calls) if calls and len(calls) == len(value) else (text, [])
 
 
+class IncrementalForcedCall:
+    """The stream parser of a call forced by name (``tool_choice`` naming a function): the
+    whole output is the call's arguments (constrained to the function's parameters), so the
+    call is announced with the first piece and its arguments follow as they are written,
+    re-serialised as ``IncrementalToolParser`` does. Output that stops being JSON (cut by the
+    token limit) ends the call as sent."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls: list[ToolCall] = []
+        self._id = _new_id()
+        self._json: CanonicalJson | None = CanonicalJson()
+        self._sent: list[str] = []
+        self._announced = False
+
+    def feed(self, piece: str) -> tuple[str, list[CallDelta]]:
+        deltas = []
+        if not self._announced:
+            self._announced = True
+            deltas.append(CallDelta(0, "", self._id, self.name))
+        if self._json is not None and not self._json.done:
+            try:
+                out = self._json.feed(piece)
+            except JsonStreamError:
+                out, self._json = "", None
+            if out:
+                self._sent.append(out)
+                deltas.append(CallDelta(0, out))
+        return "", deltas
+
+    def finish(self) -> tuple[str, list[CallDelta]]:
+        self.calls.append(ToolCall(self._id, self.name, "".join(self._sent)))
+        return "", []
+
+
 def parse(
     text: str,
     max_calls: int | None = None,
@@ -392,6 +427,7 @@ __all__ = [
     "START",
     "CallDelta",
     "ForcedCallParser",
+    "IncrementalForcedCall",
     "IncrementalToolParser",
     "StreamingToolParser",
     "ToolCall",
