@@ -71,6 +71,26 @@ def test_malformed_blocks_stay_in_the_content(block):
     assert calls == [] and content == "a " + block + " b"
 
 
+def test_unreadable_json_never_raises():
+    # An integer past Python's digit limit, nesting past the recursion limit: json.loads
+    # raises ValueError / RecursionError, not JSONDecodeError. Unstreamed, the block stays
+    # text; streamed, the call (announced) ends where its arguments stopped parsing.
+    huge = '<tool_call>{"name": "f", "arguments": {"n": ' + "1" * 5000 + "}}</tool_call>"
+    deep = '<tool_call>{"name": "f", "arguments": {"x": ' + "[" * 5000 + "]" * 5000 + "}}"
+    deep += "</tool_call>"
+    for text in (huge, deep):
+        assert parse(text) == (text, [])
+        content, _, parser = _incremental([text[:40], text[40:]])
+        assert content == "" and [c.name for c in parser.calls] == ["f"]
+    assert _incremental([huge[:40], huge[40:]])[2].calls[0].arguments == '{"n": '
+    with pytest.raises(JsonStreamError, match="number not readable"):
+        CanonicalJson().feed("1" * 5000 + " ")
+    # A forced "required" output that is JSON but not a list of calls: the text.
+    assert parse("5", parser=chat.ToolPlan([], "required", None).parser()) == ("5", [])
+    bad = '[{"name": 5, "parameters": {}}]'
+    assert parse(bad, parser=chat.ToolPlan([], "required", None).parser()) == (bad, [])
+
+
 def test_parameters_alias_and_missing_arguments():
     _, calls = parse('<tool_call>{"name": "f", "parameters": {"x": 1}}</tool_call>')
     assert named(calls) == [("f", {"x": 1})]

@@ -27,7 +27,10 @@ _SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\
 
 
 class JsonStreamError(ValueError):
-    """The text stopped being one JSON value."""
+    """The text stopped being one JSON value. ``partial``: the canonical text the failing
+    ``feed`` had produced before the error (its earlier characters were fine)."""
+
+    partial = ""
 
 
 def _dump_char(ch: str) -> str:
@@ -55,11 +58,15 @@ class CanonicalJson:
 
     def feed(self, text: str) -> str:
         out: list[str] = []
-        for i, ch in enumerate(text):
-            if self.done:
-                self.rest += text[i:]
-                break
-            self._char(ch, out)
+        try:
+            for i, ch in enumerate(text):
+                if self.done:
+                    self.rest += text[i:]
+                    break
+                self._char(ch, out)
+        except JsonStreamError as e:
+            e.partial = "".join(out)
+            raise
         return "".join(out)
 
     def close(self) -> str:
@@ -145,7 +152,11 @@ class CanonicalJson:
         if token in _LITERALS:
             out.append(token)
         elif _NUMBER.fullmatch(token):
-            out.append(json.dumps(json.loads(token)))
+            try:
+                value = json.loads(token)
+            except ValueError as e:  # an integer past Python's digit limit
+                raise JsonStreamError(f"number not readable: {e}") from None
+            out.append(json.dumps(value))
         else:
             raise JsonStreamError(f"not a JSON number or literal: {token!r}")
         self._value_end()

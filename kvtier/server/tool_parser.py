@@ -92,12 +92,22 @@ class CallDelta:
         }
 
 
+_NOT_JSON = object()
+
+
+def _loads(text: str) -> Any:
+    """``json.loads(text)``, or ``_NOT_JSON`` where it fails: not JSON, an integer past
+    Python's digit limit (ValueError), nesting past the recursion limit. Model output is
+    never trusted to parse."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return _NOT_JSON
+
+
 def _json_string(literal: str) -> str | None:
     """The value of a JSON string literal (quotes included), None when it is not one."""
-    try:
-        value = json.loads(literal)
-    except json.JSONDecodeError:
-        return None
+    value = _loads(literal)
     return value if isinstance(value, str) else None
 
 
@@ -112,18 +122,12 @@ def make_call(name: str, args: dict[str, object]) -> ToolCall:
 def _call_from_body(body: str) -> ToolCall | None:
     """The call a block's body holds, or None when it is not ``{"name": str, "arguments":
     object or JSON string}`` (``parameters`` accepted for ``arguments``, as some models write)."""
-    try:
-        obj = json.loads(body)
-    except json.JSONDecodeError:
-        return None
+    obj = _loads(body)
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None
+        args = _loads(args)
     if not isinstance(args, dict):
         return None
     return make_call(obj["name"], args)
@@ -264,8 +268,9 @@ class IncrementalToolParser:
         if self._args is not None and not self._args.done:
             try:
                 out = self._args.feed(text)
-            except JsonStreamError:
-                out, self._args = "", None  # the whole piece goes to the tail below
+            except JsonStreamError as e:
+                # What parsed of the piece is sent; the whole piece goes to the tail below.
+                out, self._args = e.partial, None
             else:
                 text = self._args.rest if self._args.done else ""
             self._send(out, deltas)
@@ -358,16 +363,19 @@ class ForcedCallParser:
     def finish(self) -> tuple[str, list[ToolCall]]:
         text = "".join(self._buf)
         self._buf = []
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError:
+        value = _loads(text)
+        if value is _NOT_JSON:
             return text, []
         if self.name is not None:
             return ("", [make_call(self.name, value)]) if isinstance(value, dict) else (text, [])
+        if not isinstance(value, list):
+            return text, []
         calls = [
             make_call(c["name"], c["parameters"])
             for c in value
-            if isinstance(c, dict) and isinstance(c.get("parameters"), dict)
+            if isinstance(c, dict)
+            and isinstance(c.get("name"), str)
+            and isinstance(c.get("parameters"), dict)
         ]
         return ("", calls) if calls and len(calls) == len(value) else (text, [])
 
@@ -395,8 +403,8 @@ class IncrementalForcedCall:
         if self._json is not None and not self._json.done:
             try:
                 out = self._json.feed(piece)
-            except JsonStreamError:
-                out, self._json = "", None
+            except JsonStreamError as e:
+                out, self._json = e.partial, None
             if out:
                 self._sent.append(out)
                 deltas.append(CallDelta(0, out))
