@@ -538,6 +538,13 @@ def test_template_messages_carry_calls_and_results():
         ],
     }
     assert msgs[2] == {"role": "tool", "content": "18 C", "tool_call_id": "call_1"}
+    # Arguments that are not JSON, or past json.loads' limits, reach the template as text.
+    for text in ("not json", '{"n": ' + "1" * 5000 + "}", "[" * 5000 + "]" * 5000):
+        body.messages[1].tool_calls[0].function.arguments = text
+        assert chat.template_message(body.messages[1])["tool_calls"][0]["function"] == {
+            "name": "get_weather",
+            "arguments": text,
+        }
 
 
 def test_encode_chat_renders_the_tools_with_the_template():

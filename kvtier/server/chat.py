@@ -35,7 +35,8 @@ def template_message(m: ChatMessage) -> dict[str, Any]:
         for call in m.tool_calls:
             try:
                 args: Any = json.loads(call.function.arguments)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
+                # Not JSON (or past json.loads' limits): the template gets the text.
                 args = call.function.arguments
             calls.append(
                 {
