@@ -302,19 +302,20 @@ def test_forced_tool_calls(oai):
         assert args["color"] in ("red", "green") and isinstance(args["ok"], bool)
         assert out.choices[0].finish_reason == "tool_calls"
         assert out.choices[0].message.content is None
-        if choice is named:
-            named_args = args
-    chunks = list(
-        oai.chat.completions.create(
-            **kw, temperature=0, tools=[pick], tool_choice=named, stream=True
-        )
-    )
-    # Streamed, the named call is announced first and its arguments follow in pieces.
-    pieces = [d.tool_calls[0] for c in chunks if (d := c.choices[0].delta).tool_calls]
-    assert len(pieces) > 2 and {p.index for p in pieces} == {0}
-    assert (pieces[0].function.name, pieces[0].function.arguments) == ("pick", "")
-    assert json.loads("".join(p.function.arguments for p in pieces)) == named_args
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        unstreamed = call.function.arguments
+        chunks = list(
+            oai.chat.completions.create(
+                **kw, temperature=0, tools=[pick], tool_choice=choice, parallel_tool_calls=False,
+                stream=True,
+            )
+        )  # fmt: skip
+        # Streamed, the call is announced first and its arguments follow in pieces, which join
+        # to the unstreamed call's (greedy: the same output).
+        pieces = [d.tool_calls[0] for c in chunks if (d := c.choices[0].delta).tool_calls]
+        assert len(pieces) > 2 and {p.index for p in pieces} == {0}
+        assert (pieces[0].function.name, pieces[0].function.arguments) == ("pick", "")
+        assert "".join(p.function.arguments for p in pieces) == unstreamed
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_structured_output_through_openai(oai):

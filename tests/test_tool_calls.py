@@ -441,8 +441,44 @@ def test_named_forced_call_streams_its_arguments():
         ]["function"]["arguments"]
     )
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
-    # "required" still streams whole at the end (its parser reads the list when it ends).
-    assert isinstance(_plan("required").stream_parser(), type(_plan("required").parser()))
+
+
+def _stream_required(pieces):
+    parser = _plan("required").stream_parser()
+    content, deltas = "", []
+    for piece in pieces:
+        c, d = parser.feed(piece)
+        content += c
+        deltas += d
+    c, d = parser.finish()
+    return content + c, [{"tool_calls": [x.to_dict()]} for x in deltas + d], parser
+
+
+def test_required_calls_stream_their_arguments():
+    text = (
+        '[{"name": "get_weather", "parameters": {"city": "Rome", "days": [1, 2]}}, '
+        '{"name": "get_time", "parameters": {}}]'
+    )
+    message, _ = chat.chat_message(text, "stop", _plan("required"))
+    want = [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]]
+    for i in range(len(text) + 1):
+        for j in range(i, len(text) + 1, 7):
+            content, deltas, parser = _stream_required([text[:i], text[i:j], text[j:]])
+            assert content == ""
+            assert [(c["name"], c["args"]) for c in _assembled(deltas)] == want
+            assert [(c.name, c.arguments) for c in parser.calls] == want
+    # A character at a time: each call is announced before its parameters, which stream.
+    _, deltas, _ = _stream_required(list(text))
+    pieces = [d["tool_calls"][0] for d in deltas]
+    assert [p["function"].get("name") for p in pieces if "id" in p] == ["get_weather", "get_time"]
+    assert len(pieces) > 10
+    # Cut by the token limit: the calls as sent; nothing as content.
+    content, deltas, parser = _stream_required(['[{"name": "f", "parameters": {"x": "ab'])
+    assert content == "" and [(c.name, c.arguments) for c in parser.calls] == [("f", '{"x": "ab')]
+    # An output that does not begin as the list: whole at the end, as unstreamed (text).
+    odd = '{"not": "a list"}' + " " * 1100
+    content, deltas, _ = _stream_required([odd])
+    assert (content, deltas) == (odd, [])
 
 
 TOOLS = [

@@ -13,8 +13,10 @@ from kvtier.server.protocol import ChatCompletionRequest, ChatMessage
 from kvtier.server.reasoning_parser import split
 from kvtier.server.serving import Frontend
 from kvtier.server.tool_parser import (
+    CallStreamParser,
     ForcedCallParser,
     IncrementalForcedCall,
+    IncrementalRequiredCalls,
     IncrementalToolParser,
     StreamingToolParser,
     forced_schema,
@@ -65,14 +67,13 @@ class ToolPlan:
             return StreamingToolParser(self.max_calls)
         return ForcedCallParser(None if self.forced == "required" else self.forced)
 
-    def stream_parser(self) -> IncrementalToolParser | IncrementalForcedCall | ForcedCallParser:
-        """The parser of a streamed completion: the model's own calls and a call forced by
-        name stream their arguments; "required" calls arrive whole at the end."""
+    def stream_parser(self) -> CallStreamParser:
+        """The parser of a streamed completion: every call streams its arguments."""
         if self.forced is None:
             return IncrementalToolParser(self.max_calls)
         if self.forced != "required":
             return IncrementalForcedCall(self.forced)
-        return self.parser()
+        return IncrementalRequiredCalls()
 
     def constraint(self) -> dict[str, str] | None:
         """The structured-output parameter of a forced call (None: the request's own)."""

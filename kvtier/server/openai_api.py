@@ -17,8 +17,7 @@ content goes out as it is generated, a call's id and name as soon as its name is
 arguments as they are (``tool_parser.IncrementalToolParser``).
 ``tool_choice`` "auto" (the default with tools) parses what the model writes; "none" does not
 show it the tools; "required" and a named function constrain the output to JSON of the calls
-(structured output, no parser needed; streamed, a named function's call streams its arguments,
-"required" calls come whole at the end).
+(structured output, no parser needed; streamed, these calls' arguments stream too).
 ``usage`` counts each prompt once (its first choice's prompt and cached tokens) and every
 choice's completion tokens; ``usage.prompt_tokens_details`` carries ``cached_tokens`` and, as an
 extension, ``cached_tokens_by_tier``.
@@ -49,9 +48,7 @@ from kvtier.server.serving import Frontend, Generation, Result, unless_disconnec
 from kvtier.server.streaming import sse_response
 from kvtier.server.tool_parser import (
     CallDelta,
-    ForcedCallParser,
-    IncrementalForcedCall,
-    IncrementalToolParser,
+    CallStreamParser,
     ToolCall,
 )
 
@@ -360,7 +357,7 @@ class _ChatChunks(_Chunks):
     object_name = "chat.completion.chunk"
 
     # One parser a choice when the request's tool calls are parsed, and when its reasoning is.
-    parsers: list[IncrementalToolParser | IncrementalForcedCall | ForcedCallParser] | None = None
+    parsers: list[CallStreamParser] | None = None
     reasoning: list[ReasoningParser] | None = None
 
     def _split(

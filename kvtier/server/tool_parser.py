@@ -28,7 +28,8 @@ short, with the finish reason ``length``, as OpenAI's stream does.
 (``forced_schema``: a JSON schema for the scheduler's structured output) to JSON that is the
 calls themselves, as vLLM does: a named function's arguments object, or for "required" a list
 of ``{"name", "parameters"}`` objects; ``ForcedCallParser`` reads them when the output ends
-(streamed, ``IncrementalForcedCall`` sends a named function's call as it is written).
+(streamed, ``IncrementalForcedCall`` and ``IncrementalRequiredCalls`` send the calls as they
+are written).
 
 This is SGLang's ``--tool-call-parser qwen25`` and vLLM's ``--tool-call-parser hermes`` format,
 the names ``--tool-call-parser`` takes here (``server_args.TOOL_CALL_PARSERS``).
@@ -415,6 +416,103 @@ class IncrementalForcedCall:
         return "", []
 
 
+# The start of a forced "required" call (an element of the constrained list): the name, then
+# the parameters object's first character; ``[`` before the first element, ``,`` before later.
+_ELEMENT = re.compile(
+    r'\s*[\[,]\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"parameters"\s*:\s*\{'
+)
+_ELEMENT_END = re.compile(r"\s*\}\s*(?=[,\]])")
+
+
+class IncrementalRequiredCalls:
+    """The stream parser of ``tool_choice: "required"``: the output is a JSON list of
+    ``{"name", "parameters"}`` objects (``forced_schema``, in that key order), each announced
+    once its name is written, its parameters streamed as its arguments (re-serialised as
+    ``IncrementalToolParser`` does). Output that stops being that list (cut by the token
+    limit) ends the calls as sent; nothing is sent as content. A first element that does not
+    begin as expected makes the whole output wait for its end and go through
+    ``ForcedCallParser``, as unstreamed."""
+
+    def __init__(self) -> None:
+        self.calls: list[ToolCall] = []
+        self._buf = ""  # text not yet read: before a call's parameters, or after them
+        self._call: tuple[str, str] | None = None
+        self._sent: list[str] = []
+        self._args: CanonicalJson | None = None
+        self._broken = False
+        self._whole: ForcedCallParser | None = None
+
+    def feed(self, piece: str) -> tuple[str, list[CallDelta]]:
+        if self._whole is not None:
+            return self._whole.feed(piece)
+        deltas: list[CallDelta] = []
+        text = self._buf + piece
+        self._buf = ""
+        while text and not self._broken:
+            if self._call is None:
+                match = _ELEMENT.match(text)
+                name = _json_string(match.group(1)) if match is not None else None
+                if name is None:
+                    if not self.calls and len(text) > _HEADER_LIMIT:
+                        self._whole = ForcedCallParser(None)
+                        return self._whole.feed(text)
+                    self._buf = text
+                    break
+                call_id = _new_id()
+                self._call, self._sent = (call_id, name), []
+                self._args = CanonicalJson()
+                deltas.append(CallDelta(len(self.calls), "", call_id, name))
+                text = text[match.end() - 1 :]
+            text = self._parameters(text, deltas)
+        return "", deltas
+
+    def _parameters(self, text: str, deltas: list[CallDelta]) -> str:
+        """Reads a call's parameters, then the end of its object; returns what follows it."""
+        assert self._call is not None and self._args is not None
+        if not self._args.done:
+            try:
+                out = self._args.feed(text)
+            except JsonStreamError as e:
+                out, self._broken = e.partial, True
+            if out:
+                self._sent.append(out)
+                deltas.append(CallDelta(len(self.calls), out))
+            if self._broken or not self._args.done:
+                return ""
+            text = self._args.rest
+            self._args.rest = ""
+        text = self._buf + text
+        self._buf = ""
+        end = _ELEMENT_END.match(text)
+        if end is None:
+            # Still a prefix of the element's end ("}" then "," or "]"), or not the list.
+            self._broken = text.strip() not in ("", "}")
+            self._buf = text
+            return ""
+        call_id, name = self._call
+        self.calls.append(ToolCall(call_id, name, "".join(self._sent)))
+        self._call, self._sent, self._args = None, [], None
+        return text[end.end() :]
+
+    def finish(self) -> tuple[str, list[CallDelta]]:
+        if self._whole is not None:
+            content, calls = self._whole.finish()
+            return content, [CallDelta.whole(i, c) for i, c in enumerate(calls)]
+        if self._call is not None:
+            call_id, name = self._call
+            self.calls.append(ToolCall(call_id, name, "".join(self._sent)))
+            self._call = None
+        self._buf = ""
+        return "", []
+
+
+# What a streamed chat completion's choice parses its calls with (ForcedCallParser: whole calls,
+# numbered by the caller).
+CallStreamParser = (
+    IncrementalToolParser | IncrementalForcedCall | IncrementalRequiredCalls | ForcedCallParser
+)
+
+
 def parse(
     text: str,
     max_calls: int | None = None,
@@ -434,8 +532,10 @@ __all__ = [
     "END",
     "START",
     "CallDelta",
+    "CallStreamParser",
     "ForcedCallParser",
     "IncrementalForcedCall",
+    "IncrementalRequiredCalls",
     "IncrementalToolParser",
     "StreamingToolParser",
     "ToolCall",
