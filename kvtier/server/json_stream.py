@@ -22,6 +22,8 @@ _NUMBER_CHARS = frozenset("0123456789+-.eE")
 # json.loads also takes NaN and the infinities (and json.dumps writes them).
 _LITERALS = frozenset(("true", "false", "null", "NaN", "Infinity", "-Infinity"))
 _WHITESPACE = frozenset(" \t\n\r")
+# Characters a string holds as they are, in json.loads' input and json.dumps' output alike.
+_PLAIN = re.compile(r'[^"\\\x00-\x1f\ud800-\udfff]+')
 _SIMPLE_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
                    "t": "\t"}  # fmt: skip
 
@@ -58,12 +60,24 @@ class CanonicalJson:
 
     def feed(self, text: str) -> str:
         out: list[str] = []
+        i, n = 0, len(text)
         try:
-            for i, ch in enumerate(text):
+            while i < n:
                 if self.done:
                     self.rest += text[i:]
                     break
-                self._char(ch, out)
+                if self._in_string and self._escape is None:
+                    # A run of plain characters inside a string: json.dumps writes them as
+                    # they are (ensure_ascii=False escapes only quotes, backslashes and
+                    # control characters).
+                    run = _PLAIN.match(text, i)
+                    if run is not None:
+                        self._flush_high(out)
+                        out.append(run.group())
+                        i = run.end()
+                        continue
+                self._char(text[i], out)
+                i += 1
         except JsonStreamError as e:
             e.partial = "".join(out)
             raise
