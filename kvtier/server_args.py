@@ -41,7 +41,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton")
 PREFILL_ATTENTION_BACKENDS = ("auto", "triton", "cudnn")
 SCHEDULE_POLICIES = ("fcfs", "lpm")
 # One format under SGLang's name and vLLM's (kvtier.server.tool_parser).
-TOOL_CALL_PARSERS = ("qwen25", "hermes")
+TOOL_CALL_PARSERS = ("qwen25", "hermes", "qwen3_coder")
 # kvtier.server.reasoning_parser.MODES.
 REASONING_PARSERS = ("qwen3", "qwen3-thinking")
 

@@ -528,7 +528,7 @@ NAMED_F = {"type": "function", "function": {"name": "f"}}
     ("kw", "parser", "message"),
     [
         ({"tools": TOOLS}, None, "tools need a tool-call parser: start the server with "
-         "--tool-call-parser qwen25 (or hermes)"),
+         "--tool-call-parser qwen25 (or hermes; qwen3_coder for Qwen3-Coder's XML calls)"),
         ({"tools": TOOLS, "tool_choice": NAMED_F}, "qwen25",
          "tool_choice names the function 'f', which is not in tools"),
         ({"tools": TOOLS, "tool_choice": "required", "regex": "a"}, "qwen25",

@@ -13,7 +13,7 @@ from kvtier.server.protocol import ChatCompletionRequest, ChatMessage
 from kvtier.server.reasoning_parser import split
 from kvtier.server.serving import Frontend
 from kvtier.server.tool_parser import (
-    CallStreamParser,
+    CallParser,
     ForcedCallParser,
     IncrementalForcedCall,
     IncrementalRequiredCalls,
@@ -22,6 +22,7 @@ from kvtier.server.tool_parser import (
     forced_schema,
     parse,
 )
+from kvtier.server.xml_tool_parser import XmlToolParser
 
 
 def template_message(m: ChatMessage) -> dict[str, Any]:
@@ -60,16 +61,23 @@ class ToolPlan:
     tools: list[dict[str, Any]]
     forced: str | None
     max_calls: int | None
+    # The format of the model's own calls (--tool-call-parser): qwen3_coder's XML, or the
+    # JSON-in-tags of qwen25 / hermes.
+    format: str = "qwen25"
 
-    def parser(self) -> StreamingToolParser | ForcedCallParser:
+    def parser(self) -> CallParser:
         """The parser of a finished text."""
         if self.forced is None:
+            if self.format == "qwen3_coder":
+                return XmlToolParser(self.tools, self.max_calls)
             return StreamingToolParser(self.max_calls)
         return ForcedCallParser(None if self.forced == "required" else self.forced)
 
-    def stream_parser(self) -> CallStreamParser:
+    def stream_parser(self) -> CallParser:
         """The parser of a streamed completion: every call streams its arguments."""
         if self.forced is None:
+            if self.format == "qwen3_coder":
+                return XmlToolParser(self.tools, self.max_calls)
             return IncrementalToolParser(self.max_calls)
         if self.forced != "required":
             return IncrementalForcedCall(self.forced)
@@ -121,9 +129,9 @@ def tool_plan(fe: Frontend, body: ChatCompletionRequest) -> ToolPlan | None:
             raise APIError(
                 400,
                 "tools need a tool-call parser: start the server with --tool-call-parser "
-                "qwen25 (or hermes)",
+                "qwen25 (or hermes; qwen3_coder for Qwen3-Coder's XML calls)",
             )
-        return ToolPlan(tools, None, max_calls)
+        return ToolPlan(tools, None, max_calls, fe.tool_call_parser)
     fields = body.structured_output_fields()
     if fields:
         raise APIError(

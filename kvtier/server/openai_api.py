@@ -48,7 +48,7 @@ from kvtier.server.serving import Frontend, Generation, Result, unless_disconnec
 from kvtier.server.streaming import sse_response
 from kvtier.server.tool_parser import (
     CallDelta,
-    CallStreamParser,
+    CallParser,
     ToolCall,
 )
 
@@ -357,7 +357,7 @@ class _ChatChunks(_Chunks):
     object_name = "chat.completion.chunk"
 
     # One parser a choice when the request's tool calls are parsed, and when its reasoning is.
-    parsers: list[CallStreamParser] | None = None
+    parsers: list[CallParser] | None = None
     reasoning: list[ReasoningParser] | None = None
 
     def _split(

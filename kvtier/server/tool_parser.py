@@ -41,13 +41,24 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kvtier.server.json_stream import CanonicalJson, JsonStreamError
 from kvtier.server.text_stream import held_prefix, run
 
 START = "<tool_call>"
 END = "</tool_call>"
+
+
+class CallParser(Protocol):
+    """What parses a choice's calls: text pieces in (``feed``, then ``finish``), content and
+    calls (or ``CallDelta`` pieces of calls) out; ``calls`` the calls completed so far."""
+
+    calls: list[ToolCall]
+
+    def feed(self, piece: str) -> tuple[str, list[Any]]: ...
+
+    def finish(self) -> tuple[str, list[Any]]: ...
 
 
 @dataclass(frozen=True)
@@ -112,12 +123,12 @@ def _json_string(literal: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _new_id() -> str:
+def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
 def make_call(name: str, args: dict[str, object]) -> ToolCall:
-    return ToolCall(id=_new_id(), name=name, arguments=json.dumps(args, ensure_ascii=False))
+    return ToolCall(id=new_call_id(), name=name, arguments=json.dumps(args, ensure_ascii=False))
 
 
 def _call_from_body(body: str) -> ToolCall | None:
@@ -252,7 +263,7 @@ class IncrementalToolParser:
                 self._whole = self._whole or match is not None or len(body) > _HEADER_LIMIT
                 self._buf = body
                 return ""
-            call_id = _new_id()
+            call_id = new_call_id()
             self._call, self._sent = (call_id, name), []
             self._args = CanonicalJson()
             deltas.append(CallDelta(len(self.calls), "", call_id, name))
@@ -355,6 +366,7 @@ class ForcedCallParser:
 
     def __init__(self, name: str | None) -> None:
         self.name = name
+        self.calls: list[ToolCall] = []  # set when the output ends
         self._buf: list[str] = []
 
     def feed(self, piece: str) -> tuple[str, list[ToolCall]]:
@@ -362,8 +374,11 @@ class ForcedCallParser:
         return "", []
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        text = "".join(self._buf)
+        content, self.calls = self._read("".join(self._buf))
         self._buf = []
+        return content, list(self.calls)
+
+    def _read(self, text: str) -> tuple[str, list[ToolCall]]:
         value = _loads(text)
         if value is _NOT_JSON:
             return text, []
@@ -391,7 +406,7 @@ class IncrementalForcedCall:
     def __init__(self, name: str) -> None:
         self.name = name
         self.calls: list[ToolCall] = []
-        self._id = _new_id()
+        self._id = new_call_id()
         self._json: CanonicalJson | None = CanonicalJson()
         self._sent: list[str] = []
         self._announced = False
@@ -458,7 +473,7 @@ class IncrementalRequiredCalls:
                         return self._whole.feed(text)
                     self._buf = text
                     break
-                call_id = _new_id()
+                call_id = new_call_id()
                 self._call, self._sent = (call_id, name), []
                 self._args = CanonicalJson()
                 deltas.append(CallDelta(len(self.calls), "", call_id, name))
@@ -506,23 +521,18 @@ class IncrementalRequiredCalls:
         return "", []
 
 
-# What a streamed chat completion's choice parses its calls with (ForcedCallParser: whole calls,
-# numbered by the caller).
-CallStreamParser = (
-    IncrementalToolParser | IncrementalForcedCall | IncrementalRequiredCalls | ForcedCallParser
-)
-
-
 def parse(
     text: str,
     max_calls: int | None = None,
-    parser: StreamingToolParser | ForcedCallParser | None = None,
+    parser: CallParser | None = None,
 ) -> tuple[str | None, list[ToolCall]]:
     """A finished text's content and calls (by ``parser``, default the tag format's). The
     content is what lies outside the parsed calls, stripped of surrounding whitespace when
     there are calls (the model writes newlines around them); None when nothing is left, as
     OpenAI returns it."""
-    content, calls = run(parser or StreamingToolParser(max_calls), text, finished=True)
+    parser = parser or StreamingToolParser(max_calls)
+    content, _ = run(parser, text, finished=True)
+    calls = list(parser.calls)
     if calls:
         content = content.strip()
     return (content or None), calls
@@ -532,7 +542,7 @@ __all__ = [
     "END",
     "START",
     "CallDelta",
-    "CallStreamParser",
+    "CallParser",
     "ForcedCallParser",
     "IncrementalForcedCall",
     "IncrementalRequiredCalls",
@@ -541,5 +551,6 @@ __all__ = [
     "ToolCall",
     "forced_schema",
     "make_call",
+    "new_call_id",
     "parse",
 ]
