@@ -375,7 +375,7 @@ def test_finished_message():
 
 
 def test_forced_calls_schema_and_parse():
-    from kvtier.server.tool_parser import ForcedCallParser, forced_schema
+    from kvtier.server.forced_calls import ForcedCallParser, forced_schema
 
     params = TOOLS[0]["function"]["parameters"]
     assert forced_schema(TOOLS, "get_weather", 1) == params

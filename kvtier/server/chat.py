@@ -9,17 +9,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvtier.server.errors import APIError
+from kvtier.server.forced_calls import (
+    ForcedCallParser,
+    IncrementalForcedCall,
+    IncrementalRequiredCalls,
+    forced_schema,
+)
 from kvtier.server.protocol import ChatCompletionRequest, ChatMessage
 from kvtier.server.reasoning_parser import split
 from kvtier.server.serving import Frontend
 from kvtier.server.tool_parser import (
     CallParser,
-    ForcedCallParser,
-    IncrementalForcedCall,
-    IncrementalRequiredCalls,
     IncrementalToolParser,
     StreamingToolParser,
-    forced_schema,
     parse,
 )
 from kvtier.server.xml_tool_parser import XmlToolParser

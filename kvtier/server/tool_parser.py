@@ -25,11 +25,7 @@ of the block is not sent), and a stream cut inside it (the token limit) leaves t
 short, with the finish reason ``length``, as OpenAI's stream does.
 
 ``tool_choice`` "required" or a named function is served by constraining the output instead
-(``forced_schema``: a JSON schema for the scheduler's structured output) to JSON that is the
-calls themselves, as vLLM does: a named function's arguments object, or for "required" a list
-of ``{"name", "parameters"}`` objects; ``ForcedCallParser`` reads them when the output ends
-(streamed, ``IncrementalForcedCall`` and ``IncrementalRequiredCalls`` send the calls as they
-are written).
+(``forced_calls``).
 
 This is SGLang's ``--tool-call-parser qwen25`` and vLLM's ``--tool-call-parser hermes`` format,
 the names ``--tool-call-parser`` takes here (``server_args.TOOL_CALL_PARSERS``).
@@ -104,22 +100,22 @@ class CallDelta:
         }
 
 
-_NOT_JSON = object()
+NOT_JSON = object()
 
 
-def _loads(text: str) -> Any:
-    """``json.loads(text)``, or ``_NOT_JSON`` where it fails: not JSON, an integer past
+def read_json(text: str) -> Any:
+    """``json.loads(text)``, or ``NOT_JSON`` where it fails: not JSON, an integer past
     Python's digit limit (ValueError), nesting past the recursion limit. Model output is
     never trusted to parse."""
     try:
         return json.loads(text)
     except (ValueError, RecursionError):
-        return _NOT_JSON
+        return NOT_JSON
 
 
-def _json_string(literal: str) -> str | None:
+def json_string(literal: str) -> str | None:
     """The value of a JSON string literal (quotes included), None when it is not one."""
-    value = _loads(literal)
+    value = read_json(literal)
     return value if isinstance(value, str) else None
 
 
@@ -134,12 +130,12 @@ def make_call(name: str, args: dict[str, object]) -> ToolCall:
 def _call_from_body(body: str) -> ToolCall | None:
     """The call a block's body holds, or None when it is not ``{"name": str, "arguments":
     object or JSON string}`` (``parameters`` accepted for ``arguments``, as some models write)."""
-    obj = _loads(body)
+    obj = read_json(body)
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
-        args = _loads(args)
+        args = read_json(args)
     if not isinstance(args, dict):
         return None
     return make_call(obj["name"], args)
@@ -202,7 +198,7 @@ _HEADER = re.compile(
     r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*\{'
 )
 # Bodies longer than this without that start arrive whole (a name is short).
-_HEADER_LIMIT = 1024
+HEADER_LIMIT = 1024
 
 
 class IncrementalToolParser:
@@ -255,12 +251,12 @@ class IncrementalToolParser:
             end = body.find(END, max(0, self._scanned - len(END) + 1))
             self._scanned = len(body)
             match = None if self._whole or end >= 0 else _HEADER.match(body)
-            name = _json_string(match.group(1)) if match is not None else None
+            name = json_string(match.group(1)) if match is not None else None
             if name is None:
                 if end >= 0:
                     self._end_whole(body[:end], content, deltas)
                     return body[end + len(END) :]
-                self._whole = self._whole or match is not None or len(body) > _HEADER_LIMIT
+                self._whole = self._whole or match is not None or len(body) > HEADER_LIMIT
                 self._buf = body
                 return ""
             call_id = new_call_id()
@@ -332,195 +328,6 @@ class IncrementalToolParser:
         return "", []
 
 
-def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
-    return tool["function"].get("parameters") or {"type": "object"}
-
-
-def forced_schema(
-    tools: list[dict[str, Any]], name: str | None, max_calls: int | None
-) -> dict[str, Any]:
-    """The JSON schema of a forced call's output (OpenAI tool definitions): the named
-    function's parameters, or (``name`` None: "required") a list of 1 to ``max_calls`` calls
-    of any of the tools."""
-    if name is not None:
-        return next(_parameters(t) for t in tools if t["function"]["name"] == name)
-    one_of = [
-        {
-            "type": "object",
-            "properties": {"name": {"enum": [t["function"]["name"]]}, "parameters": _parameters(t)},
-            "required": ["name", "parameters"],
-            "additionalProperties": False,
-        }
-        for t in tools
-    ]
-    schema: dict[str, Any] = {"type": "array", "items": {"anyOf": one_of}, "minItems": 1}
-    if max_calls is not None:
-        schema["maxItems"] = max_calls
-    return schema
-
-
-class ForcedCallParser:
-    """The calls of an output constrained by ``forced_schema``: nothing while it streams (a
-    call is only known whole), the calls when it ends; text that does not parse (cut by the
-    token limit) comes back as content."""
-
-    def __init__(self, name: str | None) -> None:
-        self.name = name
-        self.calls: list[ToolCall] = []  # set when the output ends
-        self._buf: list[str] = []
-
-    def feed(self, piece: str) -> tuple[str, list[ToolCall]]:
-        self._buf.append(piece)
-        return "", []
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        content, self.calls = self._read("".join(self._buf))
-        self._buf = []
-        return content, list(self.calls)
-
-    def _read(self, text: str) -> tuple[str, list[ToolCall]]:
-        value = _loads(text)
-        if value is _NOT_JSON:
-            return text, []
-        if self.name is not None:
-            return ("", [make_call(self.name, value)]) if isinstance(value, dict) else (text, [])
-        if not isinstance(value, list):
-            return text, []
-        calls = [
-            make_call(c["name"], c["parameters"])
-            for c in value
-            if isinstance(c, dict)
-            and isinstance(c.get("name"), str)
-            and isinstance(c.get("parameters"), dict)
-        ]
-        return ("", calls) if calls and len(calls) == len(value) else (text, [])
-
-
-class IncrementalForcedCall:
-    """The stream parser of a call forced by name (``tool_choice`` naming a function): the
-    whole output is the call's arguments (constrained to the function's parameters), so the
-    call is announced with the first piece and its arguments follow as they are written,
-    re-serialised as ``IncrementalToolParser`` does. Output that stops being JSON (cut by the
-    token limit) ends the call as sent."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.calls: list[ToolCall] = []
-        self._id = new_call_id()
-        self._json: CanonicalJson | None = CanonicalJson()
-        self._sent: list[str] = []
-        self._announced = False
-
-    def feed(self, piece: str) -> tuple[str, list[CallDelta]]:
-        deltas = []
-        if not self._announced:
-            self._announced = True
-            deltas.append(CallDelta(0, "", self._id, self.name))
-        if self._json is not None and not self._json.done:
-            try:
-                out = self._json.feed(piece)
-            except JsonStreamError as e:
-                out, self._json = e.partial, None
-            if out:
-                self._sent.append(out)
-                deltas.append(CallDelta(0, out))
-        return "", deltas
-
-    def finish(self) -> tuple[str, list[CallDelta]]:
-        self.calls.append(ToolCall(self._id, self.name, "".join(self._sent)))
-        return "", []
-
-
-# The start of a forced "required" call (an element of the constrained list): the name, then
-# the parameters object's first character; ``[`` before the first element, ``,`` before later.
-_ELEMENT = re.compile(
-    r'\s*[\[,]\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"parameters"\s*:\s*\{'
-)
-_ELEMENT_END = re.compile(r"\s*\}\s*(?=[,\]])")
-
-
-class IncrementalRequiredCalls:
-    """The stream parser of ``tool_choice: "required"``: the output is a JSON list of
-    ``{"name", "parameters"}`` objects (``forced_schema``, in that key order), each announced
-    once its name is written, its parameters streamed as its arguments (re-serialised as
-    ``IncrementalToolParser`` does). Output that stops being that list (cut by the token
-    limit) ends the calls as sent; nothing is sent as content. A first element that does not
-    begin as expected makes the whole output wait for its end and go through
-    ``ForcedCallParser``, as unstreamed."""
-
-    def __init__(self) -> None:
-        self.calls: list[ToolCall] = []
-        self._buf = ""  # text not yet read: before a call's parameters, or after them
-        self._call: tuple[str, str] | None = None
-        self._sent: list[str] = []
-        self._args: CanonicalJson | None = None
-        self._broken = False
-        self._whole: ForcedCallParser | None = None
-
-    def feed(self, piece: str) -> tuple[str, list[CallDelta]]:
-        if self._whole is not None:
-            return self._whole.feed(piece)
-        deltas: list[CallDelta] = []
-        text = self._buf + piece
-        self._buf = ""
-        while text and not self._broken:
-            if self._call is None:
-                match = _ELEMENT.match(text)
-                name = _json_string(match.group(1)) if match is not None else None
-                if name is None:
-                    if not self.calls and len(text) > _HEADER_LIMIT:
-                        self._whole = ForcedCallParser(None)
-                        return self._whole.feed(text)
-                    self._buf = text
-                    break
-                call_id = new_call_id()
-                self._call, self._sent = (call_id, name), []
-                self._args = CanonicalJson()
-                deltas.append(CallDelta(len(self.calls), "", call_id, name))
-                text = text[match.end() - 1 :]
-            text = self._parameters(text, deltas)
-        return "", deltas
-
-    def _parameters(self, text: str, deltas: list[CallDelta]) -> str:
-        """Reads a call's parameters, then the end of its object; returns what follows it."""
-        assert self._call is not None and self._args is not None
-        if not self._args.done:
-            try:
-                out = self._args.feed(text)
-            except JsonStreamError as e:
-                out, self._broken = e.partial, True
-            if out:
-                self._sent.append(out)
-                deltas.append(CallDelta(len(self.calls), out))
-            if self._broken or not self._args.done:
-                return ""
-            text = self._args.rest
-            self._args.rest = ""
-        text = self._buf + text
-        self._buf = ""
-        end = _ELEMENT_END.match(text)
-        if end is None:
-            # Still a prefix of the element's end ("}" then "," or "]"), or not the list.
-            self._broken = text.strip() not in ("", "}")
-            self._buf = text
-            return ""
-        call_id, name = self._call
-        self.calls.append(ToolCall(call_id, name, "".join(self._sent)))
-        self._call, self._sent, self._args = None, [], None
-        return text[end.end() :]
-
-    def finish(self) -> tuple[str, list[CallDelta]]:
-        if self._whole is not None:
-            content, calls = self._whole.finish()
-            return content, [CallDelta.whole(i, c) for i, c in enumerate(calls)]
-        if self._call is not None:
-            call_id, name = self._call
-            self.calls.append(ToolCall(call_id, name, "".join(self._sent)))
-            self._call = None
-        self._buf = ""
-        return "", []
-
-
 def parse(
     text: str,
     max_calls: int | None = None,
@@ -540,17 +347,17 @@ def parse(
 
 __all__ = [
     "END",
+    "HEADER_LIMIT",
+    "NOT_JSON",
     "START",
     "CallDelta",
     "CallParser",
-    "ForcedCallParser",
-    "IncrementalForcedCall",
-    "IncrementalRequiredCalls",
     "IncrementalToolParser",
     "StreamingToolParser",
     "ToolCall",
-    "forced_schema",
+    "json_string",
     "make_call",
     "new_call_id",
     "parse",
+    "read_json",
 ]
