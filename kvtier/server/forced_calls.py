@@ -14,10 +14,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from kvtier.server.json_stream import CanonicalJson, JsonStreamError
 from kvtier.server.tool_parser import (
     HEADER_LIMIT,
     NOT_JSON,
+    ArgumentStream,
     CallDelta,
     ToolCall,
     json_string,
@@ -102,8 +102,7 @@ class IncrementalForcedCall:
         self.name = name
         self.calls: list[ToolCall] = []
         self._id = new_call_id()
-        self._json: CanonicalJson | None = CanonicalJson()
-        self._sent: list[str] = []
+        self._args = ArgumentStream(0)
         self._announced = False
 
     def feed(self, piece: str) -> tuple[str, list[CallDelta]]:
@@ -111,18 +110,11 @@ class IncrementalForcedCall:
         if not self._announced:
             self._announced = True
             deltas.append(CallDelta(0, "", self._id, self.name))
-        if self._json is not None and not self._json.done:
-            try:
-                out = self._json.feed(piece)
-            except JsonStreamError as e:
-                out, self._json = e.partial, None
-            if out:
-                self._sent.append(out)
-                deltas.append(CallDelta(0, out))
+        self._args.feed(piece, deltas)
         return "", deltas
 
     def finish(self) -> tuple[str, list[CallDelta]]:
-        self.calls.append(ToolCall(self._id, self.name, "".join(self._sent)))
+        self.calls.append(ToolCall(self._id, self.name, self._args.text))
         return "", []
 
 
@@ -147,8 +139,7 @@ class IncrementalRequiredCalls:
         self.calls: list[ToolCall] = []
         self._buf = ""  # text not yet read: before a call's parameters, or after them
         self._call: tuple[str, str] | None = None
-        self._sent: list[str] = []
-        self._args: CanonicalJson | None = None
+        self._args: ArgumentStream | None = None
         self._broken = False
         self._whole: ForcedCallParser | None = None
 
@@ -169,8 +160,7 @@ class IncrementalRequiredCalls:
                     self._buf = text
                     break
                 call_id = new_call_id()
-                self._call, self._sent = (call_id, name), []
-                self._args = CanonicalJson()
+                self._call, self._args = (call_id, name), ArgumentStream(len(self.calls))
                 deltas.append(CallDelta(len(self.calls), "", call_id, name))
                 text = text[match.end() - 1 :]
             text = self._parameters(text, deltas)
@@ -180,17 +170,11 @@ class IncrementalRequiredCalls:
         """Reads a call's parameters, then the end of its object; returns what follows it."""
         assert self._call is not None and self._args is not None
         if not self._args.done:
-            try:
-                out = self._args.feed(text)
-            except JsonStreamError as e:
-                out, self._broken = e.partial, True
-            if out:
-                self._sent.append(out)
-                deltas.append(CallDelta(len(self.calls), out))
+            self._args.feed(text, deltas)
+            self._broken = self._args.broken
             if self._broken or not self._args.done:
                 return ""
-            text = self._args.rest
-            self._args.rest = ""
+            text = self._args.take_rest()
         text = self._buf + text
         self._buf = ""
         end = _ELEMENT_END.match(text)
@@ -199,19 +183,22 @@ class IncrementalRequiredCalls:
             self._broken = text.strip() not in ("", "}")
             self._buf = text
             return ""
-        call_id, name = self._call
-        self.calls.append(ToolCall(call_id, name, "".join(self._sent)))
-        self._call, self._sent, self._args = None, [], None
+        self._end_call()
         return text[end.end() :]
+
+    def _end_call(self) -> None:
+        assert self._call is not None and self._args is not None
+        call_id, name = self._call
+        self.calls.append(ToolCall(call_id, name, self._args.text))
+        self._call, self._args = None, None
 
     def finish(self) -> tuple[str, list[CallDelta]]:
         if self._whole is not None:
             content, calls = self._whole.finish()
+            self.calls = list(calls)
             return content, [CallDelta.whole(i, c) for i, c in enumerate(calls)]
         if self._call is not None:
-            call_id, name = self._call
-            self.calls.append(ToolCall(call_id, name, "".join(self._sent)))
-            self._call = None
+            self._end_call()
         self._buf = ""
         return "", []
 

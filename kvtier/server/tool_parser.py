@@ -201,6 +201,42 @@ _HEADER = re.compile(
 HEADER_LIMIT = 1024
 
 
+class ArgumentStream:
+    """A streamed call's arguments: the model's JSON text in (``feed``), its canonical pieces
+    out as ``CallDelta``s of call ``index``. ``done`` once the arguments' value has ended
+    (``rest``: the text after it, taken once); ``broken`` once the text stopped being JSON
+    (what parsed of that piece was still sent); ``text`` all that was sent."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.broken = False
+        self._json = CanonicalJson()
+        self._sent: list[str] = []
+
+    @property
+    def done(self) -> bool:
+        return self._json.done
+
+    @property
+    def text(self) -> str:
+        return "".join(self._sent)
+
+    def take_rest(self) -> str:
+        rest, self._json.rest = self._json.rest, ""
+        return rest
+
+    def feed(self, text: str, deltas: list[CallDelta]) -> None:
+        if self.broken or self._json.done:
+            return
+        try:
+            out = self._json.feed(text)
+        except JsonStreamError as e:
+            out, self.broken = e.partial, True
+        if out:
+            self._sent.append(out)
+            deltas.append(CallDelta(self.index, out))
+
+
 class IncrementalToolParser:
     """``StreamingToolParser`` for a stream that sends calls as ``CallDelta`` pieces (see the
     module docstring): ``feed`` returns ``(content, deltas)``."""
@@ -212,8 +248,7 @@ class IncrementalToolParser:
         self._in_block = False
         self._whole = False  # this block arrives whole, when it ends
         self._call: tuple[str, str] | None = None  # the announced call's id and name
-        self._sent: list[str] = []  # the pieces of its arguments sent so far
-        self._args: CanonicalJson | None = None  # None once the arguments stopped parsing
+        self._args: ArgumentStream | None = None  # its arguments
         self._tail = ""  # after the arguments object (or their break): a partial end tag
         self._scanned = 0  # how much of the held body was searched for the end tag
 
@@ -260,8 +295,8 @@ class IncrementalToolParser:
                 self._buf = body
                 return ""
             call_id = new_call_id()
-            self._call, self._sent = (call_id, name), []
-            self._args = CanonicalJson()
+            self._call = (call_id, name)
+            self._args = ArgumentStream(len(self.calls))
             deltas.append(CallDelta(len(self.calls), "", call_id, name))
             text = body[match.end() - 1 :]  # from the arguments' "{"
         return self._stream_arguments(text, deltas)
@@ -271,18 +306,13 @@ class IncrementalToolParser:
         return body
 
     def _stream_arguments(self, text: str, deltas: list[CallDelta]) -> str:
-        assert self._call is not None
+        assert self._args is not None
         # The end tag can only follow the arguments object: look for it in what comes after.
-        if self._args is not None and not self._args.done:
-            try:
-                out = self._args.feed(text)
-            except JsonStreamError as e:
-                # What parsed of the piece is sent; the whole piece goes to the tail below.
-                out, self._args = e.partial, None
-            else:
-                text = self._args.rest if self._args.done else ""
-            self._send(out, deltas)
-        if self._args is None or self._args.done:
+        if not (self._args.broken or self._args.done):
+            self._args.feed(text, deltas)
+            if not self._args.broken:  # broken: the whole piece goes to the tail below
+                text = self._args.take_rest()
+        if self._args.broken or self._args.done:
             # Nothing of the tail is sent (it closes the body, or the call broke): only a
             # partial end tag is kept between pieces.
             tail = self._tail + text
@@ -294,11 +324,6 @@ class IncrementalToolParser:
             return tail[end + len(END) :]
         return ""
 
-    def _send(self, out: str, deltas: list[CallDelta]) -> None:
-        if out:
-            self._sent.append(out)
-            deltas.append(CallDelta(len(self.calls), out))
-
     def _end_whole(self, body: str, content: list[str], deltas: list[CallDelta]) -> None:
         call = _call_from_body(body.strip())
         if call is None:
@@ -309,10 +334,10 @@ class IncrementalToolParser:
         self._in_block = False
 
     def _end_streamed(self, deltas: list[CallDelta]) -> None:
-        assert self._call is not None
+        assert self._call is not None and self._args is not None
         call_id, name = self._call
-        self.calls.append(ToolCall(call_id, name, "".join(self._sent)))
-        self._call, self._sent, self._args, self._tail = None, [], None, ""
+        self.calls.append(ToolCall(call_id, name, self._args.text))
+        self._call, self._args, self._tail = None, None, ""
         self._in_block = False
 
     def finish(self) -> tuple[str, list[CallDelta]]:
@@ -350,6 +375,7 @@ __all__ = [
     "HEADER_LIMIT",
     "NOT_JSON",
     "START",
+    "ArgumentStream",
     "CallDelta",
     "CallParser",
     "IncrementalToolParser",
