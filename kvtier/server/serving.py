@@ -18,6 +18,7 @@ from kvtier.server import ipc
 from kvtier.server.engine_client import EngineClient, RequestFailed, RequestStream
 from kvtier.server.errors import STATUS_OF_FAILURE, APIError, ClientDisconnected
 from kvtier.server.metrics import Metrics, RequestTimer
+from kvtier.server.segment_encoder import SegmentEncoder
 
 T = TypeVar("T")
 
@@ -87,6 +88,9 @@ class Frontend:
     ) -> None:
         self.client = client
         self.tokenizer = tokenizer
+        # Chat prompts are tokenized message by message, the messages a conversation repeats
+        # taken from a cache (same ids as the whole text's; see segment_encoder).
+        self.chat_encoder = SegmentEncoder(tokenizer) if tokenizer is not None else None
         self.metrics = metrics
         self.model = model
         self.tool_call_parser = tool_call_parser
@@ -141,7 +145,8 @@ class Frontend:
         except Exception as e:  # the template itself may reject a conversation
             raise APIError(400, f"the chat template rejected the messages: {e}") from e
         # The template already wrote every special token.
-        return list(tok.encode(text, add_special_tokens=False))
+        assert self.chat_encoder is not None
+        return self.chat_encoder.encode(text)
 
     def check_ids(self, ids: list[int], max_new_tokens: int | None, field_name: str) -> int:
         """Validate a prompt and its token budget; return max_new_tokens (None: what is left of
