@@ -17,13 +17,15 @@ encoder checks both when it is built (the flags, then probes that mix added toke
 spaces, newlines, non-ASCII and the vocabulary's own words, whole against piecewise) and
 otherwise encodes the whole text, as without it. The cache holds stretches of at least
 ``min_chars`` characters (shorter ones cost less to encode than to look up), ``max_chars``
-characters in all, least recently used out first; a lock makes it safe from several threads.
+characters in all (16M by default: with their ids as 4-byte integers, some 30-100 MB),
+least recently used out first; a lock makes it safe from several threads.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+from array import array
 from collections import OrderedDict
 from typing import Any
 
@@ -41,11 +43,12 @@ class SegmentEncoder:
     module docstring. ``enabled`` is False where the tokenizer's splitting cannot be relied on
     (then every call encodes the whole text)."""
 
-    def __init__(self, tokenizer: Any, min_chars: int = 256, max_chars: int = 64 << 20) -> None:
+    def __init__(self, tokenizer: Any, min_chars: int = 256, max_chars: int = 16 << 20) -> None:
         self.tokenizer = tokenizer
         self.min_chars = min_chars
         self.max_chars = max_chars
-        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        # Ids as int32 arrays: 4 bytes a token (a list would hold ~36).
+        self._cache: OrderedDict[str, array] = OrderedDict()
         self._chars = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -114,7 +117,7 @@ class SegmentEncoder:
                 ids.extend(self._stretch(part) if cache else self._whole(part))
         return ids
 
-    def _stretch(self, part: str) -> list[int]:
+    def _stretch(self, part: str) -> list[int] | array:
         if len(part) < self.min_chars:
             return self._whole(part)
         with self._lock:
@@ -128,7 +131,7 @@ class SegmentEncoder:
         if len(part) <= self.max_chars:
             with self._lock:
                 if part not in self._cache:
-                    self._cache[part] = ids
+                    self._cache[part] = array("i", ids)
                     self._chars += len(part)
                 while self._chars > self.max_chars:
                     old, _ = self._cache.popitem(last=False)
