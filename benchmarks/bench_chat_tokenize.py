@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvtier.server.segment_encoder import SegmentEncoder
+from kvtier.chat_prompt import SegmentEncoder
 from kvtier.tokenizer import load_tokenizer
 
 # Code-like words: a program's names and punctuation, newlines, indentation.

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier.async_driver import AsyncDriver
+from kvtier.chat_prompt import ChatTemplateError, SegmentEncoder, chat_ids
 from kvtier.models import ResolvedModel, resolve_model
 from kvtier.sampling_params import SamplingParams, check_logprob_args
 from kvtier.scheduler.request import GenerateResult, Req, ReqOutput
@@ -104,6 +105,7 @@ class Engine:
         if self.scheduler.runner.device.type == "cuda" and not args.skip_server_warmup:
             self.scheduler.warm_up()
         self.tokenizer = self.scheduler.detok.tokenizer
+        self._chat_encoder: SegmentEncoder | None = None  # built by the first chat call
         self._closed = False
         self._driver = AsyncDriver(self.scheduler)
 
@@ -223,6 +225,64 @@ class Engine:
                     pending.discard(out.rid)
         dicts = [results[r.rid].to_dict(time.perf_counter() - start) for r in reqs]
         return dicts[0] if single else dicts
+
+    def _chat_ids(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        tools: list[dict[str, Any]] | None,
+        chat_template_kwargs: dict[str, Any] | None,
+    ) -> list[int] | list[list[int]]:
+        """One conversation's ids, or a list of conversations' (``chat``'s rule)."""
+        if self.tokenizer is None:
+            raise RequestError("this engine has no tokenizer: chat needs one (--tokenizer-path)")
+        if self._chat_encoder is None:
+            self._chat_encoder = SegmentEncoder(self.tokenizer)
+        if not isinstance(messages, list):
+            raise RequestError("messages must be a list of message dicts, or a list of those")
+        batch = bool(messages) and all(isinstance(m, list) for m in messages)
+        convs = messages if batch else [messages]
+        try:
+            ids = [
+                chat_ids(self.tokenizer, self._chat_encoder, c, tools, chat_template_kwargs)
+                for c in convs
+            ]
+        except ChatTemplateError as e:
+            raise RequestError(str(e)) from e
+        return ids if batch else ids[0]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        stream: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]] | Iterator[dict[str, Any]]:
+        """``generate`` for a conversation (a list of ``{"role", "content"}`` dicts, as
+        vLLM's ``LLM.chat`` takes) or a list of conversations: rendered by the tokenizer's chat
+        template with the generation prompt (and ``tools``, OpenAI's definitions, and the
+        template's own ``chat_template_kwargs``), tokenized with the messages a conversation
+        repeats taken from a cache (``kvtier.chat_prompt``). Returns what ``generate`` does;
+        the text is the model's, tool calls included as written. RequestError says why a
+        conversation cannot be rendered."""
+        ids = self._chat_ids(messages, tools, chat_template_kwargs)
+        return self.generate(input_ids=ids, sampling_params=sampling_params, stream=stream)
+
+    async def async_chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        stream: bool = False,
+    ) -> dict[str, Any] | list[dict[str, Any]] | AsyncIterator[dict[str, Any]]:
+        """``chat`` for asyncio code (as ``async_generate``)."""
+        ids = self._chat_ids(messages, tools, chat_template_kwargs)
+        return await self.async_generate(
+            input_ids=ids, sampling_params=sampling_params, stream=stream
+        )
 
     def _stream(self, reqs: list[Req], single: bool) -> Iterator[dict[str, Any]]:
         index = {r.rid: i for i, r in enumerate(reqs)}

@@ -758,3 +758,29 @@ def test_chat_template_flag(tmp_path):
         tok = e.tokenizer
         text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
         assert text == "<user>hi"
+
+
+def test_chat_renders_the_template_and_reuses_repeated_messages(engine):
+    system = {"role": "system", "content": "You write code. " * 60}
+    conv = [system, {"role": "user", "content": "Sort a list."}]
+    text = engine.tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    ids = list(engine.tokenizer.encode(text, add_special_tokens=False))
+    out = engine.chat(conv, GREEDY)
+    assert out["meta_info"]["prompt_tokens"] == len(ids)
+    assert out["output_ids"] == engine.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+    # A batch of conversations; the system prompt's ids come from the cache the second time.
+    hits = engine._chat_encoder.hits
+    conv2 = [system, {"role": "user", "content": "Reverse a string."}]
+    both = engine.chat([conv, conv2], GREEDY)
+    assert both[0]["output_ids"] == out["output_ids"] and len(both) == 2
+    assert engine._chat_encoder.hits >= hits + 2
+    # Streamed: the pieces join to the whole answer.
+    pieces = list(engine.chat(conv, GREEDY, stream=True))
+    assert [t for p in pieces for t in p["output_ids"]] == out["output_ids"]
+    with pytest.raises(RequestError, match=r"^messages must not be empty$"):
+        engine.chat([], GREEDY)
+    with pytest.raises(RequestError, match=r"^chat_template_kwargs may not set tools$"):
+        engine.chat(conv, GREEDY, chat_template_kwargs={"tools": []})
+    with pytest.raises(RequestError, match=r"^messages must be a list"):
+        engine.chat("hi", GREEDY)
+    engine.check_integrity()

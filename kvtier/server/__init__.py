@@ -14,9 +14,13 @@ HTTP load never delays a step. They talk over two ZeroMQ ipc:// sockets in a tem
     native_api.py           /generate, /health, /get_server_info, /get_model_info,
                             /flush_cache, /metrics, /debug/check_integrity
     streaming.py            server-sent events
-    tool_parser.py          tool calls out of generated text (--tool-call-parser)
+    tool_parser.py          tool calls out of generated text (--tool-call-parser qwen25 /
+                            hermes), streamed argument by argument
+    xml_tool_parser.py      Qwen3-Coder's XML tool calls (--tool-call-parser qwen3_coder)
+    forced_calls.py         tool_choice "required" / a named function: the schema, the calls
+    json_stream.py          a JSON value re-serialised as it streams (calls' arguments)
     reasoning_parser.py     a reasoning model's thinking apart (--reasoning-parser)
-    text_stream.py          what those two stream parsers share
+    text_stream.py          what the stream parsers share
     protocol.py             pydantic request bodies
     middleware.py           503 while draining, 401 API key, 413 body size
     errors.py               {"error": {"message", "type", "code"}} for every failure

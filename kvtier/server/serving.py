@@ -12,13 +12,13 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from kvtier.chat_prompt import NO_TEMPLATE, ChatTemplateError, SegmentEncoder, chat_ids
 from kvtier.sampling_params import SamplingParams, SamplingParamsError, check_logprob_args
 from kvtier.scheduler.request import GenerateResult, ReqOutput
 from kvtier.server import ipc
 from kvtier.server.engine_client import EngineClient, RequestFailed, RequestStream
 from kvtier.server.errors import STATUS_OF_FAILURE, APIError, ClientDisconnected
 from kvtier.server.metrics import Metrics, RequestTimer
-from kvtier.server.segment_encoder import SegmentEncoder
 
 T = TypeVar("T")
 
@@ -89,7 +89,7 @@ class Frontend:
         self.client = client
         self.tokenizer = tokenizer
         # Chat prompts are tokenized message by message, the messages a conversation repeats
-        # taken from a cache (same ids as the whole text's; see segment_encoder).
+        # taken from a cache (same ids as the whole text's; see kvtier.chat_prompt).
         self.chat_encoder = SegmentEncoder(tokenizer) if tokenizer is not None else None
         self.metrics = metrics
         self.model = model
@@ -126,27 +126,14 @@ class Frontend:
         (OpenAI's objects) where given: the template decides how the model sees them.
         ``template_kwargs`` are the template's own variables (e.g. Qwen3's enable_thinking)."""
         tok = self._need_tokenizer()
-        if not messages:
-            raise APIError(400, "messages must not be empty")
-        reserved = {"messages", "tools", "tokenize", "add_generation_prompt"}
-        clash = sorted(reserved & set(template_kwargs or {}))
-        if clash:
-            raise APIError(400, f"chat_template_kwargs may not set {', '.join(clash)}")
-        if getattr(tok, "chat_template", None) is None:
-            raise APIError(400, "the model's tokenizer has no chat template: use /v1/completions")
-        try:
-            text = tok.apply_chat_template(
-                messages,
-                tools=tools,
-                tokenize=False,
-                add_generation_prompt=True,
-                **(template_kwargs or {}),
-            )
-        except Exception as e:  # the template itself may reject a conversation
-            raise APIError(400, f"the chat template rejected the messages: {e}") from e
-        # The template already wrote every special token.
         assert self.chat_encoder is not None
-        return self.chat_encoder.encode(text)
+        try:
+            return chat_ids(tok, self.chat_encoder, messages, tools, template_kwargs)
+        except ChatTemplateError as e:
+            message = str(e)
+            if message == NO_TEMPLATE:
+                message += ": use /v1/completions"
+            raise APIError(400, message) from e
 
     def check_ids(self, ids: list[int], max_new_tokens: int | None, field_name: str) -> int:
         """Validate a prompt and its token budget; return max_new_tokens (None: what is left of

@@ -1,4 +1,6 @@
-"""Tokenizing chat prompts piece by piece, with the pieces a conversation repeats cached.
+"""Chat prompts to token ids: the tokenizer's chat template (``chat_ids``), then the rendered
+text tokenized piece by piece, with the pieces a conversation repeats cached
+(``SegmentEncoder``). Shared by the server's chat API and ``Engine.chat``.
 
 A coding agent sends its whole conversation every turn: tens of thousands of tokens of which
 only the last messages are new. Tokenizing it all again is host time before the first token
@@ -139,4 +141,50 @@ class SegmentEncoder:
         return ids
 
 
-__all__ = ["SegmentEncoder"]
+class ChatTemplateError(ValueError):
+    """A conversation the chat template cannot render (the message says why)."""
+
+
+NO_TEMPLATE = "the model's tokenizer has no chat template"
+# Template variables a request's chat_template_kwargs may not override.
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "tokenize", "add_generation_prompt"})
+
+
+def chat_ids(
+    tokenizer: Any,
+    encoder: SegmentEncoder,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """The conversation through the tokenizer's chat template, with the tools' definitions
+    (OpenAI's objects) where given and the generation prompt, tokenized by ``encoder`` (the
+    template writes every special token). ``template_kwargs`` are the template's own variables
+    (e.g. Qwen3's enable_thinking). ChatTemplateError says what is wrong."""
+    if not messages:
+        raise ChatTemplateError("messages must not be empty")
+    clash = sorted(RESERVED_TEMPLATE_KWARGS & set(template_kwargs or {}))
+    if clash:
+        raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(clash)}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ChatTemplateError(NO_TEMPLATE)
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=True,
+            **(template_kwargs or {}),
+        )
+    except Exception as e:  # the template itself may reject a conversation
+        raise ChatTemplateError(f"the chat template rejected the messages: {e}") from e
+    return encoder.encode(text)
+
+
+__all__ = [
+    "NO_TEMPLATE",
+    "RESERVED_TEMPLATE_KWARGS",
+    "ChatTemplateError",
+    "SegmentEncoder",
+    "chat_ids",
+]

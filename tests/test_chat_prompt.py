@@ -1,4 +1,4 @@
-"""The chat-prompt tokenizer cache (kvtier/server/segment_encoder.py): the same ids as the
+"""The chat-prompt tokenizer cache (kvtier/chat_prompt.py): the same ids as the
 tokenizer's for the whole text, whatever the text, with the stretches a conversation repeats
 served from the cache; off where the tokenizer's splitting cannot be relied on."""
 
@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from kvtier.server.segment_encoder import SegmentEncoder
+from kvtier.chat_prompt import SegmentEncoder
 from kvtier.tokenizer import load_tokenizer
 
 TOK = load_tokenizer("builtin:tiny-qwen3")
