@@ -57,6 +57,7 @@ class SegmentEncoder:
         self.misses = 0
         self._ids: dict[str, int] = {}
         self._split: re.Pattern[str] | None = None
+        self._frame: tuple[list[int], list[int]] | None = None  # see _special_frame
         self.enabled = self._setup()
 
     def _setup(self) -> bool:
@@ -74,11 +75,32 @@ class SegmentEncoder:
         words = sorted(self._ids, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(w) for w in words) + ")")
         a, b = sorted(self._ids, key=lambda w: self._ids[w])[:2]
-        for text in [p.format(a, b) for p in _PROBE] + self._vocab_probes(a, b):
+        probes = [p.format(a, b) for p in _PROBE] + self._vocab_probes(a, b)
+        for text in probes:
             if self._piecewise(text, cache=False) != self._whole(text):
                 self._split = None
                 return False
+        self._frame = self._special_frame(probes)
         return True
+
+    def _special_frame(self, probes: list[str]) -> tuple[list[int], list[int]] | None:
+        """The ids ``add_special_tokens=True`` puts before and after a text (a BOS, say), when
+        they are the same for every probe; None otherwise."""
+        frame = None
+        for text in probes:
+            bare = self._whole(text)
+            full = list(self.tokenizer.encode(text, add_special_tokens=True))
+            for start in range(len(full) - len(bare) + 1):
+                if full[start : start + len(bare)] == bare:
+                    break
+            else:
+                return None
+            this = (full[:start], full[start + len(bare) :])
+            if frame is None:
+                frame = this
+            elif this != frame:
+                return None
+        return frame
 
     def _vocab_probes(self, a: str, b: str) -> list[str]:
         """Probes made of the vocabulary's own tokens, so that a difference in how a stretch
@@ -103,7 +125,13 @@ class SegmentEncoder:
     def _whole(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """``tokenizer.encode(text, add_special_tokens=...)``'s ids."""
+        if add_special_tokens:
+            if not self.enabled or self._frame is None:
+                return list(self.tokenizer.encode(text, add_special_tokens=True))
+            before, after = self._frame
+            return before + self._piecewise(text, cache=True) + after
         if not self.enabled:
             return self._whole(text)
         return self._piecewise(text, cache=True)

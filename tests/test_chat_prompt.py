@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from kvtier.chat_prompt import SegmentEncoder
@@ -89,12 +89,33 @@ def test_safe_from_several_threads():
     assert errors == []
 
 
-def _word_tokenizer(added, pre_tokenizer=None):
+def _word_tokenizer(added, pre_tokenizer=None, bos=False):
     vocab = {"[UNK]": 0, "a": 1, "b": 2, "▁a": 3, "▁b": 4, "▁": 5}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizer or pre_tokenizers.Whitespace()
     tok.add_special_tokens(added)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_text_prompts_with_the_tokenizers_special_tokens():
+    # add_special_tokens=True: what the tokenizer's post-processor frames a text with (none
+    # for the builtin ChatML tokenizer, a BOS here) around the piecewise ids.
+    rng = random.Random(5)
+    enc = SegmentEncoder(TOK, min_chars=4)
+    for _ in range(50):
+        text = _random_text(rng, 30)
+        assert enc.encode(text, add_special_tokens=True) == list(TOK.encode(text))
+    tok = _word_tokenizer([AddedToken("<s>"), AddedToken("</s>")], bos=True)
+    enc = SegmentEncoder(tok, min_chars=1)
+    assert enc.enabled and enc._frame == ([tok.convert_tokens_to_ids("<s>")], [])
+    for _ in range(50):
+        text = "".join(rng.choice(["a", "b", " ", "<s>", "</s>"]) for _ in range(12))
+        assert enc.encode(text, add_special_tokens=True) == list(tok.encode(text))
+        assert enc.encode(text) == whole(tok, text)
 
 
 def test_off_where_an_added_token_strips_its_neighbours():

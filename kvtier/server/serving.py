@@ -114,7 +114,12 @@ class Frontend:
         return self.tokenizer
 
     def encode(self, text: str) -> list[int]:
-        return list(self._need_tokenizer().encode(text))
+        """A text prompt's ids (the tokenizer's special tokens added, as its encode does); a
+        prompt that repeats stretches between special tokens (a conversation rendered by the
+        client) takes their ids from the chat encoder's cache."""
+        self._need_tokenizer()
+        assert self.chat_encoder is not None
+        return self.chat_encoder.encode(text, add_special_tokens=True)
 
     def encode_chat(
         self,
