@@ -129,7 +129,8 @@ class Engine:
                 raise RequestError("this engine has no tokenizer: pass input_ids instead of text")
             if not all(isinstance(p, str) for p in prompts):
                 raise RequestError("prompt must be a string or a list of strings")
-            ids_list = [self.tokenizer.encode(p) for p in prompts]
+            encoder = self._encoder()
+            ids_list = [encoder.encode(p, add_special_tokens=True) for p in prompts]
         else:
             assert input_ids is not None
             single = not input_ids or isinstance(input_ids[0], int)
@@ -226,6 +227,13 @@ class Engine:
         dicts = [results[r.rid].to_dict(time.perf_counter() - start) for r in reqs]
         return dicts[0] if single else dicts
 
+    def _encoder(self) -> SegmentEncoder:
+        """The tokenizer behind the repeated-stretch cache (built on first use: tests build
+        many engines that never tokenize)."""
+        if self._chat_encoder is None:
+            self._chat_encoder = SegmentEncoder(self.tokenizer)
+        return self._chat_encoder
+
     def _chat_ids(
         self,
         messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
@@ -235,17 +243,13 @@ class Engine:
         """One conversation's ids, or a list of conversations' (``chat``'s rule)."""
         if self.tokenizer is None:
             raise RequestError("this engine has no tokenizer: chat needs one (--tokenizer-path)")
-        if self._chat_encoder is None:
-            self._chat_encoder = SegmentEncoder(self.tokenizer)
+        encoder = self._encoder()
         if not isinstance(messages, list):
             raise RequestError("messages must be a list of message dicts, or a list of those")
         batch = bool(messages) and all(isinstance(m, list) for m in messages)
         convs = messages if batch else [messages]
         try:
-            ids = [
-                chat_ids(self.tokenizer, self._chat_encoder, c, tools, chat_template_kwargs)
-                for c in convs
-            ]
+            ids = [chat_ids(self.tokenizer, encoder, c, tools, chat_template_kwargs) for c in convs]
         except ChatTemplateError as e:
             raise RequestError(str(e)) from e
         return ids if batch else ids[0]
