@@ -109,16 +109,20 @@ def test_unfinished_call_comes_back_as_text():
     assert parse(text) == (text, [])
 
 
-def stream(pieces, max_calls=None):
-    parser = StreamingToolParser(max_calls)
-    content, calls = [], []
+def feed_all(parser, pieces):
+    """The pieces through ``parser`` in order, then its finish: (the content joined, what it
+    gave besides: calls or call pieces)."""
+    content, items = [], []
     for piece in pieces:
         c, found = parser.feed(piece)
         content.append(c)
-        calls += found
+        items += found
     rest, more = parser.finish()
-    content.append(rest)
-    return content, calls + more
+    return "".join(content) + rest, items + more
+
+
+def stream(pieces, max_calls=None):
+    return feed_all(StreamingToolParser(max_calls), pieces)
 
 
 @pytest.mark.parametrize("text", [TEXT, "plain <tool text", "x <tool_call>bad</tool_call> y"])
@@ -126,9 +130,8 @@ def test_any_split_of_a_stream_gives_the_whole_parse(text):
     whole_content, whole_calls = parse(text)
     for i in range(len(text) + 1):
         for j in range(i, len(text) + 1, 7):
-            content, calls = stream([text[:i], text[i:j], text[j:]])
+            joined, calls = stream([text[:i], text[i:j], text[j:]])
             assert named(calls) == named(whole_calls)
-            joined = "".join(content)
             assert (joined.strip() if whole_calls else joined) == (whole_content or "")
 
 
@@ -210,14 +213,8 @@ def test_stream_events_carry_content_then_each_call():
 
 def _incremental(pieces, max_calls=None):
     parser = IncrementalToolParser(max_calls)
-    content, deltas = [], []
-    for piece in pieces:
-        c, found = parser.feed(piece)
-        content.append(c)
-        deltas += found
-    rest, more = parser.finish()
-    content.append(rest)
-    return "".join(content), [{"tool_calls": [d.to_dict()]} for d in deltas + more], parser
+    content, deltas = feed_all(parser, pieces)
+    return content, [{"tool_calls": [d.to_dict()]} for d in deltas], parser
 
 
 SPACED = (
@@ -445,13 +442,8 @@ def test_named_forced_call_streams_its_arguments():
 
 def _stream_required(pieces):
     parser = _plan("required").stream_parser()
-    content, deltas = "", []
-    for piece in pieces:
-        c, d = parser.feed(piece)
-        content += c
-        deltas += d
-    c, d = parser.finish()
-    return content + c, [{"tool_calls": [x.to_dict()]} for x in deltas + d], parser
+    content, deltas = feed_all(parser, pieces)
+    return content, [{"tool_calls": [d.to_dict()]} for d in deltas], parser
 
 
 def test_required_calls_stream_their_arguments():

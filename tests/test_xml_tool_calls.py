@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 
+from test_tool_calls import feed_all
+
 from kvtier.server import chat
 from kvtier.server.xml_tool_parser import XmlToolParser, convert
 
@@ -88,13 +90,7 @@ def test_convert(text, schema, value):
 
 def _stream(pieces, max_calls=None):
     parser = XmlToolParser(TOOLS, max_calls)
-    content, deltas = [], []
-    for piece in pieces:
-        c, d = parser.feed(piece)
-        content.append(c)
-        deltas += d
-    c, d = parser.finish()
-    content.append(c)
+    content, deltas = feed_all(parser, pieces)
     calls = {}
     for d in deltas:
         if d.index not in calls:
@@ -103,7 +99,7 @@ def _stream(pieces, max_calls=None):
         else:
             assert d.id is None
         calls[d.index][1] += d.arguments
-    return "".join(content), [tuple(calls[i]) for i in sorted(calls)], parser
+    return content, [tuple(calls[i]) for i in sorted(calls)], parser
 
 
 @pytest.mark.parametrize("text", [TEXT, "a <tool_call>not a call</tool_call> b", "x <tool"])

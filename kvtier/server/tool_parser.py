@@ -141,6 +141,23 @@ def _call_from_body(body: str) -> ToolCall | None:
     return make_call(obj["name"], args)
 
 
+def content_until_call(text: str, content: list[str], may_open: bool) -> tuple[str | None, str]:
+    """Outside a call: the text before the next start tag goes to ``content``. Returns the
+    text after that tag and ""; or, where no call starts in ``text``, None and what to hold
+    back for the next piece (a possible partial start tag). With ``may_open`` False (the
+    calls' limit reached) all of ``text`` is content."""
+    if not may_open:
+        content.append(text)
+        return None, ""
+    start = text.find(START)
+    if start < 0:
+        keep = held_prefix(text, START)
+        content.append(text[: len(text) - keep])
+        return None, text[len(text) - keep :]
+    content.append(text[:start])
+    return text[start + len(START) :], ""
+
+
 class StreamingToolParser:
     """Feed text pieces in order; each ``feed`` returns ``(content, calls)``: the content now
     known to lie outside every call, and the calls completed by this piece. ``finish`` returns
@@ -161,29 +178,20 @@ class StreamingToolParser:
         content: list[str] = []
         found: list[ToolCall] = []
         while text:
-            if not self._open():
-                content.append(text)
+            body, self._buf = content_until_call(text, content, self._open())
+            if body is None:
                 break
-            start = text.find(START)
-            if start < 0:
-                keep = held_prefix(text, START)
-                content.append(text[: len(text) - keep])
-                self._buf = text[len(text) - keep :]
-                break
-            end = text.find(END, start + len(START))
+            end = body.find(END)
             if end < 0:
-                content.append(text[:start])
-                self._buf = text[start:]
+                self._buf = START + body
                 break
-            call = _call_from_body(text[start + len(START) : end].strip())
-            stop = end + len(END)
+            call = _call_from_body(body[:end].strip())
             if call is None:
-                content.append(text[:stop])
+                content.append(START + body[: end + len(END)])
             else:
-                content.append(text[:start])
                 found.append(call)
                 self.calls.append(call)
-            text = text[stop:]
+            text = body[end + len(END) :]
         return "".join(content), found
 
     def finish(self) -> tuple[str, list[ToolCall]]:
@@ -262,17 +270,10 @@ class IncrementalToolParser:
         deltas: list[CallDelta] = []
         while text:
             if not self._in_block:
-                if not self._open():
-                    content.append(text)
+                body, self._buf = content_until_call(text, content, self._open())
+                if body is None:
                     break
-                start = text.find(START)
-                if start < 0:
-                    keep = held_prefix(text, START)
-                    content.append(text[: len(text) - keep])
-                    self._buf = text[len(text) - keep :]
-                    break
-                content.append(text[:start])
-                text = text[start + len(START) :]
+                text = body
                 self._in_block, self._whole, self._scanned = True, False, 0
             text = self._block(text, content, deltas)
         return "".join(content), deltas
@@ -381,6 +382,7 @@ __all__ = [
     "IncrementalToolParser",
     "StreamingToolParser",
     "ToolCall",
+    "content_until_call",
     "json_string",
     "make_call",
     "new_call_id",

@@ -36,7 +36,14 @@ import re
 from typing import Any
 
 from kvtier.server.text_stream import held_prefix
-from kvtier.server.tool_parser import END, START, CallDelta, ToolCall, new_call_id
+from kvtier.server.tool_parser import (
+    END,
+    START,
+    CallDelta,
+    ToolCall,
+    content_until_call,
+    new_call_id,
+)
 
 _FUNCTION = re.compile(r"\s*<function=([^>\n]{1,256})>")
 _PARAMETER = re.compile(r"\s*<parameter=([^>\n]{1,256})>")
@@ -128,18 +135,10 @@ class XmlToolParser:
 
     # -------------------------------------------------------------------------- the states
     def _outside(self, text: str, content: list[str], deltas: list[CallDelta]) -> str | None:
-        if not self._open():
-            content.append(text)
-            return None
-        start = text.find(START)
-        if start < 0:
-            keep = held_prefix(text, START)
-            content.append(text[: len(text) - keep])
-            self._buf = text[len(text) - keep :]
-            return None
-        content.append(text[:start])
-        self._state = "function"
-        return text[start + len(START) :]
+        body, self._buf = content_until_call(text, content, self._open())
+        if body is not None:
+            self._state = "function"
+        return body
 
     def _function(self, text: str, content: list[str], deltas: list[CallDelta]) -> str | None:
         match = _FUNCTION.match(text)
