@@ -85,6 +85,34 @@ def decode_bytes(cfg, batch: int, context: int, kv_bytes_per_token: int) -> floa
     return weights * elem + batch * context * kv_bytes_per_token
 
 
+def decode_step_seconds(engine, batch: int, context: int, steps: int, rng: random.Random) -> float:
+    """Mean seconds of a decode step of ``batch`` requests with ``context``-token random prompts
+    (greedy, ignore EOS), timed over ``steps`` steps after one untimed step; the requests run
+    to completion before it returns."""
+    from kvtier.sampling_params import SamplingParams
+    from kvtier.scheduler.request import Req
+
+    sched = engine.scheduler
+    vocab = sched.runner.model_config.vocab_size
+    dsp = SamplingParams(max_new_tokens=steps + 8, temperature=0, ignore_eos=True)
+    tag = f"d{batch}-{time.monotonic_ns()}"
+    for i in range(batch):
+        ids = [rng.randrange(vocab) for _ in range(context)]
+        sched.add_request(Req(rid=f"{tag}-{i}", input_ids=ids, sampling=dsp))
+    while any(r.pending > 1 for r in sched.running) or sched.waiting:
+        sched.step()
+    sched.step()  # first decode step (may compile)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        sched.step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / steps
+    while sched.has_work():
+        sched.step()
+    return dt
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="Qwen/Qwen3-30B-A3B-Instruct-2507")
@@ -153,26 +181,8 @@ def main() -> int:
             f"{rate / tflops:.2f} of matmul"
         )
     ctx = parse_lengths(args.decode_context)[0]
-    sched = engine.scheduler
     for b in parse_lengths(args.decode_batch):
-        from kvtier.sampling_params import SamplingParams
-        from kvtier.scheduler.request import Req
-
-        dsp = SamplingParams(max_new_tokens=args.decode_steps + 8, temperature=0, ignore_eos=True)
-        for i in range(b):
-            ids = [rng.randrange(vocab) for _ in range(ctx)]
-            sched.add_request(Req(rid=f"d{b}-{i}", input_ids=ids, sampling=dsp))
-        while any(r.pending > 1 for r in sched.running) or sched.waiting:
-            sched.step()
-        sched.step()  # first decode step (may compile)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(args.decode_steps):
-            sched.step()
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t) / args.decode_steps
-        while sched.has_work():
-            sched.step()
+        dt = decode_step_seconds(engine, b, ctx, args.decode_steps, rng)
         nbytes = decode_bytes(cfg, b, ctx, kvb)
         # The roofline is the copy bandwidth counting read plus write: what HBM moves per second.
         ratio = nbytes / dt / 1e9 / gbps
