@@ -85,6 +85,7 @@ On CPU tensors the kernel needs Triton's interpreter (TRITON_INTERPRET=1), as th
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import torch
@@ -115,6 +116,13 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # the one-block sum of squares (as _rms_norm_kernel does): at 4 warps 64 float32 a thread for
 # K = 8192, twice that while the residual is added.
 MAX_NORM_K = 8192
+
+
+# Configs by shape for A/B runs, {"T,N,K": {GemvConfig field: value}} (KVTIER_GEMV_TILES, JSON,
+# read at import; default_config consults it on every call, so it may also be set at run time).
+TILE_OVERRIDES: dict[str, dict[str, int | bool]] = json.loads(
+    os.environ.get("KVTIER_GEMV_TILES", "{}")
+)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -190,8 +198,9 @@ class NormPrologue:
 
 
 def default_config(t: int, n: int, k: int) -> GemvConfig:
-    """A config for ``x [t, k] @ weight [n, k].T``, from the H200 sweep of the Qwen3-30B-A3B
-    shapes (``benchmarks/bench_gemv.py --sweep``, docs/benchmarks.md):
+    """A config for ``x [t, k] @ weight [n, k].T``: ``TILE_OVERRIDES``' entry for the shape if
+    there is one, else from the H200 sweep of the Qwen3-30B-A3B shapes
+    (``benchmarks/bench_gemv.py --sweep``, docs/benchmarks.md):
 
     - small N (the router, N = 128): 4 rows a program and K split until ~one program per SM
       (x8); K steps of 256; tl.dot above 4 rows.
@@ -202,6 +211,9 @@ def default_config(t: int, n: int, k: int) -> GemvConfig:
       with K split in 4 above.
     Other shapes (``prefer_gemv`` says no to them) get the small-N rule's tiles.
     """
+    override = TILE_OVERRIDES.get(f"{t},{n},{k}")
+    if override is not None:
+        return GemvConfig(**override)
     if n > _SMALL_N and t == 1:
         wide = k >= _LONG_K
         return GemvConfig(4, 1024 if wide else 256, num_warps=8 if wide else 4, num_stages=3)
