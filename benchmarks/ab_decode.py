@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_engine import decode_bytes, decode_step_seconds, parse_lengths
+from bench_engine import copy_gbps, decode_bytes, decode_step_seconds, parse_lengths
 
 
 def parse_variant(spec: str) -> tuple[str, list[tuple[Any, str, Any]]]:
@@ -133,7 +133,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="Qwen/Qwen3-30B-A3B-Instruct-2507")
     ap.add_argument("--batch", default="1,4")
-    ap.add_argument("--context", default="4K")
+    ap.add_argument("--context", default="4K", help="comma-separated context lengths")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:SETTINGS")
@@ -144,9 +144,11 @@ def main() -> int:
         return 2
     variants = [parse_variant(v) for v in args.variant or ["default:"]]
     batches = parse_lengths(args.batch)
-    ctx = parse_lengths(args.context)[0]
+    cases = [(c, b) for c in parse_lengths(args.context) for b in batches]
     import kvtier
 
+    gbps = copy_gbps()
+    torch.cuda.empty_cache()  # the copy's 8 GB, before the engine sizes its KV pool
     engine = kvtier.Engine(
         model_path=args.model,
         load_format="dummy",
@@ -157,7 +159,7 @@ def main() -> int:
     cfg = engine.scheduler.runner.model_config
     kvb = engine.scheduler.runner.kv_pool.token_bytes
     rng = random.Random(0)
-    times: dict[str, dict[int, list[float]]] = {n: {b: [] for b in batches} for n, _ in variants}
+    times: dict[str, dict[str, list[float]]] = {n: {} for n, _ in variants}
     for r in range(args.rounds):
         for name, settings in variants:
             saved = [(m, a, getattr(m, a)) for m, a, _ in settings]
@@ -165,30 +167,36 @@ def main() -> int:
                 setattr(m, a, v)
             try:
                 recapture(engine)
-                for b in batches:
-                    dt = decode_step_seconds(engine, b, ctx, args.steps, rng)
-                    times[name][b].append(dt)
-                    print(f"round {r} {name:>16} batch {b:>3}: {dt * 1e3:7.3f} ms/step", flush=True)
+                for c, b in cases:
+                    dt = decode_step_seconds(engine, b, c, args.steps, rng)
+                    times[name].setdefault(f"{c}/{b}", []).append(dt)
+                    print(f"round {r} {name:>16} ctx {c:>6} batch {b:>3}: {dt * 1e3:7.3f} ms/step")
             finally:
                 for m, a, v in saved:
                     setattr(m, a, v)
     print(
-        f"\nmedian of {args.rounds} rounds, ms a step (ratio of the HBM roofline needs a copy "
-        "rate: see bench_engine.py)"
+        f"\nmedian of {args.rounds} rounds, ms a step (+- half the spread), and the bytes a step "
+        f"reads over it as a ratio of the device copy rate ({gbps:.0f} GB/s r+w, this run)"
     )
-    summary = {}
+    summary: dict[str, dict] = {}
     for name, _ in variants:
-        row = {b: statistics.median(times[name][b]) for b in batches}
-        spread = {b: max(times[name][b]) - min(times[name][b]) for b in batches}
-        summary[name] = {"median_s": row, "spread_s": spread, "all_s": times[name]}
-        cells = "  ".join(
-            f"b{b} {row[b] * 1e3:6.3f} (+-{spread[b] * 1e3 / 2:.3f})" for b in batches
-        )
-        print(f"{name:>16}: {cells}")
+        summary[name] = {}
+        cells = []
+        for c, b in cases:
+            key = f"{c}/{b}"
+            xs = times[name][key]
+            med = statistics.median(xs)
+            ratio = decode_bytes(cfg, b, c, kvb) / med / 1e9 / gbps
+            summary[name][key] = {"median_s": med, "all_s": xs, "ratio": ratio}
+            cells.append(
+                f"{key} {med * 1e3:.3f} (+-{(max(xs) - min(xs)) * 1e3 / 2:.3f}) {ratio:.2f}"
+            )
+        print(f"{name:>16}: " + "  ".join(cells))
     engine.shutdown()
     if args.output:
-        bytes_ = {b: decode_bytes(cfg, b, ctx, kvb) for b in batches}
-        Path(args.output).write_text(json.dumps({"bytes": bytes_, "variants": summary}, indent=1))
+        Path(args.output).write_text(
+            json.dumps({"copy_gbps_rw": gbps, "variants": summary}, indent=1)
+        )
     return 0
 
 

@@ -46,6 +46,8 @@ K/V: ~575-665) and ~465 after a 64K prefix.
 from __future__ import annotations
 
 import functools
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -785,6 +787,12 @@ def extend_split_tiles(group: int, max_extend_len: int, block_rows: int) -> tupl
     return block_q, block_g
 
 
+# Decode stage-1 tiles for bf16 / fp16 with head_dim <= 128, for A/B runs: {"block_n": ...,
+# "num_warps": ..., "num_stages": ...} (KVTIER_DECODE_TILES, JSON, read at import; consulted
+# on every call, so it may also be set at run time).
+DECODE_TILES: dict[str, int] = json.loads(os.environ.get("KVTIER_DECODE_TILES", "{}"))
+
+
 def default_decode_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     """Tiles for decode stage 1 (block_m unused: the head tile is the GQA group).
 
@@ -796,6 +804,8 @@ def default_decode_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
         return KernelConfig(16, 16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(16, 32, 4, 2)
+    if DECODE_TILES:
+        return KernelConfig(16, **{"block_n": 64, "num_warps": 4, "num_stages": 3, **DECODE_TILES})
     return KernelConfig(16, 64, 4, 3)
 
 
