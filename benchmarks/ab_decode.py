@@ -33,8 +33,11 @@ import torch
 from bench_engine import copy_gbps, decode_bytes, decode_step_seconds, parse_lengths
 
 
-def parse_variant(spec: str) -> tuple[str, list[tuple[Any, str, Any]]]:
-    """``NAME:mod:ATTR=JSON;...`` -> (NAME, [(module, ATTR, value)]); ValueError on a bad spec."""
+def parse_variant(spec: str, engine: Any = None) -> tuple[str, list[tuple[Any, str, Any]]]:
+    """``NAME:SETTING;...`` -> (NAME, [(object, ATTR, value)]); ValueError on a bad spec. A
+    setting is ``module:ATTR=JSON``, ``@path.ATTR=JSON`` (an attribute reached from the engine,
+    e.g. ``@scheduler.runner.attn_backend.max_kv_splits=128``; resolved only when ``engine`` is
+    given, else only checked for form) or ``knockout=NAMES``."""
     name, sep, rest = spec.partition(":")
     if not sep or not name:
         raise ValueError(f"--variant {spec!r}: expected NAME:[module:ATTR=JSON;...]")
@@ -44,16 +47,28 @@ def parse_variant(spec: str) -> tuple[str, list[tuple[Any, str, Any]]]:
         if target == "knockout":
             settings += knockout_settings([n for n in raw.split(",") if n])
             continue
-        mod_name, colon, attr = target.rpartition(":")
-        if not eq or not colon:
-            raise ValueError(f"--variant {spec!r}: setting {item!r} is not module:ATTR=JSON")
-        module = importlib.import_module(mod_name)
-        if not hasattr(module, attr):
-            raise ValueError(f"--variant {spec!r}: {mod_name} has no attribute {attr}")
+        if target.startswith("@"):
+            path, dot, attr = target[1:].rpartition(".")
+            if not eq or not dot:
+                raise ValueError(f"--variant {spec!r}: setting {item!r} is not @path.ATTR=JSON")
+            if engine is None:
+                continue
+            obj = engine
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            where = f"engine.{path}"
+        else:
+            mod_name, colon, attr = target.rpartition(":")
+            if not eq or not colon:
+                raise ValueError(f"--variant {spec!r}: setting {item!r} is not module:ATTR=JSON")
+            obj = importlib.import_module(mod_name)
+            where = mod_name
+        if not hasattr(obj, attr):
+            raise ValueError(f"--variant {spec!r}: {where} has no attribute {attr}")
         value = json.loads(raw)
-        if isinstance(getattr(module, attr), (set, frozenset)):
+        if isinstance(getattr(obj, attr), (set, frozenset)):
             value = frozenset(value)
-        settings.append((module, attr, value))
+        settings.append((obj, attr, value))
     return name, settings
 
 
@@ -142,7 +157,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("ab_decode.py times CUDA graphs; no CUDA device is visible", file=sys.stderr)
         return 2
-    variants = [parse_variant(v) for v in args.variant or ["default:"]]
+    specs = args.variant or ["default:"]
+    for spec in specs:
+        parse_variant(spec)  # the form, before the engine's minute of start-up
     batches = parse_lengths(args.batch)
     cases = [(c, b) for c in parse_lengths(args.context) for b in batches]
     import kvtier
@@ -156,6 +173,7 @@ def main() -> int:
         cuda_graph_max_bs=max(batches),
         log_level="warning",
     )
+    variants = [parse_variant(spec, engine) for spec in specs]
     cfg = engine.scheduler.runner.model_config
     kvb = engine.scheduler.runner.kv_pool.token_bytes
     rng = random.Random(0)

@@ -155,6 +155,8 @@ class TritonAttention(AttentionBackend):
             raise ValueError(f"max_extend_splits must be >= 1; got {max_extend_splits}")
         self.max_kv_splits = max_kv_splits
         self.min_split_len = min_split_len
+        # Stage-1 programs a decode launch aims for per SM (choose_num_kv_splits).
+        self.programs_per_sm = 2
         self._num_sms = num_sms
         self.extend_config = extend_config
         self.decode_config = decode_config
@@ -193,6 +195,7 @@ class TritonAttention(AttentionBackend):
             num_sms=self.num_sms(device),
             max_splits=self.max_kv_splits,
             min_split_len=self.min_split_len,
+            programs_per_sm=self.programs_per_sm,
         )
 
     def split_extend_config(self, head_dim: int, dtype: torch.dtype) -> KernelConfig:
