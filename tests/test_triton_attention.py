@@ -389,36 +389,6 @@ def test_decode_prefetch_matches_plain_path_bitwise(
         assert torch.equal(out, base), variant
 
 
-@pytest.mark.parametrize("page_size", [4, 16])
-def test_decode_splits_shorter_than_a_key_block(
-    page_size: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Splits of DECODE_SPLIT_GRAIN keys under 16-key blocks (the interpreter's; on a GPU 64
-    under 128): a split is then one masked block, yet the output is the reference's, and the
-    prefetch path gives the plain path's bits. With pages as long as a block the splits stay
-    whole blocks (a page-sized block must start on a block boundary)."""
-    monkeypatch.setattr(K, "DECODE_SPLIT_GRAIN", 8)
-    seq_lens = [1, 8, 9, 23, 40, 0]
-    q, kb, vb, table, seq = decode_kernel_inputs(seq_lens, page_size=page_size, hq=4, hkv=2, seed=5)
-    ref = K.decode_attention_ref(
-        q, kb, vb, torch.empty_like(q), table, seq, SCALE, page_size=page_size
-    )
-    outs = decode_variants(q, kb, vb, table, seq, 5, page_size, monkeypatch)
-    base = outs[0][1]
-    assert not base.isnan().any() and rel_err(base, ref) < 1e-5, rel_err(base, ref)
-    assert torch.equal(outs[1][1], base)
-    # The 40-key sequence in 5 splits: 8 keys each with the 8-key grain (every split used),
-    # 16 with whole blocks (3 used). Stage 1's partials show which splits were written.
-    mid_o, mid_lse = K.decode_scratch(len(seq_lens), 4, 5, q.shape[2], DEVICE)
-    mid_lse.fill_(float("nan"))
-    K.decode_attention(
-        q, kb, vb, torch.empty_like(q), table, seq, SCALE, 5, page_size=page_size,
-        mid_o=mid_o, mid_lse=mid_lse,
-    )  # fmt: skip
-    written = (~mid_lse[4, 0].isnan()).sum().item()
-    assert written == (5 if page_size < 16 else 3)
-
-
 def test_decode_prefetch_single_split_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
     """One split (stage 1 writes the output itself, no stage 2): the prefetch path gives the
     same bits, an empty sequence included."""

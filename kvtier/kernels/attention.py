@@ -531,7 +531,7 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
                           GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                           PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                           SINGLE_SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
-                          DOT_PREC: tl.constexpr, SPLIT_GRAIN: tl.constexpr,
+                          DOT_PREC: tl.constexpr,
                           INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
     """Grid: (sequences, kv heads, splits). One program = every q head of one kv head's group
     (rows of a [BLOCK_H, HEAD_DIM] tile, padded to BLOCK_H >= 16 for the dot) over one split,
@@ -540,9 +540,7 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
     With a single split the normalised result goes straight to Out and stage 2 is skipped;
     otherwise the split's normalised partial output goes to MidO and its log2-sum-exp to MidLse.
     An empty split (short sequence) writes nothing: only the sequence's first
-    cdiv(seq_len, split_len) splits ("used") are ever read. Splits are whole multiples of
-    SPLIT_GRAIN keys (<= BLOCK_N): with BLOCK_N larger, a split shorter than a block is one
-    masked block, so short sequences keep as many splits as with SPLIT_GRAIN-key blocks.
+    cdiv(seq_len, split_len) splits ("used") are ever read.
 
     PREFETCH: the first key block's loads (``_decode_prefetch``) go before the PDL wait, so
     their latency overlaps the previous kernel's tail; after the wait q and key seq_len - 1
@@ -560,7 +558,7 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
     # With PREFETCH, before the wait: SeqLens (and BlockTable) are written before the step's
     # first kernel, never by the one just before this.
     seq_len = tl.load(SeqLens + seq)
-    split_len = _decode_split_len(seq_len, num_splits, SPLIT_GRAIN)
+    split_len = _decode_split_len(seq_len, num_splits, BLOCK_N)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
     if PREFETCH:
@@ -629,15 +627,15 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
 def _decode_stage2_kernel(Out, MidO, MidLse, SeqLens, num_splits,
                           stride_ob, stride_oh, stride_mb, stride_mh, stride_ms,
                           stride_lb, stride_lh,
-                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
-                          SPLIT_GRAIN: tl.constexpr, PDL: tl.constexpr = False):
+                          HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PDL: tl.constexpr = False):
     """Grid: (sequences, q heads). Merge the used splits' partial outputs by their LSE, in a
     fixed pairwise order (``_weighted_split_sum``)."""
     _pdl_wait(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(SeqLens + seq)
-    split_len = _decode_split_len(seq_len, num_splits, SPLIT_GRAIN)
+    split_len = _decode_split_len(seq_len, num_splits, BLOCK_N)
     used = tl.cdiv(seq_len, split_len)
     out = _decode_merge_head(MidO, MidLse, seq, head, used, stride_mb, stride_mh, stride_ms,
                              stride_lb, stride_lh, HEAD_DIM, BLOCK_S)
@@ -661,10 +659,6 @@ INTERPRETED: bool = not isinstance(_extend_kernel, JITFunction)
 # ``decode_attention``). True / False force one code path (tests compare their bits; without
 # PDL both are correct).
 DECODE_PREFETCH: bool | None = None
-# Keys a decode split is a whole multiple of, where shorter than the key block (pages shorter
-# than a block; see decode_attention): splits of 64 keys with 128-key blocks, so that a 4K
-# sequence keeps its 64 splits.
-DECODE_SPLIT_GRAIN = 64
 
 
 @dataclass(frozen=True)
@@ -799,25 +793,20 @@ def extend_split_tiles(group: int, max_extend_len: int, block_rows: int) -> tupl
 DECODE_TILES: dict[str, int] = json.loads(os.environ.get("KVTIER_DECODE_TILES", "{}"))
 
 
-def default_decode_config(
-    head_dim: int, dtype: torch.dtype, batch_size: int | None = None
-) -> KernelConfig:
+def default_decode_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
     """Tiles for decode stage 1 (block_m unused: the head tile is the GQA group).
 
     On an H200 (4K context, 32 q / 4 kv heads, bf16) 64-key blocks with 4 warps and 3 stages
-    were the best or within a few percent of it at batch 1, 32 and 128. One sequence
-    (``batch_size`` 1: its 64 splits are long at long contexts) takes 128-key blocks in 2
-    stages, splits still cut at 64 keys (``DECODE_SPLIT_GRAIN``): at 64K keys a step took
-    4.448-4.484 ms against 4.591 (run 11). ``DECODE_TILES`` overrides either.
+    were the best or within a few percent of it at batch 1, 32 and 128; 128-key blocks won
+    only at batch 1 with too few splits.
     """
     if INTERPRETED:
         return KernelConfig(16, 16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(16, 32, 4, 2)
-    tiles = {"block_n": 64, "num_warps": 4, "num_stages": 3}
-    if batch_size == 1:
-        tiles = {"block_n": 128, "num_warps": 4, "num_stages": 2}
-    return KernelConfig(16, **{**tiles, **DECODE_TILES})
+    if DECODE_TILES:
+        return KernelConfig(16, **{"block_n": 64, "num_warps": 4, "num_stages": 3, **DECODE_TILES})
+    return KernelConfig(16, 64, 4, 3)
 
 
 def extend_attention(
@@ -1049,7 +1038,7 @@ def decode_attention(
         return out
     if num_kv_splits < 1:
         raise ValueError(f"num_kv_splits must be >= 1; got {num_kv_splits}")
-    cfg = config or default_decode_config(head_dim, q.dtype, q.shape[0])
+    cfg = config or default_decode_config(head_dim, q.dtype)
     group = num_q_heads // num_kv_heads
     single = num_kv_splits == 1
     if single:
@@ -1070,9 +1059,6 @@ def decode_attention(
     # programs a SM to keep such a launch in one wave (H200, 2026-12-01, batch 128 at a 4K
     # context, prefetch forced on: 279.6 against 257.0 us a layer).
     prefetch = (pdl["PDL"] and not single) if DECODE_PREFETCH is None else DECODE_PREFETCH
-    # Splits shorter than a key block only where each key looks its page up anyway (pages
-    # shorter than a block): a block of a page-sized fast path must start on a block boundary.
-    grain = cfg.block_n if page_size >= cfg.block_n else min(cfg.block_n, DECODE_SPLIT_GRAIN)
     _decode_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_buf, v_buf, out, out if mid_o is None else mid_o, out if mid_lse is None else mid_lse,
         block_table, seq_lens, qk_scale, num_kv_splits,
@@ -1081,8 +1067,7 @@ def decode_attention(
         *mo_strides, *ml_strides, block_table.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SINGLE_SPLIT=single, PREFETCH=prefetch,
-        DOT_PREC=_dot_precision(q.dtype), SPLIT_GRAIN=grain, INTERPRET=INTERPRETED,
-        num_warps=cfg.num_warps,
+        DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **pdl,
     )  # fmt: skip
     if mid_o is not None and mid_lse is not None:
@@ -1091,7 +1076,7 @@ def decode_attention(
             out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_lse.stride(0), mid_lse.stride(1),
             HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_kv_splits),
-            SPLIT_GRAIN=grain, num_warps=4 if head_dim >= 128 else 2, num_stages=1, **pdl,
+            BLOCK_N=cfg.block_n, num_warps=4 if head_dim >= 128 else 2, num_stages=1, **pdl,
         )  # fmt: skip
     return out
 
