@@ -184,11 +184,16 @@ def chat_ids(
     messages: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None = None,
     template_kwargs: dict[str, Any] | None = None,
+    *,
+    add_generation_prompt: bool = True,
+    add_special_tokens: bool = False,
 ) -> list[int]:
     """The conversation through the tokenizer's chat template, with the tools' definitions
-    (OpenAI's objects) where given and the generation prompt, tokenized by ``encoder`` (the
-    template writes every special token). ``template_kwargs`` are the template's own variables
-    (e.g. Qwen3's enable_thinking). ChatTemplateError says what is wrong."""
+    (OpenAI's objects) where given and (``add_generation_prompt``) the generation prompt,
+    tokenized by ``encoder`` (the template writes every special token; ``add_special_tokens``
+    adds the tokenizer's own, e.g. a BOS, as its encode would). ``template_kwargs`` are the
+    template's own variables (e.g. Qwen3's enable_thinking). ChatTemplateError says what is
+    wrong."""
     if not messages:
         raise ChatTemplateError("messages must not be empty")
     clash = sorted(RESERVED_TEMPLATE_KWARGS & set(template_kwargs or {}))
@@ -201,12 +206,12 @@ def chat_ids(
             messages,
             tools=tools,
             tokenize=False,
-            add_generation_prompt=True,
+            add_generation_prompt=add_generation_prompt,
             **(template_kwargs or {}),
         )
     except Exception as e:  # the template itself may reject a conversation
         raise ChatTemplateError(f"the chat template rejected the messages: {e}") from e
-    return encoder.encode(text)
+    return encoder.encode(text, add_special_tokens=add_special_tokens)
 
 
 __all__ = [

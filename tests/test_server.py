@@ -30,7 +30,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from server_utils import ServerProcess
 
+import kvtier
 from kvtier.server.middleware import GuardMiddleware, ServerState
+from kvtier.tokenizer import load_tokenizer
 
 KEY = "sk-test-key"
 MODEL = "builtin:tiny-qwen3"
@@ -146,6 +148,46 @@ def test_health_models_and_server_info(server, http):
     info = http.get("/get_server_info").json()
     assert info["model_path"] == MODEL and info["context_length"] == 512
     assert info["device_total_pages"] > 0 and info["api_key"] is None
+
+
+def test_version_and_health_generate(server, http):
+    assert http.get("/version").json() == {"version": kvtier.__version__}
+    r = http.get("/health_generate")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert_integrity(server)
+
+
+def test_tokenize_and_detokenize(http, oai):
+    """vLLM's /tokenize counts what the generation APIs count: a prompt as /v1/completions
+    does, a conversation (with tools) as /v1/chat/completions does; /detokenize inverts it."""
+    text = "The quick brown fox jumps over the lazy dog"
+    r = http.post("/tokenize", json={"prompt": text})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["max_model_len"] == 512 and body["token_strs"] is None
+    assert body["count"] == len(body["tokens"]) > 0
+    done = oai.completions.create(model=MODEL, prompt=text, max_tokens=1)
+    assert done.usage.prompt_tokens == body["count"]
+    tok = load_tokenizer(MODEL)
+    assert body["tokens"] == tok.encode(text)
+    strs = http.post("/v1/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert strs["tokens"] == body["tokens"]
+    assert strs["token_strs"] == tok.convert_ids_to_tokens(body["tokens"])
+    assert http.post("/detokenize", json={"tokens": body["tokens"]}).json() == {"prompt": text}
+    assert http.post("/v1/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    chat = http.post("/tokenize", json={"messages": msgs, "tools": TOOLS}).json()
+    answer = oai.chat.completions.create(model=MODEL, messages=msgs, tools=TOOLS, max_tokens=1)
+    assert answer.usage.prompt_tokens == chat["count"]
+    # The template's text, tokenized: special tokens from the template only.
+    rendered = tok.apply_chat_template(
+        msgs, tools=TOOLS, tokenize=False, add_generation_prompt=True
+    )
+    assert chat["tokens"] == tok.encode(rendered, add_special_tokens=False)
+    bare = http.post(
+        "/tokenize", json={"messages": msgs, "tools": TOOLS, "add_generation_prompt": False}
+    ).json()
+    assert bare["count"] < chat["count"] and chat["tokens"][: bare["count"]] == bare["tokens"]
 
 
 def test_chat_completion_stream_and_not(oai):
@@ -811,6 +853,39 @@ BAD_REQUESTS = [
         400,
         "max_new_tokens=5000 is too large",
     ),
+    (
+        "tokenize prompt and messages",
+        "POST",
+        "/tokenize",
+        {"prompt": "a", "messages": MSG},
+        400,
+        "give exactly one of prompt and messages",
+    ),
+    (
+        "tokenize a prompt with a chat field",
+        "POST",
+        "/v1/tokenize",
+        {"prompt": "a", "add_generation_prompt": False},
+        400,
+        "only a messages request takes add_generation_prompt",
+    ),
+    ("tokenize no messages", "POST", "/tokenize", {"messages": []}, 400, "must not be empty"),
+    (
+        "tokenize another model",
+        "POST",
+        "/tokenize",
+        {"model": "gpt-4", "prompt": "a"},
+        404,
+        "the model 'gpt-4' does not exist",
+    ),
+    (
+        "detokenize outside the vocabulary",
+        "POST",
+        "/detokenize",
+        {"tokens": [1, 999999]},
+        400,
+        "token id 999999 is outside the vocabulary",
+    ),
     ("oversized body", "POST", "/v1/completions", {"prompt": "x" * 70000}, 413, "65536 bytes"),
     ("unknown endpoint", "GET", "/v2/nothing", None, 404, "no such endpoint"),
     ("wrong method", "GET", CHAT, None, 405, "method GET is not allowed"),
@@ -1082,6 +1157,9 @@ def test_dead_scheduler_gives_503_not_hangs(server):
         assert r.status_code == 503
         assert "scheduler process exited" in r.json()["error"]["message"]
         assert c.get("/metrics").status_code == 200  # request-level metrics are still served
+        r = c.get("/health_generate")
+        assert r.status_code == 503
+        assert "scheduler process exited" in r.json()["error"]["message"]
     assert server.terminate() == 0
 
 

@@ -1,5 +1,6 @@
-"""SGLang-style native endpoints: ``/generate``, ``/health``, ``/get_server_info``,
-``/get_model_info``, ``/flush_cache``, ``/metrics`` and ``/debug/check_integrity``.
+"""SGLang-style native endpoints: ``/generate``, ``/health``, ``/health_generate``,
+``/get_server_info``, ``/get_model_info``, ``/flush_cache``, ``/metrics``, ``/version`` and
+``/debug/check_integrity``.
 
 ``/generate`` streams like SGLang's HTTP server: every event holds the text and output ids *so
 far* (cumulative), with ``index`` added for batches.
@@ -7,7 +8,9 @@ far* (cumulative), with ``index`` added for batches.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -15,6 +18,7 @@ from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import kvtier
+from kvtier.sampling_params import SamplingParams
 from kvtier.scheduler.request import ReqOutput
 from kvtier.server import ipc
 from kvtier.server.engine_client import ControlError, RequestFailed
@@ -133,6 +137,39 @@ async def health(request: Request) -> dict[str, str]:
     if not client.alive:
         raise APIError(503, client.down_reason or "the engine is not running")
     return {"status": "ok"}
+
+
+# How long /health_generate waits for its one token before answering 503 (SGLang's default).
+HEALTH_GENERATE_TIMEOUT_S = 20.0
+
+
+@router.get("/health_generate")
+async def health_generate(request: Request) -> dict[str, str]:
+    """200 once the engine has generated one token for a one-token prompt: the scheduler is
+    alive and stepping (``/health`` only says its process is there); 503 if the token does not
+    come within ``HEALTH_GENERATE_TIMEOUT_S`` (e.g. a wedged step) or the engine is down. The
+    probe queues like any request."""
+    fe = _frontend(request)
+    if not fe.client.alive:
+        raise APIError(503, fe.client.down_reason or "the engine is not running")
+    sp = SamplingParams(max_new_tokens=1, temperature=0.0)
+    gen = fe.submit([([0], sp)], ["health-" + uuid.uuid4().hex])
+    try:
+        await asyncio.wait_for(
+            unless_disconnected(request, gen.collect()), HEALTH_GENERATE_TIMEOUT_S
+        )
+    except TimeoutError:
+        raise APIError(
+            503, f"no token generated within {HEALTH_GENERATE_TIMEOUT_S:g} s", "unhealthy"
+        ) from None
+    finally:
+        gen.close()
+    return {"status": "ok"}
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": kvtier.__version__}
 
 
 @router.get("/get_model_info")

@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+"""OpenAI-compatible endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``,
+and vLLM's ``/tokenize`` / ``/detokenize`` (also under ``/v1``).
 
 ``n`` choices per prompt, and for ``/v1/completions`` a list of prompts (choice ``i * n + j`` is
 prompt i's j-th), at most 64 in all; with a ``seed`` choice j samples with seed + j. Without
@@ -41,7 +42,9 @@ from kvtier.server.errors import APIError
 from kvtier.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     OpenAISamplingFields,
+    TokenizeRequest,
 )
 from kvtier.server.reasoning_parser import ReasoningParser
 from kvtier.server.serving import Frontend, Generation, Result, unless_disconnected
@@ -617,3 +620,52 @@ async def models(request: Request) -> dict[str, Any]:
             }
         ],
     }
+
+
+# Fields of /tokenize that only a chat (``messages``) request takes.
+_CHAT_ONLY = ("tools", "chat_template_kwargs", "add_generation_prompt")
+
+
+@router.post("/tokenize")
+@router.post("/v1/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    """vLLM's (and SGLang's) tokenizer endpoint: a prompt's ids, or a conversation's as the
+    chat API renders it, with the context length to compare against; nothing runs on the
+    model. Any length is counted (a prompt over the context length too)."""
+    fe = _frontend(request)
+    fe.check_model(body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of prompt and messages")
+    if body.prompt is not None:
+        chat_only = [f for f in _CHAT_ONLY if f in body.model_fields_set]
+        if chat_only:
+            raise APIError(400, f"only a messages request takes {', '.join(chat_only)}")
+        special = True if body.add_special_tokens is None else body.add_special_tokens
+        ids = fe.encode_text(body.prompt, special)
+    else:
+        assert body.messages is not None
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        ids = fe.encode_chat(
+            [template_message(m) for m in body.messages],
+            tools,
+            body.chat_template_kwargs,
+            add_generation_prompt=body.add_generation_prompt,
+            add_special_tokens=bool(body.add_special_tokens),
+        )
+    return {
+        "count": len(ids),
+        "max_model_len": fe.model.context_length,
+        "tokens": ids,
+        "token_strs": fe.token_strs(ids) if body.return_token_strs else None,
+    }
+
+
+@router.post("/detokenize")
+@router.post("/v1/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+    """Token ids as text, special tokens included (vLLM's ``/detokenize``); 400 for an id
+    outside the vocabulary."""
+    fe = _frontend(request)
+    fe.check_model(body.model)
+    fe.check_vocab(body.tokens)
+    return {"prompt": fe.detokenize(body.tokens)}

@@ -194,6 +194,29 @@ class GenerateRequest(_Strict):
     return_text_in_logprobs: bool = False
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's ``/tokenize``: a text ``prompt``, or chat ``messages`` (with ``tools``) rendered
+    as ``/v1/chat/completions`` renders them, so that ``count`` is its prompt_tokens."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    # None: True for a prompt (as the tokenizer's encode), False for messages (the template
+    # writes the special tokens), as vLLM.
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's ``/detokenize``: token ids back to text (special tokens included)."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class AbortRequest(_Strict):
     """SGLang's ``/abort_request``: the id of a request in flight (``rid`` at submission)."""
 

@@ -121,19 +121,38 @@ class Frontend:
         assert self.chat_encoder is not None
         return self.chat_encoder.encode(text, add_special_tokens=True)
 
+    def encode_text(self, text: str, add_special_tokens: bool) -> list[int]:
+        """``encode`` with the tokenizer's special tokens (e.g. a BOS) only if asked."""
+        self._need_tokenizer()
+        assert self.chat_encoder is not None
+        return self.chat_encoder.encode(text, add_special_tokens=add_special_tokens)
+
     def encode_chat(
         self,
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         template_kwargs: dict[str, Any] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        add_special_tokens: bool = False,
     ) -> list[int]:
         """The conversation through the tokenizer's chat template, with the tools' definitions
         (OpenAI's objects) where given: the template decides how the model sees them.
-        ``template_kwargs`` are the template's own variables (e.g. Qwen3's enable_thinking)."""
+        ``template_kwargs`` are the template's own variables (e.g. Qwen3's enable_thinking);
+        the generation prompt is added and the tokenizer's own special tokens are not, unless
+        asked otherwise (``/tokenize``)."""
         tok = self._need_tokenizer()
         assert self.chat_encoder is not None
         try:
-            return chat_ids(tok, self.chat_encoder, messages, tools, template_kwargs)
+            return chat_ids(
+                tok,
+                self.chat_encoder,
+                messages,
+                tools,
+                template_kwargs,
+                add_generation_prompt=add_generation_prompt,
+                add_special_tokens=add_special_tokens,
+            )
         except ChatTemplateError as e:
             message = str(e)
             if message == NO_TEMPLATE:
@@ -143,14 +162,12 @@ class Frontend:
     def check_ids(self, ids: list[int], max_new_tokens: int | None, field_name: str) -> int:
         """Validate a prompt and its token budget; return max_new_tokens (None: what is left of
         the context)."""
-        n, ctx, vocab = len(ids), self.model.context_length, self.model.vocab_size
+        n, ctx = len(ids), self.model.context_length
         if n == 0:
             raise APIError(400, "the prompt is empty")
         if n >= ctx:
             raise APIError(400, f"the prompt has {n} tokens; the context length is {ctx}")
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is outside the vocabulary (size {vocab})")
+        self.check_vocab(ids)
         if max_new_tokens is None:
             return ctx - n
         if max_new_tokens > ctx - n:
@@ -171,6 +188,17 @@ class Frontend:
     def detokenize(self, ids: list[int]) -> str:
         """Token ids as text, special tokens included (echo of a prompt sent as ids)."""
         return str(self._need_tokenizer().decode(ids, skip_special_tokens=False))
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """The tokenizer's own strings of the tokens (e.g. "Ġworld" for a byte-level BPE)."""
+        return [str(t) for t in self._need_tokenizer().convert_ids_to_tokens(ids)]
+
+    def check_vocab(self, ids: list[int]) -> None:
+        """400 for a token id outside the model's vocabulary."""
+        vocab = self.model.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary (size {vocab})")
 
     def token_text(self, token_id: int) -> str:
         """One token as text (special tokens included), for logprob entries; without a
