@@ -645,6 +645,26 @@ def test_32_concurrent_clients_match_requests_sent_alone(server):
     assert_integrity(server)
 
 
+def test_openai_fields_without_effect_are_accepted(oai):
+    """Fields that OpenAI clients send and this server has nothing to do with (storage, tags,
+    the service tier, a cache key, a verbosity hint) or passes to the template
+    (reasoning_effort) leave the answer as it is."""
+    kw = {"model": MODEL, "messages": MSG, "max_tokens": 6, "temperature": 0}
+    plain = oai.chat.completions.create(**kw)
+    extra = oai.chat.completions.create(
+        **kw,
+        store=False,
+        metadata={"task": "test"},
+        service_tier="auto",
+        prompt_cache_key="agent-1",
+        user="u1",
+        reasoning_effort="low",
+        extra_body={"safety_identifier": "s1", "verbosity": "low", "modalities": ["text"]},
+    )
+    assert extra.choices[0].message.content == plain.choices[0].message.content
+    assert extra.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
 def test_multi_turn_chat_reports_cached_tokens(oai):
     messages = [
         {"role": "system", "content": "You are a terse assistant."},
@@ -680,6 +700,22 @@ BAD_REQUESTS = [
         "unknown field 'temprature'",
     ),
     ("unknown model", "POST", CHAT, {"messages": MSG, "model": "gpt-9"}, 404, "'gpt-9' does not"),
+    (
+        "audio output",
+        "POST",
+        CHAT,
+        {"messages": MSG, "modalities": ["text", "audio"], "audio": {"voice": "alloy"}},
+        400,
+        "audio is not supported",
+    ),
+    (
+        "deprecated functions",
+        "POST",
+        CHAT,
+        {"messages": MSG, "functions": [{"name": "f"}]},
+        400,
+        "functions (deprecated; use tools) is not supported",
+    ),
     ("empty messages", "POST", CHAT, {"messages": []}, 400, "messages must not be empty"),
     ("empty prompt", "POST", "/v1/completions", {"prompt": ""}, 400, "the prompt is empty"),
     (

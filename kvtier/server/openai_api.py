@@ -484,6 +484,7 @@ async def chat_completions(
 ) -> dict[str, Any] | StreamingResponse:
     fe = _frontend(request)
     fe.check_model(body.model)
+    _check_unsupported(body.unsupported_fields())
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true")
@@ -491,9 +492,10 @@ async def chat_completions(
         raise APIError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]; got {top}")
     plan = tool_plan(fe, body)
     messages = [template_message(m) for m in body.messages]
-    ids = fe.encode_chat(
-        messages, plan.tools if plan is not None else None, body.chat_template_kwargs
-    )
+    template_kwargs = body.chat_template_kwargs
+    if body.reasoning_effort is not None:
+        template_kwargs = {"reasoning_effort": body.reasoning_effort, **(template_kwargs or {})}
+    ids = fe.encode_chat(messages, plan.tools if plan is not None else None, template_kwargs)
     # The thinking of a reasoning model, when the server parses it and the request wants it
     # apart (SGLang's separate_reasoning).
     reasoning = fe.reasoning_parser if body.separate_reasoning else None

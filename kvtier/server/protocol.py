@@ -161,6 +161,36 @@ class ChatCompletionRequest(OpenAISamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # OpenAI's reasoning_effort reaches the chat template as a variable of that name (as vLLM
+    # passes it; a template without it ignores it).
+    reasoning_effort: str | None = None
+    # OpenAI fields with nothing to do on this server, accepted so that clients that send them
+    # work: storage and tagging, the service tier, a cache-routing key (prefix caching is
+    # automatic), an end-user id, a verbosity hint.
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    verbosity: str | None = None
+    # OpenAI fields this server does not implement: a 400 names them (not "unknown field").
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    def unsupported_fields(self) -> dict[str, bool]:
+        """OpenAI's fields that the request sets and this server cannot honour."""
+        return {
+            "audio": self.audio is not None,
+            "modalities other than ['text']": self.modalities not in (None, ["text"]),
+            "prediction": self.prediction is not None,
+            "web_search_options": self.web_search_options is not None,
+            "functions (deprecated; use tools)": self.functions is not None,
+            "function_call (deprecated; use tool_choice)": self.function_call is not None,
+        }
 
 
 class CompletionRequest(OpenAISamplingFields):
