@@ -26,6 +26,7 @@ extension, ``cached_tokens_by_tier``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -37,7 +38,7 @@ from fastapi.responses import StreamingResponse
 from kvtier.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from kvtier.scheduler.request import ReqOutput
 from kvtier.server import text_stream
-from kvtier.server.chat import chat_message, template_message, tool_plan
+from kvtier.server.chat import ToolPlan, chat_message, template_message, tool_plan
 from kvtier.server.errors import APIError
 from kvtier.server.protocol import (
     ChatCompletionRequest,
@@ -180,7 +181,8 @@ def _usage(metas: list[dict[str, Any]], n: int) -> dict[str, Any]:
     }
 
 
-def _finish(meta: dict[str, Any]) -> tuple[str | None, Any]:
+def finish_of(meta: dict[str, Any]) -> tuple[str | None, Any]:
+    """A finished request's reason ("stop", "length", "abort") and what it matched."""
     reason = meta.get("finish_reason")
     if not reason:
         return None, None
@@ -334,7 +336,7 @@ class _Chunks:
             state.num_calls = max(state.num_calls, delta.index + 1)
         if out.finished:
             state.meta = out.meta_info
-            reason, matched = _finish(out.meta_info)
+            reason, matched = finish_of(out.meta_info)
             if state.num_calls and reason == "stop":
                 reason = "tool_calls"
             end = {**self._end(), "finish_reason": reason, "matched_stop": matched}
@@ -471,18 +473,27 @@ def _response(
     }
 
 
-async def _collect(request: Request, gen: Generation) -> list[Result]:
+async def collect(request: Request, gen: Generation) -> list[Result]:
     try:
         return await unless_disconnected(request, gen.collect())
     finally:
         gen.close()
 
 
-@router.post("/v1/chat/completions", response_model=None)
-async def chat_completions(
-    body: ChatCompletionRequest, request: Request
-) -> dict[str, Any] | StreamingResponse:
-    fe = _frontend(request)
+@dataclasses.dataclass(frozen=True)
+class ChatJob:
+    """A chat request made ready to run: its prompt ids and token budget, how its tools are
+    served, whether its reasoning is parsed out, its output constraint."""
+
+    ids: list[int]
+    max_new: int
+    plan: ToolPlan | None
+    reasoning: str | None
+    constraint: dict[str, str] | None
+
+
+def prepare_chat(fe: Frontend, body: ChatCompletionRequest) -> ChatJob:
+    """Validate a chat request and render its prompt (also the Anthropic API's path)."""
     fe.check_model(body.model)
     _check_unsupported(body.unsupported_fields())
     top = body.top_logprobs or 0
@@ -505,25 +516,49 @@ async def chat_completions(
     else:
         max_new = fe.check_ids(ids, _max_tokens(body.max_tokens, "max_tokens"), "max_tokens")
     constraint = plan.constraint() if plan is not None else None
-    gen, rid, num = _submit(fe, body, [(ids, max_new)], body.logprobs, top, constraint=constraint)
+    return ChatJob(ids, max_new, plan, reasoning, constraint)
+
+
+def submit_chat(
+    fe: Frontend, body: ChatCompletionRequest, job: ChatJob
+) -> tuple[Generation, str, int]:
+    """Submit a prepared chat request's choices: (generation, response id suffix, choices)."""
+    top = body.top_logprobs or 0
+    return _submit(
+        fe, body, [(job.ids, job.max_new)], body.logprobs, top, constraint=job.constraint
+    )
+
+
+def chat_stream_chunks(
+    fe: Frontend, body: ChatCompletionRequest, job: ChatJob, rid: str, num: int
+) -> _ChatChunks:
+    """The OpenAI chunk formatter of a streamed chat request (parsers set up)."""
+    usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunks = _ChatChunks("chatcmpl-" + rid, fe.model.name, usage, fe, body.logprobs, num, body.n)
+    if job.plan is not None:
+        chunks.parsers = [job.plan.stream_parser() for _ in range(num)]
+    if job.reasoning is not None:
+        chunks.reasoning = [ReasoningParser(job.reasoning) for _ in range(num)]
+    return chunks
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request
+) -> dict[str, Any] | StreamingResponse:
+    fe = _frontend(request)
+    job = prepare_chat(fe, body)
+    gen, rid, num = submit_chat(fe, body, job)
     if body.stream:
-        usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _ChatChunks(
-            "chatcmpl-" + rid, fe.model.name, usage, fe, body.logprobs, num, body.n
-        )
-        if plan is not None:
-            chunks.parsers = [plan.stream_parser() for _ in range(num)]
-        if reasoning is not None:
-            chunks.reasoning = [ReasoningParser(reasoning) for _ in range(num)]
-        return await sse_response(request, gen, chunks)
-    results = await _collect(request, gen)
+        return await sse_response(request, gen, chat_stream_chunks(fe, body, job, rid, num))
+    results = await collect(request, gen)
     choices = []
     for index, res in enumerate(results):
-        reason, matched = _finish(res.meta_info)
+        reason, matched = finish_of(res.meta_info)
         logprobs = None
         if body.logprobs:
             logprobs = _chat_logprobs(fe, res.token_logprobs or [], res.top_logprobs or [])
-        message, reason = chat_message(res.text, reason, plan, reasoning)
+        message, reason = chat_message(res.text, reason, job.plan, job.reasoning)
         choices.append(
             {
                 "index": index,
@@ -585,10 +620,10 @@ async def completions(
         chunks = _TextChunks("cmpl-" + rid, fe.model.name, usage, fe, want, num, body.n)
         chunks.echo = echo
         return await sse_response(request, gen, chunks)
-    results = await _collect(request, gen)
+    results = await collect(request, gen)
     choices = []
     for index, res in enumerate(results):
-        reason, matched = _finish(res.meta_info)
+        reason, matched = finish_of(res.meta_info)
         logprobs = None
         if want:
             tokens = (res.input_token_logprobs or []) + (res.token_logprobs or [])
