@@ -84,6 +84,14 @@ class ServerProcess:
         kw.setdefault("timeout", 60.0)
         return httpx.AsyncClient(base_url=self.url, headers=self.headers(), trust_env=False, **kw)
 
+    def anthropic(self, **kw: Any) -> Any:
+        """The official ``anthropic`` client on this server (the key as ``x-api-key``)."""
+        import anthropic
+
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 60.0)
+        return anthropic.Anthropic(base_url=self.url, api_key=self.api_key or "none", **kw)
+
     def openai(self, **kw: Any) -> Any:
         import openai
 

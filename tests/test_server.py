@@ -315,6 +315,168 @@ def test_reasoning_and_tool_calls_end_to_end(oai):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+# ---------------------------------------------------------------------------- Anthropic API
+def test_anthropic_messages_match_chat_completions(server, oai):
+    """The same conversation through Anthropic's Messages API (the official client) and the
+    chat API: the same greedy text, the same token counts, stream and not."""
+    ant = server.anthropic()
+    system = "You are a terse assistant."
+    user = "Tell me about hierarchical caches."
+    chat = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+        max_tokens=8,
+        temperature=0,
+    )
+    kw = {
+        "model": MODEL,
+        "system": system,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": user}]}],
+        "max_tokens": 8,
+        # (The current anthropic client has no temperature argument; the API takes it.)
+        "extra_body": {"temperature": 0},
+    }
+    msg = ant.messages.create(**kw)
+    text = "".join(b.text for b in msg.content if b.type == "text")
+    thinking = "".join(b.thinking for b in msg.content if b.type == "thinking")
+    assert text == (chat.choices[0].message.content or "")
+    assert thinking == (getattr(chat.choices[0].message, "reasoning_content", None) or "")
+    assert msg.id.startswith("msg_") and msg.role == "assistant" and msg.model == MODEL
+    assert (
+        msg.stop_reason
+        == {"length": "max_tokens", "stop": "end_turn"}[chat.choices[0].finish_reason]
+    )
+    u = msg.usage
+    assert u.input_tokens + u.cache_read_input_tokens == chat.usage.prompt_tokens
+    assert u.cache_read_input_tokens > 0  # the chat request left the prompt in the cache
+    assert u.output_tokens == chat.usage.completion_tokens
+    with ant.messages.stream(**kw) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert streamed == text
+    assert [b.model_dump() for b in final.content] == [b.model_dump() for b in msg.content]
+    assert final.stop_reason == msg.stop_reason and final.usage.output_tokens == u.output_tokens
+    count = ant.messages.count_tokens(
+        model=MODEL, system=system, messages=kw["messages"]
+    ).input_tokens
+    assert count == chat.usage.prompt_tokens
+    assert_integrity(server)
+
+
+def test_anthropic_tool_use_round_trip(server, oai):
+    """Tools, a forced call and a conversation carrying tool_use / tool_result blocks: the
+    call comes back as a tool_use block (streamed as input_json_delta pieces that join to its
+    input), and the conversation renders as the equivalent chat API one does."""
+    pytest.importorskip("xgrammar")
+    ant = server.anthropic()
+    weather = {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "input_schema": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    }
+    kw = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "max_tokens": 48,
+        "extra_body": {"temperature": 0},
+        "tools": [weather],
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+    }
+    msg = ant.messages.create(**kw)
+    assert msg.stop_reason == "tool_use"
+    (call,) = [b for b in msg.content if b.type == "tool_use"]
+    assert call.name == "get_weather" and call.input["city"] in ("Paris", "Rome")
+    with ant.messages.stream(**kw) as stream:
+        pieces = [
+            e.delta.partial_json
+            for e in stream
+            if e.type == "content_block_delta" and e.delta.type == "input_json_delta"
+        ]
+        final = stream.get_final_message()
+    assert len(pieces) > 1 and json.loads("".join(pieces)) == call.input
+    assert [b.input for b in final.content if b.type == "tool_use"] == [call.input]
+    # The call and its result sent back: counted as the chat API renders the same turns.
+    history = kw["messages"] + [
+        {
+            "role": "assistant",
+            "content": [
+                {
+                    "type": "tool_use",
+                    "id": "toolu_1",
+                    "name": "get_weather",
+                    "input": {"city": "Paris"},
+                }
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": "18 C, sunny"},
+                {"type": "text", "text": "Thanks. And Rome?"},
+            ],
+        },
+    ]
+    count = ant.messages.count_tokens(model=MODEL, messages=history, tools=[weather])
+    openai_tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": weather["input_schema"],
+        },
+    }
+    chat = oai.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "toolu_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "18 C, sunny"},
+            {"role": "user", "content": "Thanks. And Rome?"},
+        ],
+        tools=[openai_tool],
+        max_tokens=1,
+    )
+    assert count.input_tokens == chat.usage.prompt_tokens
+    assert_integrity(server)
+
+
+def test_anthropic_errors_have_anthropic_shape(server, http):
+    import anthropic
+
+    r = http.post("/v1/messages", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400
+    assert r.json() == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"},
+    }
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}
+    with pytest.raises(anthropic.BadRequestError, match="image content is not supported"):
+        server.anthropic().messages.create(
+            model=MODEL, max_tokens=4, messages=[{"role": "user", "content": [image]}]
+        )
+    with pytest.raises(anthropic.NotFoundError, match="the model 'claude-x' does not exist"):
+        server.anthropic().messages.create(
+            model="claude-x", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+        )
+    r = http.post("/v1/messages", json={"max_tokens": 4, "messages": []})
+    assert r.json()["error"]["message"] == "messages must not be empty"
+
+
 def test_forced_tool_calls(oai):
     # tool_choice "required" / a named function: the output is constrained to the calls (no
     # parser needed), so even the tiny random model calls a declared tool with valid arguments.
@@ -1072,6 +1234,15 @@ def test_api_key_required_except_health(aux):
         openai.OpenAI(base_url=aux.url + "/v1", api_key="wrong", max_retries=0).models.list()
     out = aux.openai().completions.create(model=MODEL, prompt="hello", max_tokens=3)
     assert out.usage.completion_tokens <= 3
+    # Anthropic's clients send the key as x-api-key; a wrong one gets Anthropic's error shape.
+    with httpx.Client(base_url=aux.url, trust_env=False) as c:
+        body = {"messages": [{"role": "user", "content": "x"}]}
+        r = c.post("/v1/messages/count_tokens", json=body, headers={"x-api-key": "nope"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    got = aux.anthropic().messages.create(
+        model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "hello"}]
+    )
+    assert got.usage.output_tokens <= 3
 
 
 def test_queue_full_is_429_then_recovers(aux):

@@ -27,6 +27,19 @@ _KINDS: dict[int, tuple[str, str]] = {
     503: ("server_error", "service_unavailable"),
 }
 
+# status -> Anthropic error type (the Messages API's error shape)
+_ANTHROPIC_KINDS: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+# Paths whose errors take Anthropic's shape.
+ANTHROPIC_PREFIX = "/v1/messages"
+
 # ReqFailed.kind from the scheduler process -> HTTP status
 STATUS_OF_FAILURE = {ipc.INVALID: 400, ipc.QUEUE_FULL: 429, ipc.UNAVAILABLE: 503, ipc.INTERNAL: 500}
 
@@ -48,12 +61,17 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def anthropic_body(self) -> dict[str, Any]:
+        """Anthropic's shape, for its Messages API."""
+        kind = _ANTHROPIC_KINDS.get(self.status, "api_error" if self.status >= 500 else "")
+        return {
+            "type": "error",
+            "error": {"type": kind or "invalid_request_error", "message": self.message},
+        }
 
-
-def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
-    return APIError(status, message, code).body()
+    def response(self, anthropic: bool = False) -> JSONResponse:
+        body = self.anthropic_body() if anthropic else self.body()
+        return JSONResponse(body, status_code=self.status)
 
 
 def format_validation_error(exc: RequestValidationError, content_type: str = "") -> str:
@@ -86,14 +104,14 @@ def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
     anything unexpected (500) into the common JSON shape. ``on_error(status)`` is called for
     each (metrics)."""
 
-    def respond(err: APIError) -> JSONResponse:
+    def respond(err: APIError, request: Request) -> JSONResponse:
         if on_error is not None:
             on_error(err.status)
-        return err.response()
+        return err.response(anthropic=request.url.path.startswith(ANTHROPIC_PREFIX))
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return respond(exc)
+        return respond(exc, request)
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(request: Request, exc: ClientDisconnected) -> Response:
@@ -103,7 +121,7 @@ def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         content_type = request.headers.get("content-type", "")
-        return respond(APIError(400, format_validation_error(exc, content_type)))
+        return respond(APIError(400, format_validation_error(exc, content_type)), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -113,9 +131,9 @@ def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
             msg = f"method {request.method} is not allowed on {request.url.path}"
         else:
             msg = str(exc.detail)
-        return respond(APIError(exc.status_code, msg))
+        return respond(APIError(exc.status_code, msg), request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s", request.url.path)
-        return respond(APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+        return respond(APIError(500, f"internal error: {type(exc).__name__}: {exc}"), request)

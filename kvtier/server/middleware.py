@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvtier.server.errors import error_body
+from kvtier.server.errors import ANTHROPIC_PREFIX, APIError
 
 OPEN_PATHS = frozenset({"/health"})
 
@@ -44,16 +44,20 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         if self.state.draining:
-            await self._reject(send, 503, "the server is shutting down")
+            await self._reject(scope, send, 503, "the server is shutting down")
             return
         if self.api_key and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
             await self._reject(
-                send, 401, "invalid or missing API key: send 'Authorization: Bearer <key>'"
+                scope,
+                send,
+                401,
+                "invalid or missing API key: send 'Authorization: Bearer <key>' (or Anthropic's "
+                "'x-api-key: <key>')",
             )
             return
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            await self._reject(send, 413, self._too_large_message())
+            await self._reject(scope, send, 413, self._too_large_message())
             return
         await self._call_counting(scope, receive, send)
 
@@ -71,7 +75,7 @@ class GuardMiddleware:
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes and not started and not rejected:
                     rejected = True
-                    await self._reject(send, 413, self._too_large_message())
+                    await self._reject(scope, send, 413, self._too_large_message())
                     # To the app the client is gone; whatever it answers is dropped below.
                     return {"type": "http.disconnect"}
             return message
@@ -90,12 +94,15 @@ class GuardMiddleware:
                 raise
 
     def _authorized(self, scope: Scope) -> bool:
+        # OpenAI's "Authorization: Bearer KEY", or Anthropic's "x-api-key: KEY".
+        assert self.api_key is not None
+        key = self.api_key.encode()
         auth = _header(scope, b"authorization") or ""
         scheme, _, token = auth.partition(" ")
-        assert self.api_key is not None
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        )
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key):
+            return True
+        x_key = _header(scope, b"x-api-key")
+        return x_key is not None and hmac.compare_digest(x_key.strip().encode(), key)
 
     def _too_large_message(self) -> str:
         return (
@@ -103,10 +110,12 @@ class GuardMiddleware:
             "(--max-request-body-bytes)"
         )
 
-    async def _reject(self, send: Send, status: int, message: str) -> None:
+    async def _reject(self, scope: Scope, send: Send, status: int, message: str) -> None:
         if self.on_error is not None:
             self.on_error(status)
-        body = json.dumps(error_body(status, message)).encode()
+        err = APIError(status, message)
+        anthropic = str(scope.get("path", "")).startswith(ANTHROPIC_PREFIX)
+        body = json.dumps(err.anthropic_body() if anthropic else err.body()).encode()
         headers: list[tuple[bytes, bytes]] = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

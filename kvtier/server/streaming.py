@@ -7,7 +7,7 @@ engine down) still gets its proper status code instead of a 200 stream holding a
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from fastapi import Request
@@ -33,9 +33,25 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
+def named_sse(payload: dict[str, Any]) -> str:
+    """Anthropic's framing: ``event: <type>`` and the JSON; an APIError's body becomes its
+    ``error`` event."""
+    if "type" not in payload and "error" in payload:
+        payload = {"type": "error", "error": payload["error"]}
+    data = json.dumps(payload, ensure_ascii=False)
+    return f"event: {payload['type']}\ndata: {data}\n\n"
+
+
 async def sse_response(
-    request: Request, gen: Generation, formatter: EventFormatter
+    request: Request,
+    gen: Generation,
+    formatter: EventFormatter,
+    *,
+    frame: Callable[[dict[str, Any]], str] = sse,
+    done: str | None = "[DONE]",
 ) -> StreamingResponse:
+    """Stream ``formatter``'s events, each through ``frame``, then ``done`` (OpenAI's
+    ``[DONE]``; None: nothing)."""
     try:
         first = await unless_disconnected(request, gen.__anext__())
     except BaseException:
@@ -49,18 +65,19 @@ async def sse_response(
             item: tuple[int, ReqOutput, float] | None = first
             while item is not None:
                 for payload in formatter.on_output(*item):
-                    yield sse(payload)
+                    yield frame(payload)
                 try:
                     item = await gen.__anext__()
                 except StopAsyncIteration:
                     item = None
             for payload in formatter.on_end():
-                yield sse(payload)
+                yield frame(payload)
         except APIError as e:  # failed after the stream started: report it in-band
-            yield sse(e.body())
+            yield frame(e.body())
         finally:
             gen.close()
-        yield sse("[DONE]")
+        if done is not None:
+            yield sse(done)
 
     return StreamingResponse(
         events(),
