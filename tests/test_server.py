@@ -354,12 +354,22 @@ def test_anthropic_messages_match_chat_completions(server, oai):
         streamed = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert streamed == text
+    # (message_start's usage, which the final message keeps, splits the prompt the same way)
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == (
+        chat.usage.prompt_tokens
+    )
     assert [b.model_dump() for b in final.content] == [b.model_dump() for b in msg.content]
     assert final.stop_reason == msg.stop_reason and final.usage.output_tokens == u.output_tokens
     count = ant.messages.count_tokens(
         model=MODEL, system=system, messages=kw["messages"]
     ).input_tokens
     assert count == chat.usage.prompt_tokens
+    # A stop sequence taken from the greedy answer ends it there.
+    assert len(text) >= 4, text
+    stop = text[2:4]
+    cut = ant.messages.create(**kw, stop_sequences=[stop])
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    assert "".join(b.text for b in cut.content if b.type == "text") == text[: text.index(stop)]
     assert_integrity(server)
 
 

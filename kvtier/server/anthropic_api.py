@@ -300,7 +300,6 @@ class _MessageEvents:
         self.stops = list(body.stop) if isinstance(body.stop, list) else []
         self.id = "msg_" + rid
         self.model = fe.model.name
-        self.input_tokens = len(job.ids)
         self.block: tuple[str, int] | None = None  # (kind, tool call index) of the open block
         self.index = -1
         self.started = False
@@ -333,7 +332,9 @@ class _MessageEvents:
                 "content": [],
                 "stop_reason": None,
                 "stop_sequence": None,
-                "usage": {"input_tokens": self.input_tokens, "output_tokens": 0},
+                # The prompt's split into cache reads and the rest is known from the first
+                # output on (the prefill has run).
+                "usage": {**_usage(out.meta_info), "output_tokens": 0},
             }
             events.append({"type": "message_start", "message": message})
         for chunk in self.chunks.on_output(index, out, e2e):
