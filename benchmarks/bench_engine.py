@@ -3,6 +3,7 @@ measured in the same run (bf16 matmul rate, device copy bandwidth).
 
     python benchmarks/bench_engine.py --model Qwen/Qwen3-30B-A3B-Instruct-2507
     python benchmarks/bench_engine.py --prefill 4K,16K,80K --decode-batch 1,32,128
+    python benchmarks/bench_engine.py --prefill '' --decode-batch 1 --decode-context 4K,32K,64K
 
 Prefill ratio: model FLOPs / time / matmul rate. Decode ratio: bytes read per step (the weights
 the batch touches + KV) / time / device copy bandwidth (read + write). GPU only.
@@ -118,7 +119,9 @@ def main() -> int:
     ap.add_argument("--model", default="Qwen/Qwen3-30B-A3B-Instruct-2507")
     ap.add_argument("--prefill", default="4K,16K,80K")
     ap.add_argument("--decode-batch", default="1,32,128")
-    ap.add_argument("--decode-context", default="4K")
+    ap.add_argument(
+        "--decode-context", default="4K", help="comma-separated contexts (e.g. 4K,32K,64K)"
+    )
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--mem-fraction-static", type=float, default=0.85)
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
@@ -180,17 +183,18 @@ def main() -> int:
             f"prefill {n:>6} tokens: {best * 1e3:9.1f} ms  {rate:6.1f} TFLOP/s  "
             f"{rate / tflops:.2f} of matmul"
         )
-    ctx = parse_lengths(args.decode_context)[0]
-    for b in parse_lengths(args.decode_batch):
-        dt = decode_step_seconds(engine, b, ctx, args.decode_steps, rng)
-        nbytes = decode_bytes(cfg, b, ctx, kvb)
-        # The roofline is the copy bandwidth counting read plus write: what HBM moves per second.
-        ratio = nbytes / dt / 1e9 / gbps
-        results["decode"].append({"batch": b, "context": ctx, "step_s": dt, "ratio": ratio})
-        print(
-            f"decode batch {b:>4} ctx {ctx}: {dt * 1e3:8.2f} ms/step  {b / dt:9.0f} tok/s  "
-            f"{nbytes / dt / 1e9:7.0f} GB/s read = {ratio:.2f} of the HBM copy bandwidth"
-        )
+    for ctx in parse_lengths(args.decode_context):
+        for b in parse_lengths(args.decode_batch):
+            dt = decode_step_seconds(engine, b, ctx, args.decode_steps, rng)
+            nbytes = decode_bytes(cfg, b, ctx, kvb)
+            # The roofline is the copy bandwidth counting read plus write: what HBM moves per
+            # second.
+            ratio = nbytes / dt / 1e9 / gbps
+            results["decode"].append({"batch": b, "context": ctx, "step_s": dt, "ratio": ratio})
+            print(
+                f"decode batch {b:>4} ctx {ctx}: {dt * 1e3:8.2f} ms/step  {b / dt:9.0f} tok/s  "
+                f"{nbytes / dt / 1e9:7.0f} GB/s read = {ratio:.2f} of the HBM copy bandwidth"
+            )
     engine.shutdown()
     if args.output:
         Path(args.output).write_text(
