@@ -465,6 +465,130 @@ def test_anthropic_tool_use_round_trip(server, oai):
     assert_integrity(server)
 
 
+# ---------------------------------------------------------------------------- Responses API
+def test_responses_match_chat_completions(server, oai):
+    """OpenAI's Responses API (the official client) against the chat API on the same
+    conversation: the same greedy text and counts, streamed and not."""
+    chat = oai.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        temperature=0,
+    )
+    kw = {
+        "model": MODEL,
+        "instructions": "Be terse.",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+        "max_output_tokens": 8,
+        "temperature": 0,
+    }
+    resp = oai.responses.create(**kw)
+    assert resp.id.startswith("resp_") and resp.model == MODEL
+    assert resp.output_text == (chat.choices[0].message.content or "")
+    finish = chat.choices[0].finish_reason
+    assert resp.status == ("incomplete" if finish == "length" else "completed")
+    if finish == "length":
+        assert resp.incomplete_details.reason == "max_output_tokens"
+    assert resp.usage.input_tokens == chat.usage.prompt_tokens
+    assert resp.usage.output_tokens == chat.usage.completion_tokens
+    assert resp.usage.input_tokens_details.cached_tokens > 0
+    events = list(oai.responses.create(**kw, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == ("response.incomplete" if finish == "length" else "response.completed")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == resp.output_text
+    final = events[-1].response
+    assert final.output_text == text and final.usage.output_tokens == resp.usage.output_tokens
+    assert [i.type for i in final.output] == [i.type for i in resp.output]
+    assert_integrity(server)
+
+
+def test_responses_function_calls(server, oai):
+    pytest.importorskip("xgrammar")
+    tool = {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    }
+    kw = {
+        "model": MODEL,
+        "input": "Weather in Paris?",
+        "tools": [tool],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "max_output_tokens": 48,
+        "temperature": 0,
+    }
+    resp = oai.responses.create(**kw)
+    (call,) = [i for i in resp.output if i.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"] in ("Paris", "Rome")
+    events = list(oai.responses.create(**kw, stream=True))
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(pieces) > 1 and "".join(pieces) == done.arguments == call.arguments
+    # The call and its output sent back as items: the same prompt as the chat API's turns.
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather",
+         "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "18 C"},
+    ]  # fmt: skip
+    again = oai.responses.create(model=MODEL, input=history, tools=[tool], max_output_tokens=1)
+    chat = oai.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "18 C"},
+        ],
+        tools=[
+            {
+                "type": "function",
+                "function": {k: tool[k] for k in ("name", "description", "parameters")},
+            }
+        ],
+        max_tokens=1,
+    )
+    assert again.usage.input_tokens == chat.usage.prompt_tokens
+    assert_integrity(server)
+
+
+def test_responses_bad_requests(http):
+    cases = [
+        ({"input": "x", "previous_response_id": "resp_1"}, "this server keeps no responses"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
+            "input.0.content.0: input_image content is not supported",
+        ),
+        ({"input": "x", "tools": [{"type": "web_search"}]}, "tool type 'web_search'"),
+        ({"input": [{"type": "item_reference", "id": "m"}]}, "item_reference items"),
+        ({"input": []}, "input must not be empty"),
+        ({"input": "x", "max_output_tokens": 0}, "max_output_tokens must be at least 1"),
+        ({"input": "x", "temprature": 0}, "unknown field 'temprature'"),
+    ]
+    for body, message in cases:
+        r = http.post("/v1/responses", json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert message in r.json()["error"]["message"], (body, r.text)
+
+
 def test_anthropic_errors_have_anthropic_shape(server, http):
     import anthropic
 

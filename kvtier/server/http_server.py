@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from kvtier.server import anthropic_api, native_api, openai_api
+from kvtier.server import anthropic_api, native_api, openai_api, responses_api
 from kvtier.server.engine_client import EngineClient
 from kvtier.server.errors import install_error_handlers
 from kvtier.server.metrics import Metrics
@@ -50,6 +50,7 @@ def create_app(args: ServerArgs, client: EngineClient, tokenizer: Any, model: Mo
     app.include_router(openai_api.router)
     app.include_router(native_api.router)
     app.include_router(anthropic_api.router)
+    app.include_router(responses_api.router)
     install_error_handlers(app, on_error=metrics.observe_error)
     app.add_middleware(
         GuardMiddleware,
