@@ -316,6 +316,48 @@ def test_reasoning_and_tool_calls_end_to_end(oai):
 
 
 # ---------------------------------------------------------------------------- Anthropic API
+# A forced-call tool of the Anthropic and Responses tests, and the chat API's prompt tokens of
+# the conversation "Weather in Paris?", the call, its result (and a follow-up) that both APIs'
+# histories must render to.
+WEATHER = {
+    "name": "get_weather",
+    "description": "Weather of a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Rome"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+
+
+def chat_tokens_after_a_call(oai, call_id: str, result: str, follow_up: str | None) -> int:
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call_id, "content": result},
+    ]
+    if follow_up is not None:
+        messages.append({"role": "user", "content": follow_up})
+    chat = oai.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        tools=[{"type": "function", "function": WEATHER}],
+        max_tokens=1,
+    )
+    return chat.usage.prompt_tokens
+
+
 def test_anthropic_messages_match_chat_completions(server, oai):
     """The same conversation through Anthropic's Messages API (the official client) and the
     chat API: the same greedy text, the same token counts, stream and not."""
@@ -380,14 +422,9 @@ def test_anthropic_tool_use_round_trip(server, oai):
     pytest.importorskip("xgrammar")
     ant = server.anthropic()
     weather = {
-        "name": "get_weather",
-        "description": "Weather of a city",
-        "input_schema": {
-            "type": "object",
-            "properties": {"city": {"enum": ["Paris", "Rome"]}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
+        "name": WEATHER["name"],
+        "description": WEATHER["description"],
+        "input_schema": WEATHER["parameters"],
     }
     kw = {
         "model": MODEL,
@@ -432,36 +469,9 @@ def test_anthropic_tool_use_round_trip(server, oai):
         },
     ]
     count = ant.messages.count_tokens(model=MODEL, messages=history, tools=[weather])
-    openai_tool = {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Weather of a city",
-            "parameters": weather["input_schema"],
-        },
-    }
-    chat = oai.chat.completions.create(
-        model=MODEL,
-        messages=[
-            {"role": "user", "content": "Weather in Paris?"},
-            {
-                "role": "assistant",
-                "content": "",
-                "tool_calls": [
-                    {
-                        "id": "toolu_1",
-                        "type": "function",
-                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                    }
-                ],
-            },
-            {"role": "tool", "tool_call_id": "toolu_1", "content": "18 C, sunny"},
-            {"role": "user", "content": "Thanks. And Rome?"},
-        ],
-        tools=[openai_tool],
-        max_tokens=1,
+    assert count.input_tokens == chat_tokens_after_a_call(
+        oai, "toolu_1", "18 C, sunny", "Thanks. And Rome?"
     )
-    assert count.input_tokens == chat.usage.prompt_tokens
     assert_integrity(server)
 
 
@@ -507,17 +517,7 @@ def test_responses_match_chat_completions(server, oai):
 
 def test_responses_function_calls(server, oai):
     pytest.importorskip("xgrammar")
-    tool = {
-        "type": "function",
-        "name": "get_weather",
-        "description": "Weather of a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"enum": ["Paris", "Rome"]}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    }
+    tool = {"type": "function", **WEATHER}
     kw = {
         "model": MODEL,
         "input": "Weather in Paris?",
@@ -541,32 +541,7 @@ def test_responses_function_calls(server, oai):
         {"type": "function_call_output", "call_id": "c1", "output": "18 C"},
     ]  # fmt: skip
     again = oai.responses.create(model=MODEL, input=history, tools=[tool], max_output_tokens=1)
-    chat = oai.chat.completions.create(
-        model=MODEL,
-        messages=[
-            {"role": "user", "content": "Weather in Paris?"},
-            {
-                "role": "assistant",
-                "content": "",
-                "tool_calls": [
-                    {
-                        "id": "c1",
-                        "type": "function",
-                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
-                    }
-                ],
-            },
-            {"role": "tool", "tool_call_id": "c1", "content": "18 C"},
-        ],
-        tools=[
-            {
-                "type": "function",
-                "function": {k: tool[k] for k in ("name", "description", "parameters")},
-            }
-        ],
-        max_tokens=1,
-    )
-    assert again.usage.input_tokens == chat.usage.prompt_tokens
+    assert again.usage.input_tokens == chat_tokens_after_a_call(oai, "c1", "18 C", None)
     assert_integrity(server)
 
 

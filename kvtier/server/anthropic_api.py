@@ -46,8 +46,7 @@ from kvtier.server.openai_api import (
     chat_stream_chunks,
     collect,
     finish_of,
-    prepare_chat,
-    submit_chat,
+    start_chat,
 )
 from kvtier.server.protocol import (
     ChatCompletionRequest,
@@ -59,7 +58,7 @@ from kvtier.server.protocol import (
     NamedToolChoice,
     Tool,
 )
-from kvtier.server.serving import Frontend
+from kvtier.server.serving import Frontend, frontend
 from kvtier.server.streaming import named_sse, sse_response
 
 router = APIRouter()
@@ -379,16 +378,11 @@ class _MessageEvents:
         return []
 
 
-def _frontend(request: Request) -> Frontend:
-    return request.app.state.frontend
-
-
 @router.post("/v1/messages", response_model=None)
 async def messages(body: MessagesRequest, request: Request) -> dict[str, Any] | StreamingResponse:
-    fe = _frontend(request)
+    fe = frontend(request)
     chat = to_chat_request(body)
-    job = prepare_chat(fe, chat)
-    gen, rid, _ = submit_chat(fe, chat, job)
+    job, gen, rid, _ = start_chat(fe, chat)
     stops = body.stop_sequences or []
     if body.stream:
         events = _MessageEvents(fe, job, chat, rid)
@@ -413,7 +407,7 @@ async def messages(body: MessagesRequest, request: Request) -> dict[str, Any] | 
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
     """The prompt tokens of a Messages request with this conversation (and tools, unless
     tool_choice is none), whatever its length."""
-    fe = _frontend(request)
+    fe = frontend(request)
     chat = to_chat_request(body)
     fe.check_model(chat.model)
     tools = None

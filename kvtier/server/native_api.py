@@ -24,14 +24,10 @@ from kvtier.server import ipc
 from kvtier.server.engine_client import ControlError, RequestFailed
 from kvtier.server.errors import APIError
 from kvtier.server.protocol import AbortRequest, FlushCacheRequest, GenerateRequest
-from kvtier.server.serving import Frontend, Result, api_error, unless_disconnected
+from kvtier.server.serving import Frontend, Result, api_error, frontend, unless_disconnected
 from kvtier.server.streaming import sse_response
 
 router = APIRouter()
-
-
-def _frontend(request: Request) -> Frontend:
-    return request.app.state.frontend
 
 
 async def _control(fe: Frontend, kind: str, **payload: Any) -> Any:
@@ -94,7 +90,7 @@ def _as_list(value: Any, n: int, name: str) -> list[Any]:
 async def generate(
     body: GenerateRequest, request: Request
 ) -> dict[str, Any] | list[dict[str, Any]] | StreamingResponse:
-    fe = _frontend(request)
+    fe = frontend(request)
     if (body.text is None) == (body.input_ids is None):
         raise APIError(400, "give exactly one of text and input_ids")
     fe.check_logprobs(body.return_logprob, body.top_logprobs_num)
@@ -133,7 +129,7 @@ async def generate(
 @router.get("/health")
 async def health(request: Request) -> dict[str, str]:
     """200 while the scheduler process is alive; 503 when it is gone or the server is stopping."""
-    client = _frontend(request).client
+    client = frontend(request).client
     if not client.alive:
         raise APIError(503, client.down_reason or "the engine is not running")
     return {"status": "ok"}
@@ -149,7 +145,7 @@ async def health_generate(request: Request) -> dict[str, str]:
     alive and stepping (``/health`` only says its process is there); 503 if the token does not
     come within ``HEALTH_GENERATE_TIMEOUT_S`` (e.g. a wedged step) or the engine is down. The
     probe queues like any request."""
-    fe = _frontend(request)
+    fe = frontend(request)
     if not fe.client.alive:
         raise APIError(503, fe.client.down_reason or "the engine is not running")
     sp = SamplingParams(max_new_tokens=1, temperature=0.0)
@@ -174,7 +170,7 @@ async def version() -> dict[str, str]:
 
 @router.get("/get_model_info")
 async def get_model_info(request: Request) -> dict[str, Any]:
-    fe = _frontend(request)
+    fe = frontend(request)
     args = request.app.state.server_args
     return {
         "model_path": fe.model.model_path,
@@ -188,7 +184,7 @@ async def get_model_info(request: Request) -> dict[str, Any]:
 @router.get("/get_server_info")
 async def get_server_info(request: Request) -> dict[str, Any]:
     """Every server argument (the API key masked) and the scheduler's stats."""
-    fe = _frontend(request)
+    fe = frontend(request)
     args = dataclasses.asdict(request.app.state.server_args)
     if args.get("api_key"):
         args["api_key"] = "***"
@@ -210,7 +206,7 @@ async def flush_cache(request: Request, body: FlushCacheRequest | None = None) -
     """Drop cached prefixes. Default (tier "all"): everything, refused with 400 while requests
     are running or waiting (as SGLang does). Tier "device": only GPU copies of prefixes that
     have an L2 copy, so later requests load them back from L2 (needs the hierarchical cache)."""
-    fe = _frontend(request)
+    fe = frontend(request)
     tier = body.tier if body else None
     done = await _control(fe, ipc.FLUSH_CACHE, tier=tier)
     if not done:
@@ -230,14 +226,14 @@ async def flush_cache(request: Request, body: FlushCacheRequest | None = None) -
 async def abort_request(request: Request, body: AbortRequest) -> dict[str, Any]:
     """Stop a request in flight by its id; its own response then ends with finish reason
     "abort" (streamed or not) and its pages are freed. 404 for an unknown id."""
-    if not _frontend(request).client.request_abort(body.rid):
+    if not frontend(request).client.request_abort(body.rid):
         raise APIError(404, f"no request with id {body.rid!r} is in flight", "not_found")
     return {"success": True}
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    fe = _frontend(request)
+    fe = frontend(request)
     try:
         stats = await fe.client.control(ipc.GET_STATS, timeout=5.0)
     except (RequestFailed, ControlError):
@@ -249,7 +245,7 @@ async def metrics(request: Request) -> Response:
 async def check_integrity(request: Request) -> dict[str, Any]:
     """Run the scheduler's page-ownership check between two steps: 200 ``{"ok": true}``, or 500
     with the violation (a leaked or doubly owned page is a bug)."""
-    problem = await _control(_frontend(request), ipc.CHECK_INTEGRITY)
+    problem = await _control(frontend(request), ipc.CHECK_INTEGRITY)
     if problem is not None:
         raise APIError(500, f"integrity check failed: {problem}", "integrity_error")
     return {"ok": True}

@@ -48,7 +48,7 @@ from kvtier.server.protocol import (
     TokenizeRequest,
 )
 from kvtier.server.reasoning_parser import ReasoningParser
-from kvtier.server.serving import Frontend, Generation, Result, unless_disconnected
+from kvtier.server.serving import Frontend, Generation, Result, frontend, unless_disconnected
 from kvtier.server.streaming import sse_response
 from kvtier.server.tool_parser import (
     CallDelta,
@@ -57,10 +57,6 @@ from kvtier.server.tool_parser import (
 )
 
 router = APIRouter()
-
-
-def _frontend(request: Request) -> Frontend:
-    return request.app.state.frontend
 
 
 # The most choices (n x prompts) one request may ask for.
@@ -519,14 +515,15 @@ def prepare_chat(fe: Frontend, body: ChatCompletionRequest) -> ChatJob:
     return ChatJob(ids, max_new, plan, reasoning, constraint)
 
 
-def submit_chat(
-    fe: Frontend, body: ChatCompletionRequest, job: ChatJob
-) -> tuple[Generation, str, int]:
-    """Submit a prepared chat request's choices: (generation, response id suffix, choices)."""
+def start_chat(fe: Frontend, body: ChatCompletionRequest) -> tuple[ChatJob, Generation, str, int]:
+    """Prepare a chat request and submit its choices: (job, generation, response id suffix,
+    number of choices)."""
+    job = prepare_chat(fe, body)
     top = body.top_logprobs or 0
-    return _submit(
+    gen, rid, num = _submit(
         fe, body, [(job.ids, job.max_new)], body.logprobs, top, constraint=job.constraint
     )
+    return job, gen, rid, num
 
 
 def chat_stream_chunks(
@@ -546,9 +543,8 @@ def chat_stream_chunks(
 async def chat_completions(
     body: ChatCompletionRequest, request: Request
 ) -> dict[str, Any] | StreamingResponse:
-    fe = _frontend(request)
-    job = prepare_chat(fe, body)
-    gen, rid, num = submit_chat(fe, body, job)
+    fe = frontend(request)
+    job, gen, rid, num = start_chat(fe, body)
     if body.stream:
         return await sse_response(request, gen, chat_stream_chunks(fe, body, job, rid, num))
     results = await collect(request, gen)
@@ -599,7 +595,7 @@ def _echo_texts(
 async def completions(
     body: CompletionRequest, request: Request
 ) -> dict[str, Any] | StreamingResponse:
-    fe = _frontend(request)
+    fe = frontend(request)
     fe.check_model(body.model)
     _check_unsupported({"suffix": body.suffix, "best_of": body.best_of not in (None, 1)})
     want = body.logprobs is not None
@@ -643,7 +639,7 @@ async def completions(
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
-    fe = _frontend(request)
+    fe = frontend(request)
     return {
         "object": "list",
         "data": [
@@ -669,7 +665,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
     """vLLM's (and SGLang's) tokenizer endpoint: a prompt's ids, or a conversation's as the
     chat API renders it, with the context length to compare against; nothing runs on the
     model. Any length is counted (a prompt over the context length too)."""
-    fe = _frontend(request)
+    fe = frontend(request)
     fe.check_model(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages")
@@ -702,7 +698,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
     """Token ids as text, special tokens included (vLLM's ``/detokenize``); 400 for an id
     outside the vocabulary."""
-    fe = _frontend(request)
+    fe = frontend(request)
     fe.check_model(body.model)
     fe.check_vocab(body.tokens)
     return {"prompt": fe.detokenize(body.tokens)}

@@ -224,6 +224,43 @@ class GenerateRequest(_Strict):
     return_text_in_logprobs: bool = False
 
 
+class ResponsesRequest(_Strict):
+    """OpenAI's Responses API request (``responses_api``: what each field does there)."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    # Accepted, no effect here (nothing is stored; tags; the tier; a cache-routing key: prefix
+    # caching is automatic; what to include beyond the defaults; truncation: a prompt over the
+    # context is refused, never cut).
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    include: list[str] | None = None
+    truncation: str | None = None
+    stream_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
+    # Refused by name (need stored state or are not implemented).
+    previous_response_id: str | None = None
+    conversation: Any = None
+    background: bool | None = None
+    max_tool_calls: int | None = None
+    top_logprobs: int | None = None
+    prompt: Any = None  # a stored prompt template
+
+
 class TokenizeRequest(_Strict):
     """vLLM's ``/tokenize``: a text ``prompt``, or chat ``messages`` (with ``tools``) rendered
     as ``/v1/chat/completions`` renders them, so that ``count`` is its prompt_tokens."""

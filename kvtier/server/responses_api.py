@@ -34,7 +34,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict
 
 from kvtier.scheduler.request import ReqOutput
 from kvtier.server.chat import chat_message
@@ -44,8 +43,7 @@ from kvtier.server.openai_api import (
     chat_stream_chunks,
     collect,
     finish_of,
-    prepare_chat,
-    submit_chat,
+    start_chat,
 )
 from kvtier.server.protocol import (
     ChatCompletionRequest,
@@ -57,51 +55,13 @@ from kvtier.server.protocol import (
     NamedFunction,
     NamedToolChoice,
     ResponseFormat,
+    ResponsesRequest,
     Tool,
 )
-from kvtier.server.serving import Frontend
+from kvtier.server.serving import Frontend, frontend
 from kvtier.server.streaming import named_sse, sse_response
 
 router = APIRouter()
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ResponsesRequest(_Strict):
-    model: str | None = None
-    input: str | list[dict[str, Any]]
-    instructions: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool = True
-    max_output_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stream: bool = False
-    text: dict[str, Any] | None = None
-    reasoning: dict[str, Any] | None = None
-    # Accepted, no effect here (nothing is stored; tags; the tier; a cache-routing key: prefix
-    # caching is automatic; what to include beyond the defaults; truncation: a prompt over the
-    # context is refused, never cut).
-    store: bool | None = None
-    metadata: dict[str, str] | None = None
-    user: str | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    safety_identifier: str | None = None
-    include: list[str] | None = None
-    truncation: str | None = None
-    stream_options: dict[str, Any] | None = None
-    prompt_cache_retention: str | None = None
-    # Refused by name (need stored state or are not implemented).
-    previous_response_id: str | None = None
-    conversation: Any = None
-    background: bool | None = None
-    max_tool_calls: int | None = None
-    top_logprobs: int | None = None
-    prompt: Any = None  # a stored prompt template
 
 
 def _parts_text(content: Any, where: str) -> str:
@@ -471,16 +431,11 @@ class _ResponseEvents:
         return []
 
 
-def _frontend(request: Request) -> Frontend:
-    return request.app.state.frontend
-
-
 @router.post("/v1/responses", response_model=None)
 async def responses(body: ResponsesRequest, request: Request) -> dict[str, Any] | StreamingResponse:
-    fe = _frontend(request)
+    fe = frontend(request)
     chat = to_chat_request(body)
-    job = prepare_chat(fe, chat)
-    gen, rid, _ = submit_chat(fe, chat, job)
+    job, gen, rid, _ = start_chat(fe, chat)
     shell = _ResponseShell(fe, body, rid)
     if body.stream:
         events = _ResponseEvents(fe, job, chat, shell)

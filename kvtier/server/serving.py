@@ -238,6 +238,11 @@ class Frontend:
             raise api_error(e) from None
 
 
+def frontend(request: Request) -> Frontend:
+    """The API process's Frontend (set on the app at start-up)."""
+    return request.app.state.frontend
+
+
 async def _wait_disconnect(request: Request) -> None:
     # The body was read already: the next message is the disconnect (or the end of the response).
     while (await request.receive())["type"] != "http.disconnect":
