@@ -1,6 +1,6 @@
 """Anthropic's Messages API (``POST /v1/messages``, ``/v1/messages/count_tokens``), so that
-clients written for it (the ``anthropic`` SDK, coding agents such as Claude Code pointed here
-by ``ANTHROPIC_BASE_URL``) run on this server, as vLLM, SGLang's peers and llama.cpp offer.
+clients written for it (the ``anthropic`` SDK, which the tests drive; coding agents built on
+it take the address as ``ANTHROPIC_BASE_URL``) run on this server, as vLLM and llama.cpp offer.
 
 A request is translated into a chat completion request and runs the chat API's path (the same
 prompt, prefix cache, tool parsing, reasoning parser and sampling); the answer comes back as
