@@ -341,7 +341,8 @@ class _MessageEvents:
             delta = choice.get("delta", {})
             if delta.get("reasoning_content"):
                 if self.block is None or self.block[0] != "thinking":
-                    events += self._open("thinking", -1, {"type": "thinking", "thinking": ""})
+                    start = {"type": "thinking", "thinking": "", "signature": ""}
+                    events += self._open("thinking", -1, start)
                 events.append(
                     self._delta({"type": "thinking_delta", "thinking": delta["reasoning_content"]})
                 )
