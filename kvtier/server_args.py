@@ -170,6 +170,11 @@ class ServerArgs:
         "qwen3-thinking (the template opened it: Qwen3 Thinking-2507 models)",
         choices=REASONING_PARSERS,
     )
+    responses_store_size: int = _opt(
+        256,
+        "responses of /v1/responses kept in the API process (most recent first; 0: none) for "
+        "previous_response_id and GET /v1/responses/{id}; lost on restart",
+    )
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
@@ -270,6 +275,15 @@ class ServerArgs:
                 f"got {self.piecewise_cuda_graph_max_tokens!r}"
             )
         positive("max_request_body_bytes")
+        if (
+            not isinstance(self.responses_store_size, int)
+            or isinstance(self.responses_store_size, bool)
+            or self.responses_store_size < 0
+        ):
+            raise ServerArgsError(
+                "--responses-store-size must be a non-negative integer; "
+                f"got {self.responses_store_size!r}"
+            )
         if self.page_size & (self.page_size - 1):
             raise ServerArgsError(f"--page-size must be a power of two; got {self.page_size}")
         if self.chunked_prefill_size != -1 and not (

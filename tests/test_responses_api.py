@@ -4,8 +4,11 @@ client are in test_server.py."""
 
 from __future__ import annotations
 
+import pytest
+
 from kvtier.server.chat import template_message
-from kvtier.server.responses_api import ResponsesRequest, _output, to_chat_request
+from kvtier.server.errors import APIError
+from kvtier.server.responses_api import ResponsesRequest, ResponseStore, _output, to_chat_request
 
 
 def test_items_become_chat_messages():
@@ -90,3 +93,34 @@ def test_output_items():
     assert items[1]["content"][0]["text"] == "Sure." and items[1]["id"].startswith("msg_")
     assert (items[2]["call_id"], items[2]["name"], items[2]["arguments"]) == ("call_1", "w", "{}")
     assert _output({"role": "assistant", "content": ""}) == []
+
+
+def test_the_store_keeps_the_most_recent_with_their_conversations():
+    store = ResponseStore(2)
+    for n in range(3):
+        out = [
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": str(n)}],
+            }
+        ]
+        store.put({"id": f"resp_{n}", "output": out}, [{"role": "user", "content": f"q{n}"}])
+    assert len(store) == 2
+    with pytest.raises(APIError, match="no response 'resp_0' is kept here") as e:
+        store.get("resp_0")
+    assert e.value.status == 404
+    conversation, response = store.get("resp_2")
+    assert conversation == [{"role": "user", "content": "q2"}, *response["output"]]
+    store.delete("resp_2")
+    assert len(store) == 1
+    # The conversation continues as chat messages (the output as the assistant's turn).
+    chat = to_chat_request(ResponsesRequest(input="next"), store.get("resp_1")[0])
+    assert [template_message(m) for m in chat.messages] == [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "1"},
+        {"role": "user", "content": "next"},
+    ]
+    nothing = ResponseStore(0)
+    nothing.put({"id": "resp_9", "output": []}, [])
+    assert len(nothing) == 0

@@ -545,9 +545,59 @@ def test_responses_function_calls(server, oai):
     assert_integrity(server)
 
 
+def test_responses_continue_a_kept_response(server, oai, http):
+    """previous_response_id: the kept conversation (input, then output) comes before the new
+    input, as the chat API would render the whole conversation (and its prefix is cached);
+    GET and DELETE reach a kept response; store=false keeps none."""
+    first = oai.responses.create(model=MODEL, input="Hi", max_output_tokens=6, temperature=0)
+    assert first.store is True
+    assert oai.responses.retrieve(first.id).output_text == first.output_text
+    events = list(
+        oai.responses.create(
+            model=MODEL,
+            input="And more?",
+            previous_response_id=first.id,
+            max_output_tokens=6,
+            temperature=0,
+            stream=True,
+        )
+    )
+    second = events[-1].response
+    assert second.previous_response_id == first.id
+    chat = oai.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "And more?"},
+        ],
+        max_tokens=6,
+        temperature=0,
+    )
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    assert second.usage.input_tokens_details.cached_tokens > 0
+    assert second.output_text == (chat.choices[0].message.content or "")
+    # The streamed response was kept too, and chains further.
+    third = oai.responses.create(
+        model=MODEL, input="Ok.", previous_response_id=second.id, max_output_tokens=2
+    )
+    assert third.usage.input_tokens > second.usage.input_tokens
+    oai.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError, match="no response"):
+        oai.responses.retrieve(first.id)
+    r = http.post(
+        "/v1/responses",
+        json={"input": "x", "previous_response_id": first.id, "max_output_tokens": 2},
+    )
+    assert r.status_code == 404 and "is kept here" in r.json()["error"]["message"]
+    unkept = oai.responses.create(model=MODEL, input="x", max_output_tokens=2, store=False)
+    assert unkept.store is False
+    assert http.get(f"/v1/responses/{unkept.id}").status_code == 404
+    assert_integrity(server)
+
+
 def test_responses_bad_requests(http):
     cases = [
-        ({"input": "x", "previous_response_id": "resp_1"}, "this server keeps no responses"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
             "input.0.content.0: input_image content is not supported",

@@ -15,8 +15,12 @@ prefix cache, tool parsing, reasoning parser, structured output, sampling):
 - ``text.format`` (``json_schema``, ``json_object``) as ``response_format``;
   ``max_output_tokens``, ``temperature``, ``top_p``, ``parallel_tool_calls``;
   ``reasoning.effort`` reaches the chat template as ``reasoning_effort``.
-- Nothing is stored: ``store`` is accepted and has no effect, ``previous_response_id``,
-  ``conversation`` and ``background`` are refused (send the whole conversation in ``input``).
+- ``previous_response_id``: the most recent responses (``--responses-store-size``, 256 by
+  default) are kept in the API process with their conversations, and a request that names
+  one continues it (its ``input`` after that response's conversation and output; the
+  ``instructions`` are the request's own, as OpenAI's). ``store: false`` keeps a response out;
+  ``GET`` / ``DELETE /v1/responses/{id}`` read or drop a kept one. An unknown or dropped id
+  is a 404; nothing survives a restart. ``conversation`` and ``background`` are refused.
 
 The answer's ``output``: a ``reasoning`` item (with ``--reasoning-parser``), a ``message`` with
 its ``output_text``, and a ``function_call`` item a call; ``status`` ``incomplete`` (reason
@@ -30,6 +34,8 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -78,14 +84,18 @@ def _parts_text(content: Any, where: str) -> str:
     return "".join(out)
 
 
-def _messages(body: ResponsesRequest) -> list[ChatMessage]:
-    out: list[ChatMessage] = []
-    if body.instructions:
-        out.append(ChatMessage(role="system", content=body.instructions))
+def input_items(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input as items (a string is one user message)."""
     if isinstance(body.input, str):
-        out.append(ChatMessage(role="user", content=body.input))
-        return out
-    for i, item in enumerate(body.input):
+        return [{"role": "user", "content": body.input}]
+    return list(body.input)
+
+
+def _messages(instructions: str | None, items: list[dict[str, Any]]) -> list[ChatMessage]:
+    out: list[ChatMessage] = []
+    if instructions:
+        out.append(ChatMessage(role="system", content=instructions))
+    for i, item in enumerate(items):
         where = f"input.{i}"
         kind = item.get("type", "message")
         if kind == "message":
@@ -166,10 +176,12 @@ def _response_format(text: dict[str, Any] | None) -> ResponseFormat | None:
     raise APIError(400, f"text.format type {fmt.get('type')!r} is not supported")
 
 
-def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat completion request that runs a Responses request."""
+def to_chat_request(
+    body: ResponsesRequest, history: list[dict[str, Any]] | None = None
+) -> ChatCompletionRequest:
+    """The chat completion request that runs a Responses request, after ``history`` (the
+    conversation of the response it continues, as input items)."""
     refused = {
-        "previous_response_id": body.previous_response_id is not None,
         "conversation": body.conversation is not None,
         "background": bool(body.background),
         "max_tool_calls": body.max_tool_calls is not None,
@@ -178,19 +190,13 @@ def to_chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     }
     for name, present in refused.items():
         if present:
-            raise APIError(
-                400,
-                f"{name} is not supported: this server keeps no responses (send the whole "
-                "conversation in input)"
-                if name in ("previous_response_id", "conversation", "background")
-                else f"{name} is not supported",
-            )
+            raise APIError(400, f"{name} is not supported")
     if body.max_output_tokens is not None and body.max_output_tokens < 1:
         raise APIError(400, f"max_output_tokens must be at least 1; got {body.max_output_tokens}")
     effort = (body.reasoning or {}).get("effort")
     return ChatCompletionRequest(
         model=body.model,
-        messages=_messages(body),
+        messages=_messages(body.instructions, [*(history or []), *input_items(body)]),
         tools=_tools(body),
         tool_choice=_tool_choice(body.tool_choice),
         parallel_tool_calls=body.parallel_tool_calls,
@@ -270,7 +276,7 @@ def _output(message: dict[str, Any]) -> list[dict[str, Any]]:
 class _ResponseShell:
     """The response object's fields other than its output, status and usage."""
 
-    def __init__(self, fe: Frontend, body: ResponsesRequest, rid: str) -> None:
+    def __init__(self, fe: Frontend, body: ResponsesRequest, rid: str, stored: bool) -> None:
         self.fields: dict[str, Any] = {
             "id": "resp_" + rid,
             "object": "response",
@@ -283,12 +289,12 @@ class _ResponseShell:
             "temperature": body.temperature,
             "top_p": body.top_p,
             "max_output_tokens": body.max_output_tokens,
-            "previous_response_id": None,
+            "previous_response_id": body.previous_response_id,
             "reasoning": body.reasoning,
             "text": body.text or {"format": {"type": "text"}},
             "truncation": body.truncation or "disabled",
             "metadata": body.metadata or {},
-            "store": False,
+            "store": stored,
             "error": None,
         }
 
@@ -320,6 +326,8 @@ class _ResponseEvents:
     ) -> None:
         self.chunks = chat_stream_chunks(fe, chat, job, shell.fields["id"], 1)
         self.shell = shell
+        # Called with the finished response (to keep it).
+        self.on_done: Callable[[dict[str, Any]], None] | None = None
         self.seq = 0
         self.output: list[dict[str, Any]] = []
         self.open: dict[str, Any] | None = None  # the item being written
@@ -425,25 +433,106 @@ class _ResponseEvents:
                 final = self.shell.build(self.output, reason, _usage(out.meta_info))
                 kind = "response.incomplete" if reason == "length" else "response.completed"
                 events.append(self._event(kind, response=final))
+                if self.on_done is not None:
+                    self.on_done(final)
         return events
 
     def on_end(self) -> list[dict[str, Any]]:
         return []
 
 
+class ResponseStore:
+    """The most recent responses, at most ``capacity`` (the oldest dropped first): each with
+    its conversation as input items (its history, its input, then its output), which a later
+    request's previous_response_id continues."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = OrderedDict()
+
+    def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
+        if self.capacity == 0:
+            return
+        self._items[response["id"]] = ([*conversation, *response["output"]], response)
+        self._items.move_to_end(response["id"])
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, response_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(conversation, response); 404 for an id not kept."""
+        entry = self._items.get(response_id)
+        if entry is None:
+            raise APIError(
+                404,
+                f"no response {response_id!r} is kept here (the most recent "
+                f"{self.capacity}, --responses-store-size; none survive a restart)",
+                "response_not_found",
+            )
+        return entry
+
+    def delete(self, response_id: str) -> None:
+        self.get(response_id)
+        del self._items[response_id]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def response_store(request: Request) -> ResponseStore:
+    """The API process's store (made on first use; handlers run on one event loop)."""
+    state = request.app.state
+    store = getattr(state, "response_store", None)
+    if store is None:
+        args = getattr(state, "server_args", None)
+        store = ResponseStore(args.responses_store_size if args is not None else 0)
+        state.response_store = store
+    return store
+
+
 @router.post("/v1/responses", response_model=None)
 async def responses(body: ResponsesRequest, request: Request) -> dict[str, Any] | StreamingResponse:
     fe = frontend(request)
-    chat = to_chat_request(body)
+    store = response_store(request)
+    history: list[dict[str, Any]] = []
+    if body.previous_response_id is not None:
+        if store.capacity == 0:
+            raise APIError(
+                400,
+                "previous_response_id needs kept responses: this server keeps none "
+                "(--responses-store-size 0)",
+            )
+        history = store.get(body.previous_response_id)[0]
+    chat = to_chat_request(body, history)
     job, gen, rid, _ = start_chat(fe, chat)
-    shell = _ResponseShell(fe, body, rid)
+    keep = body.store is not False and store.capacity > 0
+    shell = _ResponseShell(fe, body, rid, keep)
+    conversation = [*history, *input_items(body)]
+
+    def done(response: dict[str, Any]) -> None:
+        if keep:
+            store.put(response, conversation)
+
     if body.stream:
         events = _ResponseEvents(fe, job, chat, shell)
+        events.on_done = done
         return await sse_response(request, gen, events, frame=named_sse, done=None)
     (res,) = await collect(request, gen)
     reason, _ = finish_of(res.meta_info)
     message, reason = chat_message(res.text, reason, job.plan, job.reasoning)
-    return shell.build(_output(message), reason, _usage(res.meta_info))
+    response = shell.build(_output(message), reason, _usage(res.meta_info))
+    done(response)
+    return response
 
 
-__all__ = ["ResponsesRequest", "router", "to_chat_request"]
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, request: Request) -> dict[str, Any]:
+    return response_store(request).get(response_id)[1]
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
+    response_store(request).delete(response_id)
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
+__all__ = ["ResponseStore", "ResponsesRequest", "router", "to_chat_request"]
