@@ -1,5 +1,5 @@
-"""OpenAI's Responses API (``POST /v1/responses``), stateless, for clients written for it (the
-``openai`` client's ``responses``, agent SDKs), as vLLM serves it.
+"""OpenAI's Responses API (``POST /v1/responses``, ``GET`` / ``DELETE /v1/responses/{id}``), for
+clients written for it (the ``openai`` client's ``responses``, agent SDKs), as vLLM serves it.
 
 A request is translated into a chat completion request and runs the chat API's path (prompt,
 prefix cache, tool parsing, reasoning parser, structured output, sampling):
