@@ -71,7 +71,7 @@ def test_responses_events():
     fe, job, chat = _setup()
     body = ResponsesRequest(input="x", stream=True)
     for step in (1, 3, 1000):
-        stream = _ResponseEvents(fe, job, chat, _ResponseShell(fe, body, "r1"))
+        stream = _ResponseEvents(fe, job, chat, _ResponseShell(fe, body, "r1", False))
         events = []
         for out in _outputs(step):
             events += stream.on_output(0, out, 0.0)
