@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,7 @@ sys.path.insert(0, str(BENCH_DIR))
 kb = importlib.import_module("kvcache_benchmark")
 tio = importlib.import_module("bench_tier_io")
 bench_engine = importlib.import_module("bench_engine")
+ab_decode = importlib.import_module("ab_decode")
 
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU defaults")
 
@@ -252,3 +254,40 @@ def test_decode_bytes_count_each_routed_expert_once():
     assert bench_engine.decode_bytes(cfg, 4, 8, 10) == pytest.approx(want)
     # Never more than every expert once.
     assert bench_engine.decode_bytes(cfg, 1000, 0, 10) <= (4 + 2 * 16 * 24) * 2
+
+
+def test_ab_decode_variants_parse_to_settings():
+    from kvtier.kernels import attention, fused, gemv
+
+    name, settings = ab_decode.parse_variant(
+        'tiles:kvtier.kernels.gemv:TILE_OVERRIDES={"1,8,8": {"block_n": 2, "block_k": 8}};'
+        "kvtier.kernels.fused:PDL_ENABLED=false"
+    )
+    assert name == "tiles"
+    assert settings == [
+        (gemv, "TILE_OVERRIDES", {"1,8,8": {"block_n": 2, "block_k": 8}}),
+        (fused, "PDL_ENABLED", False),
+    ]
+    assert ab_decode.parse_variant("base:") == ("base", [])
+    # Knock-outs stand in for a kernel: the attention stages launch nothing.
+    _, ko = ab_decode.parse_variant("k:knockout=attn")
+    assert [(m, a) for m, a, _ in ko] == [
+        (attention, "_decode_stage1_kernel"),
+        (attention, "_decode_stage2_kernel"),
+    ]
+    assert ko[0][2][(1, 2, 3)](1, 2, x=3) is None
+    # @path settings reach the engine's objects once there is an engine.
+    engine = SimpleNamespace(scheduler=SimpleNamespace(backend=SimpleNamespace(splits=64)))
+    assert ab_decode.parse_variant("s:@scheduler.backend.splits=32") == ("s", [])
+    ((obj, attr, value),) = ab_decode.parse_variant("s:@scheduler.backend.splits=32", engine)[1]
+    assert (obj, attr, value) == (engine.scheduler.backend, "splits", 32)
+    for bad, message in [
+        ("nocolon", "expected NAME:"),
+        ("x:kvtier.kernels.fused:NOT_THERE=1", "kvtier.kernels.fused has no attribute NOT_THERE"),
+        ("x:knockout=everything", "knockout='everything': expected one of route, norm"),
+        ("x:fused=1", "is not module:ATTR=JSON"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ab_decode.parse_variant(bad)
+    with pytest.raises(ValueError, match=r"engine\.scheduler\.backend has no attribute nope"):
+        ab_decode.parse_variant("s:@scheduler.backend.nope=1", engine)
