@@ -798,15 +798,14 @@ def default_decode_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
 
     On an H200 (4K context, 32 q / 4 kv heads, bf16) 64-key blocks with 4 warps and 3 stages
     were the best or within a few percent of it at batch 1, 32 and 128; 128-key blocks won
-    only at batch 1 with too few splits.
+    only at batch 1 with too few splits. ``DECODE_TILES`` overrides entries of the bf16 / fp16
+    tiles.
     """
     if INTERPRETED:
         return KernelConfig(16, 16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(16, 32, 4, 2)
-    if DECODE_TILES:
-        return KernelConfig(16, **{"block_n": 64, "num_warps": 4, "num_stages": 3, **DECODE_TILES})
-    return KernelConfig(16, 64, 4, 3)
+    return KernelConfig(16, **{"block_n": 64, "num_warps": 4, "num_stages": 3, **DECODE_TILES})
 
 
 def extend_attention(

@@ -63,7 +63,8 @@ router = APIRouter()
 MAX_CHOICES = 64
 
 
-def _check_unsupported(extra: dict[str, Any]) -> None:
+def check_unsupported(extra: dict[str, Any]) -> None:
+    """400 naming the first field that is set (truthy) and not supported."""
     for name, value in extra.items():
         if value:
             raise APIError(400, f"{name} is not supported")
@@ -491,7 +492,7 @@ class ChatJob:
 def prepare_chat(fe: Frontend, body: ChatCompletionRequest) -> ChatJob:
     """Validate a chat request and render its prompt (also the Anthropic API's path)."""
     fe.check_model(body.model)
-    _check_unsupported(body.unsupported_fields())
+    check_unsupported(body.unsupported_fields())
     top = body.top_logprobs or 0
     if top and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true")
@@ -597,7 +598,7 @@ async def completions(
 ) -> dict[str, Any] | StreamingResponse:
     fe = frontend(request)
     fe.check_model(body.model)
-    _check_unsupported({"suffix": body.suffix, "best_of": body.best_of not in (None, 1)})
+    check_unsupported({"suffix": body.suffix, "best_of": body.best_of not in (None, 1)})
     want = body.logprobs is not None
     top = body.logprobs or 0
     if not 0 <= top <= MAX_TOP_LOGPROBS:

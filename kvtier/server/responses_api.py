@@ -47,6 +47,7 @@ from kvtier.server.errors import APIError
 from kvtier.server.openai_api import (
     ChatJob,
     chat_stream_chunks,
+    check_unsupported,
     collect,
     finish_of,
     start_chat,
@@ -181,16 +182,15 @@ def to_chat_request(
 ) -> ChatCompletionRequest:
     """The chat completion request that runs a Responses request, after ``history`` (the
     conversation of the response it continues, as input items)."""
-    refused = {
-        "conversation": body.conversation is not None,
-        "background": bool(body.background),
-        "max_tool_calls": body.max_tool_calls is not None,
-        "top_logprobs": bool(body.top_logprobs),
-        "prompt": body.prompt is not None,
-    }
-    for name, present in refused.items():
-        if present:
-            raise APIError(400, f"{name} is not supported")
+    check_unsupported(
+        {
+            "conversation": body.conversation is not None,
+            "background": bool(body.background),
+            "max_tool_calls": body.max_tool_calls is not None,
+            "top_logprobs": bool(body.top_logprobs),
+            "prompt": body.prompt is not None,
+        }
+    )
     if body.max_output_tokens is not None and body.max_output_tokens < 1:
         raise APIError(400, f"max_output_tokens must be at least 1; got {body.max_output_tokens}")
     effort = (body.reasoning or {}).get("effort")
