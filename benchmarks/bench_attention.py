@@ -18,6 +18,7 @@ from HBM as they would across a model's layers).
     python benchmarks/bench_attention.py --sweep          # also time alternative tiles / splits
     python benchmarks/bench_attention.py --mode short-extend --sweep --check
     python benchmarks/bench_attention.py --mode decode --decode-prefetch both --check
+    python benchmarks/bench_attention.py --mode short-extend --carry both   # A/B of the loops
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["0", "1", "both"],
         default="both",
         help="decode: first key block loaded before the PDL wait (1, forced), after (0), or both",
+    )
+    p.add_argument(
+        "--carry",
+        choices=["auto", "0", "1", "both"],
+        default="auto",
+        help="key loops look up the next block's pages a step ahead (1), in the step (0), both "
+        "in turn, or as the kernels choose (auto; attention.CARRY_SLOTS)",
     )
     p.add_argument("--sweep", action="store_true", help="also time alternative tiles and splits")
     p.add_argument("--check", action="store_true", help="compare outputs with the torch refs")
@@ -430,12 +438,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     bw_copy = copy_bandwidth(args.rep)
     print(f"device-to-device copy: {bw_copy / 1e9:.0f} GB/s (read + write)")
-    if args.mode in ("decode", "all"):
-        run_decode(args, bw_copy)
-    if args.mode in ("extend", "all"):
-        run_extend(args)
-    if args.mode in ("short-extend", "all"):
-        run_short_extend(args)
+    from kvtier.kernels import attention as A
+
+    carries = {"auto": [None], "0": [False], "1": [True], "both": [False, True]}[args.carry]
+    for carry in carries:
+        # Read at launch, so it is baked into each graph captured while it is set.
+        A.CARRY_SLOTS = carry
+        if carry is not None:
+            where = "a step ahead" if carry else "in the step"
+            print(f"\n--- next block's pages looked up {where}")
+        if args.mode in ("decode", "all"):
+            run_decode(args, bw_copy)
+        if args.mode in ("extend", "all"):
+            run_extend(args)
+        if args.mode in ("short-extend", "all"):
+            run_short_extend(args)
+    A.CARRY_SLOTS = None
 
 
 if __name__ == "__main__":

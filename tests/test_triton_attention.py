@@ -7,6 +7,7 @@ Data is random everywhere, the pool included (never zeros), page ids are random 
 non-contiguous, and every output is poisoned with NaN first, so an unwritten element fails.
 """
 
+import itertools
 import os
 import re
 
@@ -337,15 +338,17 @@ def decode_variants(
     q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, table: torch.Tensor, seq: torch.Tensor,
     splits: int, page_size: int, monkeypatch: pytest.MonkeyPatch,
 ) -> list[tuple[bool, torch.Tensor]]:  # fmt: skip
-    """Decode (stage 1 + stage 2) with the prefetch path forced off, then on, on one scratch
-    (larger than needed, as a captured graph's; poisoned before each launch). Returns
-    (prefetch, out) per launch, the plain path first."""
+    """Decode (stage 1 + stage 2) with the prefetch path forced off and on, each with the key
+    loop's page lookup in the step and a step ahead (``CARRY_SLOTS``), on one scratch (larger
+    than needed, as a captured graph's; poisoned before each launch). Returns ((prefetch,
+    carry), out) per launch, the plain path (neither) first."""
     hq, d = q.shape[1], q.shape[2]
     rows = q.shape[0] + 1
     mid_o, mid_lse = K.decode_scratch(rows, hq, splits + 1, d, DEVICE)
     outs = []
-    for prefetch in (False, True):
+    for prefetch, carry in itertools.product((False, True), (False, True)):
         monkeypatch.setattr(K, "DECODE_PREFETCH", prefetch)
+        monkeypatch.setattr(K, "CARRY_SLOTS", carry)
         mid_o.fill_(float("nan"))
         mid_lse.fill_(float("nan"))
         out = torch.full_like(q, float("nan"))
@@ -353,7 +356,7 @@ def decode_variants(
             q, kb, vb, out, table, seq, SCALE, splits, page_size=page_size, mid_o=mid_o,
             mid_lse=mid_lse,
         )  # fmt: skip
-        outs.append((prefetch, out))
+        outs.append(((prefetch, carry), out))
     return outs
 
 
@@ -390,14 +393,15 @@ def test_decode_prefetch_matches_plain_path_bitwise(
 
 
 def test_decode_prefetch_single_split_bitwise(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One split (stage 1 writes the output itself, no stage 2): the prefetch path gives the
-    same bits, an empty sequence included."""
+    """One split (stage 1 writes the output itself, no stage 2): the prefetch path and the
+    page lookup a step ahead give the same bits, an empty sequence included."""
     seq_lens, page_size = [0, 1, 16, 37], 4
     q, kb, vb, table, seq = decode_kernel_inputs(seq_lens, page_size=page_size, hq=4, hkv=2,
                                                  seed=4)  # fmt: skip
     outs = []
-    for prefetch in (False, True):
+    for prefetch, carry in itertools.product((False, True), (False, True)):
         monkeypatch.setattr(K, "DECODE_PREFETCH", prefetch)
+        monkeypatch.setattr(K, "CARRY_SLOTS", carry)
         out = torch.full_like(q, float("nan"))
         K.decode_attention(q, kb, vb, out, table, seq, SCALE, 1, page_size=page_size)
         outs.append(out)
@@ -405,7 +409,8 @@ def test_decode_prefetch_single_split_bitwise(monkeypatch: pytest.MonkeyPatch) -
         q, kb, vb, torch.empty_like(q), table, seq, SCALE, page_size=page_size
     )
     assert not outs[0].isnan().any() and rel_err(outs[0], ref) < 1e-5
-    assert torch.equal(outs[0], outs[1])
+    for out in outs[1:]:
+        assert torch.equal(outs[0], out)
 
 
 # ------------------------------------------------------------------------------ split-KV extend
@@ -467,6 +472,32 @@ def test_extend_split_matches_ref(
     assert not out.isnan().any(), "unwritten output, or NaN from an empty split"
     assert rel_err(out, ref) < 1e-5, rel_err(out, ref)
     assert rel_err(out, one_pass) < 1e-5, rel_err(out, one_pass)
+
+
+@pytest.mark.parametrize(("page_size", "splits"), [(1, 3), (16, 2), (64, 5), (4, 32)])
+def test_extend_carry_bitwise(page_size: int, splits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The extend kernels (one pass and split-KV) give the same bits with the key loop's page
+    lookup a step ahead and in the step (``CARRY_SLOTS``), and match the reference."""
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, SPLIT_PREFIX, SPLIT_EXTEND, page_size=page_size, num_q_heads=4,
+        num_kv_heads=2, head_dim=32, dtype=torch.float32, seed=200 + page_size,
+    )  # fmt: skip
+    kb, vb, args = extend_kernel_args(batch, q, k, v)
+    max_ext = max(SPLIT_EXTEND)
+    ref = K.extend_attention_ref(q, kb, vb, torch.empty_like(q), *args, max_ext,
+                                 page_size=page_size)  # fmt: skip
+    outs: dict[tuple[int, bool], torch.Tensor] = {}
+    for carry in (False, True):
+        monkeypatch.setattr(K, "CARRY_SLOTS", carry)
+        for n in (1, splits):
+            mid_o, mid_lse = poisoned_scratch(q.shape[0], 4, splits, 32)
+            out = torch.full_like(q, float("nan"))
+            K.extend_attention(q, kb, vb, out, *args, max_ext, page_size=page_size,
+                               num_kv_splits=n, mid_o=mid_o, mid_lse=mid_lse)  # fmt: skip
+            outs[n, carry] = out
+    for n in (1, splits):
+        assert rel_err(outs[n, False], ref) < 1e-5, (n, rel_err(outs[n, False], ref))
+        assert torch.equal(outs[n, True], outs[n, False]), n
 
 
 def test_extend_split_head_blocks_and_tiles() -> None:
@@ -845,6 +876,30 @@ def test_extend_split_model_sized_cuda(page_size: int, dtype: torch.dtype) -> No
     )  # fmt: skip
     check_backend(batch, q, k, v, TritonAttention())
     assert batch.attn_metadata.extend_kv_splits > 1
+
+
+@cuda_only
+@pytest.mark.parametrize("page_size", [1, 64])
+def test_extend_carry_bitwise_cuda(page_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen3-30B-A3B geometry in bf16 (the tiles and pipelines the engine runs): the one-pass
+    and split-KV extend kernels give the same bits with the page lookup a step ahead and in
+    the step."""
+    prefix, extend = [20000, 0, 3001], [64, 700, 130]
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, prefix, extend, page_size=page_size, num_q_heads=32,
+        num_kv_heads=4, head_dim=128, dtype=torch.bfloat16, seed=page_size + 9,
+    )  # fmt: skip
+    kb, vb, args = extend_kernel_args(batch, q, k, v)
+    for splits in (1, 8):
+        outs = []
+        for carry in (False, True):
+            monkeypatch.setattr(K, "CARRY_SLOTS", carry)
+            out = torch.full_like(q, float("nan"))
+            K.extend_attention(q, kb, vb, out, *args, 700, page_size=page_size,
+                               num_kv_splits=splits)  # fmt: skip
+            outs.append(out)
+        assert not outs[0].isnan().any()
+        assert torch.equal(outs[0], outs[1]), (splits, (outs[0] - outs[1]).abs().max().item())
 
 
 @cuda_only

@@ -81,10 +81,14 @@ def _page_slots(bt_row, n, pos, kv_len, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.con
     ``n`` is a multiple of BLOCK_N. When a page holds at least BLOCK_N tokens (both are powers of
     two), the whole block lies in one page: one scalar page-id load and contiguous slots, which
     keeps the K/V loads fully coalesced. Otherwise each key looks its page up (page gather).
-    Positions past ``kv_len`` (only when MASKED) map to the reserved page 0, a valid address.
+    Positions past ``kv_len`` (only when MASKED) map to the reserved page 0, a valid address
+    (and a block wholly past it reads no block-table entry).
     """
     if PAGE_SIZE >= BLOCK_N:
-        page = tl.load(bt_row + n // PAGE_SIZE).to(tl.int64)
+        if MASKED:
+            page = tl.load(bt_row + n // PAGE_SIZE, mask=n < kv_len, other=0).to(tl.int64)
+        else:
+            page = tl.load(bt_row + n // PAGE_SIZE).to(tl.int64)
         slots = page * PAGE_SIZE + (pos % PAGE_SIZE)
     else:
         if MASKED:
@@ -134,11 +138,12 @@ def _attn_update(acc, p, alpha, q, v, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _attn_block(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, q_pos, kv_len, qk_scale,
+def _attn_block(acc, l_i, m_i, q, K, V, slots, kv_head, n, q_pos, kv_len, qk_scale,
                 stride_kt, stride_kh, stride_vt, stride_vh,
-                HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One online-softmax step over keys [n, n + BLOCK_N) (n a multiple of BLOCK_N).
+    """One online-softmax step over keys [n, n + BLOCK_N) (n a multiple of BLOCK_N), whose pool
+    slots are ``slots`` (``_page_slots``).
 
     MASKED=False is the bulk of the work (keys every query row sees, all < kv_len): no masks at
     all. MASKED=True: causal mask (key pos <= q_pos of the row) on the scores, and bounds masks
@@ -146,7 +151,6 @@ def _attn_block(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, q_pos, kv_len, qk_sc
     """
     offs_d = tl.arange(0, HEAD_DIM)
     pos = n + tl.arange(0, BLOCK_N)
-    slots = _page_slots(bt_row, n, pos, kv_len, PAGE_SIZE, BLOCK_N, MASKED)
     k_ptrs = K + slots[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
     v_ptrs = V + slots[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :]
     if MASKED:
@@ -167,27 +171,70 @@ def _attn_block(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, q_pos, kv_len, qk_sc
 def _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, start, end, q_pos, kv_len, qk_scale,
                stride_kt, stride_kh, stride_vt, stride_vh,
                HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr):
+               MASKED: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRET: tl.constexpr,
+               CARRY: tl.constexpr):
     """Accumulate key blocks [start, end), start a multiple of BLOCK_N.
+
+    CARRY: each step looks up the *next* block's pool slots (the block-table load) and carries
+    them to the next step, so a step's K/V addresses never wait on a load of the same step.
+    Why: Triton's software pipeliner gives a load whose address comes from another load of the
+    same iteration a stage of its own, and at num_stages 3 that left K and V one shared-memory
+    buffer each: the next block's copy was issued only after this block's products and waited
+    for at the top of the next step, its latency exposed (sm_90 TTGIR, Triton 3.6: one
+    [1, BLOCK_N, D] buffer, ``async_wait num = 0``). Carried, K and V get num_stages - 1
+    buffers (twice the shared memory: fewer programs a SM, which a launch of many long
+    programs, decode with one split, needs more). The lookups are masked at ``kv_len`` as a
+    MASKED step's are (positions past it get page 0's slots, a valid address): a "next" block
+    past ``end`` is looked up and never used. An empty range skips the lookup too (its latency
+    would otherwise hold up the loop's prologue). Not CARRY: the lookup inside the step.
+    Either way the same blocks in the same order: the same result, bit for bit.
 
     The compiled kernel needs a `for` loop (only scf.for is software-pipelined: num_stages, K/V
     through cp.async). Triton's interpreter cannot take device scalars as `range` bounds under
     NumPy 2.x (it calls int() on a 1-element array), so there the same body runs in a `while`.
     """
-    if INTERPRET:
+    if CARRY:
+        if start < end:
+            slots_next = _page_slots(bt_row, start, start + tl.arange(0, BLOCK_N), kv_len,
+                                     PAGE_SIZE, BLOCK_N, True)
+            if INTERPRET:
+                n = start
+                while n < end:
+                    slots = slots_next
+                    nxt = n + BLOCK_N
+                    slots_next = _page_slots(bt_row, nxt, nxt + tl.arange(0, BLOCK_N), kv_len,
+                                             PAGE_SIZE, BLOCK_N, True)
+                    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, K, V, slots, kv_head, n,
+                                                q_pos, kv_len, qk_scale, stride_kt, stride_kh,
+                                                stride_vt, stride_vh, HEAD_DIM, BLOCK_N, MASKED,
+                                                DOT_PREC)
+                    n = nxt
+            else:
+                for n in range(start, end, BLOCK_N):
+                    slots = slots_next
+                    nxt = n + BLOCK_N
+                    slots_next = _page_slots(bt_row, nxt, nxt + tl.arange(0, BLOCK_N), kv_len,
+                                             PAGE_SIZE, BLOCK_N, True)
+                    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, K, V, slots, kv_head, n,
+                                                q_pos, kv_len, qk_scale, stride_kt, stride_kh,
+                                                stride_vt, stride_vh, HEAD_DIM, BLOCK_N, MASKED,
+                                                DOT_PREC)
+    elif INTERPRET:
         n = start
         while n < end:
-            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, q_pos,
+            slots = _page_slots(bt_row, n, n + tl.arange(0, BLOCK_N), kv_len, PAGE_SIZE,
+                                BLOCK_N, MASKED)
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, K, V, slots, kv_head, n, q_pos,
                                         kv_len, qk_scale, stride_kt, stride_kh, stride_vt,
-                                        stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, MASKED,
-                                        DOT_PREC)
+                                        stride_vh, HEAD_DIM, BLOCK_N, MASKED, DOT_PREC)
             n += BLOCK_N
     else:
         for n in range(start, end, BLOCK_N):
-            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, q_pos,
+            slots = _page_slots(bt_row, n, n + tl.arange(0, BLOCK_N), kv_len, PAGE_SIZE,
+                                BLOCK_N, MASKED)
+            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, K, V, slots, kv_head, n, q_pos,
                                         kv_len, qk_scale, stride_kt, stride_kh, stride_vt,
-                                        stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, MASKED,
-                                        DOT_PREC)
+                                        stride_vh, HEAD_DIM, BLOCK_N, MASKED, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -198,7 +245,8 @@ def _extend_kernel(Q, K, V, Out, BlockTable, SeqLens, ExtendLens, ExtendStarts, 
                    stride_ot, stride_oh, stride_bt,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                   INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
+                   INTERPRET: tl.constexpr, CARRY: tl.constexpr = True,
+                   PDL: tl.constexpr = False):
     """Grid: (query blocks of the longest extend, q heads, sequences).
 
     Query blocks are visited last-first: under a causal mask the last block of a sequence has
@@ -240,10 +288,11 @@ def _extend_kernel(Q, K, V, Out, BlockTable, SeqLens, ExtendLens, ExtendStarts, 
     band_end = tl.minimum(seq_len, prefix + m0 + BLOCK_M)
     acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, 0, full_end, q_pos,
                                seq_len, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
-                               HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC, INTERPRET)
+                               HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC, INTERPRET, CARRY)
     acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, full_end, band_end,
                                q_pos, seq_len, qk_scale, stride_kt, stride_kh, stride_vt,
-                               stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PREC, INTERPRET)
+                               stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PREC, INTERPRET,
+                               CARRY)
 
     # Every valid row saw at least key 0, so l_i > 0 there; padded rows are not stored.
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -260,7 +309,8 @@ def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, Exte
                                 BLOCKS_PER_GROUP: tl.constexpr, BLOCK_Q: tl.constexpr,
                                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                                 BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                                INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
+                                INTERPRET: tl.constexpr, CARRY: tl.constexpr = True,
+                   PDL: tl.constexpr = False):
     """Grid: (query blocks of the longest extend, splits x head blocks, sequences).
 
     One program = BLOCK_Q queries x BLOCK_G q heads of one kv head's group (a head block; a
@@ -322,10 +372,10 @@ def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, Exte
     acc = tl.zeros([BLOCK_Q * BLOCK_G, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, start, mid, q_pos,
                                seq_len, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
-                               HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC, INTERPRET)
+                               HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC, INTERPRET, CARRY)
     acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, mid, end, q_pos,
                                seq_len, qk_scale, stride_kt, stride_kh, stride_vt, stride_vh,
-                               HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PREC, INTERPRET)
+                               HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PREC, INTERPRET, CARRY)
 
     # A row whose query precedes this split saw no key (l = 0): stage 2 never reads it, but
     # keep its scratch finite all the same.
@@ -532,7 +582,8 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
                           PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                           SINGLE_SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
                           DOT_PREC: tl.constexpr,
-                          INTERPRET: tl.constexpr, PDL: tl.constexpr = False):
+                          INTERPRET: tl.constexpr, CARRY: tl.constexpr = True,
+                   PDL: tl.constexpr = False):
     """Grid: (sequences, kv heads, splits). One program = every q head of one kv head's group
     (rows of a [BLOCK_H, HEAD_DIM] tile, padded to BLOCK_H >= 16 for the dot) over one split,
     so each K/V tile is read once per group, not once per q head.
@@ -596,20 +647,20 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
         acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, second, full_end,
                                    q_pos, end, qk_scale, stride_kt, stride_kh, stride_vt,
                                    stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC,
-                                   INTERPRET)
+                                   INTERPRET, CARRY)
         acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head,
                                    tl.maximum(full_end, second), end, q_pos, end, qk_scale,
                                    stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM,
-                                   PAGE_SIZE, BLOCK_N, True, DOT_PREC, INTERPRET)
+                                   PAGE_SIZE, BLOCK_N, True, DOT_PREC, INTERPRET, CARRY)
     else:
         acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, start, full_end,
                                    q_pos, end, qk_scale, stride_kt, stride_kh, stride_vt,
                                    stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, DOT_PREC,
-                                   INTERPRET)
+                                   INTERPRET, CARRY)
         acc, l_i, m_i = _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, full_end, end,
                                    q_pos, end, qk_scale, stride_kt, stride_kh, stride_vt,
                                    stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, DOT_PREC,
-                                   INTERPRET)
+                                   INTERPRET, CARRY)
 
     # l_i is 0 only for an empty sequence (single-split path): write zeros, not NaN.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -659,6 +710,21 @@ INTERPRETED: bool = not isinstance(_extend_kernel, JITFunction)
 # ``decode_attention``). True / False force one code path (tests compare their bits; without
 # PDL both are correct).
 DECODE_PREFETCH: bool | None = None
+# Whether the key loops look up the next block's pages a step ahead (``_attn_loop``'s CARRY).
+# None: where it was measured faster (H200, 2026-12-02, benchmarks/bench_attention.py --carry
+# both; docs/benchmarks.md run 12): split-KV extend (64 new tokens after a 32K / 80K prefix:
+# 97.7 / 218.0 us against 158.8 / 310.3), one-pass extend with the short-extend tiles (484.6
+# against 712.8 us after 32K), decode with several splits (batch 1 at 32K: 25.9-27.4 against
+# 29.1-29.4 us). Not the one-pass extend's large tiles (16K new tokens: 5.40 against 4.91 ms)
+# nor decode with one split (batch 128 at 4K: 302.8 against 251.4 us): a long launch of many
+# programs needs the programs a SM that the second buffer's shared memory costs. True / False
+# force it everywhere (A/B runs; tests compare the bits); KVTIER_CARRY_SLOTS=0 / 1 at import.
+_CARRY_ENV = os.environ.get("KVTIER_CARRY_SLOTS")
+CARRY_SLOTS: bool | None = None if _CARRY_ENV is None else _CARRY_ENV != "0"
+
+
+def _carry(default: bool) -> bool:
+    return default if CARRY_SLOTS is None else CARRY_SLOTS
 
 
 @dataclass(frozen=True)
@@ -724,6 +790,10 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# Query rows of the one-pass extend's tile for the shortest extends (up to that many tokens).
+_SHORT_EXTEND_ROWS = 64
+
+
 def default_extend_config(
     head_dim: int,
     dtype: torch.dtype,
@@ -747,8 +817,8 @@ def default_extend_config(
         return KernelConfig(16, 16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(64, 32, 4 if head_dim <= 64 else 8, 2)
-    if max_extend_len <= 64:
-        return KernelConfig(64, 64, 4, 3)
+    if max_extend_len <= _SHORT_EXTEND_ROWS:
+        return KernelConfig(_SHORT_EXTEND_ROWS, 64, 4, 3)
     if triton.cdiv(max_extend_len, 256) * num_q_heads * batch_size >= 8 * num_sms:
         return KernelConfig(256, 64, 8, 3)
     return KernelConfig(128, 64, 4, 3)
@@ -880,8 +950,8 @@ def extend_attention(
         v_buf.stride(0), v_buf.stride(1), out.stride(0), out.stride(1), block_table.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PREC=_dot_precision(q.dtype),
-        INTERPRET=INTERPRETED, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **fused.pdl_options(q.device),
+        INTERPRET=INTERPRETED, CARRY=_carry(cfg.block_m <= _SHORT_EXTEND_ROWS),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **fused.pdl_options(q.device),
     )  # fmt: skip
     return out
 
@@ -950,8 +1020,8 @@ def _extend_attention_split(
         mid_lse.stride(0), mid_lse.stride(1), block_table.stride(0),
         GROUP=group, BLOCK_G=block_g, BLOCKS_PER_GROUP=blocks_per_group, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
-        DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl,
+        DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, CARRY=_carry(True),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
     )  # fmt: skip
     # Stage 2 is a light, memory-bound pass: up to 4 queries x one head a program, merging
     # splits a chunk at a time (a [queries, splits, head_dim] tile of 32 x head_dim floats).
@@ -1066,8 +1136,8 @@ def decode_attention(
         *mo_strides, *ml_strides, block_table.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SINGLE_SPLIT=single, PREFETCH=prefetch,
-        DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl,
+        DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, CARRY=_carry(not single),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
     )  # fmt: skip
     if mid_o is not None and mid_lse is not None:
         _decode_stage2_kernel[(batch, num_q_heads)](
