@@ -16,8 +16,9 @@ Checks (any failure makes the exit code 1):
   - ``/debug/check_integrity`` passes during the run, after draining and after a full flush;
   - after ``POST /flush_cache`` every GPU page is free, L2 is empty and pinned bytes (when the
     server reports them) are back to their value at the start;
-  - throughput in the last tenth of the run is at least ``--min-throughput-ratio`` of the first
-    tenth after a warm-up (a leak or a lock never released shows up as a collapse);
+  - throughput in the last window of the run (``--window-fraction``, a tenth by default) is at
+    least ``--min-throughput-ratio`` of the first window after a warm-up (a leak or a lock never
+    released shows up as a collapse);
   - the hierarchy was exercised: some prefix came back from L2 and the server loaded bytes.
 
 Against a running server:
@@ -245,7 +246,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SoakConfig:
         "--min-throughput-ratio",
         type=float,
         default=d.min_throughput_ratio,
-        help="last-tenth over first-tenth throughput below this fails (0: report only)",
+        help="last-window over first-window throughput below this fails (0: report only)",
     )
     p.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
     p.add_argument("--window-fraction", type=float, default=d.window_fraction)
@@ -1233,7 +1234,8 @@ def run_checks(
     if tp["ok"]:
         detail = (
             f"{tp['ratio']:.2f} ({tp['last_tokens_per_s']:.1f} / "
-            f"{tp['first_tokens_per_s']:.1f} tok/s; threshold {cfg.min_throughput_ratio})"
+            f"{tp['first_tokens_per_s']:.1f} tok/s over {tp['window_s']:.1f} s windows; "
+            f"threshold {cfg.min_throughput_ratio})"
         )
         first_cpu, last_cpu = tp.get("scheduler_cpu_first"), tp.get("scheduler_cpu_last")
         if first_cpu is not None and last_cpu is not None:
@@ -1241,7 +1243,7 @@ def run_checks(
         ok = tp["ratio"] >= cfg.min_throughput_ratio if enforce else None
     else:
         detail, ok = "nothing measured in the first window", False if enforce else None
-    checks.append(Check("throughput holds (last/first tenth)", ok, detail))
+    checks.append(Check("throughput holds (last/first window)", ok, detail))
     failed = {k: deltas[k] for k in FAILURE_COUNTERS if deltas.get(k)}
     checks.append(Check("no failed transfers", not failed, str(failed) if failed else "none"))
     if data.before.get("enable_hierarchical_cache") and cfg.require_tier_traffic:
