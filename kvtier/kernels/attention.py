@@ -168,6 +168,22 @@ def _attn_block(acc, l_i, m_i, q, K, V, slots, kv_head, n, q_pos, kv_len, qk_sca
 
 
 @triton.jit
+def _carry_step(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, slots, q_pos, kv_len, qk_scale,
+                stride_kt, stride_kh, stride_vt, stride_vh,
+                HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``_attn_loop``'s CARRY step over keys [n, n + BLOCK_N), whose pool slots ``slots`` were
+    looked up a step before: looks up the next block's (returned last), then takes the step."""
+    nxt = n + BLOCK_N
+    slots_next = _page_slots(bt_row, nxt, nxt + tl.arange(0, BLOCK_N), kv_len, PAGE_SIZE,
+                             BLOCK_N, True)
+    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, K, V, slots, kv_head, n, q_pos, kv_len,
+                                qk_scale, stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM,
+                                BLOCK_N, MASKED, DOT_PREC)
+    return acc, l_i, m_i, slots_next
+
+
+@triton.jit
 def _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, start, end, q_pos, kv_len, qk_scale,
                stride_kt, stride_kh, stride_vt, stride_vh,
                HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -195,30 +211,24 @@ def _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, start, end, q_pos, kv_le
     """
     if CARRY:
         if start < end:
-            slots_next = _page_slots(bt_row, start, start + tl.arange(0, BLOCK_N), kv_len,
-                                     PAGE_SIZE, BLOCK_N, True)
+            slots = _page_slots(bt_row, start, start + tl.arange(0, BLOCK_N), kv_len, PAGE_SIZE,
+                                BLOCK_N, True)
             if INTERPRET:
                 n = start
                 while n < end:
-                    slots = slots_next
-                    nxt = n + BLOCK_N
-                    slots_next = _page_slots(bt_row, nxt, nxt + tl.arange(0, BLOCK_N), kv_len,
-                                             PAGE_SIZE, BLOCK_N, True)
-                    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, K, V, slots, kv_head, n,
-                                                q_pos, kv_len, qk_scale, stride_kt, stride_kh,
-                                                stride_vt, stride_vh, HEAD_DIM, BLOCK_N, MASKED,
-                                                DOT_PREC)
-                    n = nxt
+                    acc, l_i, m_i, slots = _carry_step(acc, l_i, m_i, q, K, V, bt_row, kv_head,
+                                                       n, slots, q_pos, kv_len, qk_scale,
+                                                       stride_kt, stride_kh, stride_vt,
+                                                       stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N,
+                                                       MASKED, DOT_PREC)
+                    n += BLOCK_N
             else:
                 for n in range(start, end, BLOCK_N):
-                    slots = slots_next
-                    nxt = n + BLOCK_N
-                    slots_next = _page_slots(bt_row, nxt, nxt + tl.arange(0, BLOCK_N), kv_len,
-                                             PAGE_SIZE, BLOCK_N, True)
-                    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, K, V, slots, kv_head, n,
-                                                q_pos, kv_len, qk_scale, stride_kt, stride_kh,
-                                                stride_vt, stride_vh, HEAD_DIM, BLOCK_N, MASKED,
-                                                DOT_PREC)
+                    acc, l_i, m_i, slots = _carry_step(acc, l_i, m_i, q, K, V, bt_row, kv_head,
+                                                       n, slots, q_pos, kv_len, qk_scale,
+                                                       stride_kt, stride_kh, stride_vt,
+                                                       stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N,
+                                                       MASKED, DOT_PREC)
     elif INTERPRET:
         n = start
         while n < end:
