@@ -6,6 +6,9 @@ the GPU (a GPU hit), then evicted from the GPU with their L2 copies kept
 (``flush_cache(tier="device")``) and sent again (a tier hit). Every request asks for one new
 token, so its latency is the TTFT. Each timed hit is checked against ``cached_tokens_by_tier``:
 a hit that was not served by the intended tier aborts the run with an error, never a number.
+``--turn-tokens N`` also times a new turn of a conversation, after the hits: each prompt
+followed by N fresh tokens, its prefix found on the GPU (turn GPU), then, after another device
+flush, in L2 (turn tier).
 
 Throughput mode (``--throughput``). One set of prompts, at hit rates 0..100 %: the tier is flushed,
 the hit share is sent once and evicted from the GPU (so its hits are tier hits), then every
@@ -17,6 +20,7 @@ stand-in banks on device memory), ``peer`` (other GPUs' HBM); ``both`` = dram an
 
     python benchmarks/kvcache_benchmark.py                     # CPU: quick run with a tiny model
     python benchmarks/kvcache_benchmark.py --ttft --backend both
+    python benchmarks/kvcache_benchmark.py --lengths 32K,80K --turn-tokens 512   # new turns
     python benchmarks/kvcache_benchmark.py --throughput --backend all
     python benchmarks/kvcache_benchmark.py --base-url http://127.0.0.1:30000   # a running server
 
@@ -138,6 +142,7 @@ class Config:
     repeats: int
     num_prompts: int | None
     gpu_hit: bool
+    turn_tokens: int
     tp_num_prompts: int
     tp_prompt_len: int
     max_new_tokens: int
@@ -219,6 +224,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ttft.add_argument(
         "--no-gpu-hit", dest="gpu_hit", action="store_false", help="skip the GPU-hit timing"
     )
+    ttft.add_argument(
+        "--turn-tokens",
+        type=int,
+        default=0,
+        help="also time a new turn: each prompt followed by this many new tokens, its prefix "
+        "found on the GPU (turn GPU) and in L2 (turn tier) (default 0: not timed)",
+    )
 
     tp = p.add_argument_group("throughput mode")
     tp.add_argument("--tp-num-prompts", type=int, default=None, help="prompts per batch")
@@ -298,6 +310,7 @@ def resolve_config(ns: argparse.Namespace) -> Config:
         repeats=ns.repeats,
         num_prompts=pick("num_prompts"),
         gpu_hit=ns.gpu_hit,
+        turn_tokens=ns.turn_tokens,
         tp_num_prompts=pick("tp_num_prompts"),
         tp_prompt_len=pick("tp_prompt_len"),
         max_new_tokens=ns.max_new_tokens,
@@ -656,6 +669,8 @@ def check_served(
 
 # ---------------------------------------------------------------------------- TTFT
 TTFT_SAMPLING = {"max_new_tokens": 1, "temperature": 0}
+# Timed kinds of a new turn (--turn-tokens) and the hit each one's prefix is checked as.
+TURN_KINDS = {"turn_gpu": "gpu_hit", "turn_tier": "tier_hit"}
 
 
 def timed_request(target: Target, prompt: list[int]) -> tuple[float, dict[str, Any]]:
@@ -668,15 +683,18 @@ def timed_request(target: Target, prompt: list[int]) -> tuple[float, dict[str, A
 def plan_ttft(cfg: Config, info: TargetInfo) -> tuple[list[int], list[dict[str, Any]], int]:
     """(lengths to run, lengths skipped with reasons, prompts per length)."""
     page = info.page_size
+    turn = cfg.turn_tokens
     runnable: list[int] = []
     skipped: list[dict[str, Any]] = []
     for n in cfg.lengths:
         why = None
         if expected_hit_tokens(n, page) == 0:
             why = f"{n} tokens is less than one page ({page}): nothing to cache"
-        elif info.context_length and n + 1 > info.context_length:
+        elif info.context_length and n + turn + 1 > info.context_length:
             why = f"{n} tokens exceeds the context length ({info.context_length})"
-        elif info.device_total_tokens and n + 2 * page > info.device_total_tokens:
+            if turn:
+                why = f"{n} + {turn} turn tokens exceed the context length ({info.context_length})"
+        elif info.device_total_tokens and n + turn + 2 * page > info.device_total_tokens:
             why = (
                 f"{n} tokens do not fit the GPU KV pool ({info.device_total_tokens} tokens); "
                 "raise --mem-fraction-static or --max-total-tokens"
@@ -687,8 +705,9 @@ def plan_ttft(cfg: Config, info: TargetInfo) -> tuple[list[int], list[dict[str, 
             runnable.append(n)
     if not runnable:
         return [], skipped, 0
-    # One page of slack per prompt: the page the new token completes may be backed up too.
-    pages_per_prompt = math.ceil(max(runnable) / page) + 1
+    # One page of slack per prompt: the page the new token completes may be backed up too; and
+    # the two new turns' tokens (--turn-tokens) stay cached beside it.
+    pages_per_prompt = math.ceil((max(runnable) + 2 * turn) / page) + 1
     if info.l2_total_tokens is None:
         fit = cfg.num_prompts or 1
     else:
@@ -750,9 +769,11 @@ def _ttft_sample(
     out: dict[str, Any],
     expected: int,
     fields: dict[str, Any],
+    check: str | None = None,
 ) -> tuple[dict[str, Any], VerificationError | None]:
     """One timed request as a result row (``fields``: length, repeat, prompt, kind, ttft_s),
-    checked against its kind; the error, if the check failed, comes back beside it."""
+    checked as ``check`` (``check_served``'s kinds; default the row's kind); the error, if the
+    check failed, comes back beside it."""
     meta = out["meta_info"]
     where = (
         f"[{target.label}] {fields['length']} tokens, repeat {fields['repeat']}, "
@@ -760,7 +781,7 @@ def _ttft_sample(
     )
     error: VerificationError | None = None
     try:
-        verified = check_served(target, meta, fields["kind"], expected, where)
+        verified = check_served(target, meta, check or fields["kind"], expected, where)
     except VerificationError as e:
         verified, error = False, e
     cached, device, l2 = split_cached(meta)
@@ -789,11 +810,26 @@ def run_ttft(
         results.skipped.append({"backend": target.name, "mode": "ttft", **s})
         print(f"[{target.label}] skipped {s['length']} tokens: {s['reason']}", file=sys.stderr)
     samples: list[dict[str, Any]] = []
+    page, turn = info.page_size, cfg.turn_tokens
 
     def measure(prompt: list[int], kind: str, length: int, rep: int, i: int) -> None:
+        check = TURN_KINDS.get(kind, kind)
+        if kind in TURN_KINDS:
+            # A new turn: the prompt followed by `turn` fresh tokens (each turn's first token is
+            # new, so no earlier turn's own tokens match).
+            prompt = prompt + factory.make(1, turn)[0]
         seconds, out = timed_request(target, prompt)
+        expected = expected_hit_tokens(length, page)
+        if kind in TURN_KINDS:
+            # Found cached, from where the check says: at least the prompt's whole pages, at
+            # most all of it (an earlier turn may have completed its last page).
+            _, device, l2 = split_cached(out["meta_info"])
+            served = device if check == "gpu_hit" else sum(l2.values())
+            expected = (
+                served if length // page * page <= served <= length else length // page * page
+            )
         fields = {"length": length, "repeat": rep, "prompt": i, "kind": kind, "ttft_s": seconds}
-        row, error = _ttft_sample(target, out, expected_hit_tokens(length, info.page_size), fields)
+        row, error = _ttft_sample(target, out, expected, fields, check)
         samples.append(row)
         results.ttft_samples.append(row)
         if error is not None:
@@ -812,6 +848,14 @@ def run_ttft(
             evict_to_tier(cfg, target)
             for i, prompt in enumerate(progress(prompts, desc + " tier hit")):
                 measure(prompt, "tier_hit", length, rep, i)
+            if turn:
+                # After the plain hits (which they would change: a turn completes the prompt's
+                # last page). The tier hits brought the prefixes back to the GPU.
+                for i, prompt in enumerate(progress(prompts, desc + " turn GPU")):
+                    measure(prompt, "turn_gpu", length, rep, i)
+                evict_to_tier(cfg, target)
+                for i, prompt in enumerate(progress(prompts, desc + " turn tier")):
+                    measure(prompt, "turn_tier", length, rep, i)
         loads_after = _load_counters(target)
         moved = loads_after[0] - loads_before[0]
         secs = loads_after[1] - loads_before[1]
@@ -850,6 +894,8 @@ def summarize_ttft(results: Results) -> list[dict[str, Any]]:
             "recompute_p50_ms": _median_ms(rec),
             "gpu_hit_p50_ms": _median_ms(gpu),
             "tier_hit_p50_ms": _median_ms(tier),
+            "turn_gpu_ms": _mean_ms(times("turn_gpu")),
+            "turn_tier_ms": _mean_ms(times("turn_tier")),
             "speedup": (statistics.mean(rec) / statistics.mean(tier)) if rec and tier else None,
             "kv_mb": kv_bytes / 1e6 if kv_bytes else None,
             "ideal_load_ms": ideal * 1e3 if ideal else None,
@@ -1062,6 +1108,8 @@ TTFT_COLUMNS = [
     ("recompute_ms", "recompute ms", fmt_float(1)),
     ("gpu_hit_ms", "GPU hit ms", fmt_float(1)),
     ("tier_hit_ms", "tier hit ms", fmt_float(1)),
+    ("turn_gpu_ms", "turn GPU ms", fmt_float(1)),
+    ("turn_tier_ms", "turn tier ms", fmt_float(1)),
     ("speedup", "speed-up", fmt_float(1)),
     ("kv_mb", "KV MB", fmt_float(1)),
     ("ideal_load_ms", "ideal load ms", fmt_float(1)),
@@ -1114,7 +1162,17 @@ def print_report(results: Results) -> None:
         print(f"skipped: {s['backend']} ({what}): {s['reason']}")
     if results.ttft_rows:
         print("\nTTFT (mean of N; recompute = miss, full prefill; tier hit = served from L2)")
-        print(format_table(results.ttft_rows, TTFT_COLUMNS))
+        turns = results.config.get("turn_tokens")
+        if turns:
+            print(f"(turn = the prompt, then {turns} new tokens; the prompt on the GPU / in L2)")
+        # The new-turn columns only where they were timed.
+        rows = results.ttft_rows
+        columns = [
+            c
+            for c in TTFT_COLUMNS
+            if not c[0].startswith("turn_") or any(r.get(c[0]) is not None for r in rows)
+        ]
+        print(format_table(results.ttft_rows, columns))
         cmp_rows = compare_backends(results.ttft_rows)
         if cmp_rows:
             print("\nTier-hit TTFT, backend against backend")

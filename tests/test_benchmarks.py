@@ -136,6 +136,37 @@ def test_hits_from_the_gpu_are_an_error_not_a_number(tmp_path, capsys):
     assert doc["ttft_summary"][0]["tier_hit_ms"] is None
 
 
+@pytest.mark.parametrize("length", [256, 250], ids=["whole-pages", "partial-page"])
+def test_new_turns_find_the_prompts_pages_on_the_gpu_then_in_l2(tmp_path, capsys, length):
+    """--turn-tokens: each prompt followed by fresh tokens, its whole pages served from the GPU
+    (turn GPU) and, after the device flush, from L2 (turn tier); the new tokens computed."""
+    cfg = kb.resolve_config(
+        kb.parse_args(
+            ["--lengths", str(length), "--num-prompts", "2", "--turn-tokens", "40", "--no-plots"]
+            + ["--output-dir", str(tmp_path), "--device", "cpu", "--page-size", "16"]
+        )
+    )
+    results = kb.run(cfg)
+    assert results.exit_code == 0, results.error
+    turns = [s for s in results.ttft_samples if s["kind"].startswith("turn_")]
+    assert sorted(s["kind"] for s in turns) == ["turn_gpu"] * 2 + ["turn_tier"] * 2
+    whole_pages = length // 16 * 16
+    for s in turns:
+        # The first turn finds the prompt's whole pages, the second (in L2) all of it: the first
+        # completed the prompt's last page.
+        want = whole_pages if s["kind"] == "turn_gpu" else length
+        assert s["verified"] is True and s["cached_tokens"] == want, s
+        where = "device" if s["kind"] == "turn_gpu" else "dram"
+        assert s["cached_tokens_by_tier"] == {where: want}, s
+    # The plain hits are what they are without turns (the turns run after them).
+    tier = [s for s in results.ttft_samples if s["kind"] == "tier_hit"]
+    assert all(s["cached_tokens_by_tier"] == {"dram": kb.expected_hit_tokens(length, 16)}
+               for s in tier)  # fmt: skip
+    row = results.ttft_rows[0]
+    assert row["turn_gpu_ms"] > 0 and row["turn_tier_ms"] > 0
+    assert "turn GPU ms" in capsys.readouterr().out
+
+
 def test_unavailable_backends_are_reported_as_skipped(tmp_path, monkeypatch):
     monkeypatch.delenv("KVTIER_XMEM_STANDIN", raising=False)
     cfg = kb.resolve_config(
