@@ -322,3 +322,18 @@ def test_ab_decode_variants_parse_to_settings():
             ab_decode.parse_variant(bad)
     with pytest.raises(ValueError, match=r"engine\.scheduler\.backend has no attribute nope"):
         ab_decode.parse_variant("s:@scheduler.backend.nope=1", engine)
+
+
+def test_plot_ab_decode_reads_series_by_variant_and_batch():
+    plot = importlib.import_module("plot_ab_decode")
+    doc = {
+        "variants": {
+            "base": {"32768/1": {"median_s": 0.0035}, "4096/1": {"median_s": 0.0029}},
+            "old": {"4096/4": {"median_s": 0.006}},
+        }
+    }
+    got = plot.series(doc)
+    assert list(got) == [("base", 1), ("old", 4)]
+    assert [c for c, _ in got["base", 1]] == [4096, 32768]  # sorted by context
+    assert [ms for _, ms in got["base", 1]] == pytest.approx([2.9, 3.5])
+    assert got["old", 4] == [(4096, pytest.approx(6.0))]
