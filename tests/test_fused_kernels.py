@@ -22,8 +22,6 @@ Two kinds of comparison, for every dtype (float32, bfloat16, float16):
 """
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import torch
@@ -34,6 +32,7 @@ if not torch.cuda.is_available():
 
 import numpy as np
 import pytest
+from compile_utils import run_compile_check
 
 pytest.importorskip("triton")
 
@@ -508,15 +507,7 @@ _COMPILE_CHECK = textwrap.dedent(
 
 @pytest.mark.skipif(CUDA, reason="on CUDA the kernels themselves run")
 def test_kernels_compile_for_sm90():
-    # The interpreter never compiles the kernels; compile them for an H100/H200 (sm_90) in a
-    # process without TRITON_INTERPRET, which needs no GPU, only ptxas (shipped with Triton).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True
-    )
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("no ptxas")
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_compile_check(_COMPILE_CHECK)
 
 
 # ---------------------------------------------------------------------------- CUDA graphs

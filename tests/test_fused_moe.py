@@ -9,14 +9,11 @@ subprocess compiles them for sm_90 (no GPU needed) to check what only the compil
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from compile_utils import run_compile_check
 from moe_utils import NUM_EXPERTS
 from moe_utils import moe_inputs as _inputs
 
@@ -227,15 +224,7 @@ _COMPILE_CHECK = textwrap.dedent(
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels themselves run")
 def test_compiled_kernels_load_before_pdl_wait_sm90():
-    # The interpreter never compiles the kernels; compile them for an H100/H200 (sm_90) in a
-    # process without TRITON_INTERPRET, which needs no GPU, only ptxas (shipped with Triton).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, cwd=root,
-                          capture_output=True, text=True)  # fmt: skip
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("no ptxas")
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_compile_check(_COMPILE_CHECK)
 
 
 # ---------------------------------------------------------------------------- CUDA

@@ -10,10 +10,7 @@ non-contiguous, and every output is poisoned with NaN first, so an unwritten ele
 import itertools
 import os
 import re
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import torch
 
@@ -23,6 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from compile_utils import run_compile_check
 
 pytest.importorskip("triton")
 
@@ -477,13 +475,7 @@ def test_carried_loops_keep_two_kv_buffers_sm90():
     the software pipeliner gives the key loops' K and V tiles at least two shared-memory buffers
     (one block in flight while the other is used), which is what CARRY is for (with the lookup
     in the step, Triton 3.6 and 3.9 gave one at num_stages 3)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", _PIPELINE_CHECK], env=env, cwd=root,
-                          capture_output=True, text=True)  # fmt: skip
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("no ptxas")
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    run_compile_check(_PIPELINE_CHECK)
 
 
 # ------------------------------------------------------------------------------ split-KV extend
