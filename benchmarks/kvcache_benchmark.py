@@ -735,7 +735,8 @@ def evict_to_tier(cfg: Config, target: Target) -> None:
 
 
 def warm_up(cfg: Config, target: Target, factory: PromptFactory, length: int) -> dict[str, float]:
-    """One small request through each path the timed ones take (miss, then a tier hit), so
+    """One small request through each path the timed ones take (miss, a tier hit, and with
+    ``--turn-tokens`` a new turn with its prefix on the GPU and in L2), so
     kernel compilation and first-touch costs stay out of the numbers. A server whose responses
     carry no ``cached_tokens_by_tier`` is marked as one whose tier hits cannot be guaranteed."""
     target.flush(None)
@@ -752,6 +753,13 @@ def warm_up(cfg: Config, target: Target, factory: PromptFactory, length: int) ->
     result = {"warmup_miss_s": miss_s}
     evict_to_tier(cfg, target)
     result["warmup_hit_s"], _ = timed_request(target, prompt)
+    if cfg.turn_tokens:
+        # A new turn's extend (its prefix on the GPU, then in L2 and loaded layer by layer
+        # under the extend) takes kernels and shapes the plain hits do not.
+        turns = factory.make(2, cfg.turn_tokens)
+        result["warmup_turn_gpu_s"], _ = timed_request(target, prompt + turns[0])
+        evict_to_tier(cfg, target)
+        result["warmup_turn_tier_s"], _ = timed_request(target, prompt + turns[1])
     target.flush(None)
     return result
 
