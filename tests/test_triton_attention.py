@@ -657,7 +657,10 @@ def test_choose_extend_kv_splits() -> None:
     assert f(3, 32, 4, 64, 32768) == 2
     assert f(8, 32, 4, 64, 32768) == 1  # 256 one-pass programs fill 132 SMs
     assert f(1, 32, 4, 8192, 81920) == 1  # a long extend fills the GPU by itself
-    assert f(1, 32, 4, 512, 32768) == 1  # 4 x 32 = 128 one-pass; 32 x 4 = 128 a split: 1 fits
+    # 4 x 32 = 128 one-pass programs; 32 x 4 = 128 a split, so one wave holds one split, but
+    # two (two programs an SM) measured faster than one pass: 2, if the keys allow.
+    assert f(1, 32, 4, 512, 32768) == f(2, 32, 4, 256, 32768) == 2
+    assert f(1, 32, 4, 512, 1000) == 1 and f(1, 32, 4, 512, 32768, max_splits=1) == 1
     assert f(1, 32, 4, 256, 32768) == 2  # 64 one-pass; 16 x 4 = 64 a split
     # MHA: one tile of 64 queries per head, 8 programs a split; four waves: 528 // 8 = 66, and
     # 512 keys a split at least: 64. With 129 queries, two tiles and one wave: 132 // 16 = 8.
@@ -665,7 +668,7 @@ def test_choose_extend_kv_splits() -> None:
     assert f(1, 8, 8, 129, 32768) == 8
     assert f(1, 32, 4, 64, 32768, num_sms=264) == 16
     assert f(1, 32, 4, 64, 32768, block_rows=64) == 4  # 8 x 4 = 32 programs a split
-    assert f(1, 32, 4, 64, 32768, block_rows=16) == 1  # 32 x 4 = 128 programs a split
+    assert f(1, 32, 4, 64, 32768, block_rows=16) == 2  # 32 x 4 = 128 programs a split
     assert f(0, 32, 4, 64, 32768) == f(1, 32, 4, 0, 32768) == 1
 
 

@@ -1228,6 +1228,13 @@ def choose_extend_kv_splits(
     69.9 at 128 (after 80K: 133.4, 114.7, 79.8); 64 new tokens after 64K keys (4 tiles): 249.8
     us at 8 splits against 277.0 at 33 (after 80K: 305.6 against 326.7), so more waves there
     did not pay.
+
+    Two splits at least where the one-pass grid does not fill the GPU, even when one split's
+    programs already make a wave: 512 new tokens after a 32K / 80K prefix (32 q / 4 kv heads,
+    one sequence; 128 one-pass programs, 128 a split) took 1077.5 / 2622.5 us a layer in the
+    one-pass kernel against 669.3 / 1627.0 with 2 splits (4: 678.7 / 1615.4, 8: 711.6 /
+    1648.2; H200, 2026-12-02, ``--mode short-extend --short-extend-tokens 512
+    --extend-splits N``).
     """
     if batch_size <= 0 or max_extend_len <= 0 or max_seq_len <= 0:
         return 1
@@ -1239,7 +1246,13 @@ def choose_extend_kv_splits(
     query_tiles = triton.cdiv(max_extend_len, block_q)
     per_split = batch_size * query_tiles * num_kv_heads * triton.cdiv(group, block_g)
     waves = single_tile_programs_per_sm if query_tiles == 1 else programs_per_sm
-    splits = min(waves * num_sms // per_split, max_seq_len // min_split_len, max_splits)
+    by_len = max_seq_len // min_split_len
+    splits = min(waves * num_sms // per_split, by_len, max_splits)
+    if splits < 2 and per_split <= num_sms and min(by_len, max_splits) >= 2:
+        # One split's programs fill a wave by themselves (e.g. 512 new tokens at GQA 8: 128
+        # one-pass programs, 128 a split): two splits, at most two programs an SM, still beat
+        # the one-pass kernel, whose programs each read their q head's keys alone.
+        splits = 2
     return splits if splits >= 2 else 1
 
 
