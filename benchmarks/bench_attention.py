@@ -6,9 +6,10 @@ second) against a device-to-device copy measured in the same run, and TFLOP/s; f
 of --decode-prefetch (the first key block loaded before the PDL wait or after it).
 Extend: 16K new tokens with no prefix and after a 64K prefix; reports TFLOP/s (causal FLOPs
 only), next to torch SDPA (flash) on contiguous K/V for the no-prefix case.
-Short extend (a prompt served from the cache): 64 new tokens after a 32K and an 80K prefix,
-batch 1; the one-pass kernel (splits 1) against split-KV extend (the heuristic's count, marked
-*); reports us, the KV read rate (each key and value read once: the bytes of the sequence's K
+Short extend (a prompt served from the cache, or a new turn): 64 new tokens (or each of
+--short-extend-tokens) after a 32K and an 80K prefix, batch 1; the one-pass kernel (splits 1)
+against split-KV extend (the heuristic's count, marked *, or each of --extend-splits); reports
+us, the KV read rate (each key and value read once: the bytes of the sequence's K
 and V per second) and TFLOP/s.
 
 Times are ``triton.testing.do_bench`` medians (it flushes L2 between runs, so decode reads come
@@ -19,6 +20,8 @@ from HBM as they would across a model's layers).
     python benchmarks/bench_attention.py --mode short-extend --sweep --check
     python benchmarks/bench_attention.py --mode decode --decode-prefetch both --check
     python benchmarks/bench_attention.py --mode short-extend --carry both   # A/B of the loops
+    python benchmarks/bench_attention.py --mode short-extend --short-extend-tokens 512 1024 2048 \
+        --extend-splits 2 4 8                             # new turns: one pass against splits
 """
 
 from __future__ import annotations
@@ -44,10 +47,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extend-tokens", type=int, default=16384)
     p.add_argument("--prefix-lens", type=int, nargs="+", default=[0, 65536])
     p.add_argument("--extend-page-size", type=int, default=64)
-    p.add_argument("--short-extend-tokens", type=int, default=64)
+    p.add_argument(
+        "--short-extend-tokens", type=int, nargs="+", default=[64], help="new tokens (each)"
+    )
     p.add_argument("--short-prefix-lens", type=int, nargs="+", default=[32768, 81920])
     p.add_argument(
-        "--extend-splits", type=int, default=None, help="short extend splits (default: heuristic)"
+        "--extend-splits",
+        type=int,
+        nargs="+",
+        default=None,
+        help="short extend split counts to time (default: the heuristic's)",
     )
     p.add_argument("--num-q-heads", type=int, default=32)
     p.add_argument("--num-kv-heads", type=int, default=4)
@@ -344,15 +353,15 @@ def run_extend(args: argparse.Namespace) -> None:
         extend_case(args, prefix, gen)
 
 
-def short_extend_case(args: argparse.Namespace, prefix: int, gen) -> None:
-    """Time a --short-extend-tokens extend after ``prefix`` cached tokens (one sequence): the
-    one-pass kernel, then split-KV with the heuristic's split count and default tiles (*), and
-    with --sweep every tile config for each split count."""
+def short_extend_case(args: argparse.Namespace, prefix: int, n: int, gen) -> None:
+    """Time an extend of ``n`` tokens after ``prefix`` cached tokens (one sequence): the one-pass
+    kernel, then split-KV with the heuristic's split count and default tiles (*) or with each
+    of --extend-splits, and with --sweep every tile config for each split count."""
     from kvtier.kernels import attention as A
 
-    dtype, hq, hkv, d, n, ps = (
+    dtype, hq, hkv, d, ps = (
         DTYPES[args.dtype], args.num_q_heads, args.num_kv_heads, args.head_dim,
-        args.short_extend_tokens, args.extend_page_size,
+        args.extend_page_size,
     )  # fmt: skip
     scale = d**-0.5
     total = prefix + n
@@ -370,10 +379,11 @@ def short_extend_case(args: argparse.Namespace, prefix: int, gen) -> None:
     q = torch.randn((n, hq, d), dtype=dtype, device="cuda", generator=gen)
     out = torch.empty_like(q)
     base = A.default_extend_split_config(d, dtype)
-    chosen = args.extend_splits or A.choose_extend_kv_splits(
-        1, hq, hkv, n, total, num_sms=sms, block_rows=base.block_m
-    )
-    splits_all = sorted({chosen, 2, 4, 8, 12, 16, 24, 32}) if args.sweep else [chosen]
+    chosen = A.choose_extend_kv_splits(1, hq, hkv, n, total, num_sms=sms, block_rows=base.block_m)
+    if args.sweep:
+        splits_all = sorted({chosen, 2, 4, 8, 12, 16, 24, 32, *(args.extend_splits or [])})
+    else:
+        splits_all = sorted(set(args.extend_splits or [chosen]))
     splits_all = [s for s in splits_all if s > 1]
     mid_o, mid_lse = A.extend_scratch(n, hq, max([*splits_all, 1]), d, "cuda")
 
@@ -386,7 +396,7 @@ def short_extend_case(args: argparse.Namespace, prefix: int, gen) -> None:
 
     def row(tag: str, splits: int, ms: float, mark: str = " ") -> None:
         sec = ms * 1e-3
-        print(f"{prefix:>7} {splits:>6} {tag:>18}{mark} {ms * 1e3:>9.1f} "
+        print(f"{n:>6} {prefix:>7} {splits:>6} {tag:>18}{mark} {ms * 1e3:>9.1f} "
               f"{kv_bytes / sec / 1e12:>7.2f} {flops / sec / 1e12:>8.1f}")  # fmt: skip
 
     one = A.default_extend_config(d, dtype, n)
@@ -404,29 +414,34 @@ def short_extend_case(args: argparse.Namespace, prefix: int, gen) -> None:
             try:
                 ms = run(cfg, splits)
             except Exception as e:  # an over-sized tile must not stop the sweep
-                print(f"{prefix:>7} {splits:>6} {tag:>18} failed: {type(e).__name__}: {e}"[:200])
+                print(f"{n:>6} {prefix:>7} {splits:>6} {tag:>18} failed: "
+                      f"{type(e).__name__}: {e}"[:200])  # fmt: skip
                 break
             row(tag, splits, ms, "*" if cfg == base and splits == chosen else " ")
-    if args.check and chosen > 1:
-        A.extend_attention(q, k, v, out, table, seq_lens, ext, starts, pre, scale, n,
-                           page_size=ps, num_kv_splits=chosen)  # fmt: skip
+    if args.check and splits_all:
         ref = A.extend_attention_ref(
             q, k, v, torch.empty_like(q), table, seq_lens, ext, starts, pre, scale, n,
             page_size=ps,
         )  # fmt: skip
-        err = rel_err(out, ref)
-        assert err < 2e-2, f"split extend mismatch: rel err {err}"
-        print(f"{prefix:>7} check: rel err {err:.1e}")
+        for splits in splits_all:
+            A.extend_attention(q, k, v, out, table, seq_lens, ext, starts, pre, scale, n,
+                               page_size=ps, num_kv_splits=splits, mid_o=mid_o,
+                               mid_lse=mid_lse)  # fmt: skip
+            err = rel_err(out, ref)
+            assert err < 2e-2, f"split extend mismatch at {splits} splits: rel err {err}"
+            print(f"{n:>6} {prefix:>7} {splits:>6} check: rel err {err:.1e}")
 
 
 def run_short_extend(args: argparse.Namespace) -> None:
     gen = torch.Generator(device="cuda").manual_seed(2)
-    print(f"\nshort extend: {args.short_extend_tokens} new tokens after a cached prefix, batch 1, "
-          f"page {args.extend_page_size}, {args.num_q_heads} q / {args.num_kv_heads} kv heads, "
+    print(f"\nshort extend: new tokens after a cached prefix, batch 1, page "
+          f"{args.extend_page_size}, {args.num_q_heads} q / {args.num_kv_heads} kv heads, "
           f"head_dim {args.head_dim}, {args.dtype}; r = tile rows (queries x q heads)")  # fmt: skip
-    print(f"{'prefix':>7} {'splits':>6} {'tiles':>18} {'us':>9} {'TB/s':>7} {'TFLOP/s':>8}")
-    for prefix in args.short_prefix_lens:
-        short_extend_case(args, prefix, gen)
+    print(f"{'new':>6} {'prefix':>7} {'splits':>6} {'tiles':>18} {'us':>9} {'TB/s':>7} "
+          f"{'TFLOP/s':>8}")  # fmt: skip
+    for n in args.short_extend_tokens:
+        for prefix in args.short_prefix_lens:
+            short_extend_case(args, prefix, n, gen)
 
 
 def main(argv: list[str] | None = None) -> None:
