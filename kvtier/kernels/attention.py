@@ -1211,7 +1211,8 @@ def choose_extend_kv_splits(
     take as many splits as fit ``programs_per_sm`` waves' worth of programs without starting
     another (floor: a second, mostly idle wave would nearly double the time), but no split
     shorter than ``min_split_len`` keys and no more than ``max_splits`` (the scratch's size);
-    1 when that leaves fewer than 2. Both grids then run in one wave, and a split program walks
+    if that leaves fewer than 2, 2 where the keys and the scratch allow (see below), else 1.
+    Both grids then run in one wave (two at most with the floor of 2), and a split program walks
     1/splits of the keys a one-pass program does (with a tile twice as tall at most, which
     costs little more on tensor cores that a one-pass program of a short extend leaves mostly
     idle), so any split count >= 2 shortens the critical path, even at an equal program count.
