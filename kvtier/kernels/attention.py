@@ -168,6 +168,19 @@ def _attn_block(acc, l_i, m_i, q, K, V, slots, kv_head, n, q_pos, kv_len, qk_sca
 
 
 @triton.jit
+def _plain_step(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, q_pos, kv_len, qk_scale,
+                stride_kt, stride_kh, stride_vt, stride_vh,
+                HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``_attn_loop``'s step without CARRY over keys [n, n + BLOCK_N): its pages looked up in
+    the step, then the step taken."""
+    slots = _page_slots(bt_row, n, n + tl.arange(0, BLOCK_N), kv_len, PAGE_SIZE, BLOCK_N, MASKED)
+    return _attn_block(acc, l_i, m_i, q, K, V, slots, kv_head, n, q_pos, kv_len, qk_scale,
+                       stride_kt, stride_kh, stride_vt, stride_vh, HEAD_DIM, BLOCK_N, MASKED,
+                       DOT_PREC)
+
+
+@triton.jit
 def _carry_step(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, slots, q_pos, kv_len, qk_scale,
                 stride_kt, stride_kh, stride_vt, stride_vh,
                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -232,19 +245,17 @@ def _attn_loop(acc, l_i, m_i, q, K, V, bt_row, kv_head, start, end, q_pos, kv_le
     elif INTERPRET:
         n = start
         while n < end:
-            slots = _page_slots(bt_row, n, n + tl.arange(0, BLOCK_N), kv_len, PAGE_SIZE,
-                                BLOCK_N, MASKED)
-            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, K, V, slots, kv_head, n, q_pos,
+            acc, l_i, m_i = _plain_step(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, q_pos,
                                         kv_len, qk_scale, stride_kt, stride_kh, stride_vt,
-                                        stride_vh, HEAD_DIM, BLOCK_N, MASKED, DOT_PREC)
+                                        stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, MASKED,
+                                        DOT_PREC)
             n += BLOCK_N
     else:
         for n in range(start, end, BLOCK_N):
-            slots = _page_slots(bt_row, n, n + tl.arange(0, BLOCK_N), kv_len, PAGE_SIZE,
-                                BLOCK_N, MASKED)
-            acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, K, V, slots, kv_head, n, q_pos,
+            acc, l_i, m_i = _plain_step(acc, l_i, m_i, q, K, V, bt_row, kv_head, n, q_pos,
                                         kv_len, qk_scale, stride_kt, stride_kh, stride_vt,
-                                        stride_vh, HEAD_DIM, BLOCK_N, MASKED, DOT_PREC)
+                                        stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, MASKED,
+                                        DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -320,7 +331,7 @@ def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, Exte
                                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                                 BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                                 INTERPRET: tl.constexpr, CARRY: tl.constexpr = True,
-                   PDL: tl.constexpr = False):
+                                PDL: tl.constexpr = False):
     """Grid: (query blocks of the longest extend, splits x head blocks, sequences).
 
     One program = BLOCK_Q queries x BLOCK_G q heads of one kv head's group (a head block; a
@@ -593,7 +604,7 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
                           SINGLE_SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
                           DOT_PREC: tl.constexpr,
                           INTERPRET: tl.constexpr, CARRY: tl.constexpr = True,
-                   PDL: tl.constexpr = False):
+                          PDL: tl.constexpr = False):
     """Grid: (sequences, kv heads, splits). One program = every q head of one kv head's group
     (rows of a [BLOCK_H, HEAD_DIM] tile, padded to BLOCK_H >= 16 for the dot) over one split,
     so each K/V tile is read once per group, not once per q head.
