@@ -188,7 +188,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     eng.add_argument("--hicache-size", type=float, default=None, help="L2 size, GB")
     eng.add_argument("--mem-fraction-static", type=float, default=None)
     eng.add_argument("--max-total-tokens", type=int, default=None, help="GPU KV pool, tokens")
-    eng.add_argument("--hicache-io-backend", choices=["kernel", "direct"], default="kernel")
+    eng.add_argument(
+        "--hicache-io-backend",
+        choices=["auto", "kernel", "direct"],
+        default="auto",
+        help="auto (the engine's default): direct for dram, kernel for peer and xmem",
+    )
     eng.add_argument(
         "--hicache-mem-layout",
         choices=["layer_first", "page_first", "page_first_direct"],
@@ -445,7 +450,11 @@ class EngineTarget:
             context_length=int(sched.context_length),
             vocab_size=int(sched.runner.vocab_size),
             tier_key=self.engine.server_args.hicache_tier,
-            extra={"engine_kwargs": self.kwargs, "l2_tier": stats.get("l2_tier")},
+            extra={
+                "engine_kwargs": self.kwargs,
+                "l2_tier": stats.get("l2_tier"),
+                "l2_io_backend": stats.get("l2_io_backend"),
+            },
         )
 
     def generate(self, prompts: list[list[int]], sampling: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1366,6 +1375,9 @@ def run(cfg: Config) -> Results:
                 continue
             try:
                 results.infos[target.name] = target.info
+                io = target.info.extra.get("l2_io_backend")
+                if io:
+                    print(f"[{target.label}] L2 IO backend: {io}")
                 if target.info.tier_key is None and cfg.base_url:
                     print(
                         f"[{target.label}] the server reports no L2 tier name: any L2 tier "

@@ -34,7 +34,7 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("cuda", "cpu")
 WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
-IO_BACKENDS = ("kernel", "direct")
+IO_BACKENDS = ("auto", "kernel", "direct")
 MEM_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
 TIERS = ("dram", "xmem", "peer")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
@@ -105,7 +105,12 @@ class ServerArgs:
     hicache_write_policy: str = _opt(
         "write_through", "when L2 copies are made", choices=WRITE_POLICIES
     )
-    hicache_io_backend: str = _opt("kernel", "how pages move between tiers", choices=IO_BACKENDS)
+    hicache_io_backend: str = _opt(
+        "auto",
+        "how pages move between tiers: kernel (a Triton copy kernel) or direct (copy-engine "
+        "batches); auto: direct for dram, kernel for peer, xmem and the page_first layout",
+        choices=IO_BACKENDS,
+    )
     hicache_mem_layout: str = _opt("layer_first", "layout of the L2 buffer", choices=MEM_LAYOUTS)
     hicache_tier: str = _opt("dram", "what backs the L2 tier", choices=TIERS)
     hicache_use_xmem: bool | None = _opt(

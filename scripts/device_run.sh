@@ -44,7 +44,7 @@ step ttft "${T_TTFT:-300}" env KVTIER_XMEM_STANDIN=1 KVTIER_XMEM_STANDIN_DEVICES
   python3 benchmarks/kvcache_benchmark.py --ttft --backend "${BACKENDS:-all}" \
   --lengths "${LENGTHS:-1K,10K,20K,30K,40K,50K,60K,70K,80K,90K}" --num-prompts 1 \
   --hicache-size 20 --mem-fraction-static 0.85 ${GPU_HIT:---no-gpu-hit} \
-  --hicache-io-backend "${IO:-kernel}" --output-dir "$OUT/ttft"
+  --hicache-io-backend "${IO:-auto}" --output-dir "$OUT/ttft"
 step engine "${T_ENGINE:-150}" python3 benchmarks/bench_engine.py --prefill 4K,16K,80K \
   --decode-batch 1,32,128 --output "$OUT/bench_engine.json"
 step decode "${T_DECODE:-100}" python3 benchmarks/bench_engine.py --prefill '' \
@@ -60,7 +60,7 @@ step engine8b "${T_ENGINE8B:-170}" python3 benchmarks/bench_engine.py --model Qw
   --prefill 4K,16K,80K --decode-batch 1,32,128 --engine-arg context_length=81921 \
   --output "$OUT/bench_engine_8b.json"
 step diag "${T_DIAG:-110}" python3 scripts/diag_tier_hit.py --tokens 81920 --tier dram \
-  --io-backend "${IO:-kernel}" --trace-dir /tmp/trace
+  --io-backend "${IO:-auto}" --trace-dir /tmp/trace
 step server "${T_SERVER:-150}" python3 scripts/server_check.py --log "$OUT/server_process.log"
 step profile "${T_PROFILE:-240}" python3 scripts/profile_engine.py --prefill 16384 --batch 1 32 \
   --steps 8 ${PROFILE_ARGS:-}

@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=81920)
     ap.add_argument("--tier", default="dram")
     ap.add_argument("--hicache-size", type=float, default=30)
-    ap.add_argument("--io-backend", default="kernel")
+    ap.add_argument("--io-backend", default="auto", choices=["auto", "kernel", "direct"])
     ap.add_argument("--trace-dir", type=Path, default=Path("."))
     args = ap.parse_args()
     eng = kvtier.Engine(

@@ -306,6 +306,11 @@ def test_bad_engine_arguments_name_the_flag():
     with pytest.raises(ServerArgsError, match="--hicache-write-policy must be one of"):
         make(enable_hierarchical_cache=True, hicache_write_policy="sometimes")
     with pytest.raises(
+        ServerArgsError,
+        match="--hicache-io-backend must be one of auto, kernel, direct; got 'dma'",
+    ):
+        make(enable_hierarchical_cache=True, hicache_io_backend="dma")
+    with pytest.raises(
         ServerArgsError, match="--triton-attention-num-kv-splits must be a positive integer; got 0"
     ):
         make(triton_attention_num_kv_splits=0)

@@ -7,6 +7,7 @@ import pytest
 from engine_utils import chats as run_chats
 from engine_utils import make_engine, make_hicache_engine
 
+from kvtier.kernels.copy_engine import batch_memcpy_available
 from kvtier.tiers import TierError
 
 GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
@@ -43,15 +44,28 @@ def test_multi_turn_under_pressure_equals_recompute(policy, reference):
 
 
 @pytest.mark.parametrize(
-    "layout,backend",
-    [("layer_first", "kernel"), ("page_first", "kernel"), ("page_first_direct", "direct")],
+    "layout,backend,runs",
+    [
+        ("layer_first", "kernel", "kernel"),
+        ("page_first", "kernel", "kernel"),
+        ("page_first_direct", "direct", "direct"),
+        # The default: the copy engines for dram where the layout and the driver allow.
+        ("layer_first", "auto", "direct"),
+        ("page_first", "auto", "kernel"),
+    ],
 )
-def test_layouts_and_backends_equal_recompute(layout, backend, reference):
+def test_layouts_and_backends_equal_recompute(layout, backend, runs, reference):
     want, _ = chats(reference, concurrent=True)
     with hicache(hicache_mem_layout=layout, hicache_io_backend=backend) as e:
         got, metas = chats(e, concurrent=True)
         assert got == want
         assert any(m["cached_tokens_by_tier"].get("dram") for m in metas)
+        ctrl = e.scheduler.cache.controller
+        if not ctrl.on_gpu:
+            runs = "torch"  # no streams, no kernels: torch copies whatever was asked
+        elif runs == "direct" and backend == "auto" and not batch_memcpy_available():
+            runs = "kernel"
+        assert ctrl.io_backend == runs
 
 
 def test_small_l2_evicts_and_stays_correct(reference):

@@ -4,7 +4,7 @@ move, write policies, eviction to L2-only, load-back, L2 eviction, locks during 
 import pytest
 import torch
 
-from kvtier.cache.controller import CacheController
+from kvtier.cache.controller import CacheController, resolve_io_backend
 from kvtier.cache.hiradix_cache import HiRadixCache
 from kvtier.cache.kv_pool import KVPool, PageAllocator
 from kvtier.cache.radix_cache import IntegrityError
@@ -213,3 +213,32 @@ def test_short_continuations_are_recomputed_not_loaded():
     m2, loaded = s.cache.load_back(m)
     assert loaded == 0 and m2.device_pages == [] and s.alloc.num_free == 8
     s.check()
+
+
+@pytest.mark.parametrize(
+    "requested,tier,kernel_ok,contiguous,batch,expected",
+    [
+        # auto: copy engines for pinned host memory, the kernel for GPU-side memory.
+        ("auto", "dram", True, True, True, "direct"),
+        ("auto", "xmem", True, True, True, "kernel"),
+        ("auto", "peer", True, True, True, "kernel"),
+        # ... and the kernel where direct cannot run well.
+        ("auto", "dram", True, False, True, "kernel"),  # page_first
+        ("auto", "dram", True, True, False, "kernel"),  # no cuMemcpyBatchAsync
+        ("auto", "xmem", False, True, False, "direct"),  # not addressable: direct anyway
+        ("auto", "peer", False, True, True, "direct"),
+        # Explicit choices stand, but for a kernel on a tier kernels cannot address.
+        ("kernel", "dram", True, True, True, "kernel"),
+        ("direct", "peer", True, True, True, "direct"),
+        ("kernel", "xmem", False, True, True, "direct"),
+    ],
+)
+def test_resolve_io_backend(requested, tier, kernel_ok, contiguous, batch, expected):
+    got = resolve_io_backend(
+        requested,
+        tier_name=tier,
+        kernel_accessible=kernel_ok,
+        page_contiguous=contiguous,
+        batch_memcpy=batch,
+    )
+    assert got == expected

@@ -662,6 +662,9 @@ def test_choose_extend_kv_splits() -> None:
     assert f(1, 32, 4, 512, 32768) == f(2, 32, 4, 256, 32768) == 2
     assert f(1, 32, 4, 512, 1000) == 1 and f(1, 32, 4, 512, 32768, max_splits=1) == 1
     assert f(1, 32, 4, 256, 32768) == 2  # 64 one-pass; 16 x 4 = 64 a split
+    # 513 new tokens and more: 160+ one-pass programs fill the GPU, and one pass measured
+    # faster than 2 / 4 / 8 splits at 1024 and 2048 tokens: 1.
+    assert f(1, 32, 4, 513, 81920) == f(1, 32, 4, 1024, 81920) == f(1, 32, 4, 2048, 32768) == 1
     # MHA: one tile of 64 queries per head, 8 programs a split; four waves: 528 // 8 = 66, and
     # 512 keys a split at least: 64. With 129 queries, two tiles and one wave: 132 // 16 = 8.
     assert f(1, 8, 8, 64, 32768) == 64

@@ -343,6 +343,7 @@ class HiRadixCache(RadixCache):
         used = total - self.host_allocator.num_free
         return {
             "l2_tier": self.tier_name,
+            "l2_io_backend": self.controller.io_backend,
             "l2_pinned_bytes": self.controller.tier.pinned_nbytes,
             "l2_total_tokens": total * self.page_size,
             "l2_used_tokens": used * self.page_size,

@@ -1246,7 +1246,10 @@ def choose_extend_kv_splits(
     one sequence; 128 one-pass programs, 128 a split) took 1077.5 / 2622.5 us a layer in the
     one-pass kernel against 669.3 / 1627.0 with 2 splits (4: 678.7 / 1615.4, 8: 711.6 /
     1648.2; H200, 2026-12-02, ``--mode short-extend --short-extend-tokens 512
-    --extend-splits N``).
+    --extend-splits N``). Past 512 new tokens the one-pass grid fills the GPU (160 programs and
+    up) and one pass stays faster: 1024 tokens 1270.9 / 3172.2 us against 1332.3 / 3237.3 with
+    2 splits, 2048 tokens 2656.4 / 6339.2 against 2728.0 / 6528.2 (4 and 8 splits slower
+    still; the same day, ``--short-extend-tokens 512 1024 2048 --extend-splits 2 4 8``).
     """
     if batch_size <= 0 or max_extend_len <= 0 or max_seq_len <= 0:
         return 1
