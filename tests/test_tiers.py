@@ -634,14 +634,20 @@ def test_xmem_standin_engine_tier_hits_after_device_flush(standin, reference):
 # ============================================================================ GPU only
 @needs_gpu
 @pytest.mark.parametrize(
-    "layout,backend",
-    [("layer_first", "kernel"), ("layer_first", "direct"), ("page_first", "kernel")],
+    "layout,backend,runs",
+    [
+        ("layer_first", "kernel", "kernel"),
+        ("layer_first", "direct", "direct"),
+        ("page_first", "kernel", "kernel"),
+        ("layer_first", "auto", "kernel"),  # banks are GPU-side memory: the copy kernel
+    ],
 )
-def test_gpu_xmem_standin_device_banks_equal_recompute(standin, reference, layout, backend):
+def test_gpu_xmem_standin_device_banks_equal_recompute(standin, reference, layout, backend, runs):
     standin.config.bank_bytes = 10**9
     want, _ = chats(reference)
     with hicache(hicache_use_xmem=True, hicache_mem_layout=layout, hicache_io_backend=backend) as e:
-        assert e.scheduler.cache.controller.io_backend == backend
+        assert e.scheduler.cache.controller.io_backend == runs
+        assert e.get_stats()["l2_io_backend"] == runs
         got, metas = chats(e)
         assert got == want
         assert_tier_served(e, metas, "xmem")
