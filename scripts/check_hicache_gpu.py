@@ -29,7 +29,8 @@ def main() -> None:
         "no piecewise graphs": {"piecewise_cuda_graph_max_tokens": 0},
         "no CUDA graphs": {"disable_cuda_graph": True},
         "fused kernels off": {"_fused": False},
-        "direct IO": {"hicache_io_backend": "direct"},
+        # The default IO backend (auto) is direct for dram: the kernel as a variant.
+        "kernel IO": {"hicache_io_backend": "kernel"},
         "write_back": {"hicache_write_policy": "write_back"},
     }
     for name, kw in variants.items():
