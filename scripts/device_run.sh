@@ -16,7 +16,7 @@ STEPS=${STEPS:-"tests tests1b tests2 check tier_io ttft engine diag server"}
 # Qwen3-8B), profile (where prefill / decode time goes), hitprof
 # (a tier hit and a GPU hit at 1K and 64K tokens), moe, gmoe, attn, dattn, gemv (kernel sweeps),
 # kbench (A/B of the decode fusions), ktests (kernel tests), turns (new turns after a cached
-# prefix: extend kernels and TTFT).
+# prefix: extend kernels and TTFT), io_ab (the 80K tier hit with each IO backend).
 step() {  # step NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
   case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -68,11 +68,17 @@ step hitprof "${T_HITPROF:-150}" bash -c "python3 scripts/profile_step.py --toke
   python3 scripts/profile_step.py --tokens 65536"
 # New turns after a long cached prefix: the extend kernels for 512-2K new tokens (one pass
 # against each split count, outputs checked), then the engine's TTFT of a turn from the GPU and
-# from dram (run 13: 512 tokens after 80K, 108 / 189 ms).
+# from dram (run 14, IO auto = direct: 512 tokens after 80K, 111 / 163 ms).
 step turns "${T_TURNS:-300}" bash -c "python3 benchmarks/bench_attention.py --mode short-extend \
   --short-extend-tokens ${TURN_TOKENS:-512 1024 2048} --extend-splits 2 4 8 --check; \
   python3 benchmarks/kvcache_benchmark.py --backend dram --lengths 32K,80K --num-prompts 1 \
   --repeats 3 --hicache-size 24 --turn-tokens ${TURN:-512} --no-plots --output-dir $OUT/turns"
+# The 80K dram tier hit under each IO backend, one process each (run 14: direct 154.3 ms,
+# kernel 166.5).
+step io_ab "${T_IO_AB:-200}" bash -c "for io in direct kernel; do python3 \
+  benchmarks/kvcache_benchmark.py --backend dram --lengths ${IO_LENGTHS:-80K} --num-prompts 1 \
+  --repeats 2 --hicache-size 12 --hicache-io-backend \$io --no-gpu-hit --no-plots \
+  --output-dir $OUT/io_\$io; done"
 step moe "${T_MOE:-90}" python3 benchmarks/bench_moe.py --check --sweep --tokens 1 4 16 32
 # The expert-major MoE kernels (grouped_moe): CUDA tests, the layer against the other paths
 # (with --check) and their tile sweep.
