@@ -341,3 +341,34 @@ def test_plot_ab_decode_reads_series_by_variant_and_batch():
     assert [c for c, _ in got["base", 1]] == [4096, 32768]  # sorted by context
     assert [ms for _, ms in got["base", 1]] == pytest.approx([2.9, 3.5])
     assert got["old", 4] == [(4096, pytest.approx(6.0))]
+
+
+def test_plot_turns_reads_json_and_csv_samples(tmp_path):
+    plot = importlib.import_module("plot_turns")
+    samples = [
+        {"length": 32768, "kind": "turn_gpu", "ttft_s": 0.05},
+        {"length": 32768, "kind": "turn_gpu", "ttft_s": 0.07},
+        {"length": 81920, "kind": "tier_hit", "ttft_s": 0.158},
+    ]
+    src_json = tmp_path / "run.json"
+    src_json.write_text(json.dumps({"ttft_samples": samples}))
+    src_csv = tmp_path / "run.csv"
+    src_csv.write_text(
+        "backend,length,kind,ttft_s\n"
+        + "".join(f"dram,{s['length']},{s['kind']},{s['ttft_s']}\n" for s in samples)
+    )
+    for src in (src_json, src_csv):
+        got = plot.means_ms(plot.load_samples(src))
+        assert got == {
+            (32768, "turn_gpu"): pytest.approx(60.0),
+            (81920, "tier_hit"): pytest.approx(158.0),
+        }
+    assert plot.parse_source(f"{src_csv}=auto IO") == (src_csv, "auto IO")
+    assert plot.parse_source(str(src_json)) == (src_json, "run")
+    out = tmp_path / "turns.png"
+    plot.main([f"{src_json}=a", f"{src_csv}=b", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(
+        SystemExit, match=re.escape("expected the benchmark's .json or samples .csv")
+    ):
+        plot.load_samples(tmp_path / "run.txt")
