@@ -3,8 +3,8 @@ of request (recompute, GPU hit, tier hit, new turn from the GPU, new turn from L
 length, a group of bars per (run, length), on a log scale.
 
     python benchmarks/plot_turns.py \
-        docs/results/ttft_turn_kernel_h200_2026-12-02_run14_call1.json=kernel \
-        docs/results/ttft_turn_auto_direct_h200_2026-12-02_run14_call3.csv="auto (direct)" \
+        docs/results/ttft_turn_kernel_h200_2026-12-02_run14_call1.json="kernel IO" \
+        docs/results/ttft_turn_auto_direct_h200_2026-12-02_run14_call3.csv="auto IO (direct)" \
         --out docs/turns_h200_run14.png
 
 Each source is the benchmark's JSON (its ``ttft_samples``) or its samples CSV, optionally
