@@ -16,7 +16,8 @@ STEPS=${STEPS:-"tests tests1b tests2 check tier_io ttft engine diag server"}
 # Qwen3-8B), profile (where prefill / decode time goes), hitprof
 # (a tier hit and a GPU hit at 1K and 64K tokens), moe, gmoe, attn, dattn, gemv (kernel sweeps),
 # kbench (A/B of the decode fusions), ktests (kernel tests), turns (new turns after a cached
-# prefix: extend kernels and TTFT), io_ab (the 80K tier hit with each IO backend).
+# prefix: extend kernels and TTFT), turnsweep (their tiles), io_ab (the 80K tier hit with each
+# IO backend).
 step() {  # step NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
   case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -73,6 +74,12 @@ step turns "${T_TURNS:-300}" bash -c "python3 benchmarks/bench_attention.py --mo
   --short-extend-tokens ${TURN_TOKENS:-512 1024 2048} --extend-splits 2 4 8 --check; \
   python3 benchmarks/kvcache_benchmark.py --backend dram --lengths 32K,80K --num-prompts 1 \
   --repeats 3 --hicache-size 24 --turn-tokens ${TURN:-512} --no-plots --output-dir $OUT/turns"
+# Tiles for new turns: the split kernel's tile sweep (each tile x 2-32 splits) for 512 new
+# tokens, and the one-pass kernel's for 2048 (a turn's attention after 80K ran at ~430
+# TFLOP/s in run 14; cuDNN's dense kernel reached ~600 on full chunks).
+step turnsweep "${T_TURNSWEEP:-300}" bash -c "python3 benchmarks/bench_attention.py --mode \
+  short-extend --short-extend-tokens 512 --sweep --rep 20; python3 benchmarks/bench_attention.py \
+  --mode extend --extend-tokens 2048 --prefix-lens 32768 81920 --sweep --rep 20"
 # The 80K dram tier hit under each IO backend, one process each (run 14: direct 154.3 ms,
 # kernel 166.5).
 step io_ab "${T_IO_AB:-200}" bash -c "for io in direct kernel; do python3 \
