@@ -157,3 +157,14 @@ def test_direct_batch_addresses_copy_exact_rows(layout, monkeypatch):
     kv_io.DirectPlan(tier, out, page_runs(sp, dp), range(LAYERS), batched=True).issue_all()
     assert calls == [2 * spans] * LAYERS
     assert torch.equal(ref.k, out.k) and torch.equal(ref.v, out.v)
+    # Layers that do not start at 0: each layer's spans are the first one's moved by whole
+    # layer strides, on both paths (batched and one copy per span); layer 0 stays as it was.
+    some = range(1, LAYERS)
+    ref = clone(pool)
+    copy_pages_torch(tier, ref, torch.tensor(sp), torch.tensor(dp), some)
+    for batched in (True, False):
+        calls.clear()
+        out = clone(pool)
+        kv_io.DirectPlan(tier, out, page_runs(sp, dp), some, batched=batched).issue_all()
+        assert calls == ([2 * spans] * len(some) if batched else [])
+        assert torch.equal(ref.k, out.k) and torch.equal(ref.v, out.v)
