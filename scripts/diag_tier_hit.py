@@ -21,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import kvtier
+from kvtier.server_args import IO_BACKENDS
 
 
 def wrap(obj: Any, name: str, marks: list[tuple[str, float]]) -> None:
@@ -83,7 +84,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=81920)
     ap.add_argument("--tier", default="dram")
     ap.add_argument("--hicache-size", type=float, default=30)
-    ap.add_argument("--io-backend", default="auto", choices=["auto", "kernel", "direct"])
+    ap.add_argument("--io-backend", default="auto", choices=IO_BACKENDS)
     ap.add_argument("--trace-dir", type=Path, default=Path("."))
     args = ap.parse_args()
     eng = kvtier.Engine(

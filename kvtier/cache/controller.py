@@ -46,16 +46,16 @@ def resolve_io_backend(
 ) -> str:
     """The IO backend a CUDA controller runs for ``--hicache-io-backend requested``.
 
-    ``auto`` takes the copy engines (``direct``) for host-side tiers, dram and xmem, and the
-    Triton copy kernel for the peer tier. Why: an 80K-token dram tier hit on an H200 over PCIe
+    ``auto`` takes the copy engines (``direct``) for the dram tier and the Triton copy kernel
+    for the GPU-side ones (peer, xmem). Why: an 80K-token dram tier hit on an H200 over PCIe
     (2026-12-02) took 154.3 ms with direct, 1.06 of the time its 8 GB take at the bulk pinned
     copy rate (55.0 GB/s), against 166.5 ms (1.15, 50.8 GB/s) with the kernel, which also
-    takes multiprocessors from the forward it overlaps; X-Mem's own fork copies with
-    cuMemcpyBatchAsync. Over NVLink the kernel moved 0.89 of the bulk peer copy rate and
-    per-layer copy-engine batches 0.25 (run 3). ``auto`` falls back to the kernel where direct
-    cannot run well: a layout that is not page-contiguous (page_first), or a driver without
-    cuMemcpyBatchAsync (one driver call per span instead of one per layer), if the tier is
-    addressable by kernels. An explicit ``kernel`` on a tier that is not addressable by kernels
+    takes multiprocessors from the forward it overlaps. Between GPUs the kernel moved 0.89 of
+    the bulk NVLink copy rate and per-layer batches of 64 KiB copy-engine copies 0.25 (run 3);
+    X-Mem banks are GPU-side memory reached like a peer's. ``auto`` also takes the kernel where
+    direct cannot run well: a layout that is not page-contiguous (page_first), or a driver
+    without cuMemcpyBatchAsync (one driver call per span instead of one per layer). Only a tier
+    that kernels can address gets the kernel; an explicit ``kernel`` on one that they cannot
     becomes ``direct``, with a warning."""
     if requested == "auto":
         if kernel_accessible and (not page_contiguous or tier_name != "dram" or not batch_memcpy):
