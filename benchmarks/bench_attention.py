@@ -56,7 +56,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         nargs="+",
         default=None,
-        help="short extend split counts to time (default: the heuristic's)",
+        help="short extend split counts to time (default: the heuristic's); 1 here runs the "
+        "split kernel with one split (its GQA-packed tiles, no split of the keys)",
+    )
+    p.add_argument(
+        "--split-tiles",
+        nargs="+",
+        default=None,
+        metavar="ROWS,KEYS,WARPS,STAGES",
+        help="short extend: split-kernel tiles to time (default: the kernel's default; with "
+        "--sweep, a fixed list)",
     )
     p.add_argument("--num-q-heads", type=int, default=32)
     p.add_argument("--num-kv-heads", type=int, default=4)
@@ -384,14 +393,21 @@ def short_extend_case(args: argparse.Namespace, prefix: int, n: int, gen) -> Non
         splits_all = sorted({chosen, 2, 4, 8, 12, 16, 24, 32, *(args.extend_splits or [])})
     else:
         splits_all = sorted(set(args.extend_splits or [chosen]))
-    splits_all = [s for s in splits_all if s > 1]
+    # 1 among --extend-splits: the split kernel with one split (stage 2 then only copies).
+    one_split = 1 in (args.extend_splits or [])
+    splits_all = [s for s in splits_all if s > 1 or (s == 1 and one_split)]
     mid_o, mid_lse = A.extend_scratch(n, hq, max([*splits_all, 1]), d, "cuda")
 
-    def run(cfg: A.KernelConfig | None, splits: int) -> float:
+    def run(cfg: A.KernelConfig | None, splits: int, split_kernel: bool = True) -> float:
         fn = functools.partial(
             A.extend_attention, q, k, v, out, table, seq_lens, ext, starts, pre, scale, n,
             page_size=ps, config=cfg, num_kv_splits=splits, mid_o=mid_o, mid_lse=mid_lse,
         )  # fmt: skip
+        if splits == 1 and split_kernel:
+            fn = functools.partial(
+                A._extend_attention_split, q, k, v, out, table, seq_lens, ext, starts, pre,
+                scale, n, ps, cfg, 1, mid_o, mid_lse,
+            )  # fmt: skip
         return bench(fn, args.rep)
 
     def row(tag: str, splits: int, ms: float, mark: str = " ") -> None:
@@ -400,9 +416,11 @@ def short_extend_case(args: argparse.Namespace, prefix: int, n: int, gen) -> Non
               f"{kv_bytes / sec / 1e12:>7.2f} {flops / sec / 1e12:>8.1f}")  # fmt: skip
 
     one = A.default_extend_config(d, dtype, n)
-    row(f"one-pass {one.block_m}x{one.block_n}/{one.num_warps}w", 1, run(None, 1))
+    row(f"one-pass {one.block_m}x{one.block_n}/{one.num_warps}w", 1, run(None, 1, False))
     cfgs = [base]
-    if args.sweep:
+    if args.split_tiles:
+        cfgs = [A.KernelConfig(*map(int, t.split(","))) for t in args.split_tiles]
+    elif args.sweep:
         for t in ((128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3),
                   (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3),
                   (256, 64, 8, 3)):  # fmt: skip
