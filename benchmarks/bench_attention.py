@@ -281,8 +281,30 @@ def extend_case(args: argparse.Namespace, prefix: int, gen) -> None:
         except Exception as e:  # an over-sized tile must not stop the sweep
             print(f"{prefix:>7} {tag:>18} failed: {type(e).__name__}: {e}"[:200])
             continue
-        mark = "*" if cfg == cfgs[0] else " "
-        print(f"{prefix:>7} {tag:>17}{mark} {ms:>9.2f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
+        print(f"{prefix:>7} {tag:>18} {ms:>9.2f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
+    if A.packed_one_pass(hq, hkv):
+        # What extend_attention runs by default here: the packed one-pass kernel.
+        packed = A.default_extend_split_config(d, dtype, n, hq // hkv)
+        ms = bench(
+            functools.partial(
+                A.extend_attention,
+                q,
+                k,
+                v,
+                out,
+                table,
+                seq_lens,
+                ext,
+                starts,
+                pre,
+                scale,
+                n,
+                page_size=ps,
+            ),
+            args.rep,
+        )
+        tag = f"packed {packed.block_m}r x{packed.block_n}/{packed.num_warps}w"
+        print(f"{prefix:>7} {tag:>17}* {ms:>9.2f} {flops / (ms * 1e-3) / 1e12:>8.1f}")
     # The dense path (cuDNN over gathered KV; what long prefill chunks run): its first call for
     # a new shape builds a cuDNN graph, timed apart from the steady state.
     from kvtier.kernels.dense_attention import dense_extend_attention
@@ -387,7 +409,7 @@ def short_extend_case(args: argparse.Namespace, prefix: int, n: int, gen) -> Non
     seq_lens, ext, starts, pre = i32(total), i32(n), i32(0), i32(prefix)
     q = torch.randn((n, hq, d), dtype=dtype, device="cuda", generator=gen)
     out = torch.empty_like(q)
-    base = A.default_extend_split_config(d, dtype)
+    base = A.default_extend_split_config(d, dtype, n, hq // hkv)
     chosen = A.choose_extend_kv_splits(1, hq, hkv, n, total, num_sms=sms, block_rows=base.block_m)
     if args.sweep:
         splits_all = sorted({chosen, 2, 4, 8, 12, 16, 24, 32, *(args.extend_splits or [])})
@@ -416,7 +438,8 @@ def short_extend_case(args: argparse.Namespace, prefix: int, n: int, gen) -> Non
               f"{kv_bytes / sec / 1e12:>7.2f} {flops / sec / 1e12:>8.1f}")  # fmt: skip
 
     one = A.default_extend_config(d, dtype, n)
-    row(f"one-pass {one.block_m}x{one.block_n}/{one.num_warps}w", 1, run(None, 1, False))
+    # The per-head one-pass kernel (a config given pins it).
+    row(f"one-pass {one.block_m}x{one.block_n}/{one.num_warps}w", 1, run(one, 1, False))
     cfgs = [base]
     if args.split_tiles:
         cfgs = [A.KernelConfig(*map(int, t.split(","))) for t in args.split_tiles]

@@ -458,12 +458,15 @@ _PIPELINE_CHECK = textwrap.dedent(
             SINGLE_SPLIT=False, PREFETCH=prefetch, DOT_PREC="tf32", INTERPRET=False,
             CARRY=True, PDL=True), tiles.num_warps, tiles.num_stages)
         assert min(kv_buffers(code)) >= 2, ("decode", prefetch, kv_buffers(code))
-    cfg = A.default_extend_split_config(128, torch.bfloat16)
-    code = ttgir(A._extend_split_stage1_kernel, split, dict(
-        GROUP=8, BLOCK_G=8, BLOCKS_PER_GROUP=1, BLOCK_Q=16, HEAD_DIM=128, PAGE_SIZE=64,
-        BLOCK_N=cfg.block_n, DOT_PREC="tf32", INTERPRET=False, CARRY=True, PDL=True),
-        cfg.num_warps, cfg.num_stages)
-    assert min(kv_buffers(code)) >= 2, ("split extend", kv_buffers(code))
+    # 128-row tiles (short extends), 256-row tiles split and direct (the packed one pass).
+    for ext_len, direct in ((64, False), (512, False), (4096, True)):
+        cfg = A.default_extend_split_config(128, torch.bfloat16, ext_len, 8)
+        sig = dict(split, MidO="*bf16", stride_ms=0) if direct else split
+        code = ttgir(A._extend_split_stage1_kernel, sig, dict(
+            GROUP=8, BLOCK_G=8, BLOCKS_PER_GROUP=1, BLOCK_Q=cfg.block_m // 8, HEAD_DIM=128,
+            PAGE_SIZE=64, BLOCK_N=cfg.block_n, DOT_PREC="tf32", INTERPRET=False, CARRY=True,
+            PDL=True, DIRECT=direct), cfg.num_warps, cfg.num_stages)
+        assert min(kv_buffers(code)) >= 2, ("split extend", ext_len, kv_buffers(code))
     print("ok")
     """
 )
@@ -632,6 +635,65 @@ def test_extend_split_tiles() -> None:
     assert f(4, 64, 64) == (16, 4)
     with pytest.raises(ValueError):
         f(8, 64, 96)
+
+
+def test_default_extend_split_config_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU tiles of the packed kernel (the interpreter's are fixed): 256 rows once the
+    extend has 2048 rows (tokens x group), 128 below; fp32 and head_dim 256 small tiles."""
+    monkeypatch.setattr(K, "INTERPRETED", False)
+    f, bf16 = K.default_extend_split_config, torch.bfloat16
+    tall, short = K.KernelConfig(256, 64, 8, 3), K.KernelConfig(128, 64, 8, 3)
+    assert f(128, bf16, 256, 8) == f(128, bf16, 4096, 8) == f(128, bf16, 512, 4) == tall
+    assert f(128, bf16, 255, 8) == f(128, bf16, 511, 4) == f(128, bf16, 64, 8) == short
+    assert f(128, bf16) == short  # no length given: the short extends' tiles
+    assert f(128, torch.float32, 4096, 8) == K.KernelConfig(64, 32, 8, 2)
+    assert f(256, bf16, 4096, 8) == K.KernelConfig(64, 32, 8, 2)
+    assert f(64, torch.float32, 4096, 8) == K.KernelConfig(64, 32, 4, 2)
+
+
+def test_packed_one_pass_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert K.packed_one_pass(32, 4) and K.packed_one_pass(8, 4) and K.packed_one_pass(32, 1)
+    assert not K.packed_one_pass(4, 4)  # MHA: nothing to pack
+    assert not K.packed_one_pass(6, 1)  # a group padded to 8 rows would waste a quarter
+    monkeypatch.setattr(K, "PACKED_EXTEND", False)
+    assert not K.packed_one_pass(32, 4)
+
+
+@pytest.mark.parametrize(
+    ("num_q_heads", "num_kv_heads", "packed"),
+    [(8, 1, True), (8, 2, True), (6, 1, False), (2, 2, False)],
+)
+def test_packed_one_pass_matches_ref(
+    num_q_heads: int, num_kv_heads: int, packed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-split extend with default tiles runs the packed kernel at a power-of-two GQA
+    group (straight to ``out``: no scratch, no stage 2), the per-head kernel otherwise; both
+    match the reference, with a grid bound above the longest extend and sequences from no
+    prefix to several pages of one."""
+    launches: list[bool] = []
+    real = K._launch_packed_stage1
+
+    def spy(*args, direct: bool, **kwargs):
+        launches.append(direct)
+        return real(*args, direct=direct, **kwargs)
+
+    monkeypatch.setattr(K, "_launch_packed_stage1", spy)
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, SPLIT_PREFIX, SPLIT_EXTEND, page_size=16, num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads, head_dim=32, dtype=torch.float32, seed=7 + num_q_heads,
+    )  # fmt: skip
+    kb, vb, args = extend_kernel_args(batch, q, k, v)
+    ref = K.extend_attention_ref(q, kb, vb, torch.empty_like(q), *args, 40, page_size=16)
+    out = torch.full_like(q, float("nan"))
+    K.extend_attention(q, kb, vb, out, *args, 48, page_size=16)
+    assert launches == ([True] if packed else [])
+    assert not out.isnan().any() and rel_err(out, ref) < 1e-5, rel_err(out, ref)
+    # A config given pins the per-head kernel.
+    per_head = torch.full_like(q, float("nan"))
+    K.extend_attention(q, kb, vb, per_head, *args, 48, page_size=16,
+                       config=K.default_extend_config(32, torch.float32, 40))  # fmt: skip
+    assert launches == ([True] if packed else [])
+    assert rel_err(per_head, out) < 1e-5, rel_err(per_head, out)
 
 
 def test_choose_extend_kv_splits() -> None:
@@ -971,6 +1033,30 @@ def test_extend_carry_bitwise_cuda(page_size: int, monkeypatch: pytest.MonkeyPat
             outs.append(out)
         assert not outs[0].isnan().any()
         assert torch.equal(outs[0], outs[1]), (splits, (outs[0] - outs[1]).abs().max().item())
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_one_pass_model_sized_cuda(dtype: torch.dtype) -> None:
+    """The packed one-pass extend at the Qwen3-30B-A3B geometry with the GPU's tiles (256 rows
+    for these lengths): no prefix and long extends (causal blocks visited last-first), ragged
+    prefixes, a grid bound above the longest extend; against the reference and the per-head
+    kernel."""
+    prefix, extend = [0, 9000, 3001], [2048, 700, 513]
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, prefix, extend, page_size=64, num_q_heads=32, num_kv_heads=4,
+        head_dim=128, dtype=dtype, seed=23,
+    )  # fmt: skip
+    kb, vb, args = extend_kernel_args(batch, q, k, v)
+    assert K.default_extend_split_config(128, dtype, 2048, 8).block_m == 256
+    ref = K.extend_attention_ref(q, kb, vb, torch.empty_like(q), *args, 2048, page_size=64)
+    out = torch.full_like(q, float("nan"))
+    K.extend_attention(q, kb, vb, out, *args, 2100, page_size=64)
+    assert not out.isnan().any() and rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+    per_head = torch.full_like(q, float("nan"))
+    K.extend_attention(q, kb, vb, per_head, *args, 2048, page_size=64,
+                       config=K.default_extend_config(128, dtype, 2048))  # fmt: skip
+    assert rel_err(per_head, ref) < TOL[dtype], rel_err(per_head, ref)
 
 
 @cuda_only

@@ -121,7 +121,8 @@ class TritonAttention(AttentionBackend):
         max_kv_splits: most decode splits per sequence (bounds the scratch).
         min_split_len: fewest keys per decode split the heuristic will choose.
         num_sms: multiprocessors to fill (default: read off the device; 132 on CPU).
-        extend_config / decode_config: tile overrides (default: the kernels' heuristics).
+        extend_config / decode_config: tile overrides (default: the kernels' heuristics);
+            ``extend_config`` pins one-split extends to the per-head one-pass kernel.
         max_extend_splits: most extend splits per sequence; 1 disables split-KV extend.
         min_extend_split_len: fewest keys per extend split the heuristic will choose.
         extend_split_config: split-KV extend stage-1 tiles (block_m = tile rows; default
@@ -198,9 +199,14 @@ class TritonAttention(AttentionBackend):
             programs_per_sm=self.programs_per_sm,
         )
 
-    def split_extend_config(self, head_dim: int, dtype: torch.dtype) -> KernelConfig:
-        """Stage-1 tiles of split-KV extend (the override, else the kernel's default)."""
-        return self.extend_split_config or default_extend_split_config(head_dim, dtype)
+    def split_extend_config(
+        self, head_dim: int, dtype: torch.dtype, max_extend_len: int, group: int
+    ) -> KernelConfig:
+        """Stage-1 tiles of split-KV extend (the override, else the kernel's default for
+        extends of up to ``max_extend_len`` tokens at ``group`` q heads a kv head)."""
+        return self.extend_split_config or default_extend_split_config(
+            head_dim, dtype, max_extend_len, group
+        )
 
     def extend_splits_for(
         self,
@@ -232,7 +238,9 @@ class TritonAttention(AttentionBackend):
             max_extend_len,
             max_context_len,
             num_sms=self.num_sms(device),
-            block_rows=self.split_extend_config(head_dim, dtype).block_m,
+            block_rows=self.split_extend_config(
+                head_dim, dtype, max_extend_len, num_q_heads // max(1, num_kv_heads)
+            ).block_m,
             max_splits=self.max_extend_splits,
             min_split_len=self.min_extend_split_len,
         )
@@ -511,7 +519,9 @@ class TritonAttention(AttentionBackend):
             mid_o, mid_lse = self.extend_scratch_views(
                 num_tokens, num_q_heads, head_dim, splits, q.device
             )
-            config = self.split_extend_config(head_dim, q.dtype)
+            config = self.split_extend_config(
+                head_dim, q.dtype, meta.max_extend_len, num_q_heads // k_buf.shape[1]
+            )
         return extend_attention(
             q, k_buf, v_buf, out, batch.block_table, batch.seq_lens, batch.extend_lens, starts,
             batch.prefix_lens, scale, meta.max_extend_len, page_size=page_size, config=config,

@@ -331,7 +331,7 @@ def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, Exte
                                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                                 BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                                 INTERPRET: tl.constexpr, CARRY: tl.constexpr = True,
-                                PDL: tl.constexpr = False):
+                                PDL: tl.constexpr = False, DIRECT: tl.constexpr = False):
     """Grid: (query blocks of the longest extend, splits x head blocks, sequences).
 
     One program = BLOCK_Q queries x BLOCK_G q heads of one kv head's group (a head block; a
@@ -346,9 +346,17 @@ def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, Exte
     s * split_len <= prefix + j: exactly the splits holding a key that query sees, each of
     which this kernel ran and wrote with l > 0 for that row. A split past the block's last
     query returns at once and writes nothing.
+
+    DIRECT (one split: the packed one-pass extend): MidO is the output itself ([T, Hq, D] in
+    q's dtype; ``stride_ms`` unused), MidLse is not written and there is no stage 2. Query
+    blocks then go last-first, as in ``_extend_kernel``: under the causal mask the last block
+    has the most keys, and starting the heavy programs first evens out the launch's tail.
     """
     _pdl_wait(PDL)
-    m_block = tl.program_id(0)
+    if DIRECT:
+        m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        m_block = tl.program_id(0)
     split = tl.program_id(1) // head_blocks
     hblk = tl.program_id(1) % head_blocks
     seq = tl.program_id(2)
@@ -402,10 +410,15 @@ def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, Exte
     # keep its scratch finite all the same.
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), _NEG_BIG)
-    tl.store(MidO + tok[:, None] * stride_mt + heads[:, None] * stride_mh + split * stride_ms
-             + offs_d[None, :], out, mask=r_mask[:, None])
-    tl.store(MidLse + tok * stride_lt + heads * stride_lh + split, lse, mask=r_mask)
+    if DIRECT:
+        # The only split: every valid row saw key 0 (l > 0).
+        tl.store(MidO + tok[:, None] * stride_mt + heads[:, None] * stride_mh
+                 + offs_d[None, :], out.to(MidO.dtype.element_ty), mask=r_mask[:, None])
+    else:
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), _NEG_BIG)
+        tl.store(MidO + tok[:, None] * stride_mt + heads[:, None] * stride_mh
+                 + split * stride_ms + offs_d[None, :], out, mask=r_mask[:, None])
+        tl.store(MidLse + tok * stride_lt + heads * stride_lh + split, lse, mask=r_mask)
 
 
 @triton.jit
@@ -845,22 +858,57 @@ def default_extend_config(
     return KernelConfig(128, 64, 4, 3)
 
 
-def default_extend_split_config(head_dim: int, dtype: torch.dtype) -> KernelConfig:
-    """Tiles for split-KV extend stage 1. Here ``block_m`` counts tile *rows*: queries x q heads
-    of one kv head's group (``extend_split_tiles`` turns it into the two factors).
+# Tile rows (queries x q heads) from which the split kernel takes 256-row tiles; see
+# ``default_extend_split_config``.
+_TALL_SPLIT_ROWS = 2048
 
-    128 rows (16 queries x 8 heads at GQA 8) x 64 keys x head_dim 128: the fp32 accumulator
-    is 64 KB, 64 registers a thread at 8 warps (two warpgroups of 64 rows), with Q and the
-    score tile about 200 registers in all; a 3-deep pipeline of bf16 K and V tiles takes 96 KB
-    of shared memory (plus 32 KB for Q), well inside Hopper's 228 KB. Not yet tuned on a GPU:
-    benchmarks/bench_attention.py --sweep times the alternatives. fp32 (tests only) and
-    head_dim 256 take 64 rows x 32 keys to fit registers and shared memory.
+
+def default_extend_split_config(
+    head_dim: int, dtype: torch.dtype, max_extend_len: int = 0, group: int = 8
+) -> KernelConfig:
+    """Tiles for the packed extend kernel (split-KV stage 1, and the one-pass extend at GQA;
+    see ``packed_one_pass``). Here ``block_m`` counts tile *rows*: queries x q heads of one kv
+    head's group (``extend_split_tiles`` turns it into the two factors).
+
+    bf16 / fp16, head_dim <= 128: 256 rows (32 queries x 8 heads at GQA 8), 64 keys, 8 warps, 3
+    stages once the extend has ``_TALL_SPLIT_ROWS`` rows (``max_extend_len`` x ``group``), else
+    128 rows. Measured on an H200 (2026-12-02, 32 q / 4 kv heads, page 64, after 8K / 32K / 80K
+    prefixes; ``bench_attention.py --mode short-extend --extend-splits 1 2 4 --split-tiles ...``,
+    us a layer at the split count ``choose_extend_kv_splits`` takes with these tiles): 256 new
+    tokens 90.2 / 289.4 / 687.9 at 256 rows against 98.3 / 337.8 / 807.6 at 128; 512 tokens
+    166.8 / 563.5 / 1364.9 against 193.3 / 666.7 / 1629.2; 128 tokens the other way, 86.0 /
+    287.1 / 687.3 against 54.2 / 174.6 / 412.6 (a 256-row grid that short has too few
+    programs). One split (the packed one-pass) at 256 rows against the per-head one-pass kernel:
+    1024 tokens 324.8 / 1111.3 / 2961.5 against 352.1 / 1237.2 / 3184.8, 2048 tokens 704.2 /
+    2386.8 / 5640.2 against 757.7 / 2648.0 / 6656.6, 4096 tokens 1669.2 / 4986.0 / 11468.3
+    against 1745.5 / 5576.1 / 13290.0. Four stages were level or slower. A 256-row tile's fp32
+    accumulator is 128 KB (128 registers a thread at 8 warps); 3 stages of bf16 K and V tiles
+    take 96 KB of shared memory, plus 64 KB for Q. fp32 (tests only) and head_dim 256 take 64
+    rows x 32 keys to fit registers and shared memory.
     """
     if INTERPRETED:
         return KernelConfig(16, 16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
         return KernelConfig(64, 32, 4 if head_dim <= 64 else 8, 2)
+    if max_extend_len * group >= _TALL_SPLIT_ROWS:
+        return KernelConfig(256, 64, 8, 3)
     return KernelConfig(128, 64, 8, 3)
+
+
+# The packed one-pass extend (``packed_one_pass``) unless KVTIER_PACKED_EXTEND=0 at import (A/B
+# runs: the per-head one-pass kernel everywhere). Tests set it.
+PACKED_EXTEND: bool = os.environ.get("KVTIER_PACKED_EXTEND", "1") != "0"
+
+
+def packed_one_pass(num_q_heads: int, num_kv_heads: int) -> bool:
+    """Whether a one-split extend with default tiles runs the packed kernel (split-KV stage 1
+    with a single split, writing the output itself) rather than the per-head one-pass kernel:
+    at GQA (a power-of-two group of 2 or more q heads a kv head) its tiles hold a kv head's
+    q heads together, so each K/V tile load serves the whole group (see
+    ``default_extend_split_config`` for the H200 figures: 4-15% faster from 1024 to 4096 new
+    tokens after 8K-80K prefixes). ``PACKED_EXTEND`` off: never."""
+    group = num_q_heads // max(1, num_kv_heads)
+    return PACKED_EXTEND and group >= 2 and _is_pow2(group)
 
 
 def extend_split_tiles(group: int, max_extend_len: int, block_rows: int) -> tuple[int, int]:
@@ -930,8 +978,12 @@ def extend_attention(
         max_extend_len: upper bound of extend_lens (sizes the grid; a host-side int).
         page_size: tokens per page (power of two).
         config: tiles of the kernel that runs: ``default_extend_config`` with one split,
-            ``default_extend_split_config`` (block_m = tile rows) with more.
-        num_kv_splits: 1 runs the one-pass kernel (one program per query block and q head).
+            ``default_extend_split_config`` (block_m = tile rows) with more. Given with one
+            split, it pins the per-head one-pass kernel.
+        num_kv_splits: 1 runs one pass over the keys: at GQA with default tiles the packed
+            kernel (``packed_one_pass``: one program per query block and kv head's group of q
+            heads, straight to ``out``), else the per-head kernel (one program per query
+            block and q head).
             More runs split-KV (e.g. from ``choose_extend_kv_splits``): each sequence cuts its
             keys 0 .. seq_len - 1 into that many pieces of whole key blocks (computed on the
             device from seq_lens, so short sequences may use fewer), one program per (query
@@ -959,6 +1011,15 @@ def extend_attention(
             q, k_buf, v_buf, out, block_table, seq_lens, extend_lens, extend_starts,
             prefix_lens, scale, max_extend_len, page_size, config, num_kv_splits, mid_o, mid_lse,
         )  # fmt: skip
+    if config is None and packed_one_pass(num_q_heads, num_kv_heads):
+        cfg = default_extend_split_config(
+            head_dim, q.dtype, max_extend_len, num_q_heads // num_kv_heads
+        )
+        _launch_packed_stage1(
+            q, k_buf, v_buf, out, out, block_table, seq_lens, extend_lens, extend_starts,
+            prefix_lens, scale, max_extend_len, page_size, cfg, 1, direct=True,
+        )  # fmt: skip
+        return out
     cfg = config or default_extend_config(
         head_dim, q.dtype, max_extend_len, num_q_heads=num_q_heads, batch_size=batch,
         num_sms=_num_sms(q.device),
@@ -1020,35 +1081,24 @@ def _extend_attention_split(
 ) -> torch.Tensor:
     """Split-KV extend (see ``extend_attention``); arguments already validated."""
     num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_buf.shape[1]
-    batch = seq_lens.shape[0]
     if mid_o is None or mid_lse is None:
         mid_o, mid_lse = extend_scratch(num_tokens, num_q_heads, num_kv_splits, head_dim, q.device)
     else:
         _check_scratch(mid_o, mid_lse, num_tokens, num_q_heads, num_kv_splits, head_dim, "extend")
-    cfg = config or default_extend_split_config(head_dim, q.dtype)
-    group = num_q_heads // num_kv_heads
-    block_q, block_g = extend_split_tiles(group, max_extend_len, cfg.block_m)
-    blocks_per_group = triton.cdiv(group, block_g)
-    head_blocks = num_kv_heads * blocks_per_group
-    grid = (triton.cdiv(max_extend_len, block_q), num_kv_splits * head_blocks, batch)
+    cfg = config or default_extend_split_config(
+        head_dim, q.dtype, max_extend_len, num_q_heads // k_buf.shape[1]
+    )
     pdl = fused.pdl_options(q.device)
-    _extend_split_stage1_kernel[grid](
+    _launch_packed_stage1(
         q, k_buf, v_buf, mid_o, mid_lse, block_table, seq_lens, extend_lens, extend_starts,
-        prefix_lens, scale * _LOG2E, num_kv_splits, head_blocks,
-        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
-        v_buf.stride(0), v_buf.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_lse.stride(0), mid_lse.stride(1), block_table.stride(0),
-        GROUP=group, BLOCK_G=block_g, BLOCKS_PER_GROUP=blocks_per_group, BLOCK_Q=block_q,
-        HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
-        DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, CARRY=_carry(True),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
+        prefix_lens, scale, max_extend_len, page_size, cfg, num_kv_splits, direct=False,
     )  # fmt: skip
     # Stage 2 is a light, memory-bound pass: up to 4 queries x one head a program, merging
     # splits a chunk at a time (a [queries, splits, head_dim] tile of 32 x head_dim floats).
     block_m2 = min(4, triton.next_power_of_2(max_extend_len))
     block_s = max(1, min(triton.next_power_of_2(num_kv_splits), 32 // block_m2))
-    _extend_split_stage2_kernel[(triton.cdiv(max_extend_len, block_m2), num_q_heads, batch)](
+    grid2 = (triton.cdiv(max_extend_len, block_m2), num_q_heads, seq_lens.shape[0])
+    _extend_split_stage2_kernel[grid2](
         out, mid_o, mid_lse, seq_lens, extend_lens, extend_starts, prefix_lens, num_kv_splits,
         out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1),
@@ -1057,6 +1107,49 @@ def _extend_attention_split(
         **pdl,
     )  # fmt: skip
     return out
+
+
+def _launch_packed_stage1(
+    q: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    mid_o: torch.Tensor,
+    mid_lse: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    extend_starts: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    scale: float,
+    max_extend_len: int,
+    page_size: int,
+    cfg: KernelConfig,
+    num_kv_splits: int,
+    *,
+    direct: bool,
+) -> None:
+    """Launch ``_extend_split_stage1_kernel`` (tiles of queries x a kv head's q heads);
+    ``direct``: one split written straight to ``mid_o`` = the output (``mid_lse`` unused)."""
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_buf.shape[1]
+    group = num_q_heads // num_kv_heads
+    block_q, block_g = extend_split_tiles(group, max_extend_len, cfg.block_m)
+    blocks_per_group = triton.cdiv(group, block_g)
+    head_blocks = num_kv_heads * blocks_per_group
+    grid = (triton.cdiv(max_extend_len, block_q), num_kv_splits * head_blocks, seq_lens.shape[0])
+    stride_ms = 0 if direct else mid_o.stride(2)
+    _extend_split_stage1_kernel[grid](
+        q, k_buf, v_buf, mid_o, mid_lse, block_table, seq_lens, extend_lens, extend_starts,
+        prefix_lens, scale * _LOG2E, num_kv_splits, head_blocks,
+        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
+        v_buf.stride(0), v_buf.stride(1), mid_o.stride(0), mid_o.stride(1), stride_ms,
+        mid_lse.stride(0), mid_lse.stride(1), block_table.stride(0),
+        GROUP=group, BLOCK_G=block_g, BLOCKS_PER_GROUP=blocks_per_group, BLOCK_Q=block_q,
+        HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
+        DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, CARRY=_carry(True),
+        DIRECT=direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **fused.pdl_options(q.device),
+    )  # fmt: skip
 
 
 def extend_scratch(
