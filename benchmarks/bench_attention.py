@@ -440,6 +440,10 @@ def short_extend_case(args: argparse.Namespace, prefix: int, n: int, gen) -> Non
     one = A.default_extend_config(d, dtype, n)
     # The per-head one-pass kernel (a config given pins it).
     row(f"one-pass {one.block_m}x{one.block_n}/{one.num_warps}w", 1, run(one, 1, False))
+    if A.packed_one_pass(hq, hkv):
+        packed = A.default_extend_split_config(d, dtype, n, hq // hkv)
+        # The packed one pass as extend_attention runs it by default (straight to the output).
+        row(f"packed {packed.block_m}r direct", 1, run(None, 1, False))
     cfgs = [base]
     if args.split_tiles:
         cfgs = [A.KernelConfig(*map(int, t.split(","))) for t in args.split_tiles]

@@ -331,7 +331,8 @@ def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, Exte
                                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                                 BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                                 INTERPRET: tl.constexpr, CARRY: tl.constexpr = True,
-                                PDL: tl.constexpr = False, DIRECT: tl.constexpr = False):
+                                PDL: tl.constexpr = False, DIRECT: tl.constexpr = False,
+                                REVERSE: tl.constexpr = False):
     """Grid: (query blocks of the longest extend, splits x head blocks, sequences).
 
     One program = BLOCK_Q queries x BLOCK_G q heads of one kv head's group (a head block; a
@@ -348,12 +349,12 @@ def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, Exte
     query returns at once and writes nothing.
 
     DIRECT (one split: the packed one-pass extend): MidO is the output itself ([T, Hq, D] in
-    q's dtype; ``stride_ms`` unused), MidLse is not written and there is no stage 2. Query
-    blocks then go last-first, as in ``_extend_kernel``: under the causal mask the last block
-    has the most keys, and starting the heavy programs first evens out the launch's tail.
+    q's dtype; ``stride_ms`` unused), MidLse is not written and there is no stage 2. REVERSE:
+    query blocks go last-first, as in ``_extend_kernel`` (under the causal mask the last block
+    has the most keys; starting the heavy programs first evens out the launch's tail).
     """
     _pdl_wait(PDL)
-    if DIRECT:
+    if REVERSE:
         m_block = tl.num_programs(0) - 1 - tl.program_id(0)
     else:
         m_block = tl.program_id(0)
@@ -900,6 +901,11 @@ def default_extend_split_config(
 PACKED_EXTEND: bool = os.environ.get("KVTIER_PACKED_EXTEND", "1") != "0"
 
 
+# The packed one-pass kernel visits query blocks last-first (KVTIER_PACKED_REVERSE=0: in order;
+# for A/B runs, read at each launch).
+PACKED_REVERSE: bool = os.environ.get("KVTIER_PACKED_REVERSE", "1") != "0"
+
+
 def packed_one_pass(num_q_heads: int, num_kv_heads: int) -> bool:
     """Whether a one-split extend with default tiles runs the packed kernel (split-KV stage 1
     with a single split, writing the output itself) rather than the per-head one-pass kernel:
@@ -1147,7 +1153,8 @@ def _launch_packed_stage1(
         GROUP=group, BLOCK_G=block_g, BLOCKS_PER_GROUP=blocks_per_group, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, CARRY=_carry(True),
-        DIRECT=direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DIRECT=direct, REVERSE=direct and PACKED_REVERSE, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
         **fused.pdl_options(q.device),
     )  # fmt: skip
 

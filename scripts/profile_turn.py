@@ -1,0 +1,88 @@
+"""Profile new turns of a conversation whose prefix is on the GPU: a prompt of --prefix tokens,
+then --turn-tokens fresh ones (one output token), as ``kvcache_benchmark.py --turn-tokens``
+times them. Prints each prefix's turn wall times, then one profiled turn's device time
+against its wall time and the kernels that took it. A diagnostic for the lent GPU, not part
+of the test suite.
+
+    python scripts/profile_turn.py --prefix 32768 81920 --turn-tokens 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import kvtier
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="Qwen/Qwen3-30B-A3B-Instruct-2507")
+    ap.add_argument("--prefix", type=int, nargs="+", default=[32768, 81920])
+    ap.add_argument("--turn-tokens", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=15)
+    args = ap.parse_args()
+    eng = kvtier.Engine(
+        model_path=args.model,
+        load_format="dummy",
+        page_size=64,
+        mem_fraction_static=0.85,
+        enable_hierarchical_cache=True,
+        hicache_size=24,
+        skip_tokenizer_init=True,
+        log_level="warning",
+    )
+    rng = random.Random(0)
+    sp = {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}
+
+    def fresh(n: int) -> list[int]:
+        return [rng.randrange(1000, 100000) for _ in range(n)]
+
+    for prefix in args.prefix:
+        ids = fresh(prefix)
+        eng.generate(input_ids=ids, sampling_params=sp)
+        for _ in range(2):  # warm-up turns
+            eng.generate(input_ids=ids + fresh(args.turn_tokens), sampling_params=sp)
+        walls = []
+        for _ in range(args.repeats):
+            turn = ids + fresh(args.turn_tokens)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = eng.generate(input_ids=turn, sampling_params=sp)
+            walls.append((time.perf_counter() - t) * 1e3)
+            assert out["meta_info"]["cached_tokens"] >= prefix - 64, out["meta_info"]
+        print(
+            f"prefix {prefix}: turn of {args.turn_tokens} tokens, wall ms",
+            [round(w, 1) for w in walls],
+        )
+        turn = ids + fresh(args.turn_tokens)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            eng.generate(input_ids=turn, sampling_params=sp)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) * 1e3
+        ka = prof.key_averages()
+        device_us = sum(e.self_device_time_total for e in ka)
+        print(
+            f"prefix {prefix}: profiled turn {wall:.1f} ms wall, "
+            f"{device_us / 1e3:.1f} ms of kernels"
+        )
+        print(
+            ka.table(
+                sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60
+            )
+        )
+        print(
+            ka.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60)
+        )
+    eng.shutdown()
+
+
+if __name__ == "__main__":
+    main()
