@@ -331,8 +331,7 @@ def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, Exte
                                 HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
                                 BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                                 INTERPRET: tl.constexpr, CARRY: tl.constexpr = True,
-                                PDL: tl.constexpr = False, DIRECT: tl.constexpr = False,
-                                REVERSE: tl.constexpr = False):
+                                PDL: tl.constexpr = False, REVERSE: tl.constexpr = False):
     """Grid: (query blocks of the longest extend, splits x head blocks, sequences).
 
     One program = BLOCK_Q queries x BLOCK_G q heads of one kv head's group (a head block; a
@@ -348,10 +347,14 @@ def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, Exte
     which this kernel ran and wrote with l > 0 for that row. A split past the block's last
     query returns at once and writes nothing.
 
-    DIRECT (one split: the packed one-pass extend): MidO is the output itself ([T, Hq, D] in
-    q's dtype; ``stride_ms`` unused), MidLse is not written and there is no stage 2. REVERSE:
-    query blocks go last-first, as in ``_extend_kernel`` (under the causal mask the last block
-    has the most keys; starting the heavy programs first evens out the launch's tail).
+    REVERSE (the packed one pass, one split): query blocks go last-first, as in
+    ``_extend_kernel`` (under the causal mask the last block has the most keys; starting the
+    heavy programs first evens out the launch's tail).
+
+    The partials stay float32 even with one split: at 256-row tiles in 8 warps (255 registers
+    a thread, sm_90, Triton 3.6) a bf16 store in this epilogue made ptxas spill 288-392 bytes
+    a thread, and the kernel ran ~15% slower on an H200 than with the float32 store (4 bytes of
+    spill) and a separate cast.
     """
     _pdl_wait(PDL)
     if REVERSE:
@@ -411,15 +414,10 @@ def _extend_split_stage1_kernel(Q, K, V, MidO, MidLse, BlockTable, SeqLens, Exte
     # keep its scratch finite all the same.
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    if DIRECT:
-        # The only split: every valid row saw key 0 (l > 0).
-        tl.store(MidO + tok[:, None] * stride_mt + heads[:, None] * stride_mh
-                 + offs_d[None, :], out.to(MidO.dtype.element_ty), mask=r_mask[:, None])
-    else:
-        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), _NEG_BIG)
-        tl.store(MidO + tok[:, None] * stride_mt + heads[:, None] * stride_mh
-                 + split * stride_ms + offs_d[None, :], out, mask=r_mask[:, None])
-        tl.store(MidLse + tok * stride_lt + heads * stride_lh + split, lse, mask=r_mask)
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), _NEG_BIG)
+    tl.store(MidO + tok[:, None] * stride_mt + heads[:, None] * stride_mh + split * stride_ms
+             + offs_d[None, :], out, mask=r_mask[:, None])
+    tl.store(MidLse + tok * stride_lt + heads * stride_lh + split, lse, mask=r_mask)
 
 
 @triton.jit
@@ -901,8 +899,8 @@ def default_extend_split_config(
 PACKED_EXTEND: bool = os.environ.get("KVTIER_PACKED_EXTEND", "1") != "0"
 
 
-# The packed one-pass kernel visits query blocks last-first (KVTIER_PACKED_REVERSE=0: in order;
-# for A/B runs, read at each launch).
+# The packed one pass visits query blocks last-first (KVTIER_PACKED_REVERSE=0: in order; for
+# A/B runs, read at each launch).
 PACKED_REVERSE: bool = os.environ.get("KVTIER_PACKED_REVERSE", "1") != "0"
 
 
@@ -910,9 +908,13 @@ def packed_one_pass(num_q_heads: int, num_kv_heads: int) -> bool:
     """Whether a one-split extend with default tiles runs the packed kernel (split-KV stage 1
     with a single split, writing the output itself) rather than the per-head one-pass kernel:
     at GQA (a power-of-two group of 2 or more q heads a kv head) its tiles hold a kv head's
-    q heads together, so each K/V tile load serves the whole group (see
-    ``default_extend_split_config`` for the H200 figures: 4-15% faster from 1024 to 4096 new
-    tokens after 8K-80K prefixes). ``PACKED_EXTEND`` off: never."""
+    q heads together, so each K/V tile load serves the whole group. On an H200 (2026-12-02,
+    32 q / 4 kv heads, bf16, page 64, 256-row tiles, one split; us a layer against the
+    per-head kernel's 128x64 tiles): 1024 new tokens after 8K / 40K / 80K 324.4 / 1339.4 /
+    2724.1 against 351.8 / 1540.7 / 3187.9; 3000 tokens 1117.8 / 4199.6 / 8485.6 against
+    1200.1 / 5070.2 / 10108.7; 8192 tokens 3540.4 / 11838.1 / 23512.3 against 4193.4 /
+    13780.8 / 27169.4 (5-17% faster at every length from 1024 to 8192 measured).
+    ``PACKED_EXTEND`` off: never."""
     group = num_q_heads // max(1, num_kv_heads)
     return PACKED_EXTEND and group >= 2 and _is_pow2(group)
 
@@ -988,8 +990,8 @@ def extend_attention(
             split, it pins the per-head one-pass kernel.
         num_kv_splits: 1 runs one pass over the keys: at GQA with default tiles the packed
             kernel (``packed_one_pass``: one program per query block and kv head's group of q
-            heads, straight to ``out``), else the per-head kernel (one program per query
-            block and q head).
+            heads, float32 results cast into ``out``), else the per-head kernel (one program
+            per query block and q head).
             More runs split-KV (e.g. from ``choose_extend_kv_splits``): each sequence cuts its
             keys 0 .. seq_len - 1 into that many pieces of whole key blocks (computed on the
             device from seq_lens, so short sequences may use fewer), one program per (query
@@ -1021,11 +1023,13 @@ def extend_attention(
         cfg = default_extend_split_config(
             head_dim, q.dtype, max_extend_len, num_q_heads // num_kv_heads
         )
+        # One split: stage 1's float32 partials are the output; a cast instead of stage 2.
+        mid_o, mid_lse = extend_scratch(q.shape[0], num_q_heads, 1, head_dim, q.device)
         _launch_packed_stage1(
-            q, k_buf, v_buf, out, out, block_table, seq_lens, extend_lens, extend_starts,
-            prefix_lens, scale, max_extend_len, page_size, cfg, 1, direct=True,
+            q, k_buf, v_buf, mid_o, mid_lse, block_table, seq_lens, extend_lens, extend_starts,
+            prefix_lens, scale, max_extend_len, page_size, cfg, 1, reverse=PACKED_REVERSE,
         )  # fmt: skip
-        return out
+        return out.copy_(mid_o[:, :, 0])
     cfg = config or default_extend_config(
         head_dim, q.dtype, max_extend_len, num_q_heads=num_q_heads, batch_size=batch,
         num_sms=_num_sms(q.device),
@@ -1097,7 +1101,7 @@ def _extend_attention_split(
     pdl = fused.pdl_options(q.device)
     _launch_packed_stage1(
         q, k_buf, v_buf, mid_o, mid_lse, block_table, seq_lens, extend_lens, extend_starts,
-        prefix_lens, scale, max_extend_len, page_size, cfg, num_kv_splits, direct=False,
+        prefix_lens, scale, max_extend_len, page_size, cfg, num_kv_splits,
     )  # fmt: skip
     # Stage 2 is a light, memory-bound pass: up to 4 queries x one head a program, merging
     # splits a chunk at a time (a [queries, splits, head_dim] tile of 32 x head_dim floats).
@@ -1132,10 +1136,10 @@ def _launch_packed_stage1(
     cfg: KernelConfig,
     num_kv_splits: int,
     *,
-    direct: bool,
+    reverse: bool = False,
 ) -> None:
-    """Launch ``_extend_split_stage1_kernel`` (tiles of queries x a kv head's q heads);
-    ``direct``: one split written straight to ``mid_o`` = the output (``mid_lse`` unused)."""
+    """Launch ``_extend_split_stage1_kernel`` (tiles of queries x a kv head's q heads) into
+    the float32 scratch ``mid_o`` / ``mid_lse``; ``reverse``: query blocks last-first."""
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_buf.shape[1]
     group = num_q_heads // num_kv_heads
@@ -1143,18 +1147,16 @@ def _launch_packed_stage1(
     blocks_per_group = triton.cdiv(group, block_g)
     head_blocks = num_kv_heads * blocks_per_group
     grid = (triton.cdiv(max_extend_len, block_q), num_kv_splits * head_blocks, seq_lens.shape[0])
-    stride_ms = 0 if direct else mid_o.stride(2)
     _extend_split_stage1_kernel[grid](
         q, k_buf, v_buf, mid_o, mid_lse, block_table, seq_lens, extend_lens, extend_starts,
         prefix_lens, scale * _LOG2E, num_kv_splits, head_blocks,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1),
-        v_buf.stride(0), v_buf.stride(1), mid_o.stride(0), mid_o.stride(1), stride_ms,
+        v_buf.stride(0), v_buf.stride(1), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_lse.stride(0), mid_lse.stride(1), block_table.stride(0),
         GROUP=group, BLOCK_G=block_g, BLOCKS_PER_GROUP=blocks_per_group, BLOCK_Q=block_q,
         HEAD_DIM=head_dim, PAGE_SIZE=page_size, BLOCK_N=cfg.block_n,
         DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, CARRY=_carry(True),
-        DIRECT=direct, REVERSE=direct and PACKED_REVERSE, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        REVERSE=reverse, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **fused.pdl_options(q.device),
     )  # fmt: skip
 
