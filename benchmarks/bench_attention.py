@@ -443,7 +443,7 @@ def short_extend_case(args: argparse.Namespace, prefix: int, n: int, gen) -> Non
     if A.packed_one_pass(hq, hkv):
         packed = A.default_extend_split_config(d, dtype, n, hq // hkv)
         # The packed one pass as extend_attention runs it by default (straight to the output).
-        row(f"packed {packed.block_m}r direct", 1, run(None, 1, False))
+        row(f"packed {packed.block_m}r (default)", 1, run(None, 1, False))
     cfgs = [base]
     if args.split_tiles:
         cfgs = [A.KernelConfig(*map(int, t.split(","))) for t in args.split_tiles]

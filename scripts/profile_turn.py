@@ -19,14 +19,61 @@ from torch.profiler import ProfilerActivity, profile
 import kvtier
 
 
+def profile_turns(eng, ids, turn_tokens, fresh, sp, args) -> None:
+    """Time ``args.repeats`` turns of ``turn_tokens`` fresh tokens after ``ids`` (on the GPU),
+    after two warm-up turns; then profile one unless ``args.no_profile``."""
+    prefix = len(ids)
+    for _ in range(2):  # warm-up turns
+        eng.generate(input_ids=ids + fresh(turn_tokens), sampling_params=sp)
+    walls = []
+    for _ in range(args.repeats):
+        turn = ids + fresh(turn_tokens)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = eng.generate(input_ids=turn, sampling_params=sp)
+        walls.append((time.perf_counter() - t) * 1e3)
+        assert out["meta_info"]["cached_tokens"] >= prefix - 64, out["meta_info"]
+    print(f"prefix {prefix}: turn of {turn_tokens} tokens, wall ms", [round(w, 1) for w in walls])
+    if args.no_profile:
+        return
+    turn = ids + fresh(turn_tokens)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        eng.generate(input_ids=turn, sampling_params=sp)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) * 1e3
+    ka = prof.key_averages()
+    device_us = sum(e.self_device_time_total for e in ka)
+    print(
+        f"prefix {prefix}: profiled turn {wall:.1f} ms wall, "
+        f"{device_us / 1e3:.1f} ms of kernels (PDL overlap counted twice)"
+    )
+    print(ka.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="Qwen/Qwen3-30B-A3B-Instruct-2507")
     ap.add_argument("--prefix", type=int, nargs="+", default=[32768, 81920])
-    ap.add_argument("--turn-tokens", type=int, default=512)
+    ap.add_argument("--turn-tokens", type=int, nargs="+", default=[512])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", type=int, default=15)
+    ap.add_argument("--no-profile", action="store_true", help="time the turns only")
+    ap.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an Engine keyword (an int where it parses as one), e.g. "
+        "piecewise_cuda_graph_max_tokens=2048",
+    )
     args = ap.parse_args()
+    extra: dict[str, object] = {}
+    for item in args.engine_arg:
+        key, _, value = item.partition("=")
+        extra[key] = int(value) if value.lstrip("-").isdigit() else value
     eng = kvtier.Engine(
         model_path=args.model,
         load_format="dummy",
@@ -36,6 +83,7 @@ def main() -> None:
         hicache_size=24,
         skip_tokenizer_init=True,
         log_level="warning",
+        **extra,
     )
     rng = random.Random(0)
     sp = {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True}
@@ -46,41 +94,8 @@ def main() -> None:
     for prefix in args.prefix:
         ids = fresh(prefix)
         eng.generate(input_ids=ids, sampling_params=sp)
-        for _ in range(2):  # warm-up turns
-            eng.generate(input_ids=ids + fresh(args.turn_tokens), sampling_params=sp)
-        walls = []
-        for _ in range(args.repeats):
-            turn = ids + fresh(args.turn_tokens)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = eng.generate(input_ids=turn, sampling_params=sp)
-            walls.append((time.perf_counter() - t) * 1e3)
-            assert out["meta_info"]["cached_tokens"] >= prefix - 64, out["meta_info"]
-        print(
-            f"prefix {prefix}: turn of {args.turn_tokens} tokens, wall ms",
-            [round(w, 1) for w in walls],
-        )
-        turn = ids + fresh(args.turn_tokens)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            t = time.perf_counter()
-            eng.generate(input_ids=turn, sampling_params=sp)
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t) * 1e3
-        ka = prof.key_averages()
-        device_us = sum(e.self_device_time_total for e in ka)
-        print(
-            f"prefix {prefix}: profiled turn {wall:.1f} ms wall, "
-            f"{device_us / 1e3:.1f} ms of kernels"
-        )
-        print(
-            ka.table(
-                sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60
-            )
-        )
-        print(
-            ka.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60)
-        )
+        for turn_tokens in args.turn_tokens:
+            profile_turns(eng, ids, turn_tokens, fresh, sp, args)
     eng.shutdown()
 
 

@@ -52,8 +52,8 @@ tl = fused.tl
 ENABLED: bool = triton is not None and os.environ.get("KVTIER_GROUPED_MOE", "1") != "0"
 # Largest T * k these kernels take (the align kernel is one program an expert over all the ids);
 # past it, and for prefill, the grouped GEMMs. Pairs up to fused_moe.MAX_PAIRS go to
-# fused_moe_small first.
-MAX_PAIRS = 2048
+# fused_moe_small first. KVTIER_GROUPED_MOE_MAX_PAIRS (read at import) moves it, for A/B runs.
+MAX_PAIRS = int(os.environ.get("KVTIER_GROUPED_MOE_MAX_PAIRS", "2048"))
 
 
 def use_grouped(x: torch.Tensor, num_pairs: int) -> bool:
