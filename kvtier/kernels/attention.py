@@ -32,6 +32,8 @@ the cache), where the one-pass grid (query blocks x q heads x sequences) would l
 idle while each program walks the whole prefix: stage 1 runs one program per (query block, GQA
 head block, split, sequence) over a tile of queries x q heads of one kv head (K/V read once per
 head block), stage 2 merges per query the splits it sees. ``choose_extend_kv_splits`` decides.
+At GQA the same packed tiles also run extends that need no split (``packed_one_pass``): one
+launch over all the keys, its float32 results cast into the output.
 
 Pure-torch references (``extend_attention_ref`` / ``decode_attention_ref``) with the same
 arguments live at the end of this module.
@@ -39,8 +41,10 @@ arguments live at the end of this module.
 Measured on one H200 (bf16, 32 q / 4 kv heads, head_dim 128; benchmarks/bench_attention.py):
 decode at a 4K context reads KV at 0.76 / 2.3 / 3.2 / 3.9 / 4.3 TB/s for batch 1 / 8 / 32 / 64
 / 128 (batch 1 is latency-bound: ~11 us a layer, with the stage-2 kernel and no prefetch);
-extend of 16K new tokens runs at ~440 TFLOP/s with no prefix (torch's flash SDPA on contiguous
-K/V: ~575-665) and ~465 after a 64K prefix.
+extend of 16K new tokens ran at ~440 TFLOP/s with no prefix (torch's flash SDPA on contiguous
+K/V: ~575-665) and ~465 after a 64K prefix in the per-head one-pass kernel; the packed one pass
+runs 1K-8K new tokens at 455-507 TFLOP/s after 8K-80K prefixes and 8K with none at 476 (cuDNN's
+dense kernel, which full prefill chunks take: 575-650).
 """
 
 from __future__ import annotations
@@ -1351,7 +1355,10 @@ def choose_extend_kv_splits(
     --extend-splits N``). Past 512 new tokens the one-pass grid fills the GPU (160 programs and
     up) and one pass stays faster: 1024 tokens 1270.9 / 3172.2 us against 1332.3 / 3237.3 with
     2 splits, 2048 tokens 2656.4 / 6339.2 against 2728.0 / 6528.2 (4 and 8 splits slower
-    still; the same day, ``--short-extend-tokens 512 1024 2048 --extend-splits 2 4 8``).
+    still; the same day, ``--short-extend-tokens 512 1024 2048 --extend-splits 2 4 8``). With
+    the 256-row tiles that extends from 256 tokens take since (``default_extend_split_config``;
+    one split is then the packed one pass at GQA) the split counts stayed level past 512
+    tokens: 1024 tokens after 80K 2961.5 / 3052.4 / 2943.2 us at 1 / 2 / 4 splits.
     """
     if batch_size <= 0 or max_extend_len <= 0 or max_seq_len <= 0:
         return 1
