@@ -17,7 +17,7 @@ STEPS=${STEPS:-"tests tests1b tests2 check tier_io ttft engine diag server"}
 # (a tier hit and a GPU hit at 1K and 64K tokens), moe, gmoe, attn, dattn, gemv (kernel sweeps),
 # kbench (A/B of the decode fusions), ktests (kernel tests), turns (new turns after a cached
 # prefix: extend kernels and TTFT), turnsweep (their tiles), io_ab (the 80K tier hit with each
-# IO backend).
+# IO backend), pwturns (new turns with per-layer graphs to 256 and to 2048 tokens).
 step() {  # step NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
   case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -86,6 +86,12 @@ step io_ab "${T_IO_AB:-200}" bash -c "for io in direct kernel; do python3 \
   benchmarks/kvcache_benchmark.py --backend dram --lengths ${IO_LENGTHS:-80K} --num-prompts 1 \
   --repeats 2 --hicache-size 12 --hicache-io-backend \$io --no-gpu-hit --no-plots \
   --output-dir $OUT/io_\$io; done"
+# New turns with and without per-layer graphs up to 2048 tokens (run 15: a 32K turn took 53 ms
+# in one process and 83-89 in others, likely host-bound there; graphs past 256 tokens gave
+# nothing in the fast one).
+step pwturns "${T_PWTURNS:-240}" bash -c "for pw in 256 2048; do python3 \
+  scripts/profile_turn.py --prefix 32768 81920 --turn-tokens 512 2048 --no-profile --repeats 3 \
+  --engine-arg piecewise_cuda_graph_max_tokens=\$pw; done"
 step moe "${T_MOE:-90}" python3 benchmarks/bench_moe.py --check --sweep --tokens 1 4 16 32
 # The expert-major MoE kernels (grouped_moe): CUDA tests, the layer against the other paths
 # (with --check) and their tile sweep.

@@ -755,6 +755,10 @@ def test_choose_extend_kv_splits() -> None:
     assert f(1, 32, 4, 64, 32768, num_sms=264) == 16
     assert f(1, 32, 4, 64, 32768, block_rows=64) == 4  # 8 x 4 = 32 programs a split
     assert f(1, 32, 4, 64, 32768, block_rows=16) == 2  # 32 x 4 = 128 programs a split
+    # The 256-row tiles of 256+ new tokens at GQA 8 (32 queries x 8 heads): 256 tokens, 8 x 4 =
+    # 32 programs a split, 4 splits; 512 tokens, 64 a split, 2 (both measured best on an H200).
+    assert f(1, 32, 4, 256, 32768 + 256, block_rows=256) == 4
+    assert f(1, 32, 4, 512, 81920 + 512, block_rows=256) == 2
     assert f(0, 32, 4, 64, 32768) == f(1, 32, 4, 0, 32768) == 1
 
 
