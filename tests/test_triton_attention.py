@@ -799,6 +799,42 @@ def test_extend_backend_splits_and_graph_hooks() -> None:
     assert rel_err(out, reference(batch, q)) < 1e-4
 
 
+def test_packed_one_pass_scratch_in_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-split extend at GQA through the backend: its float32 results go to the split
+    scratch when that already holds them (the reserved, frozen scratch of captured extends:
+    same address), else to a buffer of the call's own; the output matches the reference
+    either way."""
+    seen: list[int] = []
+    real = K._launch_packed_stage1
+
+    def spy(q, k_buf, v_buf, mid_o, *args, **kwargs):
+        seen.append(mid_o.data_ptr())
+        return real(q, k_buf, v_buf, mid_o, *args, **kwargs)
+
+    monkeypatch.setattr(K, "_launch_packed_stage1", spy)
+    backend = TritonAttention(max_extend_splits=1)  # every extend in one pass
+    batch, q, k, v = make_batch(
+        ForwardMode.EXTEND, [30, 0], [5, 9], page_size=4, num_q_heads=8, num_kv_heads=2,
+        head_dim=32, dtype=torch.float32, seed=31,
+    )  # fmt: skip
+    backend.reserve_extend_scratch(14, 1, num_q_heads=8, head_dim=32, device=DEVICE)
+    scratch = backend._extend_scratch.mid_o.data_ptr()
+    check_backend(batch, q, k, v, backend)
+    assert seen and set(seen) == {scratch}
+    # 14 tokens do not fit a frozen scratch of 10 rows: the call's own buffer, and the
+    # scratch stays as it was.
+    small = TritonAttention(max_extend_splits=1)
+    small.reserve_extend_scratch(10, 1, num_q_heads=8, head_dim=32, device=DEVICE)
+    scratch = small._extend_scratch.mid_o.data_ptr()
+    seen.clear()
+    out = torch.full_like(q, float("nan"))
+    small.prepare(batch)
+    small.attend(q, LAYER, batch, SCALE, out=out)
+    assert seen and scratch not in seen
+    assert small._extend_scratch.rows == 10 and small._extend_scratch.mid_o.data_ptr() == scratch
+    assert not out.isnan().any() and rel_err(out, reference(batch, q)) < 1e-4
+
+
 # ------------------------------------------------------------------------ dense prefill path
 
 # Sequences aligned to the dense path's default block are too slow for the interpreter, so the

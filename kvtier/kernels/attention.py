@@ -910,15 +910,16 @@ PACKED_REVERSE: bool = os.environ.get("KVTIER_PACKED_REVERSE", "1") != "0"
 
 def packed_one_pass(num_q_heads: int, num_kv_heads: int) -> bool:
     """Whether a one-split extend with default tiles runs the packed kernel (split-KV stage 1
-    with a single split, writing the output itself) rather than the per-head one-pass kernel:
-    at GQA (a power-of-two group of 2 or more q heads a kv head) its tiles hold a kv head's
-    q heads together, so each K/V tile load serves the whole group. On an H200 (2026-12-02,
-    32 q / 4 kv heads, bf16, page 64, 256-row tiles, one split; us a layer against the
-    per-head kernel's 128x64 tiles): 1024 new tokens after 8K / 40K / 80K 324.4 / 1339.4 /
-    2724.1 against 351.8 / 1540.7 / 3187.9; 3000 tokens 1117.8 / 4199.6 / 8485.6 against
-    1200.1 / 5070.2 / 10108.7; 8192 tokens 3540.4 / 11838.1 / 23512.3 against 4193.4 /
-    13780.8 / 27169.4 (5-17% faster at every length from 1024 to 8192 measured).
-    ``PACKED_EXTEND`` off: never."""
+    with a single split, its float32 results cast into the output) rather than the per-head
+    one-pass kernel: at GQA (a power-of-two group of 2 or more q heads a kv head) its tiles
+    hold a kv head's q heads together, so each K/V tile load serves the whole group. On an
+    H200 (2026-12-02, 32 q / 4 kv heads, bf16, page 64, 256-row tiles; us a layer against the
+    per-head kernel's 128x64 tiles, ``bench_attention.py --mode short-extend``): 1024 new
+    tokens after 8K / 40K / 80K 320.5 / 1340.1 / 2754.6 against 353.6 / 1495.1 / 3139.1; 2048
+    tokens 662.6 / 2856.9 / 5574.5 against 752.1 / 3144.9 / 6280.4; 4096 tokens 1422.3 /
+    5630.7 / 11378.1 against 1664.5 / 6439.5 / 13788.0; 8192 tokens 3443.0 / 11947.0 /
+    23136.6 against 3899.7 / 13558.7 / 26077.1 (9-18% faster); with no prefix, 8192 tokens
+    1.16 against 1.35 ms. ``PACKED_EXTEND`` off: never."""
     group = num_q_heads // max(1, num_kv_heads)
     return PACKED_EXTEND and group >= 2 and _is_pow2(group)
 
@@ -1003,13 +1004,15 @@ def extend_attention(
             them. For short extends after long prefixes, where the one-pass grid is too small
             to fill the GPU.
         mid_o, mid_lse: split-KV scratch from ``extend_scratch`` with at least T rows and
-            ``num_kv_splits`` splits; allocated here when omitted (not for CUDA graphs).
+            ``num_kv_splits`` splits (the packed one pass uses one); allocated here when
+            omitted.
     Returns:
         ``out``.
 
-    No host syncs, and no allocations when the scratch is given (or one split): the grid
-    depends only on T, the batch size, ``max_extend_len`` and ``num_kv_splits``, so a launch
-    can be captured and replayed with other lengths up to those bounds.
+    No host syncs, and no allocations when the scratch is given (with one split: when the
+    per-head kernel runs, or the scratch is given for the packed one's float32 results): the
+    grid depends only on T, the batch size, ``max_extend_len`` and ``num_kv_splits``, so a
+    launch can be captured and replayed with other lengths up to those bounds.
     """
     num_q_heads, num_kv_heads, head_dim = _check_common(q, k_buf, v_buf, out, page_size)
     _check_scale(scale)
@@ -1028,7 +1031,10 @@ def extend_attention(
             head_dim, q.dtype, max_extend_len, num_q_heads // num_kv_heads
         )
         # One split: stage 1's float32 partials are the output; a cast instead of stage 2.
-        mid_o, mid_lse = extend_scratch(q.shape[0], num_q_heads, 1, head_dim, q.device)
+        if mid_o is None or mid_lse is None:
+            mid_o, mid_lse = extend_scratch(q.shape[0], num_q_heads, 1, head_dim, q.device)
+        else:
+            _check_scratch(mid_o, mid_lse, q.shape[0], num_q_heads, 1, head_dim, "extend")
         _launch_packed_stage1(
             q, k_buf, v_buf, mid_o, mid_lse, block_table, seq_lens, extend_lens, extend_starts,
             prefix_lens, scale, max_extend_len, page_size, cfg, 1, reverse=PACKED_REVERSE,
