@@ -88,8 +88,9 @@ step io_ab "${T_IO_AB:-200}" bash -c "for io in direct kernel; do python3 \
   --output-dir $OUT/io_\$io; done"
 # New turns with and without per-layer graphs up to 2048 tokens (run 15: a 32K turn took 53 ms
 # in one process and 83-89 in others, likely host-bound there; graphs past 256 tokens gave
-# nothing in the fast one).
-step pwturns "${T_PWTURNS:-240}" bash -c "for pw in 256 2048; do python3 \
+# nothing in the fast one), after the test of a MoE model's turns through such graphs.
+step pwturns "${T_PWTURNS:-300}" bash -c "python3 -m pytest -q -p no:cacheprovider \
+  tests/test_piecewise_moe.py; for pw in 256 2048; do python3 \
   scripts/profile_turn.py --prefix 32768 81920 --turn-tokens 512 2048 --no-profile --repeats 3 \
   --engine-arg piecewise_cuda_graph_max_tokens=\$pw; done"
 step moe "${T_MOE:-90}" python3 benchmarks/bench_moe.py --check --sweep --tokens 1 4 16 32
