@@ -17,7 +17,8 @@ STEPS=${STEPS:-"tests tests1b tests2 check tier_io ttft engine diag server"}
 # (a tier hit and a GPU hit at 1K and 64K tokens), moe, gmoe, attn, dattn, gemv (kernel sweeps),
 # kbench (A/B of the decode fusions), ktests (kernel tests), turns (new turns after a cached
 # prefix: extend kernels and TTFT), turnsweep (their tiles), io_ab (the 80K tier hit with each
-# IO backend), pwturns (new turns with per-layer graphs to 256 and to 2048 tokens).
+# IO backend), pwturns (new turns with per-layer graphs to 256 and to 2048 tokens), varlen
+# (cuDNN's ragged attention across lengths under one bucket).
 step() {  # step NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
   case " $STEPS " in *" $name "*) ;; *) return ;; esac
@@ -93,6 +94,9 @@ step pwturns "${T_PWTURNS:-300}" bash -c "python3 -m pytest -q -p no:cacheprovid
   tests/test_piecewise_moe.py; for pw in 256 2048; do python3 \
   scripts/profile_turn.py --prefix 32768 81920 --turn-tokens 512 2048 --no-profile --repeats 3 \
   --engine-arg piecewise_cuda_graph_max_tokens=\$pw; done"
+# Whether cuDNN's ragged attention serves any lengths up to a bucket with one graph (for a
+# dense path for new turns; scripts/probe_cudnn_varlen.py).
+step varlen "${T_VARLEN:-120}" python3 scripts/probe_cudnn_varlen.py
 step moe "${T_MOE:-90}" python3 benchmarks/bench_moe.py --check --sweep --tokens 1 4 16 32
 # The expert-major MoE kernels (grouped_moe): CUDA tests, the layer against the other paths
 # (with --check) and their tile sweep.
