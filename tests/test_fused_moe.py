@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 import torch
-from compile_utils import run_compile_check
+from compile_utils import SM90_HELPERS, run_compile_check
 from moe_utils import NUM_EXPERTS
 from moe_utils import moe_inputs as _inputs
 
@@ -165,34 +165,14 @@ def test_bad_shapes_raise_naming_the_argument():
 
 
 # ---------------------------------------------------------------------------- compiled code
-_COMPILE_CHECK = textwrap.dedent(
+_COMPILE_CHECK = SM90_HELPERS + textwrap.dedent(
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from kvtier.kernels import fused as FK, fused_moe as M
     assert not FK.INTERPRETED
     H, I, K = 2048, 768, 8
 
     def compile_(fn, args, constexprs, num_warps):
-        # As a launch specialises: pointers and ints divisible by 16 get that divisibility,
-        # ints equal to 1 become constants.
-        sig, attrs, consts = {}, {}, dict(constexprs)
-        for name, v in args.items():
-            pos = (fn.arg_names.index(name),)
-            if isinstance(v, str):
-                sig[name] = v
-                attrs[pos] = [["tt.divisibility", 16]]
-            elif v == 1:
-                sig[name], consts[name] = "constexpr", 1
-            else:
-                sig[name] = "i32"
-                if v % 16 == 0:
-                    attrs[pos] = [["tt.divisibility", 16]]
-        sig.update({name: "constexpr" for name in constexprs})
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        options = dict(FK._EXACT, num_warps=num_warps)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm
+        return compile_sm90(fn, args, constexprs, num_warps, **FK._EXACT).asm
 
     def gate_up(tiles):
         args = dict(X="*bf16", W_GATE="*bf16", W_UP="*bf16", IDS="*i64", HOUT="*bf16",

@@ -10,46 +10,16 @@ import textwrap
 
 import pytest
 import torch
-from compile_utils import run_compile_check
+from compile_utils import SM90_HELPERS, run_compile_check
 
-_SPILL_CHECK = textwrap.dedent(
+_SPILL_CHECK = SM90_HELPERS + textwrap.dedent(
     """
-    import os, re, subprocess, tempfile
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
+    import torch
     from kvtier.kernels import attention as A, fused as FK, fused_moe as M, gemv as G
     assert not A.INTERPRETED
 
-    def spill_bytes(fn, args, constexprs, num_warps, num_stages=3, **options):
-        # As a launch specialises: pointers and ints divisible by 16 get that divisibility,
-        # ints equal to 1 become constants.
-        sig, attrs, consts = {}, {}, dict(constexprs)
-        for name, v in args.items():
-            pos = (fn.arg_names.index(name),)
-            if isinstance(v, str):
-                sig[name] = v
-                if v.startswith("*"):
-                    attrs[pos] = [["tt.divisibility", 16]]
-            elif v == 1:
-                sig[name], consts[name] = "constexpr", 1
-            else:
-                sig[name] = "i32"
-                if v % 16 == 0:
-                    attrs[pos] = [["tt.divisibility", 16]]
-        sig.update({name: "constexpr" for name in constexprs})
-        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        options.update(num_warps=num_warps, num_stages=num_stages)
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = os.path.join(tmp, "k.ptx")
-            with open(ptx, "w") as f:
-                f.write(kernel.asm["ptx"])
-            log = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o",
-                                  ptx + ".cubin"], capture_output=True, text=True,
-                                 check=True).stderr
-        return max(int(n) for n in re.findall(r"(\\d+) bytes spill stores", log))
+    def spills(fn, args, constexprs, num_warps, num_stages=3, **options):
+        return spill_bytes(compile_sm90(fn, args, constexprs, num_warps, num_stages, **options))
 
     found = {}
     tiles = A.default_decode_config(128, torch.bfloat16)
@@ -59,7 +29,7 @@ _SPILL_CHECK = textwrap.dedent(
                   num_splits="i32", stride_qb=4096, stride_ob=4096, stride_oh=128,
                   stride_mb=262144, stride_mh=8192, stride_ms=128, stride_lb=2048, stride_lh=64)
     for prefetch in (False, True):
-        found[f"decode stage 1, prefetch {prefetch}"] = spill_bytes(
+        found[f"decode stage 1, prefetch {prefetch}"] = spills(
             A._decode_stage1_kernel, decode, dict(
                 GROUP=8, BLOCK_H=16, HEAD_DIM=128, PAGE_SIZE=64, BLOCK_N=tiles.block_n,
                 SINGLE_SPLIT=False, PREFETCH=prefetch, DOT_PREC="tf32", INTERPRET=False,
@@ -74,19 +44,19 @@ _SPILL_CHECK = textwrap.dedent(
     for name, (n, k) in shapes.items():
         cfg = G.default_config(1, n, k)
         norm = name.startswith("router")
-        found[f"gemv {name}"] = spill_bytes(G._gemv_kernel, gemv, dict(
+        found[f"gemv {name}"] = spills(G._gemv_kernel, gemv, dict(
             BLOCK_T=1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
             USE_DOT=cfg.use_dot, EVEN_K=True, NORM=norm, HAS_RESIDUAL=norm,
             WRITE_NORMED=norm, NORM_BLOCK=2048 if norm else 1, DOT_PRECISION="tf32",
             INTERPRET=False, PDL=True), cfg.num_warps, cfg.num_stages, enable_fp_fusion=True)
     moe = M.default_tiles(1)
     H, I, TOPK = 2048, 768, 8
-    found["moe gate/up"] = spill_bytes(M._gate_up_kernel, dict(
+    found["moe gate/up"] = spills(M._gate_up_kernel, dict(
         X="*bf16", W_GATE="*bf16", W_UP="*bf16", IDS="*i64", HOUT="*bf16", stride_xt=H,
         stride_we=2 * I * H, stride_wn=H, stride_wk=1, stride_ht=I), dict(
         HIDDEN=H, INTER=I, TOPK=TOPK, BLOCK_N=moe["block_n"], BLOCK_K=moe["block_k"],
         INTERPRET=False, PDL=True), moe["num_warps"], **FK._EXACT)
-    found["moe down"] = spill_bytes(M._down_kernel, dict(
+    found["moe down"] = spills(M._down_kernel, dict(
         HIN="*bf16", W2="*bf16", IDS="*i64", TW="*bf16", OUT="*bf16", stride_ht=I,
         stride_we=H * I, stride_wn=I, stride_wk=1, stride_ot=H), dict(
         HIDDEN=H, INTER=I, TOPK=TOPK, BLOCK_H=moe["block_h"], BLOCK_I=moe["block_i"],

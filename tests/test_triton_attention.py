@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-from compile_utils import run_compile_check
+from compile_utils import SM90_HELPERS, run_compile_check
 
 pytest.importorskip("triton")
 
@@ -415,16 +415,12 @@ def test_decode_prefetch_single_split_bitwise(monkeypatch: pytest.MonkeyPatch) -
         assert torch.equal(outs[0], out)
 
 
-_PIPELINE_CHECK = textwrap.dedent(
+_PIPELINE_CHECK = SM90_HELPERS + textwrap.dedent(
     """
-    import os
     import re
-    import subprocess
-    import tempfile
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
     from kvtier.kernels import attention as A
     assert not A.INTERPRETED
@@ -468,7 +464,6 @@ _PIPELINE_CHECK = textwrap.dedent(
     # 128-row tiles (short extends), 256-row tiles split and in one pass (reversed order).
     # Those fill the 255 registers a thread: a spill of a few hundred bytes (a bf16 store in
     # the epilogue did it) cost ~15% on an H200, so it is checked here with ptxas.
-    ptxas = get_ptxas(90).path  # the ptxas Triton itself uses for sm_90
     for ext_len, reverse in ((64, False), (512, False), (4096, True)):
         cfg = A.default_extend_split_config(128, torch.bfloat16, ext_len, 8)
         # One split (the packed one pass): the scratch is [T, Hq, 1, D] / [T, Hq, 1].
@@ -480,13 +475,7 @@ _PIPELINE_CHECK = textwrap.dedent(
             PDL=True, REVERSE=reverse), cfg.num_warps, cfg.num_stages)
         code = kernel.asm["ttgir"]
         assert min(kv_buffers(code)) >= 2, ("split extend", ext_len, kv_buffers(code))
-        with tempfile.TemporaryDirectory() as tmp:
-            ptx = os.path.join(tmp, "k.ptx")
-            with open(ptx, "w") as f:
-                f.write(kernel.asm["ptx"])
-            log = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", ptx + ".cubin"],
-                                 capture_output=True, text=True, check=True).stderr
-        spill = max(int(n) for n in re.findall(r"(\\d+) bytes spill stores", log))
+        spill = spill_bytes(kernel)
         assert spill <= 16, ("split extend spills", ext_len, spill)
     print("ok")
     """

@@ -28,7 +28,6 @@ from kvtier.kernels.attention import (
     decode_attention,
     default_extend_split_config,
     extend_attention,
-    packed_one_pass,
 )
 from kvtier.kernels.dense_attention import (
     DENSE_BLOCK,
@@ -516,15 +515,11 @@ class TritonAttention(AttentionBackend):
             meta.extend_kv_splits = splits
         mid_o = mid_lse = None
         config = self.extend_config
-        if (
-            splits == 1
-            and config is None
-            and packed_one_pass(num_q_heads, k_buf.shape[1])
-            and self._extend_scratch.fits(num_tokens, num_q_heads, head_dim, q.device)
-        ):
+        if splits == 1 and self._extend_scratch.fits(num_tokens, num_q_heads, head_dim, q.device):
             # The packed one pass's float32 results go to the split scratch where it already
             # holds them (a captured short extend then allocates nothing); a long extend gets
-            # them from the call instead of growing the persistent scratch to its size.
+            # them from the call instead of growing the persistent scratch to its size. The
+            # per-head kernel leaves the scratch alone.
             mid_o, mid_lse = self.extend_scratch_views(
                 num_tokens, num_q_heads, head_dim, 1, q.device
             )
