@@ -94,8 +94,8 @@ step pwturns "${T_PWTURNS:-300}" bash -c "python3 -m pytest -q -p no:cacheprovid
   tests/test_piecewise_moe.py; for pw in 256 2048; do python3 \
   scripts/profile_turn.py --prefix 32768 81920 --turn-tokens 512 2048 --no-profile --repeats 3 \
   --engine-arg piecewise_cuda_graph_max_tokens=\$pw; done"
-# Whether cuDNN's ragged attention serves any lengths up to a bucket with one graph (for a
-# dense path for new turns; scripts/probe_cudnn_varlen.py).
+# Whether cuDNN's ragged attention serves any lengths up to a bucket with one graph (run 16: it
+# runs 10-15x slower than the dense kernel; scripts/probe_cudnn_varlen.py).
 step varlen "${T_VARLEN:-120}" python3 scripts/probe_cudnn_varlen.py
 step moe "${T_MOE:-90}" python3 benchmarks/bench_moe.py --check --sweep --tokens 1 4 16 32
 # The expert-major MoE kernels (grouped_moe): CUDA tests, the layer against the other paths
