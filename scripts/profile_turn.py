@@ -10,6 +10,7 @@ of the test suite.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
 
@@ -19,10 +20,47 @@ from torch.profiler import ProfilerActivity, profile
 import kvtier
 
 
+def host_probe() -> str:
+    """This process's host speed, for telling a slow process (a 32K turn at 83-91 ms where
+    others take 50-55; docs/benchmarks.md runs 15-16) from a fast one: the load average, the
+    CPUs it may run on and their mean clock, then the time of a fixed pure-Python loop, of
+    1,000 tiny CPU torch ops and of 1,000 tiny CUDA kernel launches (synchronised)."""
+    load = os.getloadavg()[0]
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = [float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")]
+        clock = f"{sum(mhz) / len(mhz):.0f} MHz" if mhz else "?"
+    except OSError:
+        clock = "?"
+    t = time.perf_counter()
+    acc = 0
+    for i in range(1_000_000):
+        acc += i
+    py_ms = (time.perf_counter() - t) * 1e3
+    x = torch.zeros(1)
+    t = time.perf_counter()
+    for _ in range(1000):
+        x.add_(1)
+    cpu_op_us = (time.perf_counter() - t) * 1e3
+    y = torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(1000):
+        y.add_(1)
+    torch.cuda.synchronize()
+    launch_us = (time.perf_counter() - t) * 1e3
+    return (
+        f"host: load {load:.1f}, {cpus} CPUs at {clock}, python loop {py_ms:.1f} ms, "
+        f"CPU op {cpu_op_us:.2f} us, CUDA launch {launch_us:.2f} us"
+    )
+
+
 def profile_turns(eng, ids, turn_tokens, fresh, sp, args) -> None:
     """Time ``args.repeats`` turns of ``turn_tokens`` fresh tokens after ``ids`` (on the GPU),
     after two warm-up turns; then profile one unless ``args.no_profile``."""
     prefix = len(ids)
+    print(f"prefix {prefix}: {host_probe()}")
     for _ in range(2):  # warm-up turns
         eng.generate(input_ids=ids + fresh(turn_tokens), sampling_params=sp)
     walls = []
