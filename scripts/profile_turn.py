@@ -21,7 +21,7 @@ import kvtier
 
 
 def host_probe() -> str:
-    """This process's host speed, for telling a slow process (a 32K turn at 83-91 ms where
+    """This process's host speed, for telling a slow process (a 32K turn at 83-116 ms where
     others take 50-55; docs/benchmarks.md runs 15-16) from a fast one: the load average, the
     CPUs it may run on and their mean clock, then the time of a fixed pure-Python loop, of
     1,000 tiny CPU torch ops and of 1,000 tiny CUDA kernel launches (synchronised)."""
@@ -38,22 +38,24 @@ def host_probe() -> str:
     for i in range(1_000_000):
         acc += i
     py_ms = (time.perf_counter() - t) * 1e3
-    x = torch.zeros(1)
-    t = time.perf_counter()
-    for _ in range(1000):
-        x.add_(1)
-    cpu_op_us = (time.perf_counter() - t) * 1e3
-    y = torch.zeros(1, device="cuda")
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(1000):
-        y.add_(1)
-    torch.cuda.synchronize()
-    launch_us = (time.perf_counter() - t) * 1e3
+    cpu_op_us = _op_us(torch.zeros(1))
+    launch_us = _op_us(torch.zeros(1, device="cuda"))
     return (
         f"host: load {load:.1f}, {cpus} CPUs at {clock}, python loop {py_ms:.1f} ms, "
         f"CPU op {cpu_op_us:.2f} us, CUDA launch {launch_us:.2f} us"
     )
+
+
+def _op_us(x: torch.Tensor) -> float:
+    """Microseconds a tiny in-place op on ``x`` takes, over 1,000 of them (synchronised on
+    CUDA)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(1000):
+        x.add_(1)
+    sync()
+    return (time.perf_counter() - t) * 1e3
 
 
 def profile_turns(eng, ids, turn_tokens, fresh, sp, args) -> None:
