@@ -20,7 +20,7 @@ import torch
 from model_utils import PagedRunner
 from safetensors.torch import save_file
 
-from kvtier.kernels import gemv
+from kvtier.kernels import gemv, moe_block
 from kvtier.models import (
     ModelConfig,
     ModelConfigError,
@@ -290,7 +290,9 @@ def test_qwen3_moe_bf16_on_cuda_grouped_matches_loop():
 def test_router_norm_in_gemv_matches_separate_kernels_on_cuda(rows: int, monkeypatch):
     # A Qwen3-30B-A3B layer (real shapes, dummy weights, bf16) at decode sizes: at one row the
     # pre-MLP norm runs in the router GEMV's prologue (gemv.use_gemv_norm), against the norm
-    # kernel then the GEMV; at three rows both runs take the separate kernels.
+    # kernel then the GEMV; at three rows both runs take the separate kernels. (The one-kernel
+    # MoE block, which would take the one-row case, is off here: see the next test.)
+    monkeypatch.setattr(moe_block, "ENABLED", False)
     raw = json.loads((BUNDLED_CONFIG_DIR / "Qwen--Qwen3-30B-A3B-Instruct-2507.json").read_text())
     raw["num_hidden_layers"] = 1
     config = ModelConfig.from_hf_dict(raw)
@@ -329,6 +331,40 @@ def test_router_norm_in_gemv_matches_separate_kernels_on_cuda(rows: int, monkeyp
     # The router's norm may add its sum of squares in another order: last bits at most, which
     # can move a near-tied expert choice, so compare the MoE output on the whole.
     assert _rel_err(fused[2].float(), separate[2].float()) < 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moe_block_kernel_matches_chain_in_the_layer_on_cuda(monkeypatch):
+    # A Qwen3-30B-A3B layer (real shapes, dummy weights, bf16) at one token: the MoE half as
+    # one persistent kernel (moe_block) against the chain of kernels it replaces.
+    raw = json.loads((BUNDLED_CONFIG_DIR / "Qwen--Qwen3-30B-A3B-Instruct-2507.json").read_text())
+    raw["num_hidden_layers"] = 1
+    config = ModelConfig.from_hf_dict(raw)
+    resolved = ResolvedModel("qwen3-moe-1-layer", config, None, None, source="bundled")
+    layer = load_model(resolved, "dummy", torch.bfloat16, "cuda", seed=0).decoder_layers[0]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x, residual = (
+        torch.randn(1, config.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
+        for _ in range(2)
+    )
+    calls = []
+    real_block = moe_block.moe_block
+    monkeypatch.setattr(
+        moe_block, "moe_block", lambda *a, **k: calls.append(1) or real_block(*a, **k)
+    )
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return layer.mlp.forward_norm(layer.post_attention_layernorm, x, residual)
+
+    monkeypatch.setattr(moe_block, "ENABLED", True)
+    block = run()
+    monkeypatch.setattr(moe_block, "ENABLED", False)
+    chain = run()
+    assert len(calls) == 1
+    assert torch.equal(block[1], chain[1])
+    assert _rel_err(block[0].float(), chain[0].float()) < 0.01
 
 
 def test_yarn_rope_frequencies_and_attention_factor_match_hf(hf_cases: dict[str, HFCase]):

@@ -286,20 +286,15 @@ if triton is not None:
             tl.store(k_dst + HALF, o2, mask=k_mask)
 
     @triton.jit
-    def _moe_route_kernel(
-        LOGITS, W_OUT, ID_OUT,
-        stride_l, stride_w, stride_id, num_experts,
-        TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+    def route_topk(
+        x, e, num_experts, TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
         BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
-        PDL: tl.constexpr = False,
     ):  # fmt: skip
-        """Program per token: float32 softmax over the experts, then TOP_K rounds of arg-max
-        (ties: lowest expert id), then the optional renormalisation."""
-        pdl_wait(PDL)
-        t = tl.program_id(0).to(tl.int64)
-        e = tl.arange(0, BLOCK_E)
+        """Routing of one token from its float32 logits ``x`` [BLOCK_E] (-inf past
+        ``num_experts``; ``e = arange(BLOCK_E)``): float32 softmax over the experts, then TOP_K
+        rounds of arg-max (ties: lowest expert id), then the optional renormalisation. Returns
+        (float32 weights [BLOCK_K], int64 ids [BLOCK_K]); entries past TOP_K are 0."""
         e_mask = e < num_experts
-        x = tl.load(LOGITS + t * stride_l + e, mask=e_mask, other=-float("inf")).to(tl.float32)
         ex = tl.where(e_mask, _exp(x - tl.max(x, axis=0), INTERPRET), 0.0)
         p = tl.math.div_rn(ex, tl.sum(ex, axis=0))
         p = tl.where(e_mask, p, -1.0)  # probabilities are >= 0: padding is never picked
@@ -317,6 +312,24 @@ if triton is not None:
             p = tl.where(e == idx, -1.0, p)
         if RENORMALIZE:
             w = tl.math.div_rn(w, total)
+        return w, ids
+
+    @triton.jit
+    def _moe_route_kernel(
+        LOGITS, W_OUT, ID_OUT,
+        stride_l, stride_w, stride_id, num_experts,
+        TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr,
+        PDL: tl.constexpr = False,
+    ):  # fmt: skip
+        """Program per token: ``route_topk`` of its logits row."""
+        pdl_wait(PDL)
+        t = tl.program_id(0).to(tl.int64)
+        e = tl.arange(0, BLOCK_E)
+        x = tl.load(LOGITS + t * stride_l + e, mask=e < num_experts,
+                    other=-float("inf")).to(tl.float32)  # fmt: skip
+        w, ids = route_topk(x, e, num_experts, TOP_K, RENORMALIZE, BLOCK_E, BLOCK_K, INTERPRET)
+        kk = tl.arange(0, BLOCK_K)
         k_mask = kk < TOP_K
         tl.store(W_OUT + t * stride_w + kk, _round(w, W_OUT.dtype.element_ty, INTERPRET),
                  mask=k_mask)  # fmt: skip

@@ -139,6 +139,16 @@ if triton is not None:
         return triton.next_power_of_2(n)
 
     @triton.jit
+    def swiglu(gate_sum, up_sum, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+        """``silu(gate) * up`` in ``dtype`` from the float32 gate and up dot products, rounded
+        where the torch path rounds: the first GEMM's output dtype, then F.silu (float32,
+        rounded) and the rounded product."""
+        gate = _round(gate_sum, dtype, INTERPRET).to(tl.float32)
+        up = _round(up_sum, dtype, INTERPRET).to(tl.float32)
+        act = _round(tl.math.div_rn(gate, 1.0 + _exp(-gate, INTERPRET)), dtype, INTERPRET)
+        return _round(act.to(tl.float32) * up, dtype, INTERPRET)
+
+    @triton.jit
     def _tile(ptrs, mask, cols, N_COLS: tl.constexpr, stride_c):
         """Columns ``cols`` of the rows at ``ptrs`` (broadcast against each other), 0 where
         ``mask`` is off or past N_COLS: a tile wholly past N_COLS reads no memory."""
@@ -179,12 +189,8 @@ if triton is not None:
                          other=0.0).to(tl.float32)[None, :]
             acc_g += g.to(tl.float32) * xv
             acc_u += u.to(tl.float32) * xv
-        dtype = HOUT.dtype.element_ty
-        # The first GEMM's output dtype, then F.silu (float32, rounded) and the rounded product.
-        gate = _round(tl.sum(acc_g, axis=1), dtype, INTERPRET).to(tl.float32)
-        up = _round(tl.sum(acc_u, axis=1), dtype, INTERPRET).to(tl.float32)
-        act = _round(tl.math.div_rn(gate, 1.0 + _exp(-gate, INTERPRET)), dtype, INTERPRET)
-        h = _round(act.to(tl.float32) * up, dtype, INTERPRET)
+        h = swiglu(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), HOUT.dtype.element_ty,
+                   INTERPRET)
         tl.store(HOUT + pair * stride_ht + rows, h, mask=row_mask)
 
     @triton.jit
@@ -204,19 +210,33 @@ if triton is not None:
                       HIDDEN, INTER, BLOCK_N, BLOCK_K, INTERPRET)
 
     @triton.jit
-    def _down_token(
-        HIN, W2, OUT, tok, ids, weights,
+    def down_first_tile(
+        W2, ids, rows, stride_we, stride_wn, stride_wk,
+        HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        """The first [BLOCK_S, BLOCK_H, BLOCK_I] tile of ``down_rows``: columns [0, BLOCK_I) of
+        output rows ``rows`` [BLOCK_H] of each slot's expert ``ids`` [BLOCK_S] (weights only,
+        so it may be loaded before the wait for h)."""
+        slots = tl.arange(0, BLOCK_S)
+        w_rows = (W2 + ids[:, None, None] * stride_we
+                  + rows.to(tl.int64)[None, :, None] * stride_wn)
+        mask = (slots < TOPK)[:, None, None] & (rows < HIDDEN)[None, :, None]
+        return _tile(w_rows, mask, tl.arange(0, BLOCK_I)[None, None, :], INTER, stride_wk)
+
+    @triton.jit
+    def down_rows(
+        HIN, W2, OUT, tok, ids, weights, rows, w_next,
         stride_ht, stride_we, stride_wn, stride_wk, stride_ot,
         HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_S: tl.constexpr,
-        INTERPRET: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr,
+        H_CACHE: tl.constexpr,
     ):
-        """[BLOCK_H] output rows of token ``tok``: ``sum_j weights[j] * (h[tok, j] @ W2[ids[j],
-        rows].T)``, all TOPK slots at once ([BLOCK_S, BLOCK_H, BLOCK_I] tiles, one expert per
-        slot). ``ids`` / ``weights`` [BLOCK_S] (float32 weights already rounded to the output
-        dtype, as moe_route returns them). Issues the first tile of every slot's expert, then
-        waits for the previous kernel (the gate/up kernel, whose output h is)."""
-        rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        """Output rows ``rows`` [BLOCK_H] of token ``tok``: ``sum_j weights[j] * (h[tok, j] @
+        W2[ids[j], rows].T)``, all TOPK slots at once ([BLOCK_S, BLOCK_H, BLOCK_I] tiles, one
+        expert per slot). ``ids`` / ``weights`` [BLOCK_S] (float32 weights already rounded to
+        the output dtype, as moe_route returns them); ``w_next``: ``down_first_tile``. h is
+        loaded with cache modifier ``H_CACHE``."""
         row_mask = rows < HIDDEN
         slots = tl.arange(0, BLOCK_S)
         w_rows = (W2 + ids[:, None, None] * stride_we
@@ -226,17 +246,15 @@ if triton is not None:
         # addresses), as gemv loads x: in the weight tile's own register layout.
         h_rows = HIN + ((tok * TOPK + slots) * stride_ht)[:, None, None] + (rows * 0)[None, :, None]
         cols = tl.arange(0, BLOCK_I)[None, None, :]
-        # Before the wait: the first I tile of all TOPK experts (weights only).
-        w_next = _tile(w_rows, mask, cols, INTER, stride_wk)
-        _pdl_wait(PDL)
         # One float32 accumulator per (slot, row, column), reduced over I once after the loop.
-        acc = tl.zeros([BLOCK_S, BLOCK_H, BLOCK_I], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_S, rows.shape[0], BLOCK_I], dtype=tl.float32)
         # The next I tile's loads before this one's products (two tiles a slot in flight);
         # the last step's "next" tile lies past INTER: fully masked, no reads.
         for i0 in range(0, INTER, BLOCK_I):
             w = w_next
             w_next = _tile(w_rows, mask, i0 + BLOCK_I + cols, INTER, stride_wk)
-            hv = _tile(h_rows, mask, i0 + cols, INTER, 1)
+            hv = tl.load(h_rows + i0 + cols, mask=mask & (i0 + cols < INTER), other=0.0,
+                         cache_modifier=H_CACHE)
             acc += w.to(tl.float32) * hv.to(tl.float32)
         dtype = OUT.dtype.element_ty
         # The second GEMM's output dtype; the combine then accumulates in float32 in slot order
@@ -244,7 +262,7 @@ if triton is not None:
         # exact (a -0.0 term comes out +0.0, and out, which starts at +0.0, never holds -0.0,
         # so out + (-0.0) and out + 0.0 agree).
         wy = weights[:, None] * _round(tl.sum(acc, axis=2), dtype, INTERPRET).to(tl.float32)
-        out = tl.zeros([BLOCK_H], dtype=tl.float32)
+        out = tl.zeros([rows.shape[0]], dtype=tl.float32)
         for j in tl.static_range(TOPK):
             out = out + tl.sum(tl.where(slots[:, None] == j, wy, 0.0), axis=0)
         tl.store(OUT + tok * stride_ot + rows, _round(out, dtype, INTERPRET), mask=row_mask)
@@ -265,9 +283,14 @@ if triton is not None:
         s_mask = slots < TOPK
         ids = tl.load(IDS + tok * TOPK + slots, mask=s_mask, other=0).to(tl.int64)
         weights = tl.load(TW + tok * TOPK + slots, mask=s_mask, other=0.0).to(tl.float32)
-        _down_token(HIN, W2, OUT, tok, ids, weights,
-                    stride_ht, stride_we, stride_wn, stride_wk, stride_ot,
-                    HIDDEN, INTER, TOPK, BLOCK_H, BLOCK_I, BLOCK_S, INTERPRET, PDL)
+        rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        # Before the wait: the first I tile of all TOPK experts (weights only).
+        w_first = down_first_tile(W2, ids, rows, stride_we, stride_wn, stride_wk,
+                                  HIDDEN, INTER, TOPK, BLOCK_I, BLOCK_S)
+        _pdl_wait(PDL)
+        down_rows(HIN, W2, OUT, tok, ids, weights, rows, w_first,
+                  stride_ht, stride_we, stride_wn, stride_wk, stride_ot,
+                  HIDDEN, INTER, TOPK, BLOCK_I, BLOCK_S, INTERPRET, "")
 # fmt: on
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvtier.kernels import fused, fused_moe, gemv, grouped_moe
+from kvtier.kernels import fused, fused_moe, gemv, grouped_moe, moe_block
 from kvtier.models.config import ModelConfig, RopeScaling
 from kvtier.runner.forward_batch import ForwardBatch
 
@@ -373,7 +373,18 @@ class SparseMoeBlock(nn.Module):
         self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(forward(norm(x + residual)), x + residual)``: the norm goes with the router
-        projection (``normed_linear``), which also hands the normed rows to the experts."""
+        projection (``normed_linear``), which also hands the normed rows to the experts. One
+        token on CUDA in bf16 takes the whole block as one persistent kernel instead
+        (``moe_block``), unless a test pinned the experts' path."""
+        if (
+            residual is not None
+            and self.experts.use_grouped_mm is None
+            and moe_block.use_moe_block(x, self.experts.num_experts, self.top_k)
+        ):
+            return moe_block.moe_block(
+                x, residual, norm.weight, norm.eps, self.gate.weight, self.experts.w13,
+                self.experts.w2, self.top_k, self.norm_topk_prob,
+            )  # fmt: skip
         logits, residual, normed = normed_linear(
             norm, x, residual, self.gate.weight, want_normed=True
         )
