@@ -131,10 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         ms = time_graph(run, args.repeats)
         us = statistics.median(ms) * 1e3 / args.layers
         gbps = layer_bytes / (us * 1e-6) / 1e9
-        rows.append({"variant": name, "us_per_layer": us, "gbps": gbps, "ratio": gbps / rate})
+        rows.append(
+            {"variant": name, "tiles": cfg and cfg[0], "phased": bool(cfg and cfg[1]),
+             "us_per_layer": us, "gbps": gbps, "ratio": gbps / rate}
+        )  # fmt: skip
         print(f"{name:40s} {us:7.2f} us/layer  {gbps:6.0f} GB/s  {gbps / rate:.3f}  {check}")
     errors = moe_block.sync_errors(torch.device("cuda", torch.cuda.current_device()))
     print(f"barrier give-ups: {errors}")
+    print("programs a SM that fit, by launch config:")
+    for key, fits in moe_block._RESIDENT.items():
+        print(f"  {fits}: {dict(k for k in key[2:] if isinstance(k, tuple))}")
     if args.out:
         write_json(args.out, {"meta": run_metadata(), "copy_gbps": rate, "rows": rows,
                               "sync_errors": errors})  # fmt: skip

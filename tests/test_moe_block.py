@@ -47,6 +47,16 @@ def _bf16_ulp(v: torch.Tensor) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(a)) - 7)
 
 
+def _chain(args, top_k):
+    """The kernels the model runs without moe_block: gemv with the norm prologue, moe_route,
+    fused_moe_small."""
+    h, normed = torch.empty_like(args["x"]), torch.empty_like(args["x"])
+    prologue = gemv.NormPrologue(args["norm_weight"], args["eps"], args["residual"], h, normed)
+    logits = gemv.gemv(args["x"], args["router_weight"], norm=prologue)
+    weights, ids = fused.moe_route(logits, top_k, True, out_dtype=args["x"].dtype)
+    return fused_moe.fused_moe_small(normed, args["w13"], args["w2"], ids, weights), h
+
+
 @pytest.mark.parametrize(("hidden", "experts", "inter", "k"), [(40, 8, 24, 3), (64, 12, 16, 4)])
 def test_float32_matches_reference(hidden, experts, inter, k):
     args = _inputs(hidden, experts, inter, torch.float32, seed=hidden)
@@ -72,12 +82,8 @@ def test_same_as_chain_of_kernels_in_interpreter():
     # fused_moe_small. The same roundings, so on the CPU the same bits.
     args = _inputs(48, 8, 16, torch.bfloat16, seed=7)
     out, h = run_block(**args, top_k=2, renormalize=True, num_programs=4, **SMALL_TILES)
-    res_out, normed = torch.empty_like(args["x"]), torch.empty_like(args["x"])
-    prologue = gemv.NormPrologue(args["norm_weight"], 1e-6, args["residual"], res_out, normed)
-    logits = gemv.gemv(args["x"], args["router_weight"], norm=prologue)
-    weights, ids = fused.moe_route(logits, 2, True, out_dtype=torch.bfloat16)
-    chain = fused_moe.fused_moe_small(normed, args["w13"], args["w2"], ids, weights)
-    assert torch.equal(h, res_out)
+    chain, chain_h = _chain(args, 2)
+    assert torch.equal(h, chain_h)
     assert torch.equal(out, chain)
 
 
@@ -92,6 +98,8 @@ def test_bad_arguments_are_named():
                   renormalize=True)  # fmt: skip
     with pytest.raises(ValueError, match=r"moe_block: top_k must be in \[1, 8\], got 9"):
         run_block(**args, top_k=9, renormalize=True)
+    with pytest.raises(ValueError, match="moe_block: num_programs must be >= 1, got 0"):
+        run_block(**args, top_k=2, renormalize=True, num_programs=0)
     with pytest.raises(ValueError, match=r"moe_block: unknown tiles \['block_q'\]"):
         run_block(**args, top_k=2, renormalize=True, block_q=4)
 
@@ -136,17 +144,20 @@ print("ok")
 
 # ---------------------------------------------------------------------------- CUDA
 @CUDA
-def test_one_launch_equals_three_and_chain_at_model_shapes():
+@pytest.mark.parametrize("tiles", [{}, {"programs_per_sm": 2, "num_warps": 4}])
+def test_one_launch_equals_three_and_chain_at_model_shapes(tiles):
     args = _inputs(2048, 128, 768, torch.bfloat16, seed=11)
     device = args["x"].device
     errors = moe_block.sync_errors(device)
-    one, h1 = run_block(**args, top_k=8, renormalize=True)
-    three, h3 = run_block(**args, top_k=8, renormalize=True, phased=True)
+    one, h1 = run_block(**args, top_k=8, renormalize=True, **tiles)
+    three, h3 = run_block(**args, top_k=8, renormalize=True, phased=True, **tiles)
     assert torch.equal(one, three) and torch.equal(h1, h3)
-    ref, ref_h = moe_block_ref(**args, top_k=8, renormalize=True)
-    assert torch.equal(h1, ref_h)
-    err = (one.float() - ref.float()).abs() / _bf16_ulp(ref)
-    assert err.max().item() <= 4.0, err.max().item()
+    chain, chain_h = _chain(args, 8)
+    assert torch.equal(h1, chain_h)
+    # The router's logits are one dot product here and split-K partials in gemv: a last-bit
+    # difference can move an output by an ulp or two, or (never seen) swap a near-tied expert.
+    err = (one.float() - chain.float()).abs() / _bf16_ulp(chain)
+    assert err.max().item() <= 2.0, err.max().item()
     assert moe_block.sync_errors(device) == errors
 
 

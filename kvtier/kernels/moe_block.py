@@ -258,7 +258,9 @@ if triton is not None:
 
 
 # ---------------------------------------------------------------------------- host side
-DEFAULT_TILES = {"block_r": 1, "block_n": 4, "block_h": 8, "block_i": 128, "num_warps": 8}
+DEFAULT_TILES = {
+    "block_r": 1, "block_n": 4, "block_h": 8, "block_i": 128, "num_warps": 8, "programs_per_sm": 1,
+}  # fmt: skip
 # Polls of a barrier's counter before the launch gives up on it (about a second on an H200).
 SPIN_LIMIT = 1 << 20
 
@@ -296,6 +298,27 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _resident_per_sm(key: tuple, compile_kernel, num_warps: int, device_index: int) -> int:
+    """How many programs of the compiled kernel fit on one SM at once (registers, threads,
+    shared memory): the barriers need every program of the grid resident."""
+    if key not in _RESIDENT:
+        kernel = compile_kernel()
+        kernel._init_handles()
+        props = torch.cuda.get_device_properties(device_index)
+        threads = 32 * num_warps
+        # Registers are allocated per warp in blocks of 256.
+        regs_per_warp = -(-kernel.n_regs * 32 // 256) * 256
+        by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * num_warps)
+        by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // threads
+        smem = max(int(kernel.metadata.shared), 1)
+        by_smem = getattr(props, "shared_memory_per_multiprocessor", 233472) // smem
+        _RESIDENT[key] = max(min(by_regs, by_threads, by_smem, 32), 1)
+    return _RESIDENT[key]
+
+
 def moe_block(
     x: torch.Tensor,
     residual: torch.Tensor,
@@ -316,8 +339,10 @@ def moe_block(
     ``router_weight`` [E, H], ``w13`` [E, 2I, H], ``w2`` [E, H, I].
 
     One persistent launch with grid-wide barriers, or with ``phased`` (always in Triton's
-    interpreter) three launches, one per phase. ``num_programs`` (default: the SM count, or 4
-    in the interpreter) and ``tiles`` (``DEFAULT_TILES``' keys) are for tests and sweeps.
+    interpreter) three launches, one per phase. ``num_programs`` (default: ``programs_per_sm``
+    a SM, fewer if fewer fit at once; 4 in the interpreter) and ``tiles`` (``DEFAULT_TILES``'
+    keys) are for tests and sweeps: a ``num_programs`` too large for the whole grid to be
+    resident at once counts barrier give-ups (``sync_errors``) and gives wrong outputs.
     ValueError names an argument that does not fit.
     """
     what = "moe_block"
@@ -341,6 +366,8 @@ def moe_block(
         raise ValueError(f"{what}: top_k must be in [1, {num_experts}], got {top_k}")
     if hidden > MAX_HIDDEN:
         raise ValueError(f"{what}: hidden size {hidden} is over MAX_HIDDEN ({MAX_HIDDEN})")
+    if num_programs is not None and num_programs < 1:
+        raise ValueError(f"{what}: num_programs must be >= 1, got {num_programs}")
     unknown = set(tiles) - set(DEFAULT_TILES)
     if unknown:
         raise ValueError(f"{what}: unknown tiles {sorted(unknown)}")
@@ -353,8 +380,8 @@ def moe_block(
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
     interpreted = fused.INTERPRETED
-    if num_programs is None:
-        num_programs = 4 if interpreted or not x.is_cuda else _num_sms(x.device.index or 0)
+    if num_programs is None and (interpreted or not x.is_cuda):
+        num_programs = 4
     block_hid = triton.next_power_of_2(hidden)
     common = dict(
         HIDDEN=hidden, INTER=inter, TOPK=top_k, RENORMALIZE=bool(renormalize),
@@ -372,10 +399,23 @@ def moe_block(
         w2.stride(0), w2.stride(1), w2.stride(2),
     )  # fmt: skip
     if phased or interpreted:
+        if num_programs is None:
+            num_programs = _num_sms(x.device.index or 0) * cfg["programs_per_sm"]
         for phase in (1, 2, 3):
             _moe_block_kernel[(num_programs,)](*args, PHASE=phase, **common)
-    else:
-        _moe_block_kernel[(num_programs,)](*args, PHASE=0, **common, **fused.pdl_options(x.device))
+        return out, res_out
+    launch = {**common, "PHASE": 0, **fused.pdl_options(x.device)}
+    if num_programs is None:
+        index = x.device.index or 0
+        key = (index, x.dtype, *sorted((k, v) for k, v in common.items()))
+        fits = _resident_per_sm(
+            key,
+            lambda: _moe_block_kernel.warmup(*args, grid=(1,), **launch),
+            cfg["num_warps"],
+            index,
+        )
+        num_programs = _num_sms(index) * min(cfg["programs_per_sm"], fits)
+    _moe_block_kernel[(num_programs,)](*args, **launch)
     return out, res_out
 
 
