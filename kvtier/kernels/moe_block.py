@@ -48,8 +48,18 @@ layer's launch, which run one after another on one stream; two launches on concu
 would mix it. It is allocated on first use and refused during CUDA graph capture (run the
 shape once first, as the warm-up does).
 
-Use: ``SparseMoeBlock.forward_norm`` takes it where ``use_moe_block`` says: one token, bf16 on
-CUDA, ``KVTIER_MOE_BLOCK`` not "0" at import.
+Measured (H200, run 17 in docs/benchmarks.md; ``benchmarks/bench_moe_block.py``, CUDA-graph
+replays of 8 Qwen3-30B-A3B layers, 76.0 MB of weights a layer): correct (bitwise the chain's
+output, no barrier given up) but slower. The chain took 31.5 us a layer (0.56 of the copy rate);
+this kernel 36.95 at best (two programs of four warps a SM, 0.48), 45.1 at one program of eight
+warps; in the engine a batch-1 step took 3.35 ms against 2.83. Its three phases as three
+launches took 41.2 us: the barriers cost less than the kernel boundaries they replace, but one
+or two programs a SM, holding their tiles in registers, keep too few bytes in flight to stream
+the experts as fast as the chain's many short programs. A persistent kernel would need
+asynchronous copies into shared memory (cp.async / TMA) to keep ~100 KB a SM in flight.
+
+Use: off by default. ``KVTIER_MOE_BLOCK=1`` at import makes ``SparseMoeBlock.forward_norm``
+take it where ``use_moe_block`` says: one token, bf16 on CUDA.
 """
 
 from __future__ import annotations
@@ -64,7 +74,8 @@ from kvtier.kernels import fused, fused_moe
 triton = fused.triton
 tl = fused.tl
 
-ENABLED: bool = triton is not None and os.environ.get("KVTIER_MOE_BLOCK", "1") != "0"
+# Off by default: on an H200 it lost to the chain of kernels it replaces (run 17, below).
+ENABLED: bool = triton is not None and os.environ.get("KVTIER_MOE_BLOCK", "0") == "1"
 # Widest hidden size a program holds as one row (the normed row and the gate/up tiles).
 MAX_HIDDEN = 8192
 # SYNC's layout: the barriers' arrival counters, then the exit counter, then the error count.

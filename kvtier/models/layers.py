@@ -373,9 +373,10 @@ class SparseMoeBlock(nn.Module):
         self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(forward(norm(x + residual)), x + residual)``: the norm goes with the router
-        projection (``normed_linear``), which also hands the normed rows to the experts. One
-        token on CUDA in bf16 takes the whole block as one persistent kernel instead
-        (``moe_block``), unless a test pinned the experts' path."""
+        projection (``normed_linear``), which also hands the normed rows to the experts. With
+        ``KVTIER_MOE_BLOCK=1`` one token on CUDA in bf16 takes the whole block as one persistent
+        kernel instead (``moe_block``; off by default: slower), unless a test pinned the
+        experts' path."""
         if (
             residual is not None
             and self.experts.use_grouped_mm is None
