@@ -256,16 +256,25 @@ if triton is not None:
             hv = tl.load(h_rows + i0 + cols, mask=mask & (i0 + cols < INTER), other=0.0,
                          cache_modifier=H_CACHE)
             acc += w.to(tl.float32) * hv.to(tl.float32)
-        dtype = OUT.dtype.element_ty
-        # The second GEMM's output dtype; the combine then accumulates in float32 in slot order
-        # (bmm). Slot j's row is picked by a sum over the slot axis whose other terms are 0:
-        # exact (a -0.0 term comes out +0.0, and out, which starts at +0.0, never holds -0.0,
-        # so out + (-0.0) and out + 0.0 agree).
+        out = down_combine(acc, weights, OUT.dtype.element_ty, TOPK, BLOCK_S, INTERPRET)
+        tl.store(OUT + tok * stride_ot + rows, out, mask=row_mask)
+
+    @triton.jit
+    def down_combine(acc, weights, dtype: tl.constexpr, TOPK: tl.constexpr,
+                     BLOCK_S: tl.constexpr, INTERPRET: tl.constexpr):
+        """The token's output rows in ``dtype`` from the float32 partial products ``acc``
+        [BLOCK_S, BLOCK_H, BLOCK_I] of its slots' down projections: each slot's sum rounded to
+        the second GEMM's output dtype, then ``sum_j weights[j] * y_j`` accumulated in float32
+        in slot order (bmm) and rounded once."""
+        slots = tl.arange(0, BLOCK_S)
+        # Slot j's row is picked by a sum over the slot axis whose other terms are 0: exact (a
+        # -0.0 term comes out +0.0, and out, which starts at +0.0, never holds -0.0, so
+        # out + (-0.0) and out + 0.0 agree).
         wy = weights[:, None] * _round(tl.sum(acc, axis=2), dtype, INTERPRET).to(tl.float32)
-        out = tl.zeros([rows.shape[0]], dtype=tl.float32)
+        out = tl.zeros([acc.shape[1]], dtype=tl.float32)
         for j in tl.static_range(TOPK):
             out = out + tl.sum(tl.where(slots[:, None] == j, wy, 0.0), axis=0)
-        tl.store(OUT + tok * stride_ot + rows, _round(out, dtype, INTERPRET), mask=row_mask)
+        return _round(out, dtype, INTERPRET)
 
     @triton.jit
     def _down_kernel(
