@@ -183,82 +183,14 @@ if triton is not None:
         return gate, up
 
     @triton.jit
-    def _gate_up_streamed(W13, XN, HACT, ids, pid, nprog, n_items, stride_we, stride_wn,
-                          dtype: tl.constexpr, INTER: tl.constexpr, HIDDEN: tl.constexpr,
-                          TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_S: tl.constexpr, STAGES: tl.constexpr,
-                          INTERPRET: tl.constexpr):
-        """The gate/up phase as one loop over this program's (item, K chunk) steps, which
-        Triton pipelines STAGES deep with asynchronous copies into shared memory (the loop
-        runs on across items, so the copies never drain between them). x comes from XN."""
-        K_STEPS: tl.constexpr = (HIDDEN + BLOCK_K - 1) // BLOCK_K
-        mine = tl.cdiv(tl.maximum(n_items - pid, 0), nprog)
-        slots = tl.arange(0, BLOCK_S)
-        k_cols = tl.arange(0, BLOCK_K)
-        acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for step in tl.range(0, mine * K_STEPS, num_stages=STAGES):
-            item = pid + (step // K_STEPS) * nprog
-            kk = step % K_STEPS
-            slot = item % TOPK
-            expert = tl.sum(tl.where(slots == slot, ids, 0), axis=0)
-            rows = (item // TOPK) * BLOCK_N + tl.arange(0, BLOCK_N)
-            cols = kk * BLOCK_K + k_cols
-            mask = (rows < INTER)[:, None] & (cols < HIDDEN)[None, :]
-            ptrs = (W13 + expert * stride_we + rows.to(tl.int64)[:, None] * stride_wn
-                    + cols[None, :])
-            gate = tl.load(ptrs, mask=mask, other=0.0)
-            up = tl.load(ptrs + INTER * stride_wn, mask=mask, other=0.0)
-            x = tl.load(XN + cols, mask=cols < HIDDEN, other=0.0).to(tl.float32)[None, :]
-            acc_g = tl.where(kk == 0, 0.0, acc_g) + gate.to(tl.float32) * x
-            acc_u = tl.where(kk == 0, 0.0, acc_u) + up.to(tl.float32) * x
-            if kk == K_STEPS - 1:
-                h = fused_moe.swiglu(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), dtype,
-                                     INTERPRET)
-                tl.store(HACT + slot * INTER + rows, h, mask=rows < INTER)
-
-    @triton.jit
-    def _down_streamed(HACT, W2, OUT, ids, weights, pid, nprog, n_items,
-                       stride_we, stride_wn, stride_wk, dtype: tl.constexpr,
-                       HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_S: tl.constexpr,
-                       STAGES: tl.constexpr, INTERPRET: tl.constexpr):
-        """The down phase as one pipelined loop over this program's (item, I chunk) steps, as
-        ``_gate_up_streamed``; fused_moe's combine at each item's last step."""
-        I_STEPS: tl.constexpr = (INTER + BLOCK_I - 1) // BLOCK_I
-        mine = tl.cdiv(tl.maximum(n_items - pid, 0), nprog)
-        slots = tl.arange(0, BLOCK_S)
-        i_cols = tl.arange(0, BLOCK_I)
-        h_rows = tl.arange(0, BLOCK_H)
-        acc = tl.zeros([BLOCK_S, BLOCK_H, BLOCK_I], dtype=tl.float32)
-        for step in tl.range(0, mine * I_STEPS, num_stages=STAGES):
-            item = pid + (step // I_STEPS) * nprog
-            ii = step % I_STEPS
-            rows = item * BLOCK_H + h_rows
-            cols = ii * BLOCK_I + i_cols
-            mask = ((slots < TOPK)[:, None, None] & (rows < HIDDEN)[None, :, None]
-                    & (cols < INTER)[None, None, :])
-            w = tl.load(W2 + ids[:, None, None] * stride_we
-                        + rows.to(tl.int64)[None, :, None] * stride_wn
-                        + cols[None, None, :] * stride_wk, mask=mask, other=0.0)
-            # h's rows in the weight tile's layout (every output row the same addresses).
-            hv = tl.load(HACT + slots[:, None, None] * INTER + (rows * 0)[None, :, None]
-                         + cols[None, None, :], mask=mask, other=0.0, cache_modifier=".cg")
-            acc = tl.where(ii == 0, 0.0, acc) + w.to(tl.float32) * hv.to(tl.float32)
-            if ii == I_STEPS - 1:
-                out = fused_moe.down_combine(acc, weights, dtype, TOPK, BLOCK_S, INTERPRET)
-                tl.store(OUT + rows, out, mask=rows < HIDDEN)
-
-    @triton.jit
     def _moe_block_kernel(
-        ATT, RES, NW, RW, W13, W2, OUT, RES_OUT, LOGITS, HACT, XN, SYNC,
+        ATT, RES, NW, RW, W13, W2, OUT, RES_OUT, LOGITS, HACT, SYNC,
         n_f, inv_n, eps, num_experts,
         stride_re, stride_we, stride_wn, stride_w2e, stride_w2n, stride_w2k,
         HIDDEN: tl.constexpr, INTER: tl.constexpr, TOPK: tl.constexpr,
         RENORMALIZE: tl.constexpr, BLOCK_HID: tl.constexpr, BLOCK_E: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_I: tl.constexpr, STAGES: tl.constexpr,
-        PHASE: tl.constexpr, SPIN_LIMIT: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_I: tl.constexpr, PHASE: tl.constexpr, SPIN_LIMIT: tl.constexpr,
         INTERPRET: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """Grid: (programs,), at most one a SM when PHASE is 0 (all phases, with barriers);
@@ -298,14 +230,7 @@ if triton is not None:
         if PHASE == 0 or PHASE == 2 or PHASE == 3:
             weights, ids = _route(LOGITS, num_experts, dtype, TOPK, RENORMALIZE, BLOCK_E,
                                   BLOCK_S, INTERPRET)
-        if (PHASE == 0 or PHASE == 2) and STAGES > 0:
-            # Every program stores the same normed row: the loop below streams x from it.
-            tl.store(XN + cols, xn, mask=c_mask)
-            tl.debug_barrier()
-            _gate_up_streamed(W13, XN, HACT, ids, pid, nprog, TOPK * tl.cdiv(INTER, BLOCK_N),
-                              stride_we, stride_wn, dtype, INTER, HIDDEN, TOPK, BLOCK_N,
-                              BLOCK_K, BLOCK_S, STAGES, INTERPRET)
-        if (PHASE == 0 or PHASE == 2) and STAGES == 0:
+        if PHASE == 0 or PHASE == 2:
             n_gu = TOPK * tl.cdiv(INTER, BLOCK_N)
             g_next, u_next = _gate_up_tiles(W13, ids, pid, n_gu, stride_we, stride_wn, INTER,
                                             HIDDEN, TOPK, BLOCK_N, BLOCK_HID, BLOCK_S)
@@ -321,13 +246,7 @@ if triton is not None:
                                      tl.sum(up.to(tl.float32) * x_row, axis=1), dtype,
                                      INTERPRET)
                 tl.store(HACT + (item % TOPK) * INTER + rows, h, mask=rows < INTER)
-        if (PHASE == 0 or PHASE == 3) and STAGES > 0:
-            if PHASE == 0:
-                _grid_sync(SYNC, 1, nprog, SPIN_LIMIT)
-            _down_streamed(HACT, W2, OUT, ids, weights, pid, nprog, tl.cdiv(HIDDEN, BLOCK_H),
-                           stride_w2e, stride_w2n, stride_w2k, dtype, HIDDEN, INTER, TOPK,
-                           BLOCK_H, BLOCK_I, BLOCK_S, STAGES, INTERPRET)
-        if (PHASE == 0 or PHASE == 3) and STAGES == 0:
+        if PHASE == 0 or PHASE == 3:
             n_down = tl.cdiv(HIDDEN, BLOCK_H)
             rows = pid * BLOCK_H + tl.arange(0, BLOCK_H)
             w_first = fused_moe.down_first_tile(W2, ids, rows, stride_w2e, stride_w2n,
@@ -351,26 +270,19 @@ if triton is not None:
 
 # ---------------------------------------------------------------------------- host side
 DEFAULT_TILES = {
-    "block_r": 1, "block_n": 4, "block_k": 512, "block_h": 8, "block_i": 128, "stages": 0,
-    "num_warps": 8, "programs_per_sm": 1,
+    "block_r": 1, "block_n": 4, "block_h": 8, "block_i": 128, "num_warps": 8, "programs_per_sm": 1,
 }  # fmt: skip
 # Polls of a barrier's counter before the launch gives up on it (about a second on an H200).
 SPIN_LIMIT = 1 << 20
 
-_SCRATCH: dict[tuple, tuple[torch.Tensor, ...]] = {}
+_SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 def _scratch(
-    device: torch.device,
-    num_experts: int,
-    top_k: int,
-    inter: int,
-    hidden: int,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, ...]:
-    """(logits [E] float32, h [k, I], the normed row [H], SYNC int32) for a launch; see the
-    module docstring."""
-    key = (device, num_experts, top_k, inter, hidden, dtype)
+    device: torch.device, num_experts: int, top_k: int, inter: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [E] float32, h [k, I], SYNC int32) for a launch; see the module docstring."""
+    key = (device, num_experts, top_k, inter, dtype)
     entry = _SCRATCH.get(key)
     if entry is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -381,7 +293,6 @@ def _scratch(
         entry = (
             torch.empty(num_experts, dtype=torch.float32, device=device),
             torch.empty(top_k, inter, dtype=dtype, device=device),
-            torch.empty(hidden, dtype=dtype, device=device),
             torch.zeros(_ERRORS + 1, dtype=torch.int32, device=device),
         )
         _SCRATCH[key] = entry
@@ -390,7 +301,7 @@ def _scratch(
 
 def sync_errors(device: torch.device) -> int:
     """Barriers given up on (a spin past SPIN_LIMIT) by every launch on ``device`` so far."""
-    return sum(int(e[-1][_ERRORS]) for key, e in _SCRATCH.items() if key[0] == device)
+    return sum(int(e[2][_ERRORS]) for key, e in _SCRATCH.items() if key[0] == device)
 
 
 @functools.cache
@@ -476,7 +387,7 @@ def moe_block(
     residual = residual.contiguous()
     norm_weight = norm_weight.contiguous()
     router_weight = router_weight.contiguous()
-    logits, hact, xn, sync = _scratch(x.device, num_experts, top_k, inter, hidden, x.dtype)
+    logits, hact, sync = _scratch(x.device, num_experts, top_k, inter, x.dtype)
     out = torch.empty_like(x)
     res_out = torch.empty_like(x)
     interpreted = fused.INTERPRETED
@@ -487,14 +398,13 @@ def moe_block(
         HIDDEN=hidden, INTER=inter, TOPK=top_k, RENORMALIZE=bool(renormalize),
         BLOCK_HID=block_hid, BLOCK_E=triton.next_power_of_2(num_experts),
         BLOCK_R=cfg["block_r"], BLOCK_N=min(cfg["block_n"], triton.next_power_of_2(inter)),
-        BLOCK_K=min(cfg["block_k"], block_hid), STAGES=cfg["stages"],
         BLOCK_H=min(cfg["block_h"], block_hid),
         BLOCK_I=min(cfg["block_i"], triton.next_power_of_2(inter)),
         SPIN_LIMIT=SPIN_LIMIT, INTERPRET=interpreted, num_warps=cfg["num_warps"],
         **fused._EXACT,
     )  # fmt: skip
     args = (
-        x, residual, norm_weight, router_weight, w13, w2, out, res_out, logits, hact, xn, sync,
+        x, residual, norm_weight, router_weight, w13, w2, out, res_out, logits, hact, sync,
         float(hidden), fused._inv(hidden), float(eps), num_experts,
         router_weight.stride(0), w13.stride(0), w13.stride(1),
         w2.stride(0), w2.stride(1), w2.stride(2),
