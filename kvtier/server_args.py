@@ -146,7 +146,7 @@ class ServerArgs:
     )
     cuda_graph_max_bs: int = _opt(160, "largest decode batch captured in a CUDA graph")
     piecewise_cuda_graph_max_tokens: int = _opt(
-        256, "largest extend step (new tokens) run through per-layer CUDA graphs; 0: none"
+        2048, "largest extend step (new tokens) run through per-layer CUDA graphs; 0: none"
     )
 
     # --- server ---

@@ -2,10 +2,10 @@
 reach, against the same padded buckets run eagerly (CUDA), and those buckets against plain
 steps (CPU, float32).
 
-Why: the piecewise graphs end at 256 new tokens by default, where every MoE layer still runs
-the Triton expert kernels (up to ``grouped_moe.MAX_PAIRS`` token-expert pairs). Longer turns
-would capture torch's grouped-GEMM path (sort, counts, ``torch._grouped_mm``, gathers), which
-no other graph holds; raising the default needs it shown to give the eager path's results.
+Why: up to 256 new tokens every MoE layer runs the Triton expert kernels (up to
+``grouped_moe.MAX_PAIRS`` token-expert pairs); longer turns capture torch's grouped-GEMM path
+(sort, counts, ``torch._grouped_mm``, gathers), which no other graph holds. The default graphs
+reach 2048 tokens (since run 17), so they must give the eager path's results there.
 """
 
 import json

@@ -55,8 +55,10 @@ this kernel 36.95 at best (two programs of four warps a SM, 0.48), 45.1 at one p
 warps; in the engine a batch-1 step took 3.35 ms against 2.83. Its three phases as three
 launches took 41.2 us: the barriers cost less than the kernel boundaries they replace, but one
 or two programs a SM, holding their tiles in registers, keep too few bytes in flight to stream
-the experts as fast as the chain's many short programs. A persistent kernel would need
-asynchronous copies into shared memory (cp.async / TMA) to keep ~100 KB a SM in flight.
+the experts as fast as the chain's many short programs. A form whose expert phases streamed
+through shared memory (cp.async, pipelined across items; commit 60ed83e) was no faster (38.27
+us at best), so its fixed costs (the norm in every program, the routing after the first barrier
+with no weight load in flight across it) are the likelier cause; not measured apart.
 
 Use: off by default. ``KVTIER_MOE_BLOCK=1`` at import makes ``SparseMoeBlock.forward_norm``
 take it where ``use_moe_block`` says: one token, bf16 on CUDA.
