@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--tiles", nargs="*", default=["{}"], help="JSON tile overrides, one a variant")
+    p.add_argument(
+        "--per-phase", action="store_true",
+        help="also time each phase of the first --tiles alone, and the chain's kernels alone",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -136,6 +140,40 @@ def main(argv: list[str] | None = None) -> int:
              "us_per_layer": us, "gbps": gbps, "ratio": gbps / rate}
         )  # fmt: skip
         print(f"{name:40s} {us:7.2f} us/layer  {gbps:6.0f} GB/s  {gbps / rate:.3f}  {check}")
+    if args.per_phase:
+        # Each piece alone over the layers (inputs fixed: no chain between them), to see where
+        # the block's time goes against the chain's kernels.
+        tiles = json.loads(args.tiles[0])
+        eps = 1e-6
+        h, normed = torch.empty_like(x0), torch.empty_like(x0)
+
+        def chain_router() -> None:
+            for layer in layers:
+                prologue = gemv.NormPrologue(layer["nw"], eps, r0, h, normed)
+                gemv.gemv(x0, layer["rw"], norm=prologue)
+
+        prologue = gemv.NormPrologue(layers[0]["nw"], eps, r0, h, normed)
+        logits = gemv.gemv(x0, layers[0]["rw"], norm=prologue)
+        weights, ids = fused.moe_route(logits, top_k, True, out_dtype=x0.dtype)
+        pieces = [
+            ("chain: norm + router gemv", chain_router),
+            ("chain: moe_route",
+             lambda: [fused.moe_route(logits, top_k, True, out_dtype=x0.dtype) for _ in layers]),
+            ("chain: gate/up + down",
+             lambda: [fused_moe.fused_moe_small(normed, ly["w13"], ly["w2"], ids, weights)
+                      for ly in layers]),
+        ]  # fmt: skip
+        for phase in (1, 2, 3):
+
+            def run_phase(phase=phase) -> None:
+                for layer in layers:
+                    block_layer(x0, r0, layer, top_k, (phase,), tiles)
+
+            pieces.append((f"block phase {phase} alone {json.dumps(tiles)}", run_phase))
+        for name, fn in pieces:
+            us = statistics.median(time_graph(fn, args.repeats)) * 1e3 / args.layers
+            rows.append({"variant": name, "us_per_layer": us})
+            print(f"{name:48s} {us:7.2f} us/layer")
     errors = moe_block.sync_errors(torch.device("cuda", torch.cuda.current_device()))
     print(f"barrier give-ups: {errors}")
     print("programs a SM that fit, by launch config:")

@@ -343,7 +343,7 @@ def moe_block(
     top_k: int,
     renormalize: bool,
     *,
-    phased: bool = False,
+    phased: bool | tuple[int, ...] = False,
     num_programs: int | None = None,
     **tiles: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -352,10 +352,12 @@ def moe_block(
     ``router_weight`` [E, H], ``w13`` [E, 2I, H], ``w2`` [E, H, I].
 
     One persistent launch with grid-wide barriers, or with ``phased`` (always in Triton's
-    interpreter) three launches, one per phase. ``num_programs`` (default: ``programs_per_sm``
-    a SM, fewer if fewer fit at once; 4 in the interpreter) and ``tiles`` (``DEFAULT_TILES``'
-    keys) are for tests and sweeps: a ``num_programs`` too large for the whole grid to be
-    resident at once counts barrier give-ups (``sync_errors``) and gives wrong outputs.
+    interpreter) three launches, one per phase; a tuple of phases runs those alone (to time a
+    phase: the others' outputs are then whatever the scratch holds). ``num_programs``
+    (default: ``programs_per_sm`` a SM, fewer if fewer fit at once; 4 in the interpreter) and
+    ``tiles`` (``DEFAULT_TILES``' keys) are for tests and sweeps: a ``num_programs`` too large
+    for the whole grid to be resident at once counts barrier give-ups (``sync_errors``) and
+    gives wrong outputs.
     ValueError names an argument that does not fit.
     """
     what = "moe_block"
@@ -414,7 +416,7 @@ def moe_block(
     if phased or interpreted:
         if num_programs is None:
             num_programs = _num_sms(x.device.index or 0) * cfg["programs_per_sm"]
-        for phase in (1, 2, 3):
+        for phase in phased if isinstance(phased, tuple) else (1, 2, 3):
             _moe_block_kernel[(num_programs,)](*args, PHASE=phase, **common)
         return out, res_out
     launch = {**common, "PHASE": 0, **fused.pdl_options(x.device)}
