@@ -19,7 +19,8 @@ before the down phase's barrier):
    projection go round the programs, each item's [block_n, H] gate and up tiles loaded one item
    ahead; ``h = silu(gate) * up`` (``fused_moe.swiglu``) goes to scratch [k, I].
 3. The down items (``block_h`` output rows, every slot's expert at once: ``fused_moe.down_rows``)
-   go round the programs; each program loads its first item's first tile before the barrier.
+   go round the programs; each program loads its first item's first tile before the barrier,
+   and each next item's first tile before the current item's work.
 
 Barriers. ``SYNC`` (int32, zeroed once) holds one arrival counter per barrier, an exit counter
 and an error count. A program's threads meet at a CTA barrier, then one release-add counts the
@@ -257,12 +258,14 @@ if triton is not None:
             if PHASE == 0:
                 _grid_sync(SYNC, 1, nprog, SPIN_LIMIT)
             for item in range(pid, n_down, nprog):
-                if item != pid:
-                    rows = item * BLOCK_H + tl.arange(0, BLOCK_H)
-                    w_first = fused_moe.down_first_tile(W2, ids, rows, stride_w2e, stride_w2n,
-                                                        stride_w2k, HIDDEN, INTER, TOPK,
-                                                        BLOCK_I, BLOCK_S)
-                fused_moe.down_rows(HACT, W2, OUT, 0, ids, weights, rows, w_first, INTER,
+                rows = item * BLOCK_H + tl.arange(0, BLOCK_H)
+                w_cur = w_first
+                # The next item's first tile before this item's work (rows past HIDDEN: no
+                # reads), so a program always has a tile in flight.
+                w_first = fused_moe.down_first_tile(W2, ids, rows + nprog * BLOCK_H,
+                                                    stride_w2e, stride_w2n, stride_w2k, HIDDEN,
+                                                    INTER, TOPK, BLOCK_I, BLOCK_S)
+                fused_moe.down_rows(HACT, W2, OUT, 0, ids, weights, rows, w_cur, INTER,
                                     stride_w2e, stride_w2n, stride_w2k, 0, HIDDEN, INTER, TOPK,
                                     BLOCK_I, BLOCK_S, INTERPRET, ".cg")
         if PHASE == 0:
