@@ -51,15 +51,14 @@ shape once first, as the warm-up does).
 
 Measured (H200, run 17 in docs/benchmarks.md; ``benchmarks/bench_moe_block.py``, CUDA-graph
 replays of 8 Qwen3-30B-A3B layers, 76.0 MB of weights a layer): correct (bitwise the chain's
-output, no barrier given up) but slower. The chain took 31.5 us a layer (0.56 of the copy rate);
-this kernel 36.95 at best (two programs of four warps a SM, 0.48), 45.1 at one program of eight
-warps; in the engine a batch-1 step took 3.35 ms against 2.83. Its three phases as three
-launches took 41.2 us: the barriers cost less than the kernel boundaries they replace, but one
-or two programs a SM, holding their tiles in registers, keep too few bytes in flight to stream
-the experts as fast as the chain's many short programs. A form whose expert phases streamed
-through shared memory (cp.async, pipelined across items; commit 60ed83e) was no faster (38.27
-us at best), so its fixed costs (the norm in every program, the routing after the first barrier
-with no weight load in flight across it) are the likelier cause; not measured apart.
+output, no barrier given up) but slower. The chain took 31.5 us a layer (0.56 of the copy
+rate), this kernel 34.2 at best (``DEFAULT_TILES``, 0.52); in the engine a batch-1 step took
+3.18 ms against 2.83. Its three phases as three launches took 43.8 us: the barriers cost less
+than the kernel boundaries they replace, but the phases stream slower than the chain's many
+short programs (the chain's two expert kernels: 75.5 MB in 23.4 us, 0.75 of the copy rate).
+Tried and not kept: one program of eight warps a SM (45 us), more programs a SM (fewer fit),
+and expert phases streamed through shared memory (cp.async, pipelined across items: 38.3 us at
+best; commit 60ed83e).
 
 Use: off by default. ``KVTIER_MOE_BLOCK=1`` at import makes ``SparseMoeBlock.forward_norm``
 take it where ``use_moe_block`` says: one token, bf16 on CUDA.
@@ -275,7 +274,10 @@ if triton is not None:
 
 # ---------------------------------------------------------------------------- host side
 DEFAULT_TILES = {
-    "block_r": 1, "block_n": 4, "block_h": 8, "block_i": 128, "num_warps": 8, "programs_per_sm": 1,
+    # The fastest of run 17's sweeps (call 6): two programs of four warps a SM, down items of
+    # two output rows over the whole of I.
+    "block_r": 1, "block_n": 4, "block_h": 2, "block_i": 1024, "num_warps": 4,
+    "programs_per_sm": 2,
 }  # fmt: skip
 # Polls of a barrier's counter before the launch gives up on it (about a second on an H200).
 SPIN_LIMIT = 1 << 20
