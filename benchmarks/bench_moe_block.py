@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 from bench_engine import copy_gbps
-from common import run_metadata, write_json
+from bench_moe import as_graph
+from common import run_metadata, time_cuda_ms, write_json
 
 from kvtier.kernels import fused, fused_moe, gemv, moe_block
 
@@ -63,23 +64,8 @@ def block_layer(x, res, layer, top_k, phased, tiles, eps=1e-6):
 
 
 def time_graph(step, repeats: int) -> list[float]:
-    """ms of each replay of a graph of ``step`` (after a warm-up run outside it)."""
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end))
-    return out
+    """ms of each replay of a CUDA graph of ``step``."""
+    return time_cuda_ms(as_graph(step), torch.device("cuda"), repeats)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -284,6 +284,15 @@ def test_qwen3_moe_bf16_on_cuda_grouped_matches_loop():
         assert (grouped - loop).abs().mean() < 0.02 * loop.abs().mean()
 
 
+def _qwen3_30b_layer() -> tuple[ModelConfig, torch.nn.Module]:
+    """(config, layer 0) of Qwen3-30B-A3B with one layer: real shapes, dummy weights, bf16."""
+    raw = json.loads((BUNDLED_CONFIG_DIR / "Qwen--Qwen3-30B-A3B-Instruct-2507.json").read_text())
+    raw["num_hidden_layers"] = 1
+    config = ModelConfig.from_hf_dict(raw)
+    resolved = ResolvedModel("qwen3-moe-1-layer", config, None, None, source="bundled")
+    return config, load_model(resolved, "dummy", torch.bfloat16, "cuda", seed=0).decoder_layers[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("rows", [1, 3])
@@ -293,11 +302,7 @@ def test_router_norm_in_gemv_matches_separate_kernels_on_cuda(rows: int, monkeyp
     # kernel then the GEMV; at three rows both runs take the separate kernels. (The one-kernel
     # MoE block, which would take the one-row case, is off here: see the next test.)
     monkeypatch.setattr(moe_block, "ENABLED", False)
-    raw = json.loads((BUNDLED_CONFIG_DIR / "Qwen--Qwen3-30B-A3B-Instruct-2507.json").read_text())
-    raw["num_hidden_layers"] = 1
-    config = ModelConfig.from_hf_dict(raw)
-    resolved = ResolvedModel("qwen3-moe-1-layer", config, None, None, source="bundled")
-    layer = load_model(resolved, "dummy", torch.bfloat16, "cuda", seed=0).decoder_layers[0]
+    config, layer = _qwen3_30b_layer()
     gen = torch.Generator(device="cuda").manual_seed(0)
     x, residual = (
         torch.randn(rows, config.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -338,11 +343,7 @@ def test_router_norm_in_gemv_matches_separate_kernels_on_cuda(rows: int, monkeyp
 def test_moe_block_kernel_matches_chain_in_the_layer_on_cuda(monkeypatch):
     # A Qwen3-30B-A3B layer (real shapes, dummy weights, bf16) at one token: the MoE half as
     # one persistent kernel (moe_block) against the chain of kernels it replaces.
-    raw = json.loads((BUNDLED_CONFIG_DIR / "Qwen--Qwen3-30B-A3B-Instruct-2507.json").read_text())
-    raw["num_hidden_layers"] = 1
-    config = ModelConfig.from_hf_dict(raw)
-    resolved = ResolvedModel("qwen3-moe-1-layer", config, None, None, source="bundled")
-    layer = load_model(resolved, "dummy", torch.bfloat16, "cuda", seed=0).decoder_layers[0]
+    config, layer = _qwen3_30b_layer()
     gen = torch.Generator(device="cuda").manual_seed(1)
     x, residual = (
         torch.randn(1, config.hidden_size, device="cuda", dtype=torch.bfloat16, generator=gen)
