@@ -112,9 +112,7 @@ def knockout_settings(names: list[str]) -> list[tuple[Any, str, Any]]:
     table = {
         "route": [(fused, "moe_route", _fixed_route)],
         "norm": [(fused, "fused_add_rms_norm", no_norm)],
-        # With the q/k kernel's work inside decode attention (attention.DECODE_QK) there is no
-        # such kernel to drop: the knock-out turns that off too.
-        "qknorm": [(fused, "qk_norm_rope_store", no_qknorm), (attention, "DECODE_QK", False)],
+        "qknorm": [(fused, "qk_norm_rope_store", no_qknorm)],
         "stage2": [(attention, "_decode_stage2_kernel", _NoLaunch())],
         "attn": [
             (attention, "_decode_stage1_kernel", _NoLaunch()),

@@ -27,17 +27,13 @@ _SPILL_CHECK = SM90_HELPERS + textwrap.dedent(
                   qk_scale="fp32", stride_qh=128, stride_kt=512, stride_kh=128, stride_vt=512,
                   stride_vh=128, stride_bt=1024, Out="*bf16", MidO="*fp32", MidLse="*fp32",
                   num_splits="i32", stride_qb=4096, stride_ob=4096, stride_oh=128,
-                  stride_mb=262144, stride_mh=8192, stride_ms=128, stride_lb=2048, stride_lh=64,
-                  QW="*bf16", KW="*bf16", POS="*i64", INV_FREQ="*fp32", LOC="*i64",
-                  d_f="fp32", inv_d="fp32", eps="fp32")
+                  stride_mb=262144, stride_mh=8192, stride_ms=128, stride_lb=2048, stride_lh=64)
     for prefetch in (False, True):
-        for qk in (False, True):
-            found[f"decode stage 1, prefetch {prefetch}, q/k prologue {qk}"] = spills(
-                A._decode_stage1_kernel, decode, dict(
-                    GROUP=8, BLOCK_H=16, HEAD_DIM=128, PAGE_SIZE=64, BLOCK_N=tiles.block_n,
-                    SINGLE_SPLIT=False, PREFETCH=prefetch, DOT_PREC="tf32", INTERPRET=False,
-                    CARRY=True, PDL=True, QK=qk, USE_NORM=qk, NUM_Q=32, NUM_KV=4),
-                tiles.num_warps, tiles.num_stages)
+        found[f"decode stage 1, prefetch {prefetch}"] = spills(
+            A._decode_stage1_kernel, decode, dict(
+                GROUP=8, BLOCK_H=16, HEAD_DIM=128, PAGE_SIZE=64, BLOCK_N=tiles.block_n,
+                SINGLE_SPLIT=False, PREFETCH=prefetch, DOT_PREC="tf32", INTERPRET=False,
+                CARRY=True, PDL=True), tiles.num_warps, tiles.num_stages)
     gemv = dict(X="*bf16", W="*bf16", OUT="*bf16", PART="*fp32", COUNT="*i32", R="*bf16",
                 NW="*bf16", RES_OUT="*bf16", NORM_OUT="*bf16", T="i32", N="i32", K="i32",
                 K_SPLIT="i32", PART_ROWS="i32", stride_xt="i32", stride_ot="i32",

@@ -14,7 +14,6 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from kvtier.kernels.fused import DecodeQK
 from kvtier.runner.forward_batch import ForwardBatch
 
 
@@ -52,13 +51,3 @@ class AttentionBackend(ABC):
         self, q: torch.Tensor, layer: int, batch: ForwardBatch, scale: float
     ) -> torch.Tensor:
         """Attention of the new queries over the pool (their own K/V already stored)."""
-
-    def attend_qk(
-        self, qk: DecodeQK, num_q_heads: int, layer: int, batch: ForwardBatch, scale: float
-    ) -> torch.Tensor | None:
-        """A decode step's q/k norm + RoPE + KV store (``fused.qk_norm_rope_store``'s work,
-        from the qkv projection's output ``qk.qkv``) and its attention in one go: the
-        attention output [B, Hq, D], or None where the backend does not fuse them (then the
-        caller runs that kernel and ``attend``). Called only where ``kv_store_target`` gave
-        a target (``qk.loc`` is its slots). Default: None."""
-        return None

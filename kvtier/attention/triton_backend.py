@@ -21,14 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from kvtier.attention.backend import AttentionBackend
-from kvtier.kernels import attention as attention_kernels
 from kvtier.kernels.attention import (
-    DecodeQK,
     KernelConfig,
     choose_extend_kv_splits,
     choose_num_kv_splits,
     decode_attention,
-    decode_attention_qk,
     default_extend_split_config,
     extend_attention,
 )
@@ -456,53 +453,6 @@ class TritonAttention(AttentionBackend):
 
     # ---------------------------------------------------------------- attention
 
-    def _metadata(self, batch: ForwardBatch) -> TritonAttentionMetadata:
-        meta = batch.attn_metadata
-        if not isinstance(meta, TritonAttentionMetadata) or meta.is_decode != batch.is_decode:
-            self.prepare(batch)
-            meta = batch.attn_metadata
-        assert isinstance(meta, TritonAttentionMetadata)
-        return meta
-
-    def _decode_plan(
-        self, meta: TritonAttentionMetadata, batch_size: int, num_q_heads: int, head_dim: int,
-        device: torch.device,
-    ) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
-        """A decode launch's split count and scratch views (None with one split)."""
-        splits = meta.num_kv_splits
-        if not meta.graph:
-            # Eager: never reallocate frozen scratch; take fewer splits (kept in the metadata
-            # for the step's other layers).
-            splits = self._decode_splits_that_fit(splits, batch_size, num_q_heads, head_dim, device)
-            meta.num_kv_splits = splits
-        if splits == 1:
-            return splits, None, None
-        mid_o, mid_lse = self.decode_scratch_views(
-            batch_size, num_q_heads, head_dim, splits, device
-        )
-        return splits, mid_o, mid_lse
-
-    def attend_qk(
-        self, qk: DecodeQK, num_q_heads: int, layer: int, batch: ForwardBatch, scale: float
-    ) -> torch.Tensor | None:
-        """Decode only, with ``attention.DECODE_QK`` on and inputs ``qk_supported`` takes:
-        ``decode_attention_qk`` (the q/k kernel's work inside stage 1)."""
-        if not batch.is_decode or not attention_kernels.DECODE_QK:
-            return None
-        k_buf = batch.kv_pool.k_buffer(layer)
-        v_buf = batch.kv_pool.v_buffer(layer)
-        if attention_kernels.qk_supported(qk, k_buf, v_buf, num_q_heads) is not None:
-            return None
-        meta = self._metadata(batch)
-        rows, head_dim = qk.qkv.shape[0], k_buf.shape[2]
-        out = torch.empty(rows, num_q_heads, head_dim, dtype=qk.qkv.dtype, device=qk.qkv.device)
-        splits, mid_o, mid_lse = self._decode_plan(meta, rows, num_q_heads, head_dim,
-                                                   out.device)  # fmt: skip
-        return decode_attention_qk(
-            qk, k_buf, v_buf, out, batch.block_table, batch.seq_lens, scale, splits,
-            page_size=batch.page_size, mid_o=mid_o, mid_lse=mid_lse, config=self.decode_config,
-        )  # fmt: skip
-
     def attend(
         self,
         q: torch.Tensor,
@@ -512,7 +462,10 @@ class TritonAttention(AttentionBackend):
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of the new queries over the pool; ``out`` (optional) receives it."""
-        meta = self._metadata(batch)
+        meta = batch.attn_metadata
+        if not isinstance(meta, TritonAttentionMetadata) or meta.is_decode != batch.is_decode:
+            self.prepare(batch)
+            meta = batch.attn_metadata
         if q.stride(-1) != 1:
             q = q.contiguous()
         if out is None:
@@ -522,8 +475,19 @@ class TritonAttention(AttentionBackend):
         page_size = batch.page_size
 
         if batch.is_decode:
-            splits, mid_o, mid_lse = self._decode_plan(meta, q.shape[0], q.shape[1], q.shape[2],
-                                                       q.device)  # fmt: skip
+            splits = meta.num_kv_splits
+            if not meta.graph:
+                # Eager: never reallocate frozen scratch; take fewer splits (kept in the
+                # metadata for the step's other layers).
+                splits = self._decode_splits_that_fit(
+                    splits, q.shape[0], q.shape[1], q.shape[2], q.device
+                )
+                meta.num_kv_splits = splits
+            mid_o = mid_lse = None
+            if splits > 1:
+                mid_o, mid_lse = self.decode_scratch_views(
+                    q.shape[0], q.shape[1], q.shape[2], splits, q.device
+                )
             return decode_attention(
                 q, k_buf, v_buf, out, batch.block_table, batch.seq_lens, scale, splits,
                 page_size=page_size, mid_o=mid_o, mid_lse=mid_lse, config=self.decode_config,

@@ -62,9 +62,6 @@ from triton.runtime.jit import JITFunction
 from kvtier.kernels import fused
 
 _pdl_wait = fused.pdl_wait
-_round = fused._round
-_rope_cos_sin = fused.rope_cos_sin
-_head_norm_rope = fused.head_norm_rope
 
 _LOG2E = 1.4426950408889634
 # Finite "minus infinity" for the running max: a row that has seen only masked scores keeps
@@ -614,69 +611,6 @@ def _decode_merge_head(MidO, MidLse, seq, head, used, stride_mb, stride_mh, stri
 
 
 @triton.jit
-def _qk_tables(QW, KW, POS, INV_FREQ, LOC, seq64, HALF: tl.constexpr, USE_NORM: tl.constexpr,
-               INTERPRET: tl.constexpr):
-    """The QK prologue's loads that may precede the PDL wait (weights and the step's metadata,
-    written before its first kernel): RoPE's cos and sin at the token's position, the q and k
-    norm weights' halves ([1, HALF] float32 each; cos in their place without USE_NORM) and the
-    new key's pool slot."""
-    c, s = _rope_cos_sin(POS, INV_FREQ, seq64, HALF, HALF, INTERPRET)
-    j = tl.arange(0, HALF)
-    qw1 = c
-    qw2 = c
-    kw1 = c
-    kw2 = c
-    if USE_NORM:
-        qw1 = tl.load(QW + j).to(tl.float32)[None, :]
-        qw2 = tl.load(QW + HALF + j).to(tl.float32)[None, :]
-        kw1 = tl.load(KW + j).to(tl.float32)[None, :]
-        kw2 = tl.load(KW + HALF + j).to(tl.float32)[None, :]
-    slot = tl.load(LOC + seq64).to(tl.int64)
-    return c, s, qw1, qw2, kw1, kw2, slot
-
-
-@triton.jit
-def _qk_prologue(QKV, K, V, row, heads, h_mask, kv_head, holds_last, c, s, qw1, qw2, kw1, kw2,
-                 slot, d_f, inv_d, eps, stride_kt, stride_kh, stride_vt, stride_vh,
-                 NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr,
-                 BLOCK_H: tl.constexpr, USE_NORM: tl.constexpr, INTERPRET: tl.constexpr):
-    """After the PDL wait (``row``: the token's row of the qkv projection, the previous
-    kernel's output): the q tile [BLOCK_H, 2 * HALF] of the group's heads, normed and rotated
-    as ``fused.qk_norm_rope_store`` does (``fused.head_norm_rope``: the same ops and
-    roundings); and, where ``holds_last`` ([1, HALF], the program whose split holds key
-    seq_len - 1), the new key's normed, rotated k and its v stored at ``slot`` of the pool, as
-    that kernel stores them. A CTA barrier follows the stores, so this program's own loads of
-    that key (its last block) see them; no other program reads the key."""
-    dtype = QKV.dtype.element_ty
-    j = tl.arange(0, HALF)[None, :]
-    src = row + heads[:, None] * (2 * HALF) + j
-    x1 = tl.load(src, mask=h_mask[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=h_mask[:, None], other=0.0).to(tl.float32)
-    k_src = row + (NUM_Q + kv_head) * (2 * HALF) + j
-    k1 = tl.load(k_src).to(tl.float32)
-    k2 = tl.load(k_src + HALF).to(tl.float32)
-    v_src = k_src + NUM_KV * (2 * HALF)
-    v1 = tl.load(v_src).to(tl.float32)
-    v2 = tl.load(v_src + HALF).to(tl.float32)
-    q1, q2 = _head_norm_rope(x1, x2, qw1, qw2, c, s, d_f, inv_d, eps, dtype, dtype, dtype,
-                             USE_NORM, INTERPRET)
-    n1, n2 = _head_norm_rope(k1, k2, kw1, kw2, c, s, d_f, inv_d, eps, dtype, dtype, dtype,
-                             USE_NORM, INTERPRET)
-    k_dst = K + slot * stride_kt + kv_head * stride_kh + j
-    v_dst = V + slot * stride_vt + kv_head * stride_vh + j
-    # Through float32 and _round, as the q/k kernel stores them (the interpreter's own casts
-    # to bf16 truncate).
-    tl.store(k_dst, _round(n1.to(tl.float32), K.dtype.element_ty, INTERPRET), mask=holds_last)
-    tl.store(k_dst + HALF, _round(n2.to(tl.float32), K.dtype.element_ty, INTERPRET),
-             mask=holds_last)
-    tl.store(v_dst, _round(v1, V.dtype.element_ty, INTERPRET), mask=holds_last)
-    tl.store(v_dst + HALF, _round(v2, V.dtype.element_ty, INTERPRET), mask=holds_last)
-    tl.debug_barrier()
-    # [BLOCK_H, HALF] x 2 -> [BLOCK_H, 2, HALF] -> [BLOCK_H, 2 * HALF]: the halves side by side.
-    return tl.reshape(tl.permute(tl.join(q1, q2), [0, 2, 1]), [BLOCK_H, 2 * HALF])
-
-
-@triton.jit
 def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_scale, num_splits,
                           stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                           stride_ob, stride_oh, stride_mb, stride_mh, stride_ms,
@@ -685,10 +619,8 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
                           PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                           SINGLE_SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
                           DOT_PREC: tl.constexpr,
-                          INTERPRET: tl.constexpr, CARRY: tl.constexpr,
-                          QW, KW, POS, INV_FREQ, LOC, d_f, inv_d, eps,
-                          QK: tl.constexpr, USE_NORM: tl.constexpr, NUM_Q: tl.constexpr,
-                          NUM_KV: tl.constexpr, PDL: tl.constexpr = False):
+                          INTERPRET: tl.constexpr, CARRY: tl.constexpr = True,
+                          PDL: tl.constexpr = False):
     """Grid: (sequences, kv heads, splits). One program = every q head of one kv head's group
     (rows of a [BLOCK_H, HEAD_DIM] tile, padded to BLOCK_H >= 16 for the dot) over one split,
     so each K/V tile is read once per group, not once per q head.
@@ -702,13 +634,6 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
     their latency overlaps the previous kernel's tail; after the wait q and key seq_len - 1
     are loaded and the block's step taken (``_decode_first_block``), then the rest of the split
     as without PREFETCH. The same math in the same order: bitwise the same result.
-
-    QK (``decode_attention_qk``): Q is the qkv projection's output [B, (NUM_Q + 2 NUM_KV) D]
-    (row stride stride_qb), and the program runs ``fused.qk_norm_rope_store`` itself
-    (``_qk_prologue``): the group's q heads normed and rotated after the wait, and the new
-    key's K/V stored by the program whose split holds it, before it reads that key. One launch
-    fewer a layer; the same values in the pool and (up to the norm's sum of squares, reduced
-    in this kernel's layout) the same q.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -716,10 +641,6 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
     seq64 = seq.to(tl.int64)
     bt_row = BlockTable + seq64 * stride_bt
 
-    if QK:
-        # Weights and step metadata: before the wait in either path.
-        c, s, qw1, qw2, kw1, kw2, slot = _qk_tables(QW, KW, POS, INV_FREQ, LOC, seq64,
-                                                    HEAD_DIM // 2, USE_NORM, INTERPRET)
     if not PREFETCH:
         _pdl_wait(PDL)
     # With PREFETCH, before the wait: SeqLens (and BlockTable) are written before the step's
@@ -743,17 +664,8 @@ def _decode_stage1_kernel(Q, K, V, Out, MidO, MidLse, BlockTable, SeqLens, qk_sc
         if start >= end:
             return
 
-    if QK:
-        # Vector-shaped, as the interpreter needs a mask to be.
-        end_v = tl.full([1, HEAD_DIM // 2], 0, dtype=tl.int32) + end
-        holds_last = (end_v == seq_len) & (end_v > start)
-        q = _qk_prologue(Q, K, V, Q + seq64 * stride_qb, heads, h_mask, kv_head, holds_last, c,
-                         s, qw1, qw2, kw1, kw2, slot, d_f, inv_d, eps, stride_kt, stride_kh,
-                         stride_vt, stride_vh, NUM_Q, NUM_KV, HEAD_DIM // 2, BLOCK_H, USE_NORM,
-                         INTERPRET)
-    else:
-        q = tl.load(Q + seq64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=h_mask[:, None], other=0.0)
+    q = tl.load(Q + seq64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -806,17 +718,13 @@ def _decode_stage2_kernel(Out, MidO, MidLse, SeqLens, num_splits,
                           HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
                           PDL: tl.constexpr = False):
     """Grid: (sequences, q heads). Merge the used splits' partial outputs by their LSE, in a
-    fixed pairwise order (``_weighted_split_sum``).
-
-    The sequence's length (written before the step's first kernel, as stage 1's precondition
-    has it) is read before the PDL wait: after it, the partials' loads are the only round trip
-    to memory before the store."""
+    fixed pairwise order (``_weighted_split_sum``)."""
+    _pdl_wait(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(SeqLens + seq)
     split_len = _decode_split_len(seq_len, num_splits, BLOCK_N)
     used = tl.cdiv(seq_len, split_len)
-    _pdl_wait(PDL)
     out = _decode_merge_head(MidO, MidLse, seq, head, used, stride_mb, stride_mh, stride_ms,
                              stride_lb, stride_lh, HEAD_DIM, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -1284,50 +1192,6 @@ def decode_scratch(
     return mid_o, mid_lse
 
 
-# The q/k prologue's arguments (defined with the q/k kernel, whose work it moves here).
-DecodeQK = fused.DecodeQK
-
-
-# Whether a model's decode step runs its q/k norm + RoPE + KV store inside decode attention
-# (``decode_attention_qk``; one launch fewer a layer) where ``qk_supported`` allows it.
-# KVTIER_DECODE_QK=0 at import (or False at run time) keeps the separate kernel.
-DECODE_QK: bool = os.environ.get("KVTIER_DECODE_QK", "1") != "0"
-
-
-def qk_supported(
-    qk: DecodeQK, k_buf: torch.Tensor, v_buf: torch.Tensor, num_q_heads: int
-) -> str | None:
-    """None when ``decode_attention_qk`` takes ``qk`` with this pool layer, else why not."""
-    qkv = qk.qkv
-    num_kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
-    b = qkv.shape[0] if qkv.dim() == 2 else -1
-    if qkv.dim() != 2 or qkv.shape[1] != (num_q_heads + 2 * num_kv_heads) * head_dim:
-        return f"qkv must be [B, (Hq + 2 Hkv) * D]; got {tuple(qkv.shape)}"
-    if qkv.stride(1) != 1:
-        return "qkv must be contiguous in its last dimension"
-    if qkv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return f"qkv dtype {qkv.dtype} is not float32 / bfloat16 / float16"
-    if k_buf.dtype != qkv.dtype or v_buf.dtype != qkv.dtype:
-        return f"the pool's dtype ({k_buf.dtype}) must be qkv's ({qkv.dtype})"
-    if (qk.q_weight is None) != (qk.k_weight is None):
-        return "q_weight and k_weight must both be given or both be None"
-    for name, w in (("q_weight", qk.q_weight), ("k_weight", qk.k_weight)):
-        if w is not None and (w.shape != (head_dim,) or w.dtype != qkv.dtype
-                              or not w.is_contiguous() or w.device != qkv.device):  # fmt: skip
-            return f"{name} must be a contiguous [{head_dim}] tensor of qkv's dtype and device"
-    if qk.positions.shape != (b,) or qk.positions.device != qkv.device:
-        return f"positions must be [{b}] on qkv's device"
-    if qk.loc.shape != (b,) or qk.loc.dtype != torch.int64 or qk.loc.device != qkv.device:
-        return f"loc must be [{b}] int64 on qkv's device"
-    if (
-        qk.inv_freq.shape != (head_dim // 2,)
-        or qk.inv_freq.dtype != torch.float32
-        or qk.inv_freq.device != qkv.device
-    ):
-        return f"inv_freq must be [{head_dim // 2}] float32 on qkv's device"
-    return None
-
-
 def decode_attention(
     q: torch.Tensor,
     k_buf: torch.Tensor,
@@ -1369,72 +1233,9 @@ def decode_attention(
     ``seq_lens`` and the block table must have been written at least two launches back (in an
     earlier step, or before the step's first kernel).
     """
-    _check_common(q, k_buf, v_buf, out, page_size)
-    return _decode(q, None, k_buf, v_buf, out, block_table, seq_lens, scale, num_kv_splits,
-                   page_size, mid_o, mid_lse, config)  # fmt: skip
-
-
-def decode_attention_qk(
-    qk: DecodeQK,
-    k_buf: torch.Tensor,
-    v_buf: torch.Tensor,
-    out: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    num_kv_splits: int,
-    *,
-    page_size: int,
-    mid_o: torch.Tensor | None = None,
-    mid_lse: torch.Tensor | None = None,
-    config: KernelConfig | None = None,
-) -> torch.Tensor:
-    """``fused.qk_norm_rope_store`` then ``decode_attention`` in one launch less: stage 1 norms
-    and rotates q itself from ``qk.qkv`` and stores the new keys' K/V at ``qk.loc`` (those of
-    sequences with seq_len 0 are not stored: they have no key to attend to). ``out`` [B, Hq, D]
-    gives Hq; the other arguments and the result are ``decode_attention``'s.
-
-    ``qk.loc[b]`` must be the slot of key ``seq_lens[b] - 1`` under the block table (decode's
-    out_cache_loc). Values: the pool gets the bits the separate kernel stores; q matches its
-    q up to the per-head norm's sum of squares, reduced in this kernel's layout (a last-bit
-    difference on a GPU, rare). Precondition with PDL: ``decode_attention``'s, with the qkv
-    projection as the previous kernel; positions and loc are read before the wait too.
-    Raises ValueError (``qk_supported``'s reason) for inputs it does not take.
-    """
-    if out.dim() != 3:
-        raise ValueError(f"out must be [B, Hq, D]; got {tuple(out.shape)}")
-    reason = qk_supported(qk, k_buf, v_buf, out.shape[1])
-    if reason is not None:
-        raise ValueError(f"decode_attention_qk: {reason}")
-    if qk.qkv.shape[0] != out.shape[0]:
-        raise ValueError(f"qkv has {qk.qkv.shape[0]} rows, out {out.shape[0]}")
-    if out.dtype != qk.qkv.dtype:
-        raise ValueError(f"out dtype {out.dtype} must be qkv's ({qk.qkv.dtype})")
-    # out stands in for the q the separate kernel would have made (the same shape).
-    _check_common(out, k_buf, v_buf, out, page_size)
-    return _decode(qk.qkv, qk, k_buf, v_buf, out, block_table, seq_lens, scale, num_kv_splits,
-                   page_size, mid_o, mid_lse, config)  # fmt: skip
-
-
-def _decode(
-    q: torch.Tensor,
-    qk: DecodeQK | None,
-    k_buf: torch.Tensor,
-    v_buf: torch.Tensor,
-    out: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    num_kv_splits: int,
-    page_size: int,
-    mid_o: torch.Tensor | None,
-    mid_lse: torch.Tensor | None,
-    config: KernelConfig | None,
-) -> torch.Tensor:
-    """Both stages of decode (``q``: [B, Hq, D], or with ``qk`` its qkv rows)."""
-    batch, num_q_heads, head_dim = out.shape
-    num_kv_heads = k_buf.shape[1]
+    num_q_heads, num_kv_heads, head_dim = _check_common(q, k_buf, v_buf, out, page_size)
     _check_scale(scale)
+    batch = q.shape[0]
     if batch == 0:
         return out
     if num_kv_splits < 1:
@@ -1447,30 +1248,19 @@ def _decode(
         # their place rather than allocate (nothing may be allocated under graph capture).
         mid_o = mid_lse = None
     elif mid_o is None or mid_lse is None:
-        mid_o, mid_lse = decode_scratch(batch, num_q_heads, num_kv_splits, head_dim, out.device)
+        mid_o, mid_lse = decode_scratch(batch, num_q_heads, num_kv_splits, head_dim, q.device)
     else:
         _check_scratch(mid_o, mid_lse, batch, num_q_heads, num_kv_splits, head_dim, "decode")
     mo_strides = mid_o.stride()[:3] if mid_o is not None else (0, 0, 0)
     ml_strides = mid_lse.stride()[:2] if mid_lse is not None else (0, 0)
     qk_scale = scale * _LOG2E
-    pdl = fused.pdl_options(out.device)
+    pdl = fused.pdl_options(q.device)
     # Not with a single split (DECODE_PREFETCH left open): chosen when the batch alone fills the
     # GPU, each program then streams a whole sequence, and one block's latency is noise; but
     # the prefetch path took 168 registers a thread there against 80 (sm_90, bf16), too few
     # programs a SM to keep such a launch in one wave (H200, 2026-12-01, batch 128 at a 4K
     # context, prefetch forced on: 279.6 against 257.0 us a layer).
     prefetch = (pdl["PDL"] and not single) if DECODE_PREFETCH is None else DECODE_PREFETCH
-    # The q/k prologue's arguments (without it, any pointer in their place: never read).
-    if qk is None:
-        prologue = (seq_lens,) * 5 + (1.0, 1.0, 0.0)
-        use_norm = False
-    else:
-        use_norm = qk.q_weight is not None
-        prologue = (
-            qk.q_weight if use_norm else qk.inv_freq, qk.k_weight if use_norm else qk.inv_freq,
-            qk.positions, qk.inv_freq, qk.loc, float(head_dim), fused._inv(head_dim),
-            float(qk.eps),
-        )  # fmt: skip
     _decode_stage1_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_buf, v_buf, out, out if mid_o is None else mid_o, out if mid_lse is None else mid_lse,
         block_table, seq_lens, qk_scale, num_kv_splits,
@@ -1480,9 +1270,6 @@ def _decode(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=cfg.block_n, SINGLE_SPLIT=single, PREFETCH=prefetch,
         DOT_PREC=_dot_precision(q.dtype), INTERPRET=INTERPRETED, CARRY=_carry(not single),
-        QW=prologue[0], KW=prologue[1], POS=prologue[2], INV_FREQ=prologue[3], LOC=prologue[4],
-        d_f=prologue[5], inv_d=prologue[6], eps=prologue[7], QK=qk is not None,
-        USE_NORM=use_norm, NUM_Q=num_q_heads, NUM_KV=num_kv_heads,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
     )  # fmt: skip
     if mid_o is not None and mid_lse is not None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -178,68 +177,6 @@ if triton is not None:
         else:
             return total * inv_n
 
-    # A kernel launched with FMA contraction on (attention, the GEMV) must keep a product that
-    # feeds an add a separately rounded multiply where it reproduces one of these kernels' ops:
-    # libdevice's _rn ops are never contracted (and in a kernel without contraction they are
-    # the plain ops).
-    @triton.jit
-    def mul_rn(a, b, INTERPRET: tl.constexpr):
-        if INTERPRET:
-            return a * b
-        else:
-            return libdevice.mul_rn(a, b)
-
-    @triton.jit
-    def add_rn(a, b, INTERPRET: tl.constexpr):
-        if INTERPRET:
-            return a + b
-        else:
-            return libdevice.add_rn(a, b)
-
-    @triton.jit
-    def rope_cos_sin(
-        POS, INV_FREQ, t, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERPRET: tl.constexpr
-    ):
-        """[1, BLOCK_HALF] cos and sin of token ``t``'s position times each inverse frequency
-        (the ``HALF`` of them; 0 past it)."""
-        j = tl.arange(0, BLOCK_HALF)
-        pos = tl.load(POS + t).to(tl.float32)
-        freq = pos * tl.load(INV_FREQ + j, mask=j < HALF, other=0.0)
-        return _cos(freq, INTERPRET)[None, :], _sin(freq, INTERPRET)[None, :]
-
-    @triton.jit
-    def head_norm_rope(
-        x1, x2, w1, w2, c, s, d_f, inv_d, eps,
-        X_DTYPE: tl.constexpr, NORM_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
-        USE_NORM: tl.constexpr, INTERPRET: tl.constexpr,
-    ):  # fmt: skip
-        """Per-head RMSNorm (USE_NORM; weight halves ``w1`` / ``w2``) then RoPE of heads given
-        as their two rotary halves ``x1`` / ``x2`` [rows, BLOCK_HALF] float32 (0 past the
-        half): the two output halves rounded to OUT_DTYPE. The norm rounds as RMSNorm does
-        (the normed value to the input's X_DTYPE, its product with the weight to NORM_DTYPE).
-        Shared by the q/k kernel and decode attention's prologue: the same ops, rounded alike,
-        in kernels with and without FMA contraction."""
-        if USE_NORM:
-            ss = tl.sum(mul_rn(x1, x1, INTERPRET), axis=1)
-            ss = ss + tl.sum(mul_rn(x2, x2, INTERPRET), axis=1)
-            ms = _mean(ss, d_f, inv_d, INTERPRET)
-            r = _rsqrt(add_rn(ms, eps, INTERPRET), INTERPRET)[:, None]
-            x1 = _round(x1 * r, X_DTYPE, INTERPRET).to(tl.float32)
-            x2 = _round(x2 * r, X_DTYPE, INTERPRET).to(tl.float32)
-            x1 = _round(w1 * x1, NORM_DTYPE, INTERPRET).to(tl.float32)
-            x2 = _round(w2 * x2, NORM_DTYPE, INTERPRET).to(tl.float32)
-        o1 = _round(
-            add_rn(mul_rn(x1, c, INTERPRET), -mul_rn(x2, s, INTERPRET), INTERPRET),
-            OUT_DTYPE,
-            INTERPRET,
-        )
-        o2 = _round(
-            add_rn(mul_rn(x2, c, INTERPRET), mul_rn(x1, s, INTERPRET), INTERPRET),
-            OUT_DTYPE,
-            INTERPRET,
-        )
-        return o1, o2
-
     @triton.jit
     def pdl_wait(PDL: tl.constexpr):
         """With PDL (a launch with ``pdl_options``): wait until the previous kernel in the stream
@@ -307,32 +244,23 @@ if triton is not None:
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
         is_q = (heads < NUM_Q)[:, None]
-        w1 = x1
-        w2 = x2
         if USE_NORM:
+            ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+            r = _rsqrt(_mean(ss, d_f, inv_d, INTERPRET) + eps, INTERPRET)[:, None]
+            x1 = _round(x1 * r, QKV.dtype.element_ty, INTERPRET).to(tl.float32)
+            x2 = _round(x2 * r, QKV.dtype.element_ty, INTERPRET).to(tl.float32)
             qw1 = tl.load(QW + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
             qw2 = tl.load(QW + HALF + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
             kw1 = tl.load(KW + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
             kw2 = tl.load(KW + HALF + j, mask=j_mask, other=0.0).to(tl.float32)[None, :]
-            w1 = tl.where(is_q, qw1, kw1)
-            w2 = tl.where(is_q, qw2, kw2)
-        c, s = rope_cos_sin(POS, INV_FREQ, t, HALF, BLOCK_HALF, INTERPRET)
-        o1, o2 = head_norm_rope(
-            x1,
-            x2,
-            w1,
-            w2,
-            c,
-            s,
-            d_f,
-            inv_d,
-            eps,
-            QKV.dtype.element_ty,
-            NORM_DTYPE,
-            QOUT.dtype.element_ty,
-            USE_NORM,
-            INTERPRET,
-        )
+            x1 = _round(tl.where(is_q, qw1, kw1) * x1, NORM_DTYPE, INTERPRET).to(tl.float32)
+            x2 = _round(tl.where(is_q, qw2, kw2) * x2, NORM_DTYPE, INTERPRET).to(tl.float32)
+        pos = tl.load(POS + t).to(tl.float32)
+        freq = pos * tl.load(INV_FREQ + j, mask=j_mask, other=0.0)
+        c = _cos(freq, INTERPRET)[None, :]
+        s = _sin(freq, INTERPRET)[None, :]
+        o1 = _round(x1 * c - x2 * s, QOUT.dtype.element_ty, INTERPRET)
+        o2 = _round(x2 * c + x1 * s, QOUT.dtype.element_ty, INTERPRET)
         q_dst = QOUT + t * stride_qt + heads[:, None] * stride_qh + j[None, :]
         q_mask = mask & is_q
         tl.store(q_dst, o1, mask=q_mask)
@@ -731,26 +659,6 @@ def _qk_norm_rope_launch(
         INTERPRET=INTERPRETED, num_warps=4 if block_h * block_half >= 512 else 1, **_EXACT,
         **pdl_options(qkv.device),
     )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class DecodeQK:
-    """The q/k prologue of decode attention: ``fused.qk_norm_rope_store``'s arguments, for
-    ``attention.decode_attention_qk`` to run in its own launch instead of a kernel of its own.
-
-    qkv: [B, (Hq + 2 Hkv) * D], the qkv projection's output (row-major in its last dimension).
-    q_weight, k_weight: the per-head RMSNorm weights [D] (Qwen3), or both None (no norm).
-    positions: [B] RoPE positions; inv_freq: [D / 2] float32; eps: the norm's epsilon;
-    loc: [B] int64 pool slots of the new keys (key seq_len - 1 of each sequence).
-    """
-
-    qkv: torch.Tensor
-    q_weight: torch.Tensor | None
-    k_weight: torch.Tensor | None
-    positions: torch.Tensor
-    inv_freq: torch.Tensor
-    eps: float
-    loc: torch.Tensor
 
 
 def qk_norm_rope_store(

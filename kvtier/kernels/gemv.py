@@ -321,9 +321,21 @@ if triton is not None:
 
     # The GEMV is launched with FMA contraction on, _rms_norm_kernel without: in the norm
     # prologue a product that feeds an add (the squares of the sum, the mean before ``+ eps``)
-    # must stay a separately rounded multiply, as there (fused.mul_rn / add_rn).
-    _mul_rn = fused.mul_rn
-    _add_rn = fused.add_rn
+    # must stay a separately rounded multiply, as there. Libdevice's _rn ops are never
+    # contracted.
+    @triton.jit
+    def _mul_rn(a, b, INTERPRET: tl.constexpr):
+        if INTERPRET:
+            return a * b
+        else:
+            return libdevice.mul_rn(a, b)
+
+    @triton.jit
+    def _add_rn(a, b, INTERPRET: tl.constexpr):
+        if INTERPRET:
+            return a + b
+        else:
+            return libdevice.add_rn(a, b)
 
     @triton.jit
     def _load_k(ptrs, k0, k_end, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,

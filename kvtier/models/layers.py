@@ -233,17 +233,10 @@ class DecoderAttention(nn.Module):
         backend = batch.attn_backend
         target = backend.kv_store_target(self.layer_id, batch)
         if target is not None:
-            o = None
-            if batch.is_decode:
-                # A backend may do the next kernel's work inside its decode attention.
-                qk = fused.DecodeQK(qkv, args[1], args[2], positions, inv_freq, args[8],
-                                    target[2])  # fmt: skip
-                o = backend.attend_qk(qk, self.num_heads, self.layer_id, batch, self.scale)
-            if o is None:
-                # Split, per-head RMSNorm of q and k (Qwen3), RoPE and the KV-cache write: one
-                # kernel on CUDA.
-                q = fused.qk_norm_rope_store(*args, *target)
-                o = backend.attend(q, self.layer_id, batch, self.scale)
+            # Split, per-head RMSNorm of q and k (Qwen3), RoPE and the KV-cache write: one
+            # kernel on CUDA.
+            q = fused.qk_norm_rope_store(*args, *target)
+            o = backend.attend(q, self.layer_id, batch, self.scale)
         else:
             q, k, v = fused.qk_norm_rope(*args)
             o = backend.forward(q, k, v, self.layer_id, batch, self.scale)
