@@ -718,13 +718,17 @@ def _decode_stage2_kernel(Out, MidO, MidLse, SeqLens, num_splits,
                           HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
                           PDL: tl.constexpr = False):
     """Grid: (sequences, q heads). Merge the used splits' partial outputs by their LSE, in a
-    fixed pairwise order (``_weighted_split_sum``)."""
-    _pdl_wait(PDL)
+    fixed pairwise order (``_weighted_split_sum``).
+
+    The sequence's length (written before the step's first kernel, as stage 1's precondition
+    has it) is read before the PDL wait: after it, the partials' loads are the only round trip
+    to memory before the store."""
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(SeqLens + seq)
     split_len = _decode_split_len(seq_len, num_splits, BLOCK_N)
     used = tl.cdiv(seq_len, split_len)
+    _pdl_wait(PDL)
     out = _decode_merge_head(MidO, MidLse, seq, head, used, stride_mb, stride_mh, stride_ms,
                              stride_lb, stride_lh, HEAD_DIM, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
