@@ -246,9 +246,9 @@ def test_default_config_shapes():
     # The router (N = 128) at one row: the whole of K in one step, no split (run 18's engine
     # A/B); a wider K and more rows split along K to ~one program per SM.
     cfg = gemv_mod.default_config(1, 128, 2048)
-    assert cfg == C(4, 2048, 8, 3)
-    assert gemv_mod.launch_grid(1, 128, 2048, cfg) == (32, 1)
-    assert gemv_mod.default_config(1, 128, 1000) == C(4, 1024, 8, 3)
+    assert cfg == C(2, 2048, 4, 3)
+    assert gemv_mod.launch_grid(1, 128, 2048, cfg) == (64, 1)
+    assert gemv_mod.default_config(1, 128, 1000) == C(2, 1024, 4, 3)
     cfg = gemv_mod.default_config(1, 128, 4096)
     assert cfg == C(4, 256, 4, 3, split_k=8)
     assert gemv_mod.launch_grid(1, 128, 4096, cfg) == (32, 8)

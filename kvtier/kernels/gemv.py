@@ -33,7 +33,7 @@ built around streaming it:
 
 Split-K is for problems with too few N blocks to fill the GPU (the router: N = 128, above one
 row); where cdiv(N, BLOCK_N) already gives ~2 programs per SM it only adds the partial round
-trip. At one row the router takes no split: each of its 32 programs loads its whole [4, K] slab
+trip. At one row the router takes no split: each of its 64 programs loads its whole [2, K] slab
 before the PDL wait, and after the wait only the norm and the products remain (no partials,
 no counter), which in the engine's chain of kernels beat the split (run 18).
 
@@ -112,8 +112,8 @@ _MIN_PROGRAMS = 132
 _TARGET_PROGRAMS = 264
 _MAX_SPLIT_K = 8
 # Widest K a small-N GEMV at one row takes in one step, unsplit (see default_config): the
-# accumulator is a float32 [4, K] tile, 32 registers a thread in eight warps at K = 2048 (in
-# four, with the norm prologue, ptxas spilled 744 bytes for sm_90).
+# accumulator is a float32 [2, K] tile, 32 registers a thread in four warps at K = 2048 ([4, K]
+# in four warps, with the norm prologue, spilled 744 bytes for sm_90).
 _WHOLE_K = 2048
 # Shape classes of default_config / prefer_gemv.
 _SMALL_N = 512
@@ -210,11 +210,12 @@ def default_config(t: int, n: int, k: int) -> GemvConfig:
     (``benchmarks/bench_gemv.py --sweep``, docs/benchmarks.md):
 
     - small N (the router, N = 128): 4 rows a program and K split until ~one program per SM
-      (x8); K steps of 256; tl.dot above 4 rows. At one row with K <= ``_WHOLE_K`` instead the
-      whole of K in one step and no split (32 programs of eight warps for the router): in the
-      engine's decode step (batch 1, Qwen3-30B-A3B, run 18, ``ab_decode.py``) the same tiles in
-      four warps took 2.760 / 2.769 ms a step against 2.868 / 2.830 with the split, which the
-      single-kernel sweep had preferred.
+      (x8); K steps of 256; tl.dot above 4 rows. At one row with K <= ``_WHOLE_K`` instead 2
+      rows a program, the whole of K in one step, no split (64 programs of four warps for the
+      router): in the engine's decode step (batch 1, Qwen3-30B-A3B, run 18, ``ab_decode.py``,
+      median of 3 rounds) 2.768 ms a step against 2.833 with the split, which the single-kernel
+      sweep had preferred; 1 row 2.765, 4 rows in eight warps 2.773, in four 2.757 (but it
+      spills).
     - one row: 4 weight rows a program; K steps of 1024 with 8 warps for K >= 4096 (o_proj),
       256 with 4 below (qkv, lm_head).
     - 2..16 rows with K >= 4096 (where cuBLAS splits K and adds a reduce kernel): the
@@ -233,7 +234,7 @@ def default_config(t: int, n: int, k: int) -> GemvConfig:
             return GemvConfig(4, 1024 if t <= 2 else 512, num_warps=4, num_stages=3)
         return GemvConfig(64, 256, num_warps=4, num_stages=3, split_k=4, use_dot=True)
     if t == 1 and n <= _SMALL_N and k <= _WHOLE_K:
-        return GemvConfig(4, _next_pow2(k), num_warps=8, num_stages=3)
+        return GemvConfig(2, _next_pow2(k), num_warps=4, num_stages=3)
     use_dot = t > MAX_FMA_ROWS
     block_n, block_k = (16, 256) if use_dot else (4, 256)
     programs = _cdiv(n, block_n)
