@@ -1235,7 +1235,8 @@ def decode_attention(
     the previous kernel may write only ``q`` and the K/V of key ``seq_len - 1`` of each
     sequence (decode's new token, as ``fused.qk_norm_rope_store`` does); every other key,
     ``seq_lens`` and the block table must have been written at least two launches back (in an
-    earlier step, or before the step's first kernel).
+    earlier step, or before the step's first kernel). Stage 2 also reads ``seq_lens`` before
+    its wait (stage 1, the kernel before it, never writes it).
     """
     num_q_heads, num_kv_heads, head_dim = _check_common(q, k_buf, v_buf, out, page_size)
     _check_scale(scale)
